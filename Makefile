@@ -1,0 +1,37 @@
+# Two commands on a fresh machine: `make demo` (set up + main job) and `make test` (set up + tests).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SHARED ?= ../shared/data
+# A GPU machine passes TORCH_SPEC=torch to get the CUDA build; CPU machines get the local 2.13.0 CPU wheel.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test test-all bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# The main job: sample data, char tokenizer, nanoGPT-sized pretraining with tracking, then a sample.
+demo: setup
+	$(BIN)/llmkit samples fetch --from $(SHARED) --out data/samples
+	$(BIN)/llmkit tokenizer train --input data/samples/en/tinyshakespeare.txt --kind char --out runs/tok
+	$(BIN)/llmkit pretrain --config configs/shakespeare_char.yaml
+	$(BIN)/llmkit generate --model runs/shakespeare/final --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.7 --top-p 0.9 --seed 1
+
+test: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-all: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/pretrain_shakespeare.py
+
+clean:
+	rm -rf $(VENV) runs data

@@ -1,0 +1,135 @@
+"""`llmkit <stage> ...`: parses arguments and hands off to the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from llmkit.config import ConfigError
+
+
+def _samples(args) -> None:
+    from llmkit.data.samples import fetch_samples
+
+    paths = fetch_samples(args.out, from_dir=args.from_dir, only=args.only or None, verify=not args.no_verify)
+    for p in paths:
+        print(p)
+
+
+def _tokenizer_train(args) -> None:
+    from llmkit.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.input, kind=args.kind, vocab_size=args.vocab_size,
+                          min_frequency=args.min_frequency, text_field=args.text_field)
+    path = tok.save(args.out)
+    print(json.dumps({"tokenizer": str(path), "kind": tok.kind, "vocab_size": tok.vocab_size}))
+
+
+def _prepare(args) -> None:
+    from llmkit.data.tokenized import prepare_tokens
+    from llmkit.tokenizer import Tokenizer
+
+    meta = prepare_tokens(args.input, Tokenizer.load(args.tokenizer), args.out, val_fraction=args.val_fraction,
+                          text_field=args.text_field)
+    print(json.dumps({s: {k: v for k, v in info.items() if k != "shards"} for s, info in meta["splits"].items()}))
+
+
+def _pretrain(args) -> None:
+    from llmkit.config import load_config
+    from llmkit.train.trainer import PretrainConfig, pretrain
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    summary = pretrain(cfg, resume=args.resume)
+    summary.pop("history")
+    print(json.dumps(summary))
+
+
+def _generate(args) -> None:
+    from llmkit.infer.generate import SamplingParams, stream_tokens
+    from llmkit.models.io import load_model
+    from llmkit.tokenizer import Tokenizer
+
+    model = load_model(args.model)
+    tok = Tokenizer.load(args.model)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    ids = tok.encode(args.prompt)
+    sys.stdout.write(args.prompt)
+    new: list[int] = []
+    printed = ""
+    for t in stream_tokens(model, ids, params, eos_id=tok.eos_id):
+        new.append(t)
+        # decode the whole continuation each time: a multi-byte character may span several tokens
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(printed):])
+            sys.stdout.flush()
+            printed = text
+    sys.stdout.write(tok.decode(new)[len(printed):] + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmkit", description="From raw text to a trained language model.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("samples", help="public sample corpora").add_subparsers(dest="action", required=True)
+    f = s.add_parser("fetch", help="download the sample corpora (or copy them from a local mirror)")
+    f.add_argument("--out", default="data/samples")
+    f.add_argument("--from", dest="from_dir", default=None, help="local mirror to copy from instead of downloading")
+    f.add_argument("--only", action="append", help="relative path of one sample (repeatable)")
+    f.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    f.set_defaults(func=_samples)
+
+    t = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="action", required=True)
+    tt = t.add_parser("train", help="train a byte-level BPE or char-level tokenizer")
+    tt.add_argument("--input", action="append", required=True, help="text / jsonl / json file (repeatable)")
+    tt.add_argument("--kind", choices=["bpe", "char"], default="bpe")
+    tt.add_argument("--vocab-size", type=int, default=8192)
+    tt.add_argument("--min-frequency", type=int, default=2)
+    tt.add_argument("--text-field", default="text")
+    tt.add_argument("--out", required=True)
+    tt.set_defaults(func=_tokenizer_train)
+
+    pr = sub.add_parser("prepare", help="tokenize files into memmap shards for pretraining")
+    pr.add_argument("--input", action="append", required=True)
+    pr.add_argument("--tokenizer", required=True, help="directory with tokenizer.json")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--val-fraction", type=float, default=0.1)
+    pr.add_argument("--text-field", default="text")
+    pr.set_defaults(func=_prepare)
+
+    pt = sub.add_parser("pretrain", help="pretrain a decoder-only model from a YAML recipe")
+    pt.add_argument("--config", required=True)
+    pt.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    pt.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
+    pt.set_defaults(func=_pretrain)
+
+    g = sub.add_parser("generate", help="sample text from a model directory")
+    g.add_argument("--model", required=True)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(func=_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args.func(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"llmkit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Autoregressive generation with the KV cache: prefill the prompt once, then one token per step."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from llmkit.infer.sampling import sample_next
+from llmkit.models.decoder import Decoder, KVCache
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    """0 -> greedy decoding."""
+    top_k: int | None = None
+    top_p: float | None = 0.9
+    seed: int | None = None
+    stop_at_eos: bool = True
+
+
+@torch.no_grad()
+def stream_tokens(model: Decoder, prompt_ids: list[int], params: SamplingParams,
+                  eos_id: int | None = None) -> Iterator[int]:
+    """Yield new token ids one at a time until max_new_tokens, EOS or the context length.
+
+    The prompt is cut to its last block_size - 1 tokens if longer. Each step feeds only the newest
+    token, reading all earlier keys/values from the cache.
+    """
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    if not prompt_ids:
+        raise ValueError("prompt is empty: give at least one token (e.g. the BOS token)")
+    ids = prompt_ids[-(block - 1):]
+    gen = None
+    if params.seed is not None:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(params.seed)
+    budget = min(params.max_new_tokens, block - len(ids))
+    cache = KVCache(model.config, batch_size=1, max_len=len(ids) + budget, device=device,
+                    dtype=next(model.parameters()).dtype)
+    logits, _ = model(torch.tensor([ids], device=device), cache=cache)
+    for _ in range(budget):
+        token = sample_next(logits[:, -1, :], params.temperature, params.top_k, params.top_p, gen)
+        t = int(token.item())
+        if params.stop_at_eos and eos_id is not None and t == eos_id:
+            return
+        yield t
+        if cache.length >= cache.max_len:
+            return
+        logits, _ = model(token.view(1, 1), cache=cache)
+
+
+def generate(model: Decoder, tokenizer, prompt: str, params: SamplingParams | None = None,
+             add_bos: bool = False) -> str:
+    """Complete `prompt` and return only the new text."""
+    params = params or SamplingParams()
+    ids = tokenizer.encode(prompt, add_bos=add_bos)
+    new = list(stream_tokens(model, ids, params, eos_id=tokenizer.eos_id))
+    return tokenizer.decode(new)

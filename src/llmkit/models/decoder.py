@@ -1,0 +1,226 @@
+"""Decoder-only Transformer (GPT family), in the spirit of nanoGPT's model.py.
+
+One configurable block covers GPT-2 (learned positions, LayerNorm, GELU, tied embeddings) and
+Llama-style models (RoPE, RMSNorm, SwiGLU). Attention goes through `F.scaled_dot_product_attention`,
+which picks the flash / memory-efficient kernel where the hardware has one.
+
+Generation uses a pre-allocated key/value cache (`KVCache`): each new token attends to the cached keys
+and values of all earlier tokens instead of recomputing them, so a step costs O(T) instead of O(T^2),
+and the logits equal those of the full forward pass (tests/test_decoder.py checks this).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmkit.models.layers import FeedForward, apply_rope, make_norm, rope_cache
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int | None = None
+    """Token ids the model knows; None -> the tokenizer's vocabulary size (set by the trainer)."""
+    block_size: int = 1024
+    """Longest sequence the model sees (context length, tokens)."""
+    n_layer: int = 12
+    d_model: int = 768
+    n_head: int | None = None
+    """Attention heads; None -> d_model // 64 (guide §1.2: 768 -> 12 heads)."""
+    d_ff: int | None = None
+    """Feed-forward width; None -> 4 * d_model, or ~8/3 * d_model (rounded up to 64) for swiglu."""
+    activation: Literal["gelu", "relu", "swiglu"] = "gelu"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    positions: Literal["learned", "rope"] = "learned"
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    bias: bool = False
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_head is None:
+            self.n_head = max(1, self.d_model // 64)
+        if self.d_ff is None:
+            if self.activation == "swiglu":
+                self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
+            else:
+                self.d_ff = 4 * self.d_model
+
+    def validate(self) -> None:
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size: must be >= 1, got {self.vocab_size}")
+        for name in ("block_size", "n_layer", "d_model", "n_head", "d_ff"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"n_head: {self.n_head} does not divide d_model={self.d_model}")
+        if self.positions == "rope" and (self.d_model // self.n_head) % 2:
+            raise ValueError(f"n_head: rope needs an even head size, d_model/n_head = {self.d_model // self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+class KVCache:
+    """Keys and values of every layer for up to `max_len` positions: (n_layer, B, H, max_len, head_dim) each.
+
+    `length` is how many positions are filled; a forward pass with a cache appends its tokens there.
+    """
+
+    def __init__(self, config: DecoderConfig, batch_size: int, max_len: int | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+        max_len = max_len or config.block_size
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.use_rope = config.positions == "rope"
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
+        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        dropout_p = self.dropout if self.training else 0.0
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            start = cache.length
+            end = start + T
+            cache.k[layer, :B, :, start:end] = k
+            cache.v[layer, :B, :, start:end] = v
+            k_all, v_all = cache.k[layer, :B, :, :end], cache.v[layer, :B, :, :end]
+            if T == 1:
+                mask = None  # one new query sees every cached position
+            else:
+                # query i sits at absolute position start+i and may see keys 0..start+i
+                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=dropout_p)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        self.norm1 = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
+        self.mlp = FeedForward(config.d_model, config.d_ff, config.activation, config.bias, config.dropout)
+
+    def forward(self, x, rope, cache, layer):
+        x = x + self.attn(self.norm1(x), rope, cache, layer)
+        return x + self.mlp(self.norm2(x))
+
+
+class Decoder(nn.Module):
+    """GPT: token (+ position) embedding, `n_layer` blocks, final norm, LM head."""
+
+    def __init__(self, config: DecoderConfig):
+        super().__init__()
+        config.validate()
+        if config.vocab_size is None:
+            raise ValueError("DecoderConfig.vocab_size must be set (the tokenizer's vocab size)")
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos_emb = nn.Embedding(config.block_size, config.d_model) if config.positions == "learned" else None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm_f = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if config.positions == "rope":
+            cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+        # variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids -> logits (B, T, vocab) and, with targets (B, T), the mean cross-entropy.
+
+        Targets equal to -100 are ignored. With `cache`, idx holds only the new tokens; they are placed
+        after the `cache.length` positions already cached, and the cache grows by T.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
+        x = self.tok_emb(idx)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without position embeddings (and the tied token embedding counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6N + 12 * n_layer * d_model * T (PaLM, appendix B)."""
+        c = self.config
+        T = seq_len or c.block_size
+        return 6 * self.num_params() + 12 * c.n_layer * c.d_model * T

@@ -1,0 +1,447 @@
+"""Pretraining a decoder-only model: the recipe, top to bottom.
+
+    data -> (tokenize into memmap shards once) -> sampler -> model (+DDP/FSDP, +compile) -> AdamW
+    -> loop { accumulate grads, clip, step, schedule LR, log, eval, checkpoint } -> final model dir
+
+Fault tolerance (guide §4): a checkpoint every `checkpoint_interval` steps holds model, optimizer,
+scheduler, RNG states and sampler positions, so `resume=True` continues *exactly*: the losses after a
+resume are bit-identical to those of an uninterrupted run. SIGTERM / SIGINT (a spot instance being
+reclaimed, Ctrl-C) finish the current step, write a checkpoint and return normally.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from llmkit.config import flatten, save_config, to_dict
+from llmkit.data.tokenized import open_split, prepare_tokens, read_meta
+from llmkit.models import Decoder, DecoderConfig, save_model
+from llmkit.track import TrackConfig, Tracker
+from llmkit.train import distributed as D
+from llmkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from llmkit.train.sampler import WindowSampler, fixed_batches
+from llmkit.train.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    inputs: list[str] = field(default_factory=list)
+    """Text / jsonl / json files to tokenize (ignored when `prepared` already holds shards for them)."""
+    tokenizer: str = ""
+    """Directory holding tokenizer.json (see `llmkit tokenizer train`)."""
+    prepared: str | None = None
+    """Where the tokenized shards live; None -> <out_dir>/data."""
+    val_fraction: float = 0.1
+    text_field: str = "text"
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 12
+    """Sequences per micro-batch per process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; tokens per step = batch_size * grad_accum * block_size * world."""
+    max_steps: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    """Cosine decay length in steps; None -> max_steps."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    checkpoint_interval: int = 1000
+    keep_checkpoints: int = 3
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on CPU."""
+    compile: bool = False
+    device: str = "auto"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    seed: int = 1337
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; None -> looked up for known GPUs, unknown on CPU."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
+                     "log_interval", "checkpoint_interval", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"min_lr: need 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip: must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class PretrainConfig:
+    out_dir: str = "runs/pretrain"
+    model: DecoderConfig = field(default_factory=DecoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+    def validate(self) -> None:
+        if not self.data.tokenizer:
+            raise ValueError("data.tokenizer: required (a directory with tokenizer.json)")
+
+
+# bf16 dense peak FLOP/s of common accelerators, for MFU.
+_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+               "4090": 165e12, "V100": 125e12}
+
+
+def peak_flops(device: torch.device, configured: float | None) -> float | None:
+    if configured:
+        return configured
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in _PEAK_FLOPS.items() if k in name), None)
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases); fused kernel where the device has one."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # no fused kernel for this device / dtype
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class _StopSignal:
+    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then checkpoint and exit 0)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def ensure_prepared(cfg: PretrainConfig, tokenizer, info: D.DistInfo) -> Path:
+    """Tokenize `data.inputs` into shards unless shards for the same inputs and tokenizer exist."""
+    from llmkit.data.tokenized import file_sha256
+
+    data_dir = Path(cfg.data.prepared or Path(cfg.out_dir) / "data")
+    if info.is_main:
+        fresh = False
+        try:
+            meta = read_meta(data_dir)
+            fresh = (meta["tokenizer_digest"] == tokenizer.digest()
+                     and meta["val_fraction"] == cfg.data.val_fraction
+                     and [s["sha256"] for s in meta["sources"]] == [file_sha256(p) for p in cfg.data.inputs])
+        except FileNotFoundError:
+            if not cfg.data.inputs:
+                raise ValueError(f"data.inputs is empty and {data_dir} holds no tokenized data") from None
+        if not fresh and cfg.data.inputs:
+            log.info("tokenizing %s into %s", cfg.data.inputs, data_dir)
+            prepare_tokens(cfg.data.inputs, tokenizer, data_dir, val_fraction=cfg.data.val_fraction,
+                           text_field=cfg.data.text_field)
+    D.barrier(info)
+    return data_dir
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast) -> float:
+    """Mean loss (nats/token) over fixed batches."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with autocast():
+            _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.float())
+    model.train(was_training)
+    return torch.stack(losses).mean().item()
+
+
+def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
+    """Train `cfg.model` on `cfg.data` and write `<out_dir>/final` (a model directory).
+
+    Args:
+        resume: continue from the newest valid checkpoint in `<out_dir>/checkpoints` (start fresh if none).
+    Returns:
+        summary dict: step, final train/val loss, val bits-per-byte, tokens/s, paths, tracking run id,
+        and `stopped_by_signal` (True when SIGTERM/SIGINT ended the run early).
+    """
+    from llmkit.tokenizer import Tokenizer
+
+    t_cfg = cfg.train
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    info = D.setup(t_cfg.device)
+    device = info.device
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume and ckpt_root.is_dir() and any(ckpt_root.iterdir()):
+            raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, "
+                                  f"or set out_dir to a new directory")
+    tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} tokens ({cfg.data.tokenizer})")
+    data_dir = ensure_prepared(cfg, tokenizer, info)
+    meta = read_meta(data_dir)
+    if meta["tokenizer_digest"] != tokenizer.digest():
+        raise ValueError(f"{data_dir} was tokenized with a different tokenizer than {cfg.data.tokenizer}")
+    train_split, val_split = open_split(data_dir, "train"), open_split(data_dir, "val")
+
+    torch.manual_seed(t_cfg.seed)  # same initial weights on every rank
+    model = Decoder(cfg.model).to(device)
+    step, run_id = 0, None
+    checkpoint = load_latest_checkpoint(ckpt_root, map_location="cpu") if resume else None
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint.model)
+    # FSDP replaces parameters with sharded ones, so the optimizer is built after wrapping.
+    raw_model = D.wrap_model(model, info, t_cfg.strategy)
+    model = raw_model
+    raw_model = D.unwrap(raw_model)
+    optimizer = make_optimizer(raw_model, t_cfg, fused=not (info.enabled and t_cfg.strategy == "fsdp"))
+    decay_steps = t_cfg.decay_steps or t_cfg.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, t_cfg.lr, t_cfg.min_lr, t_cfg.warmup_steps, decay_steps) / t_cfg.lr)
+    sampler = WindowSampler(train_split, t_cfg.batch_size, cfg.model.block_size, t_cfg.seed, info.rank)
+    eval_sets = {
+        "train": fixed_batches(train_split, t_cfg.eval_batches, t_cfg.batch_size, cfg.model.block_size, seed=1),
+        "val": fixed_batches(val_split, t_cfg.eval_batches, t_cfg.batch_size, cfg.model.block_size, seed=2),
+    }
+    if checkpoint is not None:
+        D.load_full_optimizer_state(raw_model, optimizer, checkpoint.optimizer["optimizer"])
+        scheduler.load_state_dict(checkpoint.optimizer["scheduler"])
+        step = checkpoint.step
+        run_id = checkpoint.state.get("tracking_run_id")
+        ranks = checkpoint.state["samplers"]
+        if len(ranks) == info.world_size:
+            sampler.load_state_dict(ranks[info.rank])
+            set_rng_state(checkpoint.rng["ranks"][info.rank], device)
+        else:
+            # a different world size cannot replay the same batches; keep going with fresh streams
+            log.warning("checkpoint was written by %d processes, now %d: data order will differ",
+                        len(ranks), info.world_size)
+            sampler = WindowSampler(train_split, t_cfg.batch_size, cfg.model.block_size,
+                                    t_cfg.seed + step, info.rank)
+        if info.is_main:
+            log.info("resumed from %s at step %d", checkpoint.path, step)
+    elif resume and info.is_main:
+        log.info("no checkpoint in %s: starting from step 0", ckpt_root)
+    del checkpoint
+
+    if t_cfg.compile:
+        model = torch.compile(model)
+    dtype = resolve_precision(t_cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    tracker = Tracker(cfg.track, out, active=info.is_main)
+    tokens_per_step = t_cfg.batch_size * t_cfg.grad_accum * cfg.model.block_size * info.world_size
+    flops_per_token = raw_model.flops_per_token(cfg.model.block_size)
+    peak = peak_flops(device, t_cfg.peak_flops)
+    if info.is_main:
+        save_config(cfg, out / "config.yaml")
+        run_id = tracker.start(run_id)
+        tracker.log_params({**flatten(to_dict(cfg)), "n_params": raw_model.num_params(),
+                            "flops_per_token": flops_per_token, "world_size": info.world_size,
+                            "tokens_per_step": tokens_per_step})
+        tracker.log_dataset(f"{Path(cfg.data.tokenizer).name}-tokens", meta["splits"]["train"]["sha256"],
+                            str(data_dir.resolve()), context="training",
+                            profile={"tokens": meta["splits"]["train"]["tokens"],
+                                     "sources": [s["sha256"] for s in meta["sources"]]})
+        tracker.log_dataset("validation-tokens", meta["splits"]["val"]["sha256"], str(data_dir.resolve()),
+                            context="validation", profile={"tokens": meta["splits"]["val"]["tokens"]})
+        tracker.log_artifact(out / "config.yaml")
+        tracker.log_artifact(Path(cfg.data.tokenizer) / "tokenizer.json", "tokenizer")
+        log.info("model: %.2fM parameters, %.3g FLOPs/token; %d tokens/step on %d process(es), %s, %s",
+                 raw_model.num_params() / 1e6, flops_per_token, tokens_per_step, info.world_size, device, dtype)
+
+    def write_checkpoint() -> None:
+        model_state = D.full_model_state(raw_model)
+        optim_state = D.full_optimizer_state(raw_model, optimizer)
+        samplers = D.all_gather_objects(sampler.state_dict(), info)
+        rngs = D.all_gather_objects(rng_state(device), info)
+        if info.is_main:
+            save_checkpoint(ckpt_root, step, model_state, {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
+                            {"ranks": rngs}, {"samplers": samplers, "tracking_run_id": run_id,
+                                              "world_size": info.world_size}, keep=t_cfg.keep_checkpoints)
+        D.barrier(info)
+
+    metrics_path = out / "metrics.jsonl"
+    history: list[dict] = []
+
+    def record(row: dict) -> None:
+        history.append(row)
+        if info.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def run_eval() -> dict:
+        losses = {f"{split}_loss": evaluate(model, batches, device, autocast) for split, batches in eval_sets.items()}
+        losses["val_bpb"] = losses["val_loss"] / math.log(2) / val_split.bytes_per_token
+        return losses
+
+    progress = None
+    if info.is_main and t_cfg.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t_cfg.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    model.train()
+    stopped = False
+    last_eval: dict = {}
+    window_tokens, window_time = 0, 0.0
+    summary_tps = []
+    with _StopSignal() as stop:
+        while step < t_cfg.max_steps:
+            t0 = time.perf_counter()
+            for micro in range(t_cfg.grad_accum):
+                x, y = sampler.next_batch()
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = contextlib.nullcontext()
+                if info.enabled and t_cfg.strategy == "ddp" and micro < t_cfg.grad_accum - 1:
+                    sync = model.no_sync()  # all-reduce gradients once per step, not per micro-batch
+                with sync, autocast():
+                    _, loss = model(x, y)
+                scaler.scale(loss / t_cfg.grad_accum).backward()
+            if t_cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            window_time += time.perf_counter() - t0
+            window_tokens += tokens_per_step
+
+            if step % t_cfg.log_interval == 0 or step == t_cfg.max_steps:
+                loss_value = loss.item()  # the last micro-batch's loss (one sync per log interval)
+                tps = window_tokens / window_time
+                row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tps}
+                if peak:
+                    row["mfu"] = flops_per_token * tps / info.world_size / peak
+                summary_tps.append(tps)
+                record(row)
+                if info.is_main:
+                    tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
+                window_tokens, window_time = 0, 0.0
+            if step % t_cfg.eval_interval == 0 or step == t_cfg.max_steps:
+                last_eval = run_eval()
+                record({"step": step, **last_eval})
+                if info.is_main:
+                    tracker.log_metrics(last_eval, step)
+                    log.info("step %d: train loss %.4f, val loss %.4f, val bpb %.4f", step,
+                             last_eval["train_loss"], last_eval["val_loss"], last_eval["val_bpb"])
+            if progress is not None:
+                progress.update(1)
+            stop_now = D.any_rank(stop.received is not None, info)
+            if step % t_cfg.checkpoint_interval == 0 or step == t_cfg.max_steps or stop_now:
+                write_checkpoint()
+            if stop_now:
+                stopped = True
+                if info.is_main:
+                    log.warning("stop signal received: checkpoint written at step %d; rerun with --resume", step)
+                break
+    if progress is not None:
+        progress.close()
+
+    final_dir = out / "final"
+    if not stopped:
+        if not last_eval:  # resumed a run that had already finished
+            last_eval = run_eval()
+        # Under FSDP gathering the full weights is collective: every rank takes part.
+        final_state = D.full_model_state(raw_model) if info.enabled else None
+        if info.is_main:
+            to_save = raw_model
+            if final_state is not None:
+                to_save = Decoder(cfg.model)
+                to_save.load_state_dict(final_state)
+            save_model(to_save, final_dir, tokenizer,
+                       generation_config={"max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9})
+            tracker.log_artifact(final_dir, "model")
+    if info.is_main:
+        tracker.end("KILLED" if stopped else "FINISHED")
+    D.barrier(info)
+    D.teardown(info)
+    return {
+        "step": step,
+        "stopped_by_signal": stopped,
+        "train_loss": last_eval.get("train_loss"),
+        "val_loss": last_eval.get("val_loss"),
+        "val_bpb": last_eval.get("val_bpb"),
+        "tokens_per_s": sum(summary_tps) / len(summary_tps) if summary_tps else None,
+        "n_params": raw_model.num_params(),
+        "out_dir": str(out),
+        "final_model": str(final_dir) if not stopped else None,
+        "tracking_run_id": run_id,
+        "history": history,
+    }
