@@ -1,0 +1,1 @@
+"""Data sources: the sample corpora (`llmkit.data.samples`) and their readers."""
