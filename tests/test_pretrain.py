@@ -1,0 +1,162 @@
+"""Pretraining end to end on a slice of tinyshakespeare: exact resume, preemption, refusals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import tiny_overrides
+
+from llmkit.config import ConfigError, load_config
+from llmkit.train.checkpoint import list_checkpoints, verify_checkpoint
+from llmkit.train.trainer import PretrainConfig, pretrain
+
+STEPS = 40
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    """step -> training loss, the last record winning (a resumed run rewrites the steps after its checkpoint)."""
+    out = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "loss" in row:
+            out[row["step"]] = row["loss"]
+    return out
+
+
+def config(out_dir, data, **extra):
+    return load_config(PretrainConfig, None, tiny_overrides(out_dir, *data, **extra))
+
+
+@pytest.fixture(scope="module")
+def straight(shakespeare_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    summary = pretrain(config(out, shakespeare_small, **{"train.decay_steps": STEPS}))
+    return out, summary
+
+
+def test_straight_run_learns_and_writes_a_model(straight):
+    out, summary = straight
+    curve = losses(out)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert curve[STEPS] < curve[1] - 0.5
+    assert summary["val_loss"] is not None and summary["val_bpb"] > 0
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "tokenizer.json").is_file()
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [20, 30, 40]  # keep_checkpoints=3
+
+
+def test_resume_continues_exactly(straight, shakespeare_small, tmp_path):
+    """N steps, stop, resume N more: every loss equals the uninterrupted run's, bit for bit."""
+    out = tmp_path / "run"
+    first = pretrain(config(out, shakespeare_small, **{"train.decay_steps": STEPS, "train.max_steps": STEPS // 2}))
+    assert first["step"] == STEPS // 2
+    pretrain(config(out, shakespeare_small, **{"train.decay_steps": STEPS}), resume=True)
+    assert losses(out) == losses(straight[0])
+
+
+def test_existing_checkpoints_are_not_overwritten_without_resume(straight, shakespeare_small):
+    with pytest.raises(FileExistsError, match="--resume"):
+        pretrain(config(straight[0], shakespeare_small))
+
+
+def _cli(out: Path, data, extra: dict, *flags) -> list[str]:
+    cfg_file = out.parent / f"{out.name}.yaml"
+    cfg_file.write_text(yaml.safe_dump({"out_dir": str(out)}))
+    return [sys.executable, "-m", "llmkit", "pretrain", "--config", str(cfg_file), *flags,
+            *tiny_overrides(out, *data, **extra)]
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _steps_logged(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(losses(out)) if path.is_file() else 0
+
+
+# A long schedule so the job is still running when the signal arrives; decay fixed so the resumed
+# (shorter) run follows the same learning-rate curve.
+LONG = {"train.max_steps": 100_000, "train.decay_steps": 1000, "train.checkpoint_interval": 25}
+
+
+def test_sigterm_checkpoints_and_exits_zero_then_resumes_exactly(shakespeare_small, tmp_path):
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(_cli(out, shakespeare_small, LONG), stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _steps_logged(out) >= 30, 120, "30 training steps")
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+        elapsed = time.monotonic() - t0
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert elapsed < 10, f"took {elapsed:.1f}s to stop"
+    stopped_at = max(losses(out))
+    assert list_checkpoints(out / "checkpoints")[-1][0] == stopped_at  # checkpoint at the very step it stopped
+    assert "stop signal" in err
+
+    target = stopped_at + 10
+    done = subprocess.run(_cli(out, shakespeare_small, {**LONG, "train.max_steps": target}, "--resume"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ref = tmp_path / "reference"
+    subprocess.run(_cli(ref, shakespeare_small, {**LONG, "train.max_steps": target}), check=True,
+                   capture_output=True, timeout=300)
+    assert losses(out) == losses(ref)
+
+
+def test_sigkill_at_any_moment_resumes_from_last_checkpoint(shakespeare_small, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(out, shakespeare_small, LONG), stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: len(list_checkpoints(out / "checkpoints")) >= 2, 120, "two checkpoints")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    last = list_checkpoints(out / "checkpoints")[-1][0]
+    for _, path in list_checkpoints(out / "checkpoints"):  # whatever the kill interrupted is not listed
+        verify_checkpoint(path)
+    target = last + 15
+    subprocess.run(_cli(out, shakespeare_small, {**LONG, "train.max_steps": target}, "--resume"), check=True,
+                   capture_output=True, timeout=300)
+    ref = tmp_path / "reference"
+    subprocess.run(_cli(ref, shakespeare_small, {**LONG, "train.max_steps": target}), check=True,
+                   capture_output=True, timeout=300)
+    assert losses(out) == losses(ref)
+
+
+def test_cli_refuses_unknown_key_naming_key_and_file(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model:\n  n_layers: 4\n")
+    r = subprocess.run([sys.executable, "-m", "llmkit", "pretrain", "--config", str(cfg)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "bad.yaml" in r.stderr and "model.n_layers" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=fast", "train.lr: expected a number"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not one of"),
+    ("model.d_model=102", "model.n_head: 4 does not divide d_model=102"),
+    ("train.batch_size=0", "train.batch_size: must be >= 1"),
+    ("train.nonsense=1", "unknown key 'train.nonsense'"),
+])
+def test_bad_values_are_refused_before_work(override, message, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  n_head: 4\ndata:\n  tokenizer: tok\n")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(PretrainConfig, cfg, [override])
