@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_overrides
 
+from conftest import tiny_overrides
 from llmkit.config import ConfigError, load_config
 from llmkit.train.checkpoint import list_checkpoints, verify_checkpoint
 from llmkit.train.trainer import PretrainConfig, pretrain
