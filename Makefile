@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 SHARED ?= ../shared/data
+# Copy the sample corpora from a local mirror when there is one, else download them.
+SAMPLES_FROM := $(if $(wildcard $(SHARED)/en/tinyshakespeare.txt),--from $(SHARED),)
 # A GPU machine passes TORCH_SPEC=torch to get the CUDA build; CPU machines get the local 2.13.0 CPU wheel.
 TORCH_SPEC ?= torch==2.13.0
 
@@ -19,9 +21,9 @@ setup: $(BIN)/.installed
 
 # The main job: sample data, char tokenizer, nanoGPT-sized pretraining with tracking, then a sample.
 demo: setup
-	$(BIN)/llmkit samples fetch --from $(SHARED) --out data/samples
+	$(BIN)/llmkit samples fetch $(SAMPLES_FROM) --out data/samples
 	$(BIN)/llmkit tokenizer train --input data/samples/en/tinyshakespeare.txt --kind char --out runs/tok
-	$(BIN)/llmkit pretrain --config configs/shakespeare_char.yaml
+	$(BIN)/llmkit pretrain --config configs/shakespeare_char.yaml --resume
 	$(BIN)/llmkit generate --model runs/shakespeare/final --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.7 --top-p 0.9 --seed 1
 
 test: setup
