@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from llmkit.config import ConfigError
@@ -43,7 +44,8 @@ def _pretrain(args) -> None:
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     summary = pretrain(cfg, resume=args.resume)
     summary.pop("history")
-    print(json.dumps(summary))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary line, from rank 0
+        print(json.dumps(summary))
 
 
 def _generate(args) -> None:

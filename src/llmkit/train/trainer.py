@@ -456,6 +456,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     return {
         "step": step,
         "stopped_by_signal": stopped,
+        "world_size": info.world_size,
+        "tokens_per_step": tokens_per_step,
         "train_loss": last_eval.get("train_loss"),
         "val_loss": last_eval.get("val_loss"),
         "val_bpb": last_eval.get("val_bpb"),
