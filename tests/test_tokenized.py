@@ -61,3 +61,30 @@ def test_sampler_state_replays_the_same_batches(shakespeare_small, tmp_path):
 def test_missing_input_is_an_error(shakespeare_small, tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         prepare_tokens([tmp_path / "nope.txt"], Tokenizer.load(shakespeare_small[1]), tmp_path / "d")
+
+
+def test_epoch_sampler_covers_each_window_once_and_resumes(shakespeare_small, tmp_path):
+    from llmkit.train.sampler import EpochSampler
+
+    text_file, tok_dir = shakespeare_small
+    prepare_tokens([text_file], Tokenizer.load(tok_dir), tmp_path / "d", shard_tokens=40_000)
+    split = open_split(tmp_path / "d", "train")
+    s = EpochSampler(split, batch_size=16, block_size=32, seed=3)
+    per_epoch = len(s.windows) // 16
+    for shard in np.unique(s.windows[:, 0]):  # the windows tile each shard: every token once per epoch
+        starts = np.sort(s.windows[s.windows[:, 0] == shard, 1])
+        assert (np.diff(starts) == 32).all() and starts[0] < 32
+        assert starts[-1] + 2 * 32 + 1 > len(split.shards[shard])
+    first = s.next_batch()[0]
+    shard, start = s.windows[0]
+    np.testing.assert_array_equal(first[0].numpy(), split.shards[shard][start:start + 32])
+    s.position = 0
+    state = s.state_dict()
+    expected = [s.next_batch()[0] for _ in range(per_epoch + 3)]  # crosses into the next epoch
+    assert s.epoch == 1
+    r = EpochSampler(split, batch_size=16, block_size=32, seed=3)
+    r.load_state_dict(state)
+    for a, b in zip(expected, (r.next_batch()[0] for _ in range(per_epoch + 3))):
+        assert (a == b).all()
+    ranks = [EpochSampler(split, 16, 32, seed=3, rank=k, world_size=2) for k in (0, 1)]
+    assert not set(map(tuple, ranks[0].windows.tolist())) & set(map(tuple, ranks[1].windows.tolist()))

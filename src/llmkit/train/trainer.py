@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmkit.config import flatten, save_config, to_dict
 from llmkit.data.tokenized import open_split, prepare_tokens, read_meta
@@ -29,7 +30,7 @@ from llmkit.models import Decoder, DecoderConfig, save_model
 from llmkit.track import TrackConfig, Tracker
 from llmkit.train import distributed as D
 from llmkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
-from llmkit.train.sampler import WindowSampler, fixed_batches
+from llmkit.train.sampler import EpochSampler, WindowSampler, fixed_batches
 from llmkit.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,14 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on CPU."""
     compile: bool = False
+    attention: Literal["auto", "flash", "efficient", "math", "cudnn"] = "auto"
+    """Scaled-dot-product-attention kernel; auto lets PyTorch choose. On CPU in bf16 with short
+    sequences the composite `math` kernel is faster than the fused one (docs/benchmarks.md)."""
     device: str = "auto"
     strategy: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 1337
+    sampling: Literal["random", "epoch"] = "random"
+    """random: windows at uniformly random offsets (nanoGPT); epoch: every window once per epoch, shuffled."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; None -> looked up for known GPUs, unknown on CPU."""
     progress: bool = True
@@ -109,6 +115,9 @@ class PretrainConfig:
         if not self.data.tokenizer:
             raise ValueError("data.tokenizer: required (a directory with tokenizer.json)")
 
+
+_SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                  "math": SDPBackend.MATH, "cudnn": SDPBackend.CUDNN_ATTENTION}
 
 # bf16 dense peak FLOP/s of common accelerators, for MFU.
 _PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
@@ -146,6 +155,24 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = True)
         except (RuntimeError, TypeError):  # no fused kernel for this device / dtype
             pass
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop rows after `step` from metrics.jsonl: a run killed between checkpoints logged steps that the
+    resumed run replays, and the file should tell one history, not two."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+
+
+def make_sampler(split, cfg: TrainConfig, block_size: int, info: D.DistInfo, seed: int | None = None):
+    seed = cfg.seed if seed is None else seed
+    if cfg.sampling == "epoch":
+        return EpochSampler(split, cfg.batch_size, block_size, seed, info.rank, info.world_size)
+    return WindowSampler(split, cfg.batch_size, block_size, seed, info.rank)
 
 
 def rng_state(device: torch.device) -> dict:
@@ -249,12 +276,20 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         summary dict: step, final train/val loss, val bits-per-byte, tokens/s, paths, tracking run id,
         and `stopped_by_signal` (True when SIGTERM/SIGINT ended the run early).
     """
+    info = D.setup(cfg.train.device)
+    tracker = Tracker(cfg.track, cfg.out_dir, active=info.is_main)
+    with tracker:  # an exception marks the MLflow run FAILED (KILLED for Ctrl-C) before it propagates
+        summary = _train(cfg, resume, info, tracker)
+    D.teardown(info)  # collective: only after every rank finished cleanly
+    return summary
+
+
+def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker) -> dict:
     from llmkit.tokenizer import Tokenizer
 
     t_cfg = cfg.train
     out = Path(cfg.out_dir)
     ckpt_root = out / "checkpoints"
-    info = D.setup(t_cfg.device)
     device = info.device
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -287,7 +322,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     decay_steps = t_cfg.decay_steps or t_cfg.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, t_cfg.lr, t_cfg.min_lr, t_cfg.warmup_steps, decay_steps) / t_cfg.lr)
-    sampler = WindowSampler(train_split, t_cfg.batch_size, cfg.model.block_size, t_cfg.seed, info.rank)
+    sampler = make_sampler(train_split, t_cfg, cfg.model.block_size, info)
     eval_sets = {
         "train": fixed_batches(train_split, t_cfg.eval_batches, t_cfg.batch_size, cfg.model.block_size, seed=1),
         "val": fixed_batches(val_split, t_cfg.eval_batches, t_cfg.batch_size, cfg.model.block_size, seed=2),
@@ -305,8 +340,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
             # a different world size cannot replay the same batches; keep going with fresh streams
             log.warning("checkpoint was written by %d processes, now %d: data order will differ",
                         len(ranks), info.world_size)
-            sampler = WindowSampler(train_split, t_cfg.batch_size, cfg.model.block_size,
-                                    t_cfg.seed + step, info.rank)
+            sampler = make_sampler(train_split, t_cfg, cfg.model.block_size, info, seed=t_cfg.seed + step)
         if info.is_main:
             log.info("resumed from %s at step %d", checkpoint.path, step)
     elif resume and info.is_main:
@@ -319,9 +353,13 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def autocast():
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+        """Precision and attention kernel for every forward pass (training and evaluation)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32))
+        if t_cfg.attention != "auto":
+            stack.enter_context(sdpa_kernel(_SDPA_BACKENDS[t_cfg.attention]))
+        return stack
 
-    tracker = Tracker(cfg.track, out, active=info.is_main)
     tokens_per_step = t_cfg.batch_size * t_cfg.grad_accum * cfg.model.block_size * info.world_size
     flops_per_token = raw_model.flops_per_token(cfg.model.block_size)
     peak = peak_flops(device, t_cfg.peak_flops)
@@ -354,6 +392,8 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         D.barrier(info)
 
     metrics_path = out / "metrics.jsonl"
+    if info.is_main:
+        truncate_metrics(metrics_path, step)
     history: list[dict] = []
 
     def record(row: dict) -> None:
@@ -452,7 +492,6 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     if info.is_main:
         tracker.end("KILLED" if stopped else "FINISHED")
     D.barrier(info)
-    D.teardown(info)
     return {
         "step": step,
         "stopped_by_signal": stopped,
