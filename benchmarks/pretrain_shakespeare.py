@@ -30,7 +30,8 @@ from llmkit.config import load_config  # noqa: E402
 from llmkit.data.tokenized import open_split, prepare_tokens, read_meta  # noqa: E402
 from llmkit.models import load_model  # noqa: E402
 from llmkit.tokenizer import train_tokenizer  # noqa: E402
-from llmkit.train.trainer import PretrainConfig, pretrain, split_loss  # noqa: E402
+from llmkit.train.evaluate import split_loss
+from llmkit.train.trainer import PretrainConfig, pretrain  # noqa: E402
 from nanogpt_loop import train_nanogpt_style  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

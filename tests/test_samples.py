@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from conftest import SHARED_DATA
 from llmkit.data import samples as samples_mod
 from llmkit.data.samples import (
     SAMPLES,
@@ -20,7 +21,7 @@ from llmkit.data.samples import (
     sha256_file,
 )
 
-MIRROR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MIRROR = SHARED_DATA
 needs_mirror = pytest.mark.skipif(
     not MIRROR.is_dir(), reason=f"reference data mirror {MIRROR} not found (expected ../shared/data)"
 )

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tokenizers
 import torch
 
+from conftest import shared_file
 from llmkit.tokenizer import (
     CHAT_TOKENS,
     SPECIAL_TOKENS,
@@ -20,30 +20,22 @@ from llmkit.tokenizer import (
     train_tokenizer,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 ALL_SPECIALS = list(SPECIAL_TOKENS.values()) + CHAT_TOKENS
 # Text no training corpus here contains: emoji (4-byte UTF-8), a combining accent, CRLF, tabs,
 # leading/trailing/multiple spaces, and a lone surrogate-free astral CJK character.
 UNSEEN = "  Hello,\tworld!\r\n🚀 café\u0301 𠀀 中文 混合 text   "
 
 
-def _data(rel: str) -> Path:
-    path = DATA / rel
-    if not path.is_file():
-        pytest.skip(f"reference data {path} not found (expected the shared data mirror at ../shared/data)")
-    return path
-
-
 @pytest.fixture(scope="module")
 def shakespeare() -> str:
-    return _data("en/tinyshakespeare.txt").read_text(encoding="utf-8")
+    return shared_file("en/tinyshakespeare.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
 def zh_docs() -> list[str]:
-    docs = list(iter_texts(_data("zh/guwenguanzhi.json")))
-    docs += list(iter_texts(_data("zh/lunyu.json")))
-    docs += list(iter_texts(_data("instruct/alpaca_zh_demo.json")))[:300]
+    docs = list(iter_texts(shared_file("zh/guwenguanzhi.json")))
+    docs += list(iter_texts(shared_file("zh/lunyu.json")))
+    docs += list(iter_texts(shared_file("instruct/alpaca_zh_demo.json")))[:300]
     return docs
 
 
@@ -275,7 +267,7 @@ def test_load_rejects_foreign_tokenizer(tmp_path):
 
 
 def test_train_tokenizer_from_files(tmp_path):
-    files = [_data("en/tinyshakespeare.txt"), _data("zh/lunyu.json"), _data("instruct/alpaca_zh_demo.json")]
+    files = [shared_file("en/tinyshakespeare.txt"), shared_file("zh/lunyu.json"), shared_file("instruct/alpaca_zh_demo.json")]
     char = train_tokenizer(files[:2], kind="char")
     lunyu = list(iter_texts(files[1]))
     assert char.decode(char.encode(lunyu[0])) == lunyu[0]
@@ -382,13 +374,13 @@ def test_iter_texts_real_files():
         "zh/quantangshi_tang0_traditional.json": 1000,
     }
     for rel, n in counts.items():
-        docs = list(iter_texts(_data(rel)))
+        docs = list(iter_texts(shared_file(rel)))
         assert len(docs) == n, rel
         assert all(isinstance(d, str) and d for d in docs), rel
-    tang = list(iter_texts(_data("zh/tangshisanbaishou.json")))
+    tang = list(iter_texts(shared_file("zh/tangshisanbaishou.json")))
     assert tang[0] == "行宮\n寥落古行宮，宮花寂寞紅。\n白頭宮女在，閒坐說玄宗。"
-    lunyu = list(iter_texts(_data("zh/lunyu.json")))
+    lunyu = list(iter_texts(shared_file("zh/lunyu.json")))
     assert lunyu[0].startswith("学而篇\n子曰：“学而时习之，不亦说乎？")
-    alpaca = json.loads(_data("instruct/alpaca_zh_demo.json").read_text(encoding="utf-8"))
-    first = list(iter_texts(_data("instruct/alpaca_zh_demo.json")))[0]
+    alpaca = json.loads(shared_file("instruct/alpaca_zh_demo.json").read_text(encoding="utf-8"))
+    first = list(iter_texts(shared_file("instruct/alpaca_zh_demo.json")))[0]
     assert first == f"{alpaca[0]['instruction']}\n{alpaca[0]['output']}"  # empty input left out
