@@ -48,6 +48,23 @@ def _pretrain(args) -> None:
         print(json.dumps(summary))
 
 
+def _model_info(args) -> None:
+    from pathlib import Path
+
+    from llmkit.config import load_config
+    from llmkit.models.info import model_info
+    from llmkit.train.trainer import PretrainConfig
+
+    cfg = load_config(PretrainConfig, args.config, args.overrides)
+    if cfg.model.vocab_size is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
+        from llmkit.tokenizer import Tokenizer
+
+        cfg.model.vocab_size = Tokenizer.load(cfg.data.tokenizer).vocab_size
+    info = model_info(cfg.model, batch_size=args.batch_size or cfg.train.batch_size, seq_len=args.seq_len,
+                      activation_bytes=2 if cfg.train.precision in ("bf16", "fp16") else 4)
+    print(json.dumps(info, indent=2))
+
+
 def _generate(args) -> None:
     from llmkit.infer.generate import SamplingParams, stream_tokens
     from llmkit.models.io import load_model
@@ -108,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     pt.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
     pt.set_defaults(func=_pretrain)
+
+    m = sub.add_parser("model", help="inspect model configurations").add_subparsers(dest="action", required=True)
+    mi = m.add_parser("info", help="parameters by part, FLOPs per token, training memory")
+    mi.add_argument("--config", required=True, help="a pretraining recipe (its model section is used)")
+    mi.add_argument("--batch-size", type=int, default=None, help="default: the recipe's train.batch_size")
+    mi.add_argument("--seq-len", type=int, default=None, help="default: model.block_size")
+    mi.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model.vocab_size=32000")
+    mi.set_defaults(func=_model_info)
 
     g = sub.add_parser("generate", help="sample text from a model directory")
     g.add_argument("--model", required=True)
