@@ -8,6 +8,9 @@ VARIANTS = [
     dict(),  # GPT-2 style: learned positions, layernorm, gelu
     dict(positions="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=False, bias=True),
     dict(activation="relu", bias=True),
+    # Llama-style with grouped-query attention: 4 query heads share 2 key/value heads
+    dict(positions="rope", norm="rmsnorm", activation="swiglu", tie_embeddings=False, n_kv_head=2),
+    dict(activation="gelu_tanh", bias=True, n_kv_head=1),  # multi-query attention
 ]
 
 

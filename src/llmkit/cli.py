@@ -65,6 +65,19 @@ def _model_info(args) -> None:
     print(json.dumps(info, indent=2))
 
 
+def _import_hf(args) -> None:
+    from llmkit.models.hf import import_hf
+
+    model = import_hf(args.from_dir, args.out)
+    print(json.dumps({"model": args.out, "n_params": model.num_params(non_embedding=False)}))
+
+
+def _export_hf(args) -> None:
+    from llmkit.models.hf import export_hf
+
+    print(json.dumps({"hf_model": str(export_hf(args.model, args.out))}))
+
+
 def _generate(args) -> None:
     from llmkit.infer.generate import SamplingParams, stream_tokens
     from llmkit.models.io import load_model
@@ -133,6 +146,17 @@ def build_parser() -> argparse.ArgumentParser:
     mi.add_argument("--seq-len", type=int, default=None, help="default: model.block_size")
     mi.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model.vocab_size=32000")
     mi.set_defaults(func=_model_info)
+
+    im = sub.add_parser("import", help="bring checkpoints from other tools").add_subparsers(dest="action", required=True)
+    ih = im.add_parser("hf", help="a local Hugging Face model directory (GPT-2, Llama, Mistral)")
+    ih.add_argument("--from", dest="from_dir", required=True)
+    ih.add_argument("--out", required=True)
+    ih.set_defaults(func=_import_hf)
+    ex = sub.add_parser("export", help="write models for other tools").add_subparsers(dest="action", required=True)
+    eh = ex.add_parser("hf", help="a Hugging Face directory loadable with from_pretrained")
+    eh.add_argument("--model", required=True)
+    eh.add_argument("--out", required=True)
+    eh.set_defaults(func=_export_hf)
 
     g = sub.add_parser("generate", help="sample text from a model directory")
     g.add_argument("--model", required=True)

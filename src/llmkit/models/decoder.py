@@ -1,8 +1,9 @@
 """Decoder-only Transformer (GPT family), in the spirit of nanoGPT's model.py.
 
 One configurable block covers GPT-2 (learned positions, LayerNorm, GELU, tied embeddings) and
-Llama-style models (RoPE, RMSNorm, SwiGLU). Attention goes through `F.scaled_dot_product_attention`,
-which picks the flash / memory-efficient kernel where the hardware has one.
+Llama-style models (RoPE, RMSNorm, SwiGLU, grouped-query attention via `n_kv_head`). Attention goes
+through `F.scaled_dot_product_attention`, which picks the flash / memory-efficient kernel where the
+hardware has one.
 
 Generation uses a pre-allocated key/value cache (`KVCache`): each new token attends to the cached keys
 and values of all earlier tokens instead of recomputing them, so a step costs O(T) instead of O(T^2),
@@ -32,9 +33,13 @@ class DecoderConfig:
     d_model: int = 768
     n_head: int | None = None
     """Attention heads; None -> d_model // 64 (guide §1.2: 768 -> 12 heads)."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention, Ainslie et al. 2023); None -> n_head (plain multi-head).
+    Each group of n_head // n_kv_head query heads shares one key/value head; the KV cache shrinks to match."""
     d_ff: int | None = None
     """Feed-forward width; None -> 4 * d_model, or ~8/3 * d_model (rounded up to 64) for swiglu."""
-    activation: Literal["gelu", "relu", "swiglu"] = "gelu"
+    activation: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"
+    """`gelu` is the exact (erf) GELU; `gelu_tanh` the tanh approximation GPT-2 uses (HF `gelu_new`)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     positions: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
@@ -60,6 +65,8 @@ class DecoderConfig:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.d_model % self.n_head:
             raise ValueError(f"n_head: {self.n_head} does not divide d_model={self.d_model}")
+        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+            raise ValueError(f"n_kv_head: must be >= 1 and divide n_head={self.n_head}, got {self.n_kv_head}")
         if self.positions == "rope" and (self.d_model // self.n_head) % 2:
             raise ValueError(f"n_head: rope needs an even head size, d_model/n_head = {self.d_model // self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
@@ -69,9 +76,16 @@ class DecoderConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads actually used: `n_kv_head`, or `n_head` when it is None."""
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
 
 class KVCache:
-    """Keys and values of every layer for up to `max_len` positions: (n_layer, B, H, max_len, head_dim) each.
+    """Keys and values of every layer for up to `max_len` positions: (n_layer, B, H_kv, max_len, head_dim) each.
+
+    H_kv is the number of key/value heads (`config.kv_heads`), fewer than the query heads under GQA.
 
     `length` is how many positions are filled; a forward pass with a cache appends its tokens there.
     """
@@ -79,7 +93,7 @@ class KVCache:
     def __init__(self, config: DecoderConfig, batch_size: int, max_len: int | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
         max_len = max_len or config.block_size
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
@@ -96,7 +110,12 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.n_head = config.n_head
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.n_kv_head = config.kv_heads
+        self.head_dim = config.head_dim
+        # One fused projection: q (n_head heads), then k and v (n_kv_head heads each). With n_kv_head ==
+        # n_head this is the plain (3 * d_model) GPT projection, so older checkpoints still load.
+        self.qkv = nn.Linear(config.d_model, (config.n_head + 2 * self.n_kv_head) * config.head_dim,
+                             bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
@@ -105,21 +124,24 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 cache: KVCache | None, layer: int) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split((C, kv_dim, kv_dim), dim=2)
         q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_head, -1).transpose(1, 2)
-        v = v.view(B, T, self.n_head, -1).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = v.view(B, T, self.n_kv_head, -1).transpose(1, 2)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dropout_p = self.dropout if self.training else 0.0
         if cache is None:
+            k, v = self._expand_kv(k), self._expand_kv(v)
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             start = cache.length
             end = start + T
             cache.k[layer, :B, :, start:end] = k
             cache.v[layer, :B, :, start:end] = v
-            k_all, v_all = cache.k[layer, :B, :, :end], cache.v[layer, :B, :, :end]
+            k_all = self._expand_kv(cache.k[layer, :B, :, :end])
+            v_all = self._expand_kv(cache.v[layer, :B, :, :end])
             if T == 1:
                 mask = None  # one new query sees every cached position
             else:
@@ -128,6 +150,13 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.proj(y))
+
+    def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, H_kv, T, hd) -> (B, H, T, hd): query head h reads key/value head h // (H / H_kv), as HF's
+        `repeat_kv` does (so GQA checkpoints load without permuting heads)."""
+        if self.n_kv_head == self.n_head:
+            return t
+        return t.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
 
 
 class Block(nn.Module):

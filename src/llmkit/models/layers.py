@@ -48,7 +48,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class FeedForward(nn.Module):
-    """Position-wise MLP: `gelu`/`relu` (GPT/BERT: up, act, down) or `swiglu` (Shazeer 2020: gated, 3 matrices)."""
+    """Position-wise MLP: `gelu`/`gelu_tanh`/`relu` (GPT/BERT: up, act, down) or `swiglu` (Shazeer 2020: gated, 3 matrices)."""
 
     def __init__(self, d_model: int, d_ff: int, activation: str, bias: bool, dropout: float):
         super().__init__()
@@ -64,6 +64,8 @@ class FeedForward(nn.Module):
             h = F.silu(self.gate(x)) * self.up(x)
         elif self.activation == "relu":
             h = F.relu(self.up(x))
+        elif self.activation == "gelu_tanh":  # GPT-2's tanh approximation (HF "gelu_new")
+            h = F.gelu(self.up(x), approximate="tanh")
         else:
             h = F.gelu(self.up(x))
         return self.dropout(self.down(h))
