@@ -21,9 +21,11 @@ def _samples(args) -> None:
 
 def _tokenizer_train(args) -> None:
     from llmkit.tokenizer import train_tokenizer
+    from llmkit.train.objectives import sentinel_token
 
+    extra = list(args.special or []) + [sentinel_token(i) for i in range(args.sentinels)]
     tok = train_tokenizer(args.input, kind=args.kind, vocab_size=args.vocab_size,
-                          min_frequency=args.min_frequency, text_field=args.text_field)
+                          min_frequency=args.min_frequency, text_field=args.text_field, extra_special_tokens=extra)
     path = tok.save(args.out)
     print(json.dumps({"tokenizer": str(path), "kind": tok.kind, "vocab_size": tok.vocab_size}))
 
@@ -122,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=8192)
     tt.add_argument("--min-frequency", type=int, default=2)
     tt.add_argument("--text-field", default="text")
+    tt.add_argument("--special", action="append", help="an extra special token, e.g. '<|mask|>' (repeatable)")
+    tt.add_argument("--sentinels", type=int, default=0, help="add <|sentinel_0|> .. for span corruption (T5)")
     tt.add_argument("--out", required=True)
     tt.set_defaults(func=_tokenizer_train)
 

@@ -9,6 +9,7 @@ dotted key and the file it came from, so a typo in a 200-line recipe is found in
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -74,8 +75,16 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def to_dict(config: Any) -> dict[str, Any]:
-    """Nested plain dict of a config dataclass (what gets written to YAML and logged as params)."""
-    return dataclasses.asdict(config)
+    """Nested plain dict of a config dataclass (what gets written to YAML and logged as params).
+
+    A dataclass with a `FAMILY` class attribute (a model config) carries it as a `family` key, so the
+    dict loads back into the same class."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    family = getattr(type(config), "FAMILY", None)
+    return {"family": family, **out} if family else out
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -144,6 +153,16 @@ def _coerce(tp: Any, value: Any, key: str, src: str, origins: dict[str, str], so
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        families = {getattr(a, "FAMILY", None): a for a in args if dataclasses.is_dataclass(a)}
+        if len(families) > 1 and None not in families:
+            # a union of model configs, told apart by a `family` key (default: the first listed)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{src}: {key} must be a mapping, got {value!r}")
+            value = dict(value)
+            family = value.pop("family", next(iter(families)))
+            if family not in families:
+                raise ConfigError(f"{src}: {key}.family: {family!r} is not one of {list(families)}")
+            return _coerce(families[family], value, key, src, origins, source)
         errors = []
         for a in args:
             if a is type(None):

@@ -331,11 +331,14 @@ def train_tokenizer(
     vocab_size: int = 8192,
     min_frequency: int = 2,
     text_field: str = "text",
+    extra_special_tokens: Sequence[str] = (),
 ) -> Tokenizer:
     """Train a tokenizer of `kind` (``"bpe"`` or ``"char"``) on the documents of `inputs`.
 
     Files are read with `iter_texts` (``.txt``, ``.jsonl``, ``.json``). `vocab_size` and
     `min_frequency` apply to ``bpe`` only: a char vocabulary is whatever characters occur.
+    `extra_special_tokens` are added after the standard ones (e.g. ``<|mask|>`` for masked-LM, the
+    ``<|sentinel_i|>`` tokens for span corruption).
     Raises FileNotFoundError listing every missing input before any training starts.
     """
     if kind not in ("bpe", "char"):
@@ -354,8 +357,9 @@ def train_tokenizer(
             yield from iter_texts(p, text_field=text_field)
 
     if kind == "char":
-        return train_char(texts())
-    return train_bpe(texts(), vocab_size=vocab_size, min_frequency=min_frequency)
+        return train_char(texts(), extra_special_tokens=extra_special_tokens)
+    return train_bpe(texts(), vocab_size=vocab_size, min_frequency=min_frequency,
+                     extra_special_tokens=extra_special_tokens)
 
 
 # -- reading documents ----------------------------------------------------------------------------

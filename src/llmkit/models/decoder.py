@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmkit.models.layers import FeedForward, apply_rope, make_norm, rope_cache
+from llmkit.models.layers import Attention, FeedForward, make_norm, rope_cache
 
 
 @dataclass
 class DecoderConfig:
+    FAMILY: ClassVar[str] = "decoder"
     vocab_size: int | None = None
     """Token ids the model knows; None -> the tokenizer's vocabulary size (set by the trainer)."""
     block_size: int = 1024
@@ -106,71 +107,20 @@ class KVCache:
         self.length = 0
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, config: DecoderConfig):
-        super().__init__()
-        self.n_head = config.n_head
-        self.n_kv_head = config.kv_heads
-        self.head_dim = config.head_dim
-        # One fused projection: q (n_head heads), then k and v (n_kv_head heads each). With n_kv_head ==
-        # n_head this is the plain (3 * d_model) GPT projection, so older checkpoints still load.
-        self.qkv = nn.Linear(config.d_model, (config.n_head + 2 * self.n_kv_head) * config.head_dim,
-                             bias=config.bias)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.use_rope = config.positions == "rope"
-
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCache | None, layer: int) -> torch.Tensor:
-        B, T, C = x.shape
-        kv_dim = self.n_kv_head * self.head_dim
-        q, k, v = self.qkv(x).split((C, kv_dim, kv_dim), dim=2)
-        q = q.view(B, T, self.n_head, -1).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_head, -1).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = v.view(B, T, self.n_kv_head, -1).transpose(1, 2)
-        if self.use_rope:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        dropout_p = self.dropout if self.training else 0.0
-        if cache is None:
-            k, v = self._expand_kv(k), self._expand_kv(v)
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        else:
-            start = cache.length
-            end = start + T
-            cache.k[layer, :B, :, start:end] = k
-            cache.v[layer, :B, :, start:end] = v
-            k_all = self._expand_kv(cache.k[layer, :B, :, :end])
-            v_all = self._expand_kv(cache.v[layer, :B, :, :end])
-            if T == 1:
-                mask = None  # one new query sees every cached position
-            else:
-                # query i sits at absolute position start+i and may see keys 0..start+i
-                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start)
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=dropout_p)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y))
-
-    def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, H_kv, T, hd) -> (B, H, T, hd): query head h reads key/value head h // (H / H_kv), as HF's
-        `repeat_kv` does (so GQA checkpoints load without permuting heads)."""
-        if self.n_kv_head == self.n_head:
-            return t
-        return t.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-
-
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: DecoderConfig):
         super().__init__()
         self.norm1 = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = Attention(config.d_model, config.n_head, config.kv_heads, config.bias, config.dropout)
         self.norm2 = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
         self.mlp = FeedForward(config.d_model, config.d_ff, config.activation, config.bias, config.dropout)
 
-    def forward(self, x, rope, cache, layer):
-        x = x + self.attn(self.norm1(x), rope, cache, layer)
+    def forward(self, x, rope, cache: KVCache | None, layer: int):
+        buffers = (cache.k[layer], cache.v[layer]) if cache is not None else None
+        start = cache.length if cache is not None else 0
+        x = x + self.attn(self.norm1(x), causal=True, rope=rope, kv_buffers=buffers, start=start)
         return x + self.mlp(self.norm2(x))
 
 

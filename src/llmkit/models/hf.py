@@ -40,7 +40,7 @@ _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # -- reading HF files -------------------------------------------------------------------------------
 
 
-def _read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
+def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
     """All tensors of a HF model dir: model.safetensors, sharded safetensors, or pytorch_model.bin."""
     if (src / "model.safetensors").is_file():
         return load_file(str(src / "model.safetensors"))
@@ -227,26 +227,42 @@ def _build(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> Decoder:
     return model.eval()
 
 
-def import_hf(src_dir: str | Path, out_dir: str | Path | None = None) -> Decoder:
-    """Read a local Hugging Face model directory into an llmkit `Decoder` (fp32, eval mode).
+def _import_decoder(src: Path, hf: dict[str, Any]) -> Decoder:
+    arch, cfg = hf_config_to_llmkit(hf)
+    weights = read_hf_weights(src)
+    mapper = _gpt2_to_llmkit if arch == "GPT2LMHeadModel" else _llama_to_llmkit
+    try:
+        state = mapper(weights, cfg)
+    except KeyError as e:
+        raise ValueError(f"{src}: {arch} checkpoint lacks tensor {e.args[0]!r}") from None
+    return _build(cfg, state)
 
-    `src_dir` holds config.json and the weights (model.safetensors, sharded safetensors with an index, or
-    pytorch_model.bin). With `out_dir`, also writes an llmkit model directory there; the HF tokenizer.json
-    is copied when it loads as an llmkit `Tokenizer`, otherwise skipped with a warning.
+
+def import_hf(src_dir: str | Path, out_dir: str | Path | None = None) -> torch.nn.Module:
+    """Read a local Hugging Face model directory into an llmkit model (fp32, eval mode).
+
+    GPT-2 / Llama / Mistral become a `Decoder`, BERT an `Encoder` (or `EncoderClassifier`), T5 an
+    `EncoderDecoder`, chosen by config.json's `architectures`. `src_dir` holds config.json and the weights
+    (model.safetensors, sharded safetensors with an index, or pytorch_model.bin). With `out_dir`, also writes
+    an llmkit model directory there; the HF tokenizer.json is copied when it loads as an llmkit `Tokenizer`,
+    otherwise skipped with a warning.
     """
     src = Path(src_dir)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{src}: not a Hugging Face model directory (no config.json)")
     hf = json.loads(cfg_path.read_text())
-    arch, cfg = hf_config_to_llmkit(hf)
-    weights = _read_hf_weights(src)
-    mapper = _gpt2_to_llmkit if arch == "GPT2LMHeadModel" else _llama_to_llmkit
-    try:
-        state = mapper(weights, cfg)
-    except KeyError as e:
-        raise ValueError(f"{src}: {arch} checkpoint lacks tensor {e.args[0]!r}") from None
-    model = _build(cfg, state)
+    arch = (hf.get("architectures") or [""])[0]
+    if arch.startswith("Bert"):
+        from llmkit.models.hf_bert import import_bert
+
+        model = import_bert(src)
+    elif arch.startswith("T5"):
+        from llmkit.models.hf_t5 import import_t5
+
+        model = import_t5(src)
+    else:
+        model = _import_decoder(src, hf)
     if out_dir is not None:
         tokenizer = None
         if (src / "tokenizer.json").is_file():
@@ -356,8 +372,17 @@ def _hf_config(cfg: DecoderConfig, arch: str, gen: dict[str, Any]) -> dict[str, 
     }
 
 
-def export_hf(model_dir_or_model: str | Path | Decoder, out_dir: str | Path) -> Path:
-    """Write an llmkit decoder as a Hugging Face model directory; returns `out_dir`.
+def _with_tokenizer(out: Path, src_dir: Path | None) -> Path:
+    if src_dir is not None and (src_dir / "tokenizer.json").is_file():
+        shutil.copyfile(src_dir / "tokenizer.json", Path(out) / "tokenizer.json")
+    return Path(out)
+
+
+def export_hf(model_dir_or_model: str | Path | torch.nn.Module, out_dir: str | Path) -> Path:
+    """Write an llmkit model as a Hugging Face model directory; returns `out_dir`.
+
+    Encoders export as BERT (`BertForMaskedLM` / `BertForSequenceClassification`), encoder-decoders as
+    `T5ForConditionalGeneration`; for decoders:
 
     Learned positions + layernorm + gelu/gelu_tanh/relu export as ``GPT2LMHeadModel``; rope + rmsnorm +
     swiglu as ``LlamaForCausalLM``; any other combination is refused with a `ValueError` naming the field.
@@ -365,13 +390,21 @@ def export_hf(model_dir_or_model: str | Path | Decoder, out_dir: str | Path) -> 
     has one, tokenizer.json. Load the result with ``AutoModelForCausalLM.from_pretrained(out_dir)``.
     """
     src_dir = None
-    if isinstance(model_dir_or_model, Decoder):
+    if isinstance(model_dir_or_model, torch.nn.Module):
         model = model_dir_or_model
-    elif isinstance(model_dir_or_model, torch.nn.Module):
-        raise TypeError(f"export_hf handles llmkit Decoder models, not {type(model_dir_or_model).__name__}")
     else:
         src_dir = Path(model_dir_or_model)
         model = load_model(src_dir)
+    if model.config.FAMILY == "encoder":
+        from llmkit.models.hf_bert import export_bert
+
+        return _with_tokenizer(export_bert(model, out_dir), src_dir)
+    if model.config.FAMILY == "encdec":
+        from llmkit.models.hf_t5 import export_t5
+
+        return _with_tokenizer(export_t5(model, out_dir), src_dir)
+    if not isinstance(model, Decoder):
+        raise TypeError(f"export_hf handles llmkit models, not {type(model).__name__}")
     cfg = model.config
     arch = _hf_arch(cfg)
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}

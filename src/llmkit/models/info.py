@@ -15,24 +15,27 @@ from dataclasses import asdict
 
 import torch
 
-from llmkit.models.decoder import Decoder, DecoderConfig
+from llmkit.models.io import build_model
 
 GIB = 1024**3
 
 
 def _component(name: str) -> str:
-    if name.startswith(("tok_emb", "pos_emb")):
+    leaf = name.split(".")
+    if any(p in ("tok_emb", "pos_emb", "type_emb", "shared", "rel_bias") for p in leaf):
         return "embeddings"
-    if name.startswith("lm_head"):
-        return "lm_head"
-    if ".attn." in name:
+    if any(p in ("lm_head", "mlm_head", "pooler", "classifier") for p in leaf):
+        return "heads"
+    if "cross_attn" in leaf:
+        return "cross_attention"
+    if any(p in ("attn", "self_attn") for p in leaf):
         return "attention"
-    if ".mlp." in name:
+    if "mlp" in leaf:
         return "mlp"
     return "norms"
 
 
-def model_info(config: DecoderConfig, batch_size: int = 1, seq_len: int | None = None,
+def model_info(config, batch_size: int = 1, seq_len: int | None = None,
                activation_bytes: int = 2, fused_attention: bool = True) -> dict:
     """Parameter count by component, training FLOPs per token and memory estimates (bytes and GiB).
 
@@ -45,7 +48,7 @@ def model_info(config: DecoderConfig, batch_size: int = 1, seq_len: int | None =
         raise ValueError("model.vocab_size is needed to size the embeddings (set it, or give a tokenizer)")
     seq_len = seq_len or config.block_size
     with torch.device("meta"):
-        model = Decoder(config)
+        model = build_model(config)
     by_part: dict[str, int] = defaultdict(int)
     seen = set()
     for name, p in model.named_parameters():  # named_parameters lists a tied weight once
@@ -56,7 +59,10 @@ def model_info(config: DecoderConfig, batch_size: int = 1, seq_len: int | None =
     total = sum(by_part.values())
     s, b, h, a = seq_len, batch_size, config.d_model, config.n_head
     per_layer = s * b * h * 34 + (0 if fused_attention else 5 * a * s * s * b)
-    activations = config.n_layer * per_layer * activation_bytes / 2  # the paper counts 16-bit elements
+    # encoder-decoders: the decoder stack counts too (its cross-attention is approximated by the same term)
+    layers = config.n_layer + (getattr(config, "n_decoder_layer", None) or config.n_layer
+                               if config.FAMILY == "encdec" else 0)
+    activations = layers * per_layer * activation_bytes / 2  # the paper counts 16-bit elements
     activations += s * b * config.vocab_size * 4  # fp32 logits for the loss
     memory = {
         "weights_fp32": total * 4,
@@ -68,6 +74,7 @@ def model_info(config: DecoderConfig, batch_size: int = 1, seq_len: int | None =
     memory["training_total"] = sum(memory[k] for k in ("weights_fp32", "gradients_fp32", "adamw_states",
                                                         "activations"))
     return {
+        "family": config.FAMILY,
         "config": asdict(config),
         "parameters": {"total": total, **dict(sorted(by_part.items()))},
         "non_embedding_parameters": total - by_part.get("embeddings", 0),

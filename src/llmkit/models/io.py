@@ -16,13 +16,24 @@ from safetensors.torch import load_model as _load_weights
 from safetensors.torch import save_model as _save_weights
 
 from llmkit.models.decoder import Decoder, DecoderConfig
+from llmkit.models.encoder import Encoder, EncoderClassifier, EncoderConfig
 
-FAMILIES = {"decoder": (DecoderConfig, Decoder)}
+# family name (config.json "family") -> (config class, model class)
+FAMILIES = {
+    "decoder": (DecoderConfig, Decoder),
+    "encoder": (EncoderConfig, Encoder),
+    "encoder_classifier": (EncoderConfig, EncoderClassifier),
+}
+
+
+def build_model(config) -> torch.nn.Module:
+    """A freshly initialised model of the family `config` describes (its class attribute FAMILY)."""
+    return FAMILIES[config.FAMILY][1](config)
 
 
 def model_family(model: torch.nn.Module) -> str:
     for family, (_, cls) in FAMILIES.items():
-        if isinstance(model, cls):
+        if type(model) is cls:
             return family
     raise TypeError(f"unknown model class {type(model).__name__}")
 

@@ -6,14 +6,14 @@ import torch
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, device: torch.device, autocast) -> float:
-    """Mean loss (nats/token) over fixed batches."""
+def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast) -> float:
+    """Mean loss (nats/token) over fixed batches, each a dict of the model's keyword arguments."""
     was_training = model.training
     model.eval()
     losses = []
-    for x, y in batches:
+    for batch in batches:
         with autocast():
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(**{k: v.to(device) for k, v in batch.items()})
         losses.append(loss.float())
     model.train(was_training)
     return torch.stack(losses).mean().item()

@@ -26,11 +26,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmkit.config import flatten, save_config, to_dict
 from llmkit.data.tokenized import open_split, prepare_tokens, read_meta
-from llmkit.models import Decoder, DecoderConfig, save_model
+from llmkit.models import DecoderConfig, save_model
+from llmkit.models.encoder import EncoderConfig
+from llmkit.models.io import build_model
 from llmkit.track import TrackConfig, Tracker
 from llmkit.train import distributed as D
 from llmkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from llmkit.train.evaluate import evaluate
+from llmkit.train.objectives import make_objective
 from llmkit.train.sampler import EpochSampler, WindowSampler, fixed_batches
 from llmkit.train.schedule import warmup_cosine
 
@@ -85,6 +88,11 @@ class TrainConfig:
     device: str = "auto"
     strategy: Literal["ddp", "fsdp"] = "ddp"
     seed: int = 1337
+    objective: Literal["auto", "causal", "mlm", "span"] = "auto"
+    """auto: causal for decoders, mlm for encoders, span corruption for encoder-decoders."""
+    mlm_probability: float = 0.15
+    noise_density: float = 0.15
+    mean_noise_span: float = 3.0
     sampling: Literal["random", "epoch"] = "random"
     """random: windows at uniformly random offsets (nanoGPT); epoch: every window once per epoch, shuffled."""
     peak_flops: float | None = None
@@ -107,7 +115,8 @@ class TrainConfig:
 @dataclass
 class PretrainConfig:
     out_dir: str = "runs/pretrain"
-    model: DecoderConfig = field(default_factory=DecoderConfig)
+    model: DecoderConfig | EncoderConfig = field(default_factory=DecoderConfig)
+    """`family: decoder` (GPT, default), `encoder` (BERT) or `encdec` (T5) picks the architecture."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
@@ -156,6 +165,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = True)
         except (RuntimeError, TypeError):  # no fused kernel for this device / dtype
             pass
     return torch.optim.AdamW(groups, foreach=True, **kwargs)
+
+
+def resolve_objective(name: str, model_config) -> str:
+    default = {"decoder": "causal", "encoder": "mlm", "encdec": "span"}[model_config.FAMILY]
+    if name == "auto":
+        return default
+    if name != default:
+        raise ValueError(f"train.objective: {name!r} does not fit a {model_config.FAMILY} model (use {default!r})")
+    return name
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -275,7 +293,7 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
     train_split, val_split = open_split(data_dir, "train"), open_split(data_dir, "val")
 
     torch.manual_seed(t_cfg.seed)  # same initial weights on every rank
-    model = Decoder(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     step, run_id = 0, None
     checkpoint = load_latest_checkpoint(ckpt_root, map_location="cpu") if resume else None
     if checkpoint is not None:
@@ -289,9 +307,13 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, t_cfg.lr, t_cfg.min_lr, t_cfg.warmup_steps, decay_steps) / t_cfg.lr)
     sampler = make_sampler(train_split, t_cfg, cfg.model.block_size, info)
-    eval_sets = {
-        "train": fixed_batches(train_split, t_cfg.eval_batches, t_cfg.batch_size, cfg.model.block_size, seed=1),
-        "val": fixed_batches(val_split, t_cfg.eval_batches, t_cfg.batch_size, cfg.model.block_size, seed=2),
+    objective_name = resolve_objective(t_cfg.objective, cfg.model)
+    objective = make_objective(objective_name, tokenizer, t_cfg.mlm_probability, t_cfg.noise_density,
+                               t_cfg.mean_noise_span)
+    eval_sets = {  # fixed windows and, for mlm/span, fixed corruption: every evaluation sees the same inputs
+        split: [objective(x, y, generator=torch.Generator().manual_seed(seed + i)) for i, (x, y) in enumerate(
+            fixed_batches(data, t_cfg.eval_batches, t_cfg.batch_size, cfg.model.block_size, seed=seed))]
+        for split, data, seed in (("train", train_split, 1), ("val", val_split, 2))
     }
     if checkpoint is not None:
         D.load_full_optimizer_state(raw_model, optimizer, checkpoint.optimizer["optimizer"])
@@ -370,7 +392,8 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
 
     def run_eval() -> dict:
         losses = {f"{split}_loss": evaluate(model, batches, device, autocast) for split, batches in eval_sets.items()}
-        losses["val_bpb"] = losses["val_loss"] / math.log(2) / val_split.bytes_per_token
+        if objective_name == "causal":  # bits per byte of text: only next-token prediction has that meaning
+            losses["val_bpb"] = losses["val_loss"] / math.log(2) / val_split.bytes_per_token
         return losses
 
     progress = None
@@ -389,12 +412,12 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
             t0 = time.perf_counter()
             for micro in range(t_cfg.grad_accum):
                 x, y = sampler.next_batch()
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                batch = {k: v.to(device, non_blocking=True) for k, v in objective(x, y).items()}
                 sync = contextlib.nullcontext()
                 if info.enabled and t_cfg.strategy == "ddp" and micro < t_cfg.grad_accum - 1:
                     sync = model.no_sync()  # all-reduce gradients once per step, not per micro-batch
                 with sync, autocast():
-                    _, loss = model(x, y)
+                    _, loss = model(**batch)
                 scaler.scale(loss / t_cfg.grad_accum).backward()
             if t_cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
@@ -426,8 +449,7 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
                 record({"step": step, **last_eval})
                 if info.is_main:
                     tracker.log_metrics(last_eval, step)
-                    log.info("step %d: train loss %.4f, val loss %.4f, val bpb %.4f", step,
-                             last_eval["train_loss"], last_eval["val_loss"], last_eval["val_bpb"])
+                    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
             if progress is not None:
                 progress.update(1)
             stop_now = D.any_rank(stop.received is not None, info)
@@ -450,7 +472,7 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
         if info.is_main:
             to_save = raw_model
             if final_state is not None:
-                to_save = Decoder(cfg.model)
+                to_save = build_model(cfg.model)
                 to_save.load_state_dict(final_state)
             save_model(to_save, final_dir, tokenizer,
                        generation_config={"max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9})
