@@ -16,6 +16,7 @@ from safetensors.torch import load_model as _load_weights
 from safetensors.torch import save_model as _save_weights
 
 from llmkit.models.decoder import Decoder, DecoderConfig
+from llmkit.models.encdec import EncDecConfig, EncoderDecoder
 from llmkit.models.encoder import Encoder, EncoderClassifier, EncoderConfig
 
 # family name (config.json "family") -> (config class, model class)
@@ -23,6 +24,7 @@ FAMILIES = {
     "decoder": (DecoderConfig, Decoder),
     "encoder": (EncoderConfig, Encoder),
     "encoder_classifier": (EncoderConfig, EncoderClassifier),
+    "encdec": (EncDecConfig, EncoderDecoder),
 }
 
 

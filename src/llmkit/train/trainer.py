@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from llmkit.config import flatten, save_config, to_dict
 from llmkit.data.tokenized import open_split, prepare_tokens, read_meta
 from llmkit.models import DecoderConfig, save_model
+from llmkit.models.encdec import EncDecConfig
 from llmkit.models.encoder import EncoderConfig
 from llmkit.models.io import build_model
 from llmkit.track import TrackConfig, Tracker
@@ -115,7 +116,7 @@ class TrainConfig:
 @dataclass
 class PretrainConfig:
     out_dir: str = "runs/pretrain"
-    model: DecoderConfig | EncoderConfig = field(default_factory=DecoderConfig)
+    model: DecoderConfig | EncoderConfig | EncDecConfig = field(default_factory=DecoderConfig)
     """`family: decoder` (GPT, default), `encoder` (BERT) or `encdec` (T5) picks the architecture."""
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -286,6 +287,10 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                          f"{tokenizer.vocab_size} tokens ({cfg.data.tokenizer})")
+    # padding and the T5 decoder start token (T5 starts decoding from pad) belong to the tokenizer
+    for name in ("pad_token_id", "decoder_start_token_id"):
+        if hasattr(cfg.model, name):
+            setattr(cfg.model, name, tokenizer.pad_id)
     data_dir = ensure_prepared(cfg, tokenizer, info)
     meta = read_meta(data_dir)
     if meta["tokenizer_digest"] != tokenizer.digest():
