@@ -50,6 +50,16 @@ def _pretrain(args) -> None:
         print(json.dumps(summary))
 
 
+def _finetune(args) -> None:
+    from llmkit.config import load_config
+    from llmkit.finetune.classify import ClassifyConfig, finetune_classifier
+
+    cfg = load_config(ClassifyConfig, args.config, args.overrides)
+    summary = finetune_classifier(cfg, resume=args.resume)
+    summary.pop("history", None)
+    print(json.dumps(summary))
+
+
 def _model_info(args) -> None:
     from pathlib import Path
 
@@ -142,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     pt.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
     pt.set_defaults(func=_pretrain)
+
+    ft = sub.add_parser("finetune", help="fine-tune an encoder with a classification head (an understanding task)")
+    ft.add_argument("--config", required=True)
+    ft.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    ft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    ft.set_defaults(func=_finetune)
 
     m = sub.add_parser("model", help="inspect model configurations").add_subparsers(dest="action", required=True)
     mi = m.add_parser("info", help="parameters by part, FLOPs per token, training memory")

@@ -79,10 +79,16 @@ def to_dict(config: Any) -> dict[str, Any]:
 
     A dataclass with a `FAMILY` class attribute (a model config) carries it as a `family` key, so the
     dict loads back into the same class."""
-    out = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value)
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return to_dict(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return copy.deepcopy(value)
+
+    out = {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
     family = getattr(type(config), "FAMILY", None)
     return {"family": family, **out} if family else out
 
@@ -120,6 +126,12 @@ def _build(cls: type[T], raw: Any, prefix: str, source: str, origins: dict[str, 
     where = prefix.rstrip(".") or "<top level>"
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: {where} must be a mapping, got {raw!r}")
+    family = getattr(cls, "FAMILY", None)
+    if family is not None and "family" in raw:  # written by to_dict; must name this very class
+        raw = dict(raw)
+        if raw.pop("family") != family:
+            raise ConfigError(f"{origins.get(prefix + 'family', source)}: {prefix}family: this section takes "
+                              f"{family!r} only")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = get_type_hints(cls)
     unknown = sorted(set(raw) - set(fields))

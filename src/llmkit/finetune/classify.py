@@ -1,0 +1,613 @@
+"""Fine-tuning an encoder (BERT-style) with a classification head: `llmkit finetune`.
+
+    labelled snippets (domain task or a .jsonl) -> stratified, balanced train / test split -> tokenizer
+    -> EncoderClassifier (from scratch or `init_from` a pretrained encoder) -> AdamW + warmup/cosine
+    -> loop { step, log, eval accuracy / loss on test, checkpoint } -> final model dir + labels.json + results.json
+
+The default task is **source (domain) identification**: every source file is cut into snippets of
+`data.snippet_chars` characters and each snippet is labelled with the name of the corpus it came from
+(Shakespeare -> literature, Wikipedia -> encyclopedia, C4 -> web). A user `.jsonl` with `text` and `label`
+fields can be used instead (or in addition). See docs/classify.md.
+
+Resume is exact, as in pretraining: a checkpoint holds model, optimizer, scheduler, the torch RNG (dropout)
+and the position in the shuffled epoch, so the losses after `resume=True` are bit-identical to an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from llmkit.config import flatten, save_config, to_dict
+from llmkit.models.encoder import EncoderClassifier, EncoderConfig
+from llmkit.tokenizer import iter_texts
+from llmkit.track import TrackConfig, Tracker
+from llmkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
+from llmkit.train.schedule import warmup_cosine
+from llmkit.train.trainer import make_optimizer, rng_state, set_rng_state, truncate_metrics
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ClassifyConfig",
+    "ClassifyDataConfig",
+    "ClassifyTrainConfig",
+    "LabelledSplit",
+    "build_dataset",
+    "encode_split",
+    "finetune_classifier",
+    "read_labelled_jsonl",
+    "snippets",
+]
+
+LABELS_FILE = "labels.json"
+RESULTS_FILE = "results.json"
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def _default_sources() -> dict[str, str]:
+    return {
+        "literature": "data/samples/en/tinyshakespeare.txt",
+        "encyclopedia": "data/samples/en/wiki_demo.txt",
+        "web": "data/samples/en/c4_demo.jsonl",
+    }
+
+
+@dataclass
+class ClassifyDataConfig:
+    sources: dict[str, str] = field(default_factory=_default_sources)
+    """label -> corpus file (.txt / .jsonl / .json, read with `iter_texts`): every snippet cut from the file
+    gets that label (the domain-identification task). May be empty when `jsonl` is set."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl / .json source records."""
+    jsonl: str | None = None
+    """A labelled .jsonl file, one {"text": ..., "label": ...} per line; records are used whole (not cut)."""
+    snippet_chars: int = 256
+    """Characters per snippet cut from `sources`."""
+    min_snippet_chars: int | None = None
+    """A document's last, shorter piece is kept when at least this long; None -> snippet_chars // 2."""
+    test_fraction: float = 0.1
+    """Fraction of each class held out for evaluation (after balancing)."""
+    balance: bool = True
+    """Downsample every class to the size of the smallest one (after `max_per_class`)."""
+    max_per_class: int | None = None
+    """Keep at most this many examples per class (a random, seeded subset)."""
+    seed: int = 0
+    """Seed of the shuffle that picks the test split and subsets (independent of train.seed)."""
+    tokenizer: str | None = None
+    """Directory holding tokenizer.json; None -> the tokenizer of `init_from`, or train one (tokenizer_kind)."""
+    tokenizer_kind: Literal["bpe", "char"] = "bpe"
+    """Kind of tokenizer trained on the training split when `tokenizer` is None and there is no `init_from`."""
+    tokenizer_vocab_size: int = 2048
+    add_cls: bool = True
+    """Prepend the bos token as a [CLS]-style first token."""
+
+    def validate(self) -> None:
+        if not self.sources and not self.jsonl:
+            raise ValueError("sources: empty and no jsonl given: there is nothing to classify")
+        if self.snippet_chars < 1:
+            raise ValueError(f"snippet_chars: must be >= 1, got {self.snippet_chars}")
+        if self.min_snippet_chars is not None and not 1 <= self.min_snippet_chars <= self.snippet_chars:
+            raise ValueError(f"min_snippet_chars: must be in [1, snippet_chars], got {self.min_snippet_chars}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction: must be in (0, 1), got {self.test_fraction}")
+        if self.max_per_class is not None and self.max_per_class < 2:
+            raise ValueError(f"max_per_class: must be >= 2, got {self.max_per_class}")
+        for label, path in self.sources.items():
+            if not isinstance(label, str) or not label or not isinstance(path, str) or not path:
+                raise ValueError(f"sources: expected label: path (two strings), got {label!r}: {path!r}")
+
+
+@dataclass
+class ClassifyTrainConfig:
+    batch_size: int = 32
+    max_steps: int = 500
+    lr: float = 5e-4
+    min_lr: float = 5e-5
+    warmup_steps: int = 50
+    decay_steps: int | None = None
+    """Cosine decay length in steps; None -> max_steps."""
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Max global grad norm; 0 disables clipping."""
+    eval_interval: int = 100
+    log_interval: int = 10
+    checkpoint_interval: int = 250
+    keep_checkpoints: int = 2
+    eval_batch_size: int | None = None
+    """Batch size for evaluation; None -> 2 * batch_size."""
+    device: str = "auto"
+    """auto: cuda when available, else cpu."""
+    seed: int = 1337
+    progress: bool = True
+
+    def validate(self) -> None:
+        for name in ("batch_size", "max_steps", "eval_interval", "log_interval", "checkpoint_interval",
+                     "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size: must be >= 1, got {self.eval_batch_size}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"min_lr: need 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip: must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class ClassifyConfig:
+    out_dir: str = "runs/classify"
+    init_from: str | None = None
+    """A pretrained encoder model directory (e.g. trained with MLM): its architecture, weights and tokenizer
+    are used and `model` is ignored; the classification head is freshly initialised."""
+    model: EncoderConfig = field(default_factory=EncoderConfig)
+    data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
+    train: ClassifyTrainConfig = field(default_factory=ClassifyTrainConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class LabelledSplit:
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def counts(self, n_labels: int) -> list[int]:
+        return [self.labels.count(i) for i in range(n_labels)]
+
+
+def snippets(text: str, size: int, min_size: int | None = None) -> list[str]:
+    """Non-overlapping pieces of `size` characters; a shorter last piece is kept if >= `min_size`
+    (default size // 2). Pieces that are only whitespace are dropped."""
+    min_size = size // 2 if min_size is None else min_size
+    out = []
+    for start in range(0, len(text), size):
+        piece = text[start:start + size]
+        if len(piece) >= min_size and len(piece) >= 1 and piece.strip():
+            out.append(piece)
+    return out
+
+
+def read_labelled_jsonl(path: str | Path) -> list[tuple[str, str]]:
+    """(text, label) pairs of a .jsonl file whose records have a string `text` and a `label` (string or
+    integer, used as a string). Raises ValueError naming file and line for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.jsonl: {path} not found")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            loc = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{loc}: not valid JSON: {e.msg}") from e
+            if not isinstance(record, dict):
+                raise ValueError(f"{loc}: expected a JSON object with 'text' and 'label', got {type(record).__name__}")
+            for key in ("text", "label"):
+                if key not in record or record[key] is None:
+                    raise ValueError(f"{loc}: record has no {key!r} field")
+            text, label = record["text"], record["label"]
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{loc}: 'text' must be a non-empty string, got {text!r:.60}")
+            if isinstance(label, bool) or not isinstance(label, (str, int)) or str(label) == "":
+                raise ValueError(f"{loc}: 'label' must be a non-empty string (or integer), got {label!r}")
+            out.append((text, str(label)))
+    if not out:
+        raise ValueError(f"{path}: no records")
+    return out
+
+
+def build_dataset(cfg: ClassifyDataConfig) -> tuple[LabelledSplit, LabelledSplit, list[str]]:
+    """The labelled train and test splits and the label names (index = label id, sorted by name).
+
+    Deterministic for a given `cfg.seed`: exact duplicate texts are dropped (a text under two labels is
+    dropped altogether), each class is shuffled, capped at `max_per_class`, balanced to the smallest class,
+    and `test_fraction` of it (at least one example) is held out. No text is in both splits.
+    """
+    by_label: dict[str, list[str]] = {}
+    for label, path in cfg.sources.items():
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"data.sources.{label}: {path} not found; "
+                                    f"fetch the sample corpora with `llmkit samples fetch`")
+        pieces = by_label.setdefault(label, [])
+        for doc in iter_texts(path, text_field=cfg.text_field):
+            pieces.extend(snippets(doc, cfg.snippet_chars, cfg.min_snippet_chars))
+        if not pieces:
+            raise ValueError(f"data.sources: {path} yields no snippet of >= "
+                             f"{cfg.min_snippet_chars or cfg.snippet_chars // 2} characters")
+    if cfg.jsonl:
+        for text, label in read_labelled_jsonl(cfg.jsonl):
+            by_label.setdefault(label, []).append(text)
+    if len(by_label) < 2:
+        raise ValueError(f"need at least 2 classes, got {sorted(by_label)}")
+
+    # Deduplicate: a text under one label once; a text under several labels is ambiguous, dropped.
+    owners: dict[str, set[str]] = {}
+    for label, texts in by_label.items():
+        for t in texts:
+            owners.setdefault(t, set()).add(label)
+    names = sorted(by_label)
+    per_class: list[list[str]] = []
+    for label in names:
+        seen: set[str] = set()
+        kept = []
+        for t in by_label[label]:
+            if t not in seen and len(owners[t]) == 1:
+                seen.add(t)
+                kept.append(t)
+        rng = random.Random(f"{cfg.seed}:{label}")
+        rng.shuffle(kept)
+        if cfg.max_per_class is not None:
+            kept = kept[:cfg.max_per_class]
+        per_class.append(kept)
+    if cfg.balance:
+        n = min(len(k) for k in per_class)
+        per_class = [k[:n] for k in per_class]
+    train, test = LabelledSplit([], []), LabelledSplit([], [])
+    for i, (label, texts) in enumerate(zip(names, per_class)):
+        if len(texts) < 2:
+            raise ValueError(f"class {label!r} has {len(texts)} example(s): need at least 2 (one to train, one to test)")
+        n_test = min(len(texts) - 1, max(1, round(len(texts) * cfg.test_fraction)))
+        test.texts += texts[:n_test]
+        test.labels += [i] * n_test
+        train.texts += texts[n_test:]
+        train.labels += [i] * (len(texts) - n_test)
+    return train, test, names
+
+
+def split_digest(split: LabelledSplit) -> str:
+    h = hashlib.sha256()
+    for t, y in zip(split.texts, split.labels):
+        h.update(f"{y}\t{len(t)}\t".encode())
+        h.update(t.encode("utf-8"))
+    return h.hexdigest()
+
+
+def encode_split(split: LabelledSplit, tokenizer, block_size: int, add_cls: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, labels): ids truncated to `block_size`, right-padded with
+    `tokenizer.pad_id` to the longest sequence; the mask is 1 on real tokens and 0 on padding."""
+    ids = tokenizer.encode_batch(split.texts, add_bos=add_cls)
+    ids = [x[:block_size] for x in ids]
+    width = max(1, max((len(x) for x in ids), default=1))
+    input_ids = torch.full((len(ids), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1
+    return input_ids, mask, torch.tensor(split.labels, dtype=torch.long)
+
+
+class EpochBatches:
+    """Shuffled mini-batches, a fresh permutation per epoch (seed + epoch), with a resumable position."""
+
+    def __init__(self, n: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def next_indices(self) -> torch.Tensor:
+        if self.pos + self.batch_size > self.n and self.pos > 0:  # drop the ragged end of an epoch
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._perm = self._permutation()
+        idx = self._perm[self.pos:self.pos + self.batch_size]
+        self.pos += self.batch_size
+        return idx
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["n"] != self.n:
+            raise ValueError(f"checkpoint was written for {state['n']} training examples, the data now has {self.n}")
+        self.epoch, self.pos, self.seed = state["epoch"], state["pos"], state["seed"]
+        self._perm = self._permutation()
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+
+def classification_report(confusion: list[list[int]], names: list[str]) -> dict:
+    """accuracy, macro F1 and per-class precision / recall / F1 / support of a confusion matrix
+    (rows = true label, columns = predicted label)."""
+    n = len(names)
+    total = sum(map(sum, confusion))
+    correct = sum(confusion[i][i] for i in range(n))
+    per_class = {}
+    for i, name in enumerate(names):
+        tp = confusion[i][i]
+        predicted = sum(confusion[r][i] for r in range(n))
+        support = sum(confusion[i])
+        p = tp / predicted if predicted else 0.0
+        r = tp / support if support else 0.0
+        per_class[name] = {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
+                           "support": support}
+    return {"accuracy": correct / total if total else 0.0,
+            "macro_f1": sum(c["f1"] for c in per_class.values()) / n if n else 0.0,
+            "per_class": per_class, "confusion_matrix": confusion, "labels": names, "n_examples": total}
+
+
+@torch.no_grad()
+def evaluate_classifier(model, data: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_size: int,
+                        device: torch.device, n_labels: int) -> tuple[float, list[list[int]]]:
+    """(mean cross-entropy, confusion matrix) of `model` on encoded data; restores train mode after."""
+    was_training = model.training
+    model.eval()
+    ids, mask, labels = data
+    loss_sum, confusion = 0.0, torch.zeros((n_labels, n_labels), dtype=torch.long)
+    for start in range(0, len(labels), batch_size):
+        x, m, y = (t[start:start + batch_size].to(device) for t in (ids, mask, labels))
+        logits, _ = model(x, attention_mask=m)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        pred = logits.argmax(-1)
+        confusion += torch.bincount(y.cpu() * n_labels + pred.cpu(), minlength=n_labels * n_labels
+                                    ).view(n_labels, n_labels)
+    model.train(was_training)
+    return loss_sum / max(1, len(labels)), confusion.tolist()
+
+
+# -- model ----------------------------------------------------------------------------------------
+
+
+def _build_model(cfg: ClassifyConfig, n_labels: int, tokenizer) -> EncoderClassifier:
+    """A fresh classifier from `cfg.model`, or one whose encoder is loaded from `cfg.init_from`."""
+    if cfg.init_from:
+        from llmkit.models.io import load_model
+
+        pretrained = load_model(cfg.init_from)
+        encoder = getattr(pretrained, "encoder", pretrained)  # an Encoder, or a classifier's encoder
+        config = dataclasses.replace(encoder.config, n_labels=n_labels)
+        if config.vocab_size is not None and config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"init_from: {cfg.init_from} has vocab_size {config.vocab_size} < the tokenizer's "
+                             f"{tokenizer.vocab_size}")
+        cfg.model = config
+        model = EncoderClassifier(config)
+        # a pretrained Encoder carries an MLM head the classifier does not use: load everything else
+        state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("mlm_head.")}
+        model.encoder.load_state_dict(state, strict=True)
+        return model
+    cfg.model.n_labels = n_labels
+    cfg.model.pad_token_id = tokenizer.pad_id
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} tokens")
+    return EncoderClassifier(cfg.model)
+
+
+def _resolve_tokenizer(cfg: ClassifyConfig, train: LabelledSplit, out: Path, resume: bool):
+    from llmkit.tokenizer import Tokenizer, train_bpe, train_char
+
+    if cfg.data.tokenizer:
+        return Tokenizer.load(cfg.data.tokenizer)
+    if cfg.init_from:
+        return Tokenizer.load(cfg.init_from)
+    tok_dir = out / "tokenizer"
+    if resume and (tok_dir / "tokenizer.json").is_file():
+        return Tokenizer.load(tok_dir)
+    log.info("training a %s tokenizer on %d training texts", cfg.data.tokenizer_kind, len(train))
+    if cfg.data.tokenizer_kind == "char":
+        tok = train_char(train.texts)
+    else:
+        tok = train_bpe(train.texts, vocab_size=cfg.data.tokenizer_vocab_size)
+    tok.save(tok_dir)
+    return tok
+
+
+def _save_final(model: EncoderClassifier, final_dir: Path, tokenizer, names: list[str]) -> None:
+    from llmkit.models.io import save_model
+
+    try:
+        save_model(model, final_dir, tokenizer)
+    except TypeError:  # the registry does not know the classifier class yet: write the same layout here
+        from safetensors.torch import save_model as save_weights
+
+        final_dir.mkdir(parents=True, exist_ok=True)
+        config = {"family": "encoder_classifier", **dataclasses.asdict(model.config)}
+        (final_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_weights(model, str(final_dir / "model.safetensors"))
+        tokenizer.save(final_dir)
+    _write_labels(final_dir / LABELS_FILE, names)
+
+
+def _write_labels(path: Path, names: list[str]) -> None:
+    path.write_text(json.dumps({"labels": names, "label2id": {n: i for i, n in enumerate(names)},
+                                "id2label": {str(i): n for i, n in enumerate(names)}}, indent=2) + "\n")
+
+
+# -- training -------------------------------------------------------------------------------------
+
+
+def finetune_classifier(cfg: ClassifyConfig, resume: bool = False) -> dict:
+    """Fine-tune an encoder classifier on `cfg.data`; writes `<out_dir>/final` (model dir + labels.json),
+    `<out_dir>/results.json` (test accuracy, per-class precision / recall, confusion matrix),
+    `<out_dir>/labels.json` and `<out_dir>/metrics.jsonl`.
+
+    Args:
+        resume: continue from the newest valid checkpoint in `<out_dir>/checkpoints` (fresh start if none).
+    Returns:
+        summary dict: step, accuracy, test_loss, train_loss, macro_f1, labels, sizes, paths, history.
+    """
+    tracker = Tracker(cfg.track, cfg.out_dir)
+    with tracker:
+        return _finetune(cfg, resume, tracker)
+
+
+def _finetune(cfg: ClassifyConfig, resume: bool, tracker: Tracker) -> dict:
+    t_cfg = cfg.train
+    out = Path(cfg.out_dir)
+    ckpt_root = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and ckpt_root.is_dir() and any(ckpt_root.iterdir()):
+        raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, "
+                              f"or set out_dir to a new directory")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if t_cfg.device == "auto"
+                          else t_cfg.device)
+
+    train, test, names = build_dataset(cfg.data)
+    n_labels = len(names)
+    _write_labels(out / LABELS_FILE, names)
+    tokenizer = _resolve_tokenizer(cfg, train, out, resume)
+    torch.manual_seed(t_cfg.seed)
+    model = _build_model(cfg, n_labels, tokenizer)
+    block_size = cfg.model.block_size
+    train_data = encode_split(train, tokenizer, block_size, cfg.data.add_cls)
+    test_data = encode_split(test, tokenizer, block_size, cfg.data.add_cls)
+    log.info("data: %d train / %d test examples, %d classes %s; %d tokens max per example",
+             len(train), len(test), n_labels, names, train_data[0].shape[1])
+
+    step, run_id = 0, None
+    checkpoint = load_latest_checkpoint(ckpt_root, map_location="cpu") if resume else None
+    if checkpoint is not None:
+        if checkpoint.state.get("labels") != names:
+            raise ValueError(f"{checkpoint.path}: written for labels {checkpoint.state.get('labels')}, "
+                             f"the data now has {names}")
+        model.load_state_dict(checkpoint.model)
+    model.to(device)
+    optimizer = make_optimizer(model, t_cfg)
+    decay_steps = t_cfg.decay_steps or t_cfg.max_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, t_cfg.lr, t_cfg.min_lr, t_cfg.warmup_steps, decay_steps) / t_cfg.lr)
+    batches = EpochBatches(len(train), min(t_cfg.batch_size, len(train)), t_cfg.seed)
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint.optimizer["optimizer"])
+        scheduler.load_state_dict(checkpoint.optimizer["scheduler"])
+        batches.load_state_dict(checkpoint.state["batches"])
+        set_rng_state(checkpoint.rng, device)
+        step = checkpoint.step
+        run_id = checkpoint.state.get("tracking_run_id")
+        log.info("resumed from %s at step %d", checkpoint.path, step)
+    elif resume:
+        log.info("no checkpoint in %s: starting from step 0", ckpt_root)
+    del checkpoint
+
+    n_params = sum(p.numel() for p in model.parameters())
+    save_config(cfg, out / "config.yaml")
+    run_id = tracker.start(run_id)
+    tracker.log_params({**flatten(to_dict(cfg)), "n_params": n_params, "n_train": len(train),
+                        "n_test": len(test), "labels": ",".join(names)})
+    tracker.log_dataset("classify-train", split_digest(train), str(out.resolve()), context="training",
+                        profile={"examples": len(train), "per_class": train.counts(n_labels)})
+    tracker.log_dataset("classify-test", split_digest(test), str(out.resolve()), context="validation",
+                        profile={"examples": len(test), "per_class": test.counts(n_labels)})
+    tracker.log_artifact(out / "config.yaml")
+    tracker.log_artifact(out / LABELS_FILE)
+    log.info("model: %.2fM parameters on %s", n_params / 1e6, device)
+
+    metrics_path = out / "metrics.jsonl"
+    truncate_metrics(metrics_path, step)
+    history: list[dict] = []
+
+    def record(row: dict) -> None:
+        history.append(row)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    eval_bs = t_cfg.eval_batch_size or 2 * t_cfg.batch_size
+
+    def run_eval() -> tuple[dict, list[list[int]]]:
+        loss, confusion = evaluate_classifier(model, test_data, eval_bs, device, n_labels)
+        report = classification_report(confusion, names)
+        return {"test_loss": loss, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}, confusion
+
+    progress = None
+    if t_cfg.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=t_cfg.max_steps, initial=step, desc="finetune", unit="step", dynamic_ncols=True)
+
+    model.train()
+    last_eval: dict = {}
+    confusion: list[list[int]] | None = None
+    window_loss, window_n, window_time = 0.0, 0, 0.0
+    ids, mask, labels = train_data
+    while step < t_cfg.max_steps:
+        t0 = time.perf_counter()
+        idx = batches.next_indices()
+        x, m, y = ids[idx], mask[idx], labels[idx]
+        width = int(m.sum(1).max())  # trim the batch to its longest sequence
+        x, m, y = x[:, :width].to(device), m[:, :width].to(device), y.to(device)
+        _, loss = model(x, attention_mask=m, labels=y)
+        loss.backward()
+        if t_cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        window_time += time.perf_counter() - t0
+        window_loss += loss.item()
+        window_n += 1
+        if step % t_cfg.log_interval == 0 or step == t_cfg.max_steps:
+            row = {"step": step, "loss": window_loss / window_n, "lr": lr,
+                   "examples_per_s": window_n * len(idx) / window_time}
+            record(row)
+            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
+            if progress is not None:
+                progress.set_postfix(loss=f"{row['loss']:.4f}")
+            window_loss, window_n, window_time = 0.0, 0, 0.0
+        if step % t_cfg.eval_interval == 0 or step == t_cfg.max_steps:
+            last_eval, confusion = run_eval()
+            record({"step": step, **last_eval})
+            tracker.log_metrics(last_eval, step)
+            log.info("step %d: test loss %.4f, accuracy %.4f", step, last_eval["test_loss"], last_eval["accuracy"])
+        if progress is not None:
+            progress.update(1)
+        if step % t_cfg.checkpoint_interval == 0 or step == t_cfg.max_steps:
+            save_checkpoint(ckpt_root, step, model.state_dict(),
+                            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                            rng_state(device),
+                            {"batches": batches.state_dict(), "tracking_run_id": run_id, "labels": names},
+                            keep=t_cfg.keep_checkpoints)
+    if progress is not None:
+        progress.close()
+
+    if confusion is None:  # resumed a run that had already finished
+        last_eval, confusion = run_eval()
+    train_loss, _ = evaluate_classifier(model, train_data, eval_bs, device, n_labels)
+    report = classification_report(confusion, names)
+    results = {"step": step, "test_loss": last_eval["test_loss"], "train_loss": train_loss, **report,
+               "n_train": len(train), "n_test": len(test), "chance_accuracy": max(test.counts(n_labels)) / len(test)}
+    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    final_dir = out / "final"
+    _save_final(model.cpu(), final_dir, tokenizer, names)
+    tracker.log_metrics({"final_accuracy": report["accuracy"], "final_macro_f1": report["macro_f1"]}, step)
+    tracker.log_artifact(out / RESULTS_FILE)
+    tracker.log_artifact(final_dir, "model")
+    tracker.end("FINISHED")
+    return {**results, "out_dir": str(out), "final_model": str(final_dir), "tracking_run_id": run_id,
+            "n_params": n_params, "history": history}
