@@ -177,7 +177,7 @@ def _gpt2_to_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str
     out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings or lm is None else lm
     if lm is None and not cfg.tie_embeddings:
         raise ValueError("lm_head.weight: missing while tie_word_embeddings is false")
-    _no_leftovers(sd)
+    no_leftovers(sd)
     return out
 
 
@@ -199,11 +199,11 @@ def _llama_to_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[st
     if lm is None and not cfg.tie_embeddings:
         raise ValueError("lm_head.weight: missing while tie_word_embeddings is false")
     out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else lm
-    _no_leftovers(sd)
+    no_leftovers(sd)
     return out
 
 
-def _no_leftovers(sd: dict[str, torch.Tensor]) -> None:
+def no_leftovers(sd: dict[str, torch.Tensor]) -> None:
     if sd:
         extra = sorted(sd)
         raise ValueError(f"unexpected tensors in the checkpoint (not mapped to llmkit): {extra[:8]}"

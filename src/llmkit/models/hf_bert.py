@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmkit.models.encoder import Encoder, EncoderClassifier, EncoderConfig
-from llmkit.models.hf import read_hf_weights
+from llmkit.models.hf import no_leftovers, read_hf_weights
 
 __all__ = ["BERT_ARCHITECTURES", "bert_config_from_hf", "export_bert", "import_bert"]
 
@@ -133,13 +133,6 @@ def _encoder_from_hf(sd: dict[str, torch.Tensor], cfg: EncoderConfig, prefix: st
     return out
 
 
-def _no_leftovers(sd: dict[str, torch.Tensor]) -> None:
-    if sd:
-        extra = sorted(sd)
-        raise ValueError(f"unexpected tensors in the checkpoint (not mapped to llmkit): {extra[:8]}"
-                         + (f" and {len(extra) - 8} more" if len(extra) > 8 else ""))
-
-
 def _mlm_from_hf(sd: dict[str, torch.Tensor], tok_emb: torch.Tensor) -> dict[str, torch.Tensor]:
     p = "cls.predictions."
     bias = sd.pop(p + "bias", None)
@@ -195,7 +188,7 @@ def import_bert(src_dir: str | Path) -> Encoder | EncoderClassifier:
                 missing_ok = {k for k in model.state_dict() if k.startswith("mlm_head.")}
     except KeyError as e:
         raise ValueError(f"{src}: {arch} checkpoint lacks tensor {e.args[0]!r}") from None
-    _no_leftovers(sd)
+    no_leftovers(sd)
     own = model.state_dict()
     for k, v in state.items():
         if k not in own:

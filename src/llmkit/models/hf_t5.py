@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmkit.models.encdec import EncDecConfig, EncoderDecoder
+from llmkit.models.hf import read_hf_weights
 
 __all__ = ["export_t5", "import_t5", "t5_config_from_hf"]
 
@@ -73,21 +74,6 @@ def t5_config_from_hf(hf_config: dict[str, Any]) -> EncDecConfig:
         dropout=hf.get("dropout_rate", 0.1), norm_eps=hf.get("layer_norm_epsilon", 1e-6), tie_embeddings=tie,
         pad_token_id=pad, decoder_start_token_id=pad if start is None else start,
     )
-
-
-def _read_weights(src: Path) -> dict[str, torch.Tensor]:
-    if (src / "model.safetensors").is_file():
-        return load_file(str(src / "model.safetensors"))
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        out: dict[str, torch.Tensor] = {}
-        for f in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            out.update(load_file(str(src / f)))
-        return out
-    if (src / "pytorch_model.bin").is_file():
-        return torch.load(src / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{src}: no weights found (expected model.safetensors, a sharded safetensors "
-                            "index, or pytorch_model.bin)")
 
 
 def _mlp_names(cfg: EncDecConfig) -> list[tuple[str, str]]:
@@ -160,7 +146,7 @@ def import_t5(src_dir: str | Path) -> EncoderDecoder:
         raise FileNotFoundError(f"{src}: not a Hugging Face model directory (no config.json)")
     cfg = t5_config_from_hf(json.loads(cfg_path.read_text()))
     try:
-        state = _from_hf(_read_weights(src), cfg)
+        state = _from_hf(read_hf_weights(src), cfg)
     except KeyError as e:
         raise ValueError(f"{src}: {ARCHITECTURE} checkpoint lacks tensor {e.args[0]!r}") from None
     return _build(cfg, state)
