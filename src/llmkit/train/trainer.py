@@ -298,15 +298,14 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
     train_split, val_split = open_split(data_dir, "train"), open_split(data_dir, "val")
 
     torch.manual_seed(t_cfg.seed)  # same initial weights on every rank
-    model = build_model(cfg.model).to(device)
+    raw_model = build_model(cfg.model).to(device)
     step, run_id = 0, None
     checkpoint = load_latest_checkpoint(ckpt_root, map_location="cpu") if resume else None
     if checkpoint is not None:
-        model.load_state_dict(checkpoint.model)
-    # FSDP replaces parameters with sharded ones, so the optimizer is built after wrapping.
-    raw_model = D.wrap_model(model, info, t_cfg.strategy)
-    model = raw_model
-    raw_model = D.unwrap(raw_model)
+        raw_model.load_state_dict(checkpoint.model)
+    # DDP returns a wrapper around raw_model; FSDP shards raw_model in place, replacing its parameters,
+    # so the optimizer is built after wrapping.
+    model = D.wrap_model(raw_model, info, t_cfg.strategy)
     optimizer = make_optimizer(raw_model, t_cfg, fused=not (info.enabled and t_cfg.strategy == "fsdp"))
     decay_steps = t_cfg.decay_steps or t_cfg.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
