@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from llmkit.train import distributed as D
 from llmkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from llmkit.train.evaluate import evaluate
 from llmkit.train.objectives import make_objective
+from llmkit.train.preemption import StopSignal
 from llmkit.train.sampler import EpochSampler, WindowSampler, fixed_batches
 from llmkit.train.schedule import warmup_cosine
 
@@ -206,27 +206,6 @@ def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag the loop checks after each step (then checkpoint and exit 0)."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread: leave signals alone
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def ensure_prepared(cfg: PretrainConfig, tokenizer, info: D.DistInfo) -> Path:
@@ -411,7 +390,7 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
     last_eval: dict = {}
     window_tokens, window_time = 0, 0.0
     summary_tps = []
-    with _StopSignal() as stop:
+    with StopSignal() as stop:
         while step < t_cfg.max_steps:
             t0 = time.perf_counter()
             for micro in range(t_cfg.grad_accum):
