@@ -2,7 +2,7 @@
 corruption), trained from the tiny recipes in configs/ on tinyshakespeare, with their validation
 curves; plus the parameter count of an encoder-decoder against a decoder of the same width and depth.
 
-    python benchmarks/family_curves.py [--steps 1500] [--text data/samples/en/tinyshakespeare.txt]
+    python benchmarks/family_curves.py [--steps N] [--text data/samples/en/tinyshakespeare.txt]
 
 Prints JSON: for each family, validation loss at every evaluation, final train/val loss, tokens/s,
 parameters; and the `model info` comparison (guide §1.2: encoder-decoder "~30% more parameters").
@@ -57,7 +57,7 @@ def param_comparison(vocab: int = 32128) -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--text", default=None)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=None, help="default: each recipe's own train.max_steps")
     ap.add_argument("--families", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     args = ap.parse_args()
     text = find_text(args.text)
@@ -70,8 +70,8 @@ def main() -> None:
         for family in args.families:
             cfg = load_config(PretrainConfig, ROOT / RECIPES[family], [
                 f"out_dir={tmp / family}", f"data.tokenizer={tmp / 'tok'}", f"data.inputs=[{text}]",
-                f"data.prepared={tmp / 'data'}", f"train.max_steps={args.steps}", "train.progress=false",
-                "track.enabled=false"])
+                f"data.prepared={tmp / 'data'}", "train.progress=false", "track.enabled=false",
+                *([f"train.max_steps={args.steps}"] if args.steps else [])])
             summary = pretrain(cfg)
             curve = [{"step": r["step"], "val_loss": round(r["val_loss"], 4), "train_loss": round(r["train_loss"], 4)}
                      for r in summary["history"] if "val_loss" in r]
