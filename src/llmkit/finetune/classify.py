@@ -65,8 +65,6 @@ RESULTS_FILE = "results.json"
 # -- config ---------------------------------------------------------------------------------------
 
 
-
-
 @dataclass
 class ClassifyTrainConfig:
     batch_size: int = 32

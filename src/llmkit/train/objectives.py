@@ -38,7 +38,10 @@ def mlm(x: torch.Tensor, y: torch.Tensor, *, mask_id: int, special_ids: list[int
     inputs = x.clone()
     inputs[chosen & (roll < 0.8)] = mask_id
     swap = chosen & (roll >= 0.8) & (roll < 0.9)
-    normal = torch.tensor([i for i in range(vocab_size) if i not in set(special_ids)], dtype=x.dtype)
+    # ids a random replacement may take: every token but the special ones (vectorised: this runs every step)
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[special_ids] = False
+    normal = allowed.nonzero().squeeze(1).to(x.dtype)
     pick = torch.randint(len(normal), x.shape, generator=generator)
     inputs[swap] = normal[pick[swap]]
     return {"input_ids": inputs, "labels": labels}
