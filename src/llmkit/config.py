@@ -197,7 +197,12 @@ def _coerce(tp: Any, value: Any, key: str, src: str, origins: dict[str, str], so
     if origin in (dict, typing.Dict):  # noqa: UP006
         if not isinstance(value, dict):
             raise ConfigError(f"{src}: {key}: expected a mapping, got {value!r}")
-        return dict(value)
+        args = get_args(tp)
+        if len(args) != 2:
+            return dict(value)
+        key_tp, value_tp = args
+        return {_coerce(key_tp, k, f"{key}.{k}", src, origins, source):
+                _coerce(value_tp, v, f"{key}.{k}", src, origins, source) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:
