@@ -182,7 +182,9 @@ def _coerce(tp: Any, value: Any, key: str, src: str, origins: dict[str, str], so
             try:
                 return _coerce(a, value, key, src, origins, source)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+        if len(errors) == 1:  # `X | None`: X's own message names the exact key and problem
+            raise errors[0]
         raise ConfigError(f"{src}: {key}: {value!r} fits none of {_type_name(tp)}")
     if origin is Literal:
         choices = get_args(tp)
