@@ -19,6 +19,24 @@ def _samples(args) -> None:
         print(p)
 
 
+def _data_run(args) -> None:
+    from llmkit.config import load_config
+    from llmkit.data.pipeline import DataPipelineConfig, run_pipeline
+
+    cfg = load_config(DataPipelineConfig, args.config, args.overrides)
+    manifest = run_pipeline(cfg, restart=args.restart)
+    print(json.dumps({"out_dir": cfg.out_dir, "docs_in": manifest["funnel"][0]["in"],
+                      "docs_out": manifest["output"]["docs"], "digest": manifest["output"]["digest"],
+                      "mb_s_per_core": manifest["throughput"]["pipeline_mb_s_per_core"]}))
+
+
+def _data_report(args) -> None:
+    from llmkit.data.pipeline import load_manifest, render_report
+
+    manifest = load_manifest(args.run_dir)
+    print(json.dumps(manifest, indent=1, ensure_ascii=False) if args.json else render_report(manifest), end="")
+
+
 def _tokenizer_train(args) -> None:
     from llmkit.tokenizer import train_tokenizer
     from llmkit.train.objectives import sentinel_token
@@ -126,6 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--only", action="append", help="relative path of one sample (repeatable)")
     f.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
     f.set_defaults(func=_samples)
+
+    d = sub.add_parser("data", help="the data pipeline: clean, dedup, filter, mix, augment").add_subparsers(
+        dest="action", required=True)
+    dr = d.add_parser("run", help="run (or resume) a data pipeline from a YAML recipe")
+    dr.add_argument("--config", required=True)
+    dr.add_argument("--restart", action="store_true", help="discard earlier work in out_dir first")
+    dr.add_argument("overrides", nargs="*", help="key.sub=value")
+    dr.set_defaults(func=_data_run)
+    drep = d.add_parser("report", help="the funnel of a finished run: what each step kept and dropped")
+    drep.add_argument("run_dir")
+    drep.add_argument("--json", action="store_true", help="print the whole manifest")
+    drep.set_defaults(func=_data_report)
 
     t = sub.add_parser("tokenizer", help="tokenizers").add_subparsers(dest="action", required=True)
     tt = t.add_parser("train", help="train a byte-level BPE or char-level tokenizer")

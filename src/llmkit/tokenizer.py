@@ -17,6 +17,7 @@ one id and never split, and ``decode(..., skip_special_tokens=True)`` drops them
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -369,7 +370,8 @@ def iter_texts(path: str | Path, text_field: str = "text") -> Iterator[str]:
     """Yield the documents of a text file, one string per document.
 
     * ``.txt``: the whole file is one document, read verbatim (no newline translation).
-    * ``.jsonl``: one JSON record per non-blank line.
+    * ``.jsonl`` (or ``.jsonl.gz``): one JSON record per non-blank line.
+    * ``.parquet``: the non-empty values of column `text_field` (e.g. `llmkit data run` output).
     * ``.json``: a list of records, or a chinese-poetry collection object (``{"title", "content": [...]}``).
 
     A record is a string, or an object with a `text_field` string, or an alpaca record
@@ -384,10 +386,17 @@ def iter_texts(path: str | Path, text_field: str = "text") -> Iterator[str]:
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if "".join(path.suffixes[-2:]).lower() == ".jsonl.gz":
+        suffix = ".jsonl.gz"
     if suffix == ".txt":
         yield _read_utf8(path)
-    elif suffix == ".jsonl":
+    elif suffix in (".jsonl", ".jsonl.gz"):
         yield from _iter_jsonl(path, text_field)
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        for batch in pq.ParquetFile(path).iter_batches(columns=[text_field]):
+            yield from (t for t in batch.column(0).to_pylist() if t)
     elif suffix == ".json":
         try:
             data = json.loads(_read_utf8(path))
@@ -404,7 +413,7 @@ def iter_texts(path: str | Path, text_field: str = "text") -> Iterator[str]:
                 f"with a 'content' list, got {type(data).__name__}"
             )
     else:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .txt, .jsonl or .json")
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected .txt, .jsonl, .jsonl.gz, .json or .parquet")
 
 
 def _read_utf8(path: Path) -> str:
@@ -417,7 +426,8 @@ def _read_utf8(path: Path) -> str:
 
 
 def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", newline="") as f:
+    opener = gzip.open if path.suffix.lower() == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", newline="") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) are not records

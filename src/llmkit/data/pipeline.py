@@ -1,0 +1,903 @@
+"""The data pipeline: sources -> cleaned, deduplicated, filtered, mixed, augmented corpus + manifest.
+
+`run_pipeline(cfg)` (CLI: `llmkit data run --config X.yaml`) runs guide §1.1 end to end in five phases:
+
+1. **read** (per shard, parallel): read -> normalize -> heuristic quality -> sensitive information
+   (PII redaction, lexicon) -> exact-dedup key and MinHash signature of each surviving document.
+2. **dedup** (global): exact duplicates, then MinHash-LSH near-duplicate clusters over *all* signatures,
+   one survivor per cluster - so the result is the same however the corpus was sharded.
+3. **perplexity** (per shard): score the survivors with the reference model (an n-gram model trained on
+   the trusted sources is the offline default).
+4. **select** (global): perplexity thresholds (absolute or per-language percentile), then the domain mix.
+5. **write** (per shard): the kept documents (augmented copies added) to `data/part-NNNNN.*`, every other
+   document to `rejected/` with its reason; then `manifest.json`, the spot-check review page, optional
+   token memmaps for `llmkit pretrain`, and the MLflow run.
+
+Sensitive information runs before dedup (the guide lists it last): redacting first makes copies that
+differ only in an e-mail address collide, and the cheap per-document filters shrink what the global
+phases hold.
+
+Every phase records its work in `work/` with a fingerprint of the config sections it depends on and of
+its input files; a rerun (or a resumed run after a kill) skips what is complete and still valid and redoes
+the rest. Every input document ends up exactly once in the output or in `rejected/`, so the funnel in the
+manifest adds up: nothing is lost silently.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from llmkit.config import flatten, to_dict
+from llmkit.data.augment import AugmentConfig
+from llmkit.data.dedup import DedupConfig
+from llmkit.data.executor import ExecutorConfig, run_tasks, total_workers
+from llmkit.data.mix import MixConfig
+from llmkit.data.normalize import NormalizeConfig
+from llmkit.data.perplexity import PerplexityConfig
+from llmkit.data.quality import QualityConfig
+from llmkit.data.safety import SafetyConfig
+from llmkit.data.sources import ReadTask, SourceConfig, plan_tasks
+from llmkit.track import TrackConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# final-phase fate of a document that survived the read phase
+KEEP, DEDUP_EXACT, DEDUP_NEAR, PPL_HIGH, MIX_OUT = 0, 1, 2, 3, 4
+FATE_REASON = {DEDUP_EXACT: "dedup.exact", DEDUP_NEAR: "dedup.near", PPL_HIGH: "perplexity.high",
+               MIX_OUT: "mix.not_sampled"}
+STEP_ORDER = ["read", "normalize", "quality", "safety", "dedup", "perplexity", "mix"]
+# a token estimate when no tokenizer is configured: each CJK character, and each run of other
+# non-space characters, counts as one token
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
+_TOKEN_ESTIMATE = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
+
+
+@dataclass
+class OutputConfig:
+    format: Literal["jsonl.gz", "parquet"] = "jsonl.gz"
+    compression_level: int = 3
+    """gzip level of jsonl.gz shards and work files (1 fastest .. 9 smallest)."""
+    write_rejected: bool = True
+    """Write every dropped document with its reason to rejected/ (the funnel counts them either way)."""
+    spot_check_per_reason: int = 20
+    """Documents per stratum (kept, and each drop reason) in review/review.html for a manual check."""
+    tokenizer: str | None = None
+    """An llmkit tokenizer (dir or tokenizer.json): count mix tokens with it and write token memmaps
+    (tokens/, ready for `llmkit pretrain` via data.prepared_dir) after the text shards."""
+    val_fraction: float = 0.1
+    """Tail fraction of each output shard's tokens used for validation in tokens/."""
+
+    def validate(self) -> None:
+        if not 1 <= self.compression_level <= 9:
+            raise ValueError(f"compression_level: {self.compression_level} is not in 1..9")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction: {self.val_fraction} is not in [0, 1)")
+        if self.spot_check_per_reason < 0:
+            raise ValueError("spot_check_per_reason: must be >= 0")
+
+
+@dataclass
+class DataPipelineConfig:
+    out_dir: str = "runs/data/quickstart"
+    sources: list[SourceConfig] = field(default_factory=list)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ValueError("sources: list at least one source")
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sources: names must be unique, {dup} repeat")
+        scorer = self.perplexity.scorer
+        if self.perplexity.enabled and scorer.kind == "ngram" and scorer.path is None:
+            unknown = sorted(set(scorer.train_sources) - set(names))
+            if not scorer.train_sources:
+                raise ValueError("perplexity.scorer.train_sources: name the trusted sources to train the "
+                                 "n-gram reference model on (or give scorer.path)")
+            if unknown:
+                raise ValueError(f"perplexity.scorer.train_sources: {unknown} are not sources ({names})")
+
+
+# -- fingerprints: what each phase depends on ---------------------------------------------------------
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def phase_fingerprints(cfg: DataPipelineConfig) -> dict[str, str]:
+    """A hash per phase over the config sections it (or any earlier phase) depends on."""
+    d = to_dict(cfg)
+    read = _digest([FORMAT_VERSION, d["sources"], d["normalize"], d["quality"], d["safety"], d["dedup"],
+                    d["mix"]["unit"], d["output"]["tokenizer"], d["executor"]["split_mb"]])
+    dedup = _digest([read, d["dedup"]])
+    ppl = _digest([dedup, d["perplexity"]])
+    select = _digest([ppl, d["mix"]])
+    write = _digest([select, d["augment"], d["output"]])
+    return {"read": read, "dedup": dedup, "perplexity": ppl, "select": select, "write": write}
+
+
+def _file_state(path: str) -> list:
+    p = Path(path)
+    if p.is_dir():
+        return sorted([str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns]
+                      for f in p.rglob("*") if f.is_file())
+    st = p.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+# -- small file helpers --------------------------------------------------------------------------------
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, ensure_ascii=False, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _read_done(path: Path, fingerprint: str) -> dict | None:
+    """The completion record of a unit of work, if it exists and matches the current fingerprint."""
+    try:
+        done = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return done if done.get("fingerprint") == fingerprint else None
+
+
+class JsonlGzWriter:
+    """Streams records to a .jsonl.gz under a temporary name; `commit()` renames it into place.
+
+    The gzip header carries no timestamp, so identical content gives identical bytes (stable digests)."""
+
+    def __init__(self, path: Path, level: int):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self._raw = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit()
+        self._gz = gzip.GzipFile(filename="", fileobj=self._raw, mode="wb", compresslevel=level, mtime=0)
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        self._gz.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+        self.count += 1
+
+    def commit(self) -> None:
+        self._gz.close()
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        os.replace(self.tmp, self.path)
+
+
+class ParquetWriter:
+    """Output shard as parquet: nested fields (meta, stats, augmented) are JSON strings."""
+
+    COLUMNS = ("id", "text", "source", "domain", "lang", "meta", "stats", "augmented", "repeat")
+
+    def __init__(self, path: Path, level: int, batch: int = 2048):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp")
+        self._rows: list[dict] = []
+        self._writer = None
+        self._batch = batch
+        self.count = 0
+
+    def write(self, record: dict) -> None:
+        row = {k: record.get(k) for k in self.COLUMNS}
+        for k in ("meta", "stats", "augmented"):
+            row[k] = json.dumps(row[k], ensure_ascii=False) if row[k] is not None else None
+        row["repeat"] = int(row["repeat"] or 0)
+        self._rows.append(row)
+        self.count += 1
+        if len(self._rows) >= self._batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        schema = pa.schema([(c, pa.int64() if c == "repeat" else pa.string()) for c in self.COLUMNS])
+        table = pa.Table.from_pylist(self._rows, schema=schema)
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
+        self._writer.write_table(table)
+        self._rows = []
+
+    def commit(self) -> None:
+        if self._rows or self._writer is None:
+            self._flush()
+        self._writer.close()
+        os.replace(self.tmp, self.path)
+
+
+def read_jsonl_gz(path: Path):
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def count_tokens(text: str, tokenizer) -> int:
+    if tokenizer is None:
+        return len(_TOKEN_ESTIMATE.findall(text))
+    from llmkit.data.tokenized import encode_document
+    return int(len(encode_document(tokenizer, text)))
+
+
+# -- per-process step cache ---------------------------------------------------------------------------
+_WORKER_CACHE: dict[str, Any] = {}
+
+
+def _doc_steps(cfg: DataPipelineConfig, fingerprint: str) -> list[tuple[str, Any]]:
+    key = "steps:" + fingerprint
+    if key not in _WORKER_CACHE:
+        from llmkit.data.normalize import Normalizer
+        from llmkit.data.quality import QualityFilter
+        from llmkit.data.safety import SafetyFilter
+
+        steps: list[tuple[str, Any]] = []
+        if cfg.normalize.enabled:
+            steps.append(("normalize", Normalizer(cfg.normalize)))
+        if cfg.quality.enabled:
+            steps.append(("quality", QualityFilter(cfg.quality)))
+        if cfg.safety.pii or cfg.safety.lexicon_files or cfg.safety.lexicon_words:
+            steps.append(("safety", SafetyFilter(cfg.safety)))
+        _WORKER_CACHE[key] = steps
+    return _WORKER_CACHE[key]
+
+
+def _tokenizer(path: str | None):
+    if path is None:
+        return None
+    key = "tok:" + path
+    if key not in _WORKER_CACHE:
+        from llmkit.tokenizer import Tokenizer
+        _WORKER_CACHE[key] = Tokenizer.load(path)
+    return _WORKER_CACHE[key]
+
+
+# -- phase 1: read and per-document steps ----------------------------------------------------------------
+def _rejected_record(doc: dict, reason: str, detail: Any = None) -> dict:
+    rec = {k: v for k, v in doc.items() if k != "error"}
+    rec["reason"] = reason
+    if detail is not None:
+        rec["detail"] = detail
+    return rec
+
+
+def read_shard(cfg: DataPipelineConfig, task: ReadTask, index: int, fingerprint: str) -> dict:
+    """Phase 1 for one shard; writes work/read/<key>.* and returns its completion record."""
+    from llmkit.data.dedup import MinHasher, exact_key
+    from llmkit.data.sources import read_task
+    from llmkit.data.spot_check import SpotCheckSampler
+
+    out = Path(cfg.out_dir)
+    work = out / "work" / "read"
+    done_path = work / f"{task.key}.done.json"
+    src = next(s for s in cfg.sources if s.name == task.source)
+    input_state = _file_state(task.path) if src.format != "hf" else None
+    done = _read_done(done_path, fingerprint)
+    if done is not None and done.get("input_state") == input_state:
+        return done
+
+    steps = _doc_steps(cfg, fingerprint)
+    tokenizer = _tokenizer(cfg.output.tokenizer)
+    level = cfg.output.compression_level
+    kept = JsonlGzWriter(work / f"{task.key}.docs.jsonl.gz", level)
+    rejected = JsonlGzWriter(out / "rejected" / f"{task.key}.read.jsonl.gz", level)
+    sampler = SpotCheckSampler(cfg.output.spot_check_per_reason, seed=0)
+    reasons: Counter = Counter()
+    seconds: Counter = Counter()
+    step_bytes: Counter = Counter()
+    index_cols: dict[str, list] = {"id": [], "domain": [], "lang": [], "chars": [], "tokens": []}
+    keys: list[bytes] = []
+    texts: list[str] = []
+    langs: list[str] = []
+    signatures: list[np.ndarray] = []
+    hasher = MinHasher.from_config(cfg.dedup) if cfg.dedup.near else None
+    n_in = bytes_in = 0
+    t_read = time.perf_counter()
+    t_steps = 0.0
+
+    def flush_signatures() -> None:
+        if hasher is not None and texts:
+            t = time.perf_counter()
+            signatures.append(hasher.signatures(texts, langs))
+            seconds["dedup"] += time.perf_counter() - t
+        texts.clear()
+        langs.clear()
+
+    for doc in read_task(src, task):
+        n_in += 1
+        size = len(doc["text"].encode("utf-8"))
+        bytes_in += size
+        if "error" in doc:
+            reasons[doc["error"]["reason"]] += 1
+            rej = _rejected_record(doc, doc["error"]["reason"], doc["error"])
+            if cfg.output.write_rejected:
+                rejected.write(rej)
+            sampler.offer(rej, doc["error"]["reason"])
+            continue
+        reason = None
+        t0 = time.perf_counter()
+        for name, step in steps:
+            if name in src.skip:
+                continue
+            step_bytes[name] += size
+            t = time.perf_counter()
+            reason = step(doc)
+            seconds[name] += time.perf_counter() - t
+            if reason is not None:
+                break
+        t_steps += time.perf_counter() - t0
+        if reason is not None:
+            reasons[reason] += 1
+            if cfg.output.write_rejected:
+                rejected.write(_rejected_record(doc, reason))
+            sampler.offer(doc, reason)
+            continue
+        text = doc["text"]
+        t = time.perf_counter()
+        keys.append(exact_key(text))
+        seconds["dedup"] += time.perf_counter() - t
+        step_bytes["dedup"] += len(text.encode("utf-8"))
+        if hasher is not None:
+            texts.append(text)
+            langs.append(doc.get("lang") or "und")
+            if len(texts) >= 512:
+                flush_signatures()
+        index_cols["id"].append(doc["id"])
+        index_cols["domain"].append(doc["domain"])
+        index_cols["lang"].append(doc.get("lang") or "und")
+        index_cols["chars"].append(len(text))
+        index_cols["tokens"].append(count_tokens(text, tokenizer))
+        kept.write(doc)
+    flush_signatures()
+    wall = time.perf_counter() - t_read
+
+    n_kept = len(keys)
+    sig = (np.concatenate(signatures) if signatures else
+           np.zeros((0, cfg.dedup.num_perm if hasher else 0), dtype=np.uint32))
+    np.save(work / f"{task.key}.sig.npy", sig)
+    np.savez(work / f"{task.key}.index.npz",
+             id=np.array(index_cols["id"], dtype=str), domain=np.array(index_cols["domain"], dtype=str),
+             lang=np.array(index_cols["lang"], dtype=str), chars=np.array(index_cols["chars"], dtype=np.int64),
+             tokens=np.array(index_cols["tokens"], dtype=np.int64),
+             exact=np.array(keys, dtype="S16") if keys else np.zeros(0, dtype="S16"))
+    kept.commit()
+    rejected.commit()
+    done = {"fingerprint": fingerprint, "input_state": input_state, "task": task.__dict__, "index": index,
+            "source": src.name, "domain": src.domain, "docs_in": n_in, "bytes_in": bytes_in,
+            "docs_kept": n_kept, "reasons": dict(reasons), "seconds": dict(seconds),
+            "step_bytes": dict(step_bytes), "wall_seconds": wall, "sampler": sampler.to_dict()}
+    _write_json_atomic(done_path, done)
+    return done
+
+
+# -- phase 2: global dedup ------------------------------------------------------------------------------
+def dedup_phase(cfg: DataPipelineConfig, shards: list[dict], fingerprint: str) -> dict:
+    """Exact, then near-duplicate removal over every shard's survivors; writes work/dedup.npz."""
+    from llmkit.data.dedup import exact_duplicates, near_duplicate_clusters, pick_survivors
+
+    work = Path(cfg.out_dir) / "work"
+    done_path = work / "dedup.done.json"
+    done = _read_done(done_path, fingerprint)
+    if done is not None and (work / "dedup.npz").is_file():
+        return done
+    t0 = time.perf_counter()
+    keys = [np.load(work / "read" / f"{s['key']}.index.npz")["exact"] for s in shards]
+    exact = np.concatenate(keys) if keys else np.zeros(0, dtype="S16")
+    n = len(exact)
+    fate = np.zeros(n, dtype=np.int8)
+    dup_of = np.full(n, -1, dtype=np.int64)
+    if cfg.dedup.exact and n:
+        first = exact_duplicates(list(exact))
+        fate[~first] = DEDUP_EXACT
+        # remember which first occurrence each exact copy duplicates
+        _, inverse = np.unique(exact, return_inverse=True)
+        first_of = np.full(inverse.max() + 1, -1, dtype=np.int64)
+        for i in np.flatnonzero(first):
+            first_of[inverse[i]] = i
+        dup_of[~first] = first_of[inverse[~first]]
+    clusters = 0
+    if cfg.dedup.near and n:
+        alive = np.flatnonzero(fate == KEEP)
+        sig = _concat_signatures(work, shards, cfg.dedup.num_perm, n)
+        labels = near_duplicate_clusters(sig[alive], cfg.dedup.threshold, *cfg.dedup.lsh_params(),
+                                         cfg.dedup.verify)
+        chars = np.concatenate([np.load(work / "read" / f"{s['key']}.index.npz")["chars"] for s in shards])
+        keep = pick_survivors(labels, chars[alive], cfg.dedup.keep)
+        fate[alive[~keep]] = DEDUP_NEAR
+        # the survivor of each cluster
+        survivor_of_label = {int(labels[i]): int(alive[i]) for i in np.flatnonzero(keep)}
+        dup_of[alive[~keep]] = [survivor_of_label[int(lab)] for lab in labels[~keep]]
+        sizes = np.bincount(np.unique(labels, return_inverse=True)[1])
+        clusters = int((sizes > 1).sum())
+    np.savez(work / "dedup.npz", fate=fate, dup_of=dup_of)
+    done = {"fingerprint": fingerprint, "docs": int(n), "exact": int((fate == DEDUP_EXACT).sum()),
+            "near": int((fate == DEDUP_NEAR).sum()), "near_clusters": clusters,
+            "seconds": time.perf_counter() - t0}
+    _write_json_atomic(done_path, done)
+    return done
+
+
+def _concat_signatures(work: Path, shards: list[dict], num_perm: int, n: int) -> np.ndarray:
+    """All shards' signatures in one file-backed array, so memory holds pages, not the whole matrix."""
+    path = work / "signatures.u32"
+    sig = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint32, shape=(n, num_perm))
+    row = 0
+    for s in shards:
+        part = np.load(work / "read" / f"{s['key']}.sig.npy", mmap_mode="r")
+        sig[row:row + len(part)] = part
+        row += len(part)
+    sig.flush()
+    return np.load(path, mmap_mode="r")
+
+
+# -- phase 3: perplexity -----------------------------------------------------------------------------------
+def _scorer(cfg: DataPipelineConfig):
+    from llmkit.data.perplexity import load_scorer
+
+    key = "scorer:" + _digest(to_dict(cfg.perplexity))
+    if key not in _WORKER_CACHE:
+        scorer_cfg = cfg.perplexity.scorer
+        if scorer_cfg.kind == "ngram" and scorer_cfg.path is None:
+            scorer_cfg = type(scorer_cfg)(**{**scorer_cfg.__dict__,
+                                             "path": str(Path(cfg.out_dir) / "work" / "scorer" / "ngram")})
+        _WORKER_CACHE[key] = load_scorer(scorer_cfg, None)
+    return _WORKER_CACHE[key]
+
+
+def train_reference_model(cfg: DataPipelineConfig, shards: list[dict], fate: np.ndarray,
+                          fingerprint: str) -> None:
+    """The offline default scorer: an n-gram model trained on the cleaned, deduplicated documents of the
+    trusted sources (`perplexity.scorer.train_sources`)."""
+    from llmkit.data.perplexity import load_scorer
+
+    work = Path(cfg.out_dir) / "work" / "scorer"
+    done_path = work / "done.json"
+    if _read_done(done_path, fingerprint) is not None:
+        return
+    work.mkdir(parents=True, exist_ok=True)
+    trusted = set(cfg.perplexity.scorer.train_sources)
+
+    def texts():
+        offset = 0
+        for s in shards:
+            n = s["docs_kept"]
+            if s["source"] in trusted:
+                alive = fate[offset:offset + n] == KEEP
+                for ok, doc in zip(alive, read_jsonl_gz(Path(cfg.out_dir) / "work" / "read" /
+                                                        f"{s['key']}.docs.jsonl.gz")):
+                    if ok:
+                        yield doc["text"]
+            offset += n
+
+    scorer = load_scorer(cfg.perplexity.scorer, texts())
+    scorer.save(work / "ngram")
+    _write_json_atomic(done_path, {"fingerprint": fingerprint, "train_sources": sorted(trusted)})
+
+
+def score_shard(cfg: DataPipelineConfig, key: str, alive: np.ndarray, fingerprint: str) -> dict:
+    """Phase 3 for one shard: perplexity of its dedup survivors (NaN for the others)."""
+    work = Path(cfg.out_dir) / "work"
+    done_path = work / "ppl" / f"{key}.done.json"
+    done = _read_done(done_path, fingerprint)
+    if done is not None:
+        return done
+    scorer = _scorer(cfg)
+    t = time.perf_counter()
+    texts = [doc["text"] for ok, doc in zip(alive, read_jsonl_gz(work / "read" / f"{key}.docs.jsonl.gz"))
+             if ok]
+    ppl = np.full(len(alive), np.nan)
+    if texts:
+        ppl[np.flatnonzero(alive)] = scorer.perplexities(texts)
+    np.save(work / "ppl" / f"{key}.npy", ppl)
+    done = {"fingerprint": fingerprint, "seconds": time.perf_counter() - t,
+            "bytes": sum(len(x.encode("utf-8")) for x in texts)}
+    _write_json_atomic(done_path, done)
+    return done
+
+
+# -- phase 4: thresholds and mix ------------------------------------------------------------------------
+def select_phase(cfg: DataPipelineConfig, shards: list[dict], fate: np.ndarray, ppl: np.ndarray | None,
+                 fingerprint: str) -> dict:
+    from llmkit.data.mix import order_key, select
+    from llmkit.data.perplexity import summarize, thresholds_per_language
+
+    work = Path(cfg.out_dir) / "work"
+    done_path = work / "select.done.json"
+    done = _read_done(done_path, fingerprint)
+    if done is not None and (work / "select.npz").is_file():
+        return done
+    idx = [np.load(work / "read" / f"{s['key']}.index.npz") for s in shards]
+    cols = {c: (np.concatenate([x[c] for x in idx]) if idx else np.zeros(0)) for c in
+            ("id", "domain", "lang", "chars", "tokens")}
+    sources = np.concatenate([np.full(s["docs_kept"], s["source"]) for s in shards]) if shards else np.zeros(0)
+    fate = fate.copy()
+    copies = (fate == KEEP).astype(np.int64)
+    info: dict[str, Any] = {"fingerprint": fingerprint}
+    if ppl is not None:
+        alive = fate == KEEP
+        by_lang = {str(lang): ppl[alive & (cols["lang"] == lang)] for lang in np.unique(cols["lang"][alive])}
+        # the reference model has seen its training documents, which score far better than any other
+        # text: percentiles come from the rest of the corpus where a language has any
+        trained = np.isin(sources, cfg.perplexity.scorer.train_sources) if cfg.perplexity.scorer.path is None \
+            else np.zeros(len(sources), dtype=bool)
+        basis = {}
+        exempt = np.isin(sources, [s.name for s in cfg.sources if "perplexity" in s.skip])
+        for lang, values in by_lang.items():
+            untrained = ppl[alive & ~trained & ~exempt & (cols["lang"] == lang)]
+            basis[lang] = untrained if len(untrained) else values
+        limits = thresholds_per_language(basis, cfg.perplexity)
+        limit = np.array([limits.get(str(lang), np.inf) for lang in cols["lang"]])
+        high = alive & ~exempt & (ppl > limit)
+        fate[high] = PPL_HIGH
+        info["perplexity"] = {
+            "thresholds": {k: float(v) for k, v in limits.items()},
+            "by_domain": summarize({str(d): ppl[alive & (cols["domain"] == d)]
+                                    for d in np.unique(cols["domain"][alive])}),
+            "by_lang": summarize(by_lang),
+            "unit": _scorer(cfg).unit,
+        }
+        copies[high] = 0
+    if cfg.mix.enabled:
+        alive = np.flatnonzero(fate == KEEP)
+        sizes = cols["tokens"][alive] if cfg.mix.unit == "tokens" else np.ones(len(alive), dtype=np.int64)
+        keys = np.array([order_key(cfg.mix.seed, i) for i in cols["id"][alive]], dtype=np.uint64)
+        chosen, report = select(cols["domain"][alive], sources[alive], sizes.astype(np.float64), keys, cfg.mix)
+        copies[alive] = chosen
+        fate[alive[chosen == 0]] = MIX_OUT
+        report["token_counter"] = (f"tokenizer {cfg.output.tokenizer}" if cfg.output.tokenizer else
+                                   "estimate: CJK characters + runs of other non-space characters")
+        info["mix"] = report
+    np.savez(work / "select.npz", fate=fate, copies=copies, ppl=ppl if ppl is not None else np.zeros(0))
+    _write_json_atomic(done_path, info)
+    return info
+
+
+# -- phase 5: write --------------------------------------------------------------------------------------
+def write_shard(cfg: DataPipelineConfig, shard: dict, part: int, fate: np.ndarray, copies: np.ndarray,
+                ppl: np.ndarray | None, dup_ids: list[str | None], fingerprint: str) -> dict:
+    """Phase 5 for one shard: output part file, rejected file, augmented copies, spot-check sample."""
+    from llmkit.data.spot_check import SpotCheckSampler
+
+    out = Path(cfg.out_dir)
+    work = out / "work"
+    done_path = work / "write" / f"{shard['key']}.done.json"
+    done = _read_done(done_path, fingerprint)
+    suffix = "jsonl.gz" if cfg.output.format == "jsonl.gz" else "parquet"
+    path = out / "data" / f"part-{part:05d}.{suffix}"
+    if done is not None and path.is_file():
+        return done
+    level = cfg.output.compression_level
+    writer = JsonlGzWriter(path, level) if suffix == "jsonl.gz" else ParquetWriter(path, level)
+    rejected = JsonlGzWriter(out / "rejected" / f"{shard['key']}.final.jsonl.gz", level)
+    sampler = SpotCheckSampler(cfg.output.spot_check_per_reason, seed=0)
+    augmenter = _augmenter(cfg)
+    reasons: Counter = Counter()
+    kept_docs: list[dict] = []
+    t_aug = 0.0
+    repeats = 0
+    for i, doc in enumerate(read_jsonl_gz(work / "read" / f"{shard['key']}.docs.jsonl.gz")):
+        if ppl is not None and not np.isnan(ppl[i]):
+            doc["stats"]["perplexity"] = round(float(ppl[i]), 3)
+        if fate[i] != KEEP:
+            reason = FATE_REASON[int(fate[i])]
+            reasons[reason] += 1
+            detail = {"duplicate_of": dup_ids[i]} if dup_ids[i] is not None else None
+            if cfg.output.write_rejected:
+                rejected.write(_rejected_record(doc, reason, detail))
+            sampler.offer(doc, reason)
+            continue
+        sampler.offer(doc, None)
+        for k in range(int(copies[i])):
+            writer.write({**doc, "repeat": k} if k else doc)
+        repeats += max(0, int(copies[i]) - 1)
+        if augmenter is not None and (not cfg.augment.domains or doc["domain"] in cfg.augment.domains):
+            kept_docs.append(doc)
+    added = 0
+    if augmenter is not None and kept_docs:
+        t = time.perf_counter()
+        for new in augmenter.augment_batch(kept_docs):
+            writer.write(new)
+            added += 1
+        t_aug = time.perf_counter() - t
+    writer.commit()
+    rejected.commit()
+    done = {"fingerprint": fingerprint, "file": path.name, "docs": writer.count, "augmented": added,
+            "repeats": repeats, "reasons": dict(reasons), "sha256": file_sha256(path),
+            "bytes": path.stat().st_size, "augment_seconds": t_aug, "sampler": sampler.to_dict(),
+            "augment_bytes": sum(len(d["text"].encode("utf-8")) for d in kept_docs)}
+    _write_json_atomic(done_path, done)
+    return done
+
+
+def _augmenter(cfg: DataPipelineConfig):
+    if not cfg.augment.enabled:
+        return None
+    key = "augment:" + _digest(to_dict(cfg.augment))
+    if key not in _WORKER_CACHE:
+        from llmkit.data.augment import Augmenter
+        _WORKER_CACHE[key] = Augmenter(cfg.augment)
+    return _WORKER_CACHE[key]
+
+
+# -- the whole run ----------------------------------------------------------------------------------------
+def run_pipeline(cfg: DataPipelineConfig, restart: bool = False) -> dict:
+    """Run (or resume) the data pipeline; returns the manifest (also written to out_dir/manifest.json).
+
+    Args:
+        cfg: the pipeline config (`load_config(DataPipelineConfig, path)`).
+        restart: discard the work of an earlier run in out_dir first.
+    """
+    from llmkit.track import Tracker
+
+    out = Path(cfg.out_dir)
+    if restart and out.exists():
+        shutil.rmtree(out)
+    for sub in ("work/read", "work/ppl", "work/write", "rejected", "data", "review"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    fps = phase_fingerprints(cfg)
+    t_start = time.perf_counter()
+    tracker = Tracker(cfg.track, out)
+    run_file = out / "work" / "run.json"
+    prior = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    tracker.start(prior.get("run_id"))
+    if tracker.run_id:
+        _write_json_atomic(run_file, {"run_id": tracker.run_id})
+    tracker.log_params(flatten(to_dict(cfg)))
+    try:
+        manifest = _run(cfg, fps, t_start)
+        tracker.log_metrics(_metrics(manifest), step=0)
+        for src in manifest["inputs"]:
+            tracker.log_dataset(f"source:{src['source']}", src["sha256"], src["path"], context="source")
+        tracker.log_dataset(out.name, manifest["output"]["digest"], str((out / "data").resolve()),
+                            context="output", profile={"docs": manifest["output"]["docs"]})
+        tracker.log_artifact(out / "manifest.json")
+        tracker.log_artifact(out / "review")
+        tracker.end("FINISHED")
+    except BaseException as e:
+        tracker.end("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    return manifest
+
+
+def _run(cfg: DataPipelineConfig, fps: dict[str, str], t_start: float) -> dict:
+    out = Path(cfg.out_dir)
+    work = out / "work"
+    tasks = [t for src in cfg.sources for t in plan_tasks(src, int(cfg.executor.split_mb * (1 << 20)))]
+    # 1. read
+    shards = run_tasks(read_shard, [(cfg, t, i, fps["read"]) for i, t in enumerate(tasks)], cfg.executor,
+                       "read")
+    for s, t in zip(shards, tasks):
+        s["key"] = t.key
+    n_alive = sum(s["docs_kept"] for s in shards)
+    offsets = np.cumsum([0] + [s["docs_kept"] for s in shards])
+    # 2. dedup
+    dedup = dedup_phase(cfg, shards, fps["dedup"]) if (cfg.dedup.exact or cfg.dedup.near) else None
+    if dedup is not None:
+        d = np.load(work / "dedup.npz")
+        fate, dup_of = d["fate"], d["dup_of"]
+    else:
+        fate, dup_of = np.zeros(n_alive, dtype=np.int8), np.full(n_alive, -1, dtype=np.int64)
+    # 3. perplexity
+    ppl = None
+    ppl_runs: list[dict] = []
+    if cfg.perplexity.enabled:
+        if cfg.perplexity.scorer.kind == "ngram" and cfg.perplexity.scorer.path is None:
+            train_reference_model(cfg, shards, fate, fps["perplexity"])
+        ppl_runs = run_tasks(score_shard, [(cfg, s["key"], fate[offsets[i]:offsets[i + 1]] == KEEP,
+                                            fps["perplexity"]) for i, s in enumerate(shards)],
+                             cfg.executor, "perplexity")
+        ppl = (np.concatenate([np.load(work / "ppl" / f"{s['key']}.npy") for s in shards]) if shards
+               else np.zeros(0))
+    # 4. select
+    selection = select_phase(cfg, shards, fate, ppl, fps["select"])
+    sel = np.load(work / "select.npz")
+    fate, copies = sel["fate"], sel["copies"]
+    # 5. write
+    ids = (np.concatenate([np.load(work / "read" / f"{s['key']}.index.npz")["id"] for s in shards])
+           if shards else np.zeros(0, dtype=str))
+    dup_ids = [str(ids[j]) if j >= 0 else None for j in dup_of]
+    suffix = "jsonl.gz" if cfg.output.format == "jsonl.gz" else "parquet"
+    for stale in (out / "data").glob("part-*"):
+        if int(stale.name.split("-")[1].split(".")[0]) >= len(shards) or not stale.name.endswith(suffix):
+            stale.unlink()
+    written = run_tasks(write_shard, [
+        (cfg, s, i, fate[offsets[i]:offsets[i + 1]], copies[offsets[i]:offsets[i + 1]],
+         None if ppl is None else ppl[offsets[i]:offsets[i + 1]], dup_ids[offsets[i]:offsets[i + 1]],
+         fps["write"]) for i, s in enumerate(shards)], cfg.executor, "write")
+    tokens = _tokenize_output(cfg, written) if cfg.output.tokenizer else None
+    review = _write_review(cfg, shards, written)
+    manifest = _manifest(cfg, tasks, shards, dedup, ppl_runs, selection, written, tokens, review,
+                         time.perf_counter() - t_start)
+    _write_json_atomic(out / "manifest.json", manifest)
+    (out / "report.md").write_text(render_report(manifest), encoding="utf-8")
+    return manifest
+
+
+def _tokenize_output(cfg: DataPipelineConfig, written: list[dict]) -> dict:
+    from llmkit.data.tokenized import prepare_tokens
+    from llmkit.tokenizer import Tokenizer
+
+    files = [Path(cfg.out_dir) / "data" / w["file"] for w in written if w["docs"]]
+    meta = prepare_tokens(files, Tokenizer.load(cfg.output.tokenizer), Path(cfg.out_dir) / "tokens",
+                          val_fraction=cfg.output.val_fraction)
+    return {"dir": "tokens", **{s: meta["splits"][s]["tokens"] for s in meta["splits"]},
+            "sha256": meta["splits"]["train"]["sha256"]}
+
+
+def _write_review(cfg: DataPipelineConfig, shards: list[dict], written: list[dict]) -> dict:
+    from llmkit.data.spot_check import SpotCheckSampler
+
+    sampler = SpotCheckSampler(cfg.output.spot_check_per_reason, seed=0)
+    for part in [*shards, *written]:
+        sampler.merge(SpotCheckSampler.from_dict(part["sampler"]))
+    paths = sampler.write(Path(cfg.out_dir) / "review")
+    return {"files": [str(Path(p).relative_to(cfg.out_dir)) for p in paths]}
+
+
+def _manifest(cfg, tasks, shards, dedup, ppl_runs, selection, written, tokens, review, wall) -> dict:
+    reasons: Counter = Counter()
+    for part in [*shards, *written]:
+        reasons.update(part["reasons"])
+    docs_in = sum(s["docs_in"] for s in shards)
+    bytes_in = sum(s["bytes_in"] for s in shards)
+    funnel, alive = [], docs_in
+    for step in STEP_ORDER:
+        dropped = {r: n for r, n in sorted(reasons.items()) if r.split(".")[0] == step}
+        lost = sum(dropped.values())
+        funnel.append({"step": step, "in": alive, "dropped": dropped, "out": alive - lost})
+        alive -= lost
+    out_docs = sum(w["docs"] for w in written)
+    augmented = sum(w["augmented"] for w in written)
+    repeats = sum(w["repeats"] for w in written)
+    funnel.append({"step": "augment", "in": alive, "added": augmented, "repeats": repeats, "out": out_docs})
+    # MB/s per core: bytes each step saw / CPU seconds it spent (summed over workers)
+    seconds: Counter = Counter()
+    step_bytes: Counter = Counter()
+    for s in shards:
+        seconds.update(s["seconds"])
+        step_bytes.update(s["step_bytes"])
+    if ppl_runs:
+        seconds["perplexity"] += sum(r["seconds"] for r in ppl_runs)
+        step_bytes["perplexity"] += sum(r["bytes"] for r in ppl_runs)
+    if dedup is not None:
+        seconds["dedup_clustering"] += dedup["seconds"]
+    if any(w["augment_bytes"] for w in written):
+        seconds["augment"] += sum(w["augment_seconds"] for w in written)
+        step_bytes["augment"] += sum(w["augment_bytes"] for w in written)
+    throughput = {k: round(step_bytes[k] / seconds[k] / 1e6, 3) for k in seconds if step_bytes.get(k) and
+                  seconds[k] > 0}
+    workers = total_workers(cfg.executor)
+    digest = hashlib.sha256("".join(f"{w['file']}:{w['sha256']}\n" for w in written).encode()).hexdigest()
+    inputs = []
+    for src in cfg.sources:
+        files = sorted({t.path for t in tasks if t.source == src.name})
+        for f in files:
+            p = Path(f)
+            inputs.append({"source": src.name, "domain": src.domain, "path": f,
+                           "sha256": file_sha256(p) if p.is_file() else _digest(_file_state(f)),
+                           "bytes": p.stat().st_size if p.is_file() else None})
+    per_source = {}
+    for s in shards:
+        row = per_source.setdefault(s["source"], {"domain": s["domain"], "docs_in": 0, "bytes_in": 0,
+                                                  "after_read_phase": 0})
+        row["docs_in"] += s["docs_in"]
+        row["bytes_in"] += s["bytes_in"]
+        row["after_read_phase"] += s["docs_kept"]
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "config": to_dict(cfg),
+        "fingerprints": phase_fingerprints(cfg),
+        "inputs": inputs,
+        "sources": per_source,
+        "funnel": funnel,
+        "reasons": dict(sorted(reasons.items())),
+        "dedup": dedup and {k: v for k, v in dedup.items() if k != "fingerprint"},
+        "perplexity": selection.get("perplexity"),
+        "mix": selection.get("mix"),
+        "output": {"format": cfg.output.format, "docs": out_docs, "augmented": augmented,
+                   "files": [{k: w[k] for k in ("file", "docs", "bytes", "sha256")} for w in written],
+                   "digest": digest},
+        "rejected_dir": "rejected" if cfg.output.write_rejected else None,
+        "tokens": tokens,
+        "review": review,
+        "throughput": {"bytes_in": bytes_in, "wall_seconds": round(wall, 3), "workers": workers,
+                       "pipeline_mb_s_per_core": round(bytes_in / wall / workers / 1e6, 3) if wall else None,
+                       "step_mb_s_per_core": throughput},
+    }
+
+
+def _metrics(manifest: dict) -> dict[str, float]:
+    m = {f"reason.{k}": float(v) for k, v in manifest["reasons"].items()}
+    m["docs_in"] = float(manifest["funnel"][0]["in"])
+    m["docs_out"] = float(manifest["output"]["docs"])
+    t = manifest["throughput"]
+    if t["pipeline_mb_s_per_core"] is not None:
+        m["pipeline_mb_s_per_core"] = t["pipeline_mb_s_per_core"]
+    m.update({f"mb_s_per_core.{k}": v for k, v in t["step_mb_s_per_core"].items()})
+    return m
+
+
+def load_manifest(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} the out_dir of a finished `llmkit data run`?")
+    return json.loads(path.read_text())
+
+
+def render_report(manifest: dict) -> str:
+    """The funnel and the per-step figures of a manifest as markdown (what `llmkit data report` prints)."""
+    lines = ["# Data pipeline report", "", "## Funnel", "", "| step | in | dropped | out | why |",
+             "|---|---:|---:|---:|---|"]
+    for row in manifest["funnel"]:
+        if row["step"] == "augment":
+            lines.append(f"| augment | {row['in']} | +{row['added']} added, +{row['repeats']} repeats | "
+                         f"{row['out']} | |")
+            continue
+        dropped = sum(row["dropped"].values())
+        why = ", ".join(f"{r} {n}" for r, n in row["dropped"].items())
+        lines.append(f"| {row['step']} | {row['in']} | {dropped} | {row['out']} | {why} |")
+    lines += ["", "## Sources", "", "| source | domain | docs in | MB in | after read phase |",
+              "|---|---|---:|---:|---:|"]
+    for name, s in manifest["sources"].items():
+        lines.append(f"| {name} | {s['domain']} | {s['docs_in']} | {s['bytes_in'] / 1e6:.2f} | "
+                     f"{s['after_read_phase']} |")
+    if manifest.get("dedup"):
+        d = manifest["dedup"]
+        lines += ["", f"Dedup: {d['exact']} exact copies, {d['near']} near-duplicates in "
+                      f"{d['near_clusters']} clusters."]
+    if manifest.get("perplexity"):
+        p = manifest["perplexity"]
+        lines += ["", f"## Perplexity ({p['unit']})", "",
+                  "thresholds: " + ", ".join(f"{k} {v:.2f}" for k, v in p["thresholds"].items()), "",
+                  "| domain | count | p10 | p50 | p90 | mean |", "|---|---:|---:|---:|---:|---:|"]
+        for dom, s in p["by_domain"].items():
+            lines.append(f"| {dom} | {s['count']} | {s['p10']:.2f} | {s['p50']:.2f} | {s['p90']:.2f} | "
+                         f"{s['mean']:.2f} |")
+    if manifest.get("mix"):
+        m = manifest["mix"]
+        lines += ["", f"## Mix ({m['unit']}; {m['token_counter']})", "",
+                  "| domain | available | requested share | achieved share | taken |", "|---|---:|---:|---:|---:|"]
+        for dom in m["available"]:
+            lines.append(f"| {dom} | {m['available'][dom]:.0f} | {m['requested_share'].get(dom, 0):.3f} | "
+                         f"{m['achieved_share'][dom]:.3f} | {m['taken'][dom]:.0f} |")
+    t = manifest["throughput"]
+    lines += ["", "## Throughput", "",
+              f"{t['bytes_in'] / 1e6:.2f} MB in {t['wall_seconds']:.1f} s on {t['workers']} worker(s): "
+              f"{t['pipeline_mb_s_per_core']} MB/s per core for the whole pipeline.", "",
+              "| step | MB/s per core |", "|---|---:|"]
+    lines += [f"| {k} | {v} |" for k, v in t["step_mb_s_per_core"].items()]
+    o = manifest["output"]
+    lines += ["", f"Output: {o['docs']} documents in {len(o['files'])} {o['format']} shard(s), digest "
+                  f"{o['digest'][:16]}; review page: {', '.join(manifest['review']['files'])}."]
+    return "\n".join(lines) + "\n"
