@@ -19,9 +19,11 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# The main job: sample data, char tokenizer, nanoGPT-sized pretraining with tracking, then a sample.
+# The main job: sample data, the data pipeline (clean, dedup, filter, mix), char tokenizer, nanoGPT-sized pretraining with tracking, then a sample.
 demo: setup
 	$(BIN)/llmkit samples fetch $(SAMPLES_FROM) --out data/samples
+	$(BIN)/llmkit data run --config configs/data/quickstart.yaml
+	$(BIN)/llmkit data report runs/data/quickstart
 	$(BIN)/llmkit tokenizer train --input data/samples/en/tinyshakespeare.txt --kind char --out runs/tok
 	$(BIN)/llmkit pretrain --config configs/shakespeare_char.yaml --resume
 	$(BIN)/llmkit generate --model runs/shakespeare/final --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.7 --top-p 0.9 --seed 1

@@ -11,7 +11,8 @@ import pytest
 from conftest import shared_file
 from llmkit.cli import main
 from llmkit.config import load_config
-from llmkit.data.pipeline import DataPipelineConfig, load_manifest, run_pipeline
+from llmkit.data.pipeline import DataPipelineConfig, run_pipeline
+from llmkit.data.report import load_manifest
 
 
 def _read_gz(path: Path) -> list[dict]:
@@ -214,6 +215,21 @@ def test_tokenized_output_feeds_pretraining(corpus, tmp_path):
     import pyarrow.parquet as pq
     table = pq.read_table(Path(cfg.out_dir) / "data" / manifest["output"]["files"][0]["file"])
     assert set(table.column_names) >= {"id", "text", "domain", "meta"}
+    # the tokens feed pretraining as they are
+    from llmkit.train.trainer import PretrainConfig, pretrain
+    overrides = {"out_dir": str(tmp_path / "gpt"), "data.tokenizer": str(tmp_path / "tok"),
+                 "data.prepared": str(Path(cfg.out_dir) / "tokens"), "model.n_layer": 1, "model.d_model": 32,
+                 "model.n_head": 2, "model.block_size": 32, "train.batch_size": 4, "train.max_steps": 3,
+                 "train.warmup_steps": 1, "train.eval_interval": 3, "train.eval_batches": 1,
+                 "train.progress": False, "track.enabled": False}
+    summary = pretrain(load_config(PretrainConfig, None, [f"{k}={v}" for k, v in overrides.items()]))
+    assert summary["step"] == 3
+    other = train_char(["xyz"])
+    other.save(tmp_path / "other")
+    overrides["data.tokenizer"] = str(tmp_path / "other")
+    overrides["out_dir"] = str(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        pretrain(load_config(PretrainConfig, None, [f"{k}={v}" for k, v in overrides.items()]))
 
 
 def test_cli_run_and_report(corpus, tmp_path, capsys):

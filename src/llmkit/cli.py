@@ -31,7 +31,7 @@ def _data_run(args) -> None:
 
 
 def _data_report(args) -> None:
-    from llmkit.data.pipeline import load_manifest, render_report
+    from llmkit.data.report import load_manifest, render_report
 
     manifest = load_manifest(args.run_dir)
     print(json.dumps(manifest, indent=1, ensure_ascii=False) if args.json else render_report(manifest), end="")

@@ -25,7 +25,6 @@ manifest adds up: nothing is lost silently.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -43,23 +42,24 @@ import numpy as np
 from llmkit.config import flatten, to_dict
 from llmkit.data.augment import AugmentConfig
 from llmkit.data.dedup import DedupConfig
-from llmkit.data.executor import ExecutorConfig, run_tasks, total_workers
+from llmkit.data.executor import ExecutorConfig, run_tasks
 from llmkit.data.mix import MixConfig
 from llmkit.data.normalize import NormalizeConfig
 from llmkit.data.perplexity import PerplexityConfig
 from llmkit.data.quality import QualityConfig
+from llmkit.data.report import FORMAT_VERSION, build_manifest, manifest_metrics, render_report
 from llmkit.data.safety import SafetyConfig
+from llmkit.data.shards import JsonlGzWriter, ParquetWriter, read_jsonl_gz
 from llmkit.data.sources import ReadTask, SourceConfig, plan_tasks
+from llmkit.data.tokenized import file_sha256
 from llmkit.track import TrackConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
 # final-phase fate of a document that survived the read phase
 KEEP, DEDUP_EXACT, DEDUP_NEAR, PPL_HIGH, MIX_OUT = 0, 1, 2, 3, 4
 FATE_REASON = {DEDUP_EXACT: "dedup.exact", DEDUP_NEAR: "dedup.near", PPL_HIGH: "perplexity.high",
                MIX_OUT: "mix.not_sampled"}
-STEP_ORDER = ["read", "normalize", "quality", "safety", "dedup", "perplexity", "mix"]
 # a token estimate when no tokenizer is configured: each CJK character, and each run of other
 # non-space characters, counts as one token
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
@@ -77,7 +77,7 @@ class OutputConfig:
     """Documents per stratum (kept, and each drop reason) in review/review.html for a manual check."""
     tokenizer: str | None = None
     """An llmkit tokenizer (dir or tokenizer.json): count mix tokens with it and write token memmaps
-    (tokens/, ready for `llmkit pretrain` via data.prepared_dir) after the text shards."""
+    (tokens/, ready for `llmkit pretrain` with data.prepared=<out_dir>/tokens) after the text shards."""
     val_fraction: float = 0.1
     """Tail fraction of each output shard's tokens used for validation in tokens/."""
 
@@ -162,85 +162,6 @@ def _read_done(path: Path, fingerprint: str) -> dict | None:
     except (OSError, json.JSONDecodeError):
         return None
     return done if done.get("fingerprint") == fingerprint else None
-
-
-class JsonlGzWriter:
-    """Streams records to a .jsonl.gz under a temporary name; `commit()` renames it into place.
-
-    The gzip header carries no timestamp, so identical content gives identical bytes (stable digests)."""
-
-    def __init__(self, path: Path, level: int):
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self._raw = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit()
-        self._gz = gzip.GzipFile(filename="", fileobj=self._raw, mode="wb", compresslevel=level, mtime=0)
-        self.count = 0
-
-    def write(self, record: dict) -> None:
-        self._gz.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-        self.count += 1
-
-    def commit(self) -> None:
-        self._gz.close()
-        self._raw.flush()
-        os.fsync(self._raw.fileno())
-        self._raw.close()
-        os.replace(self.tmp, self.path)
-
-
-class ParquetWriter:
-    """Output shard as parquet: nested fields (meta, stats, augmented) are JSON strings."""
-
-    COLUMNS = ("id", "text", "source", "domain", "lang", "meta", "stats", "augmented", "repeat")
-
-    def __init__(self, path: Path, level: int, batch: int = 2048):
-        self.path = path
-        self.tmp = path.with_name(path.name + ".tmp")
-        self._rows: list[dict] = []
-        self._writer = None
-        self._batch = batch
-        self.count = 0
-
-    def write(self, record: dict) -> None:
-        row = {k: record.get(k) for k in self.COLUMNS}
-        for k in ("meta", "stats", "augmented"):
-            row[k] = json.dumps(row[k], ensure_ascii=False) if row[k] is not None else None
-        row["repeat"] = int(row["repeat"] or 0)
-        self._rows.append(row)
-        self.count += 1
-        if len(self._rows) >= self._batch:
-            self._flush()
-
-    def _flush(self) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        schema = pa.schema([(c, pa.int64() if c == "repeat" else pa.string()) for c in self.COLUMNS])
-        table = pa.Table.from_pylist(self._rows, schema=schema)
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.tmp, schema, compression="zstd")
-        self._writer.write_table(table)
-        self._rows = []
-
-    def commit(self) -> None:
-        if self._rows or self._writer is None:
-            self._flush()
-        self._writer.close()
-        os.replace(self.tmp, self.path)
-
-
-def read_jsonl_gz(path: Path):
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            yield json.loads(line)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def count_tokens(text: str, tokenizer) -> int:
@@ -675,7 +596,7 @@ def run_pipeline(cfg: DataPipelineConfig, restart: bool = False) -> dict:
     tracker.log_params(flatten(to_dict(cfg)))
     try:
         manifest = _run(cfg, fps, t_start)
-        tracker.log_metrics(_metrics(manifest), step=0)
+        tracker.log_metrics(manifest_metrics(manifest), step=0)
         for src in manifest["inputs"]:
             tracker.log_dataset(f"source:{src['source']}", src["sha256"], src["path"], context="source")
         tracker.log_dataset(out.name, manifest["output"]["digest"], str((out / "data").resolve()),
@@ -736,11 +657,24 @@ def _run(cfg: DataPipelineConfig, fps: dict[str, str], t_start: float) -> dict:
          fps["write"]) for i, s in enumerate(shards)], cfg.executor, "write")
     tokens = _tokenize_output(cfg, written) if cfg.output.tokenizer else None
     review = _write_review(cfg, shards, written)
-    manifest = _manifest(cfg, tasks, shards, dedup, ppl_runs, selection, written, tokens, review,
-                         time.perf_counter() - t_start)
+    manifest = build_manifest(cfg, inputs=input_digests(cfg, tasks), fingerprints=fps, shards=shards,
+                              dedup=dedup, ppl_runs=ppl_runs, selection=selection, written=written,
+                              tokens=tokens, review=review, wall=time.perf_counter() - t_start)
     _write_json_atomic(out / "manifest.json", manifest)
     (out / "report.md").write_text(render_report(manifest), encoding="utf-8")
     return manifest
+
+
+def input_digests(cfg: DataPipelineConfig, tasks: list[ReadTask]) -> list[dict]:
+    """sha256 of every input file (a state digest for dataset directories): the run's lineage."""
+    inputs = []
+    for src in cfg.sources:
+        for f in sorted({t.path for t in tasks if t.source == src.name}):
+            p = Path(f)
+            inputs.append({"source": src.name, "domain": src.domain, "path": f,
+                           "sha256": file_sha256(p) if p.is_file() else _digest(_file_state(f)),
+                           "bytes": p.stat().st_size if p.is_file() else None})
+    return inputs
 
 
 def _tokenize_output(cfg: DataPipelineConfig, written: list[dict]) -> dict:
@@ -762,142 +696,3 @@ def _write_review(cfg: DataPipelineConfig, shards: list[dict], written: list[dic
         sampler.merge(SpotCheckSampler.from_dict(part["sampler"]))
     paths = sampler.write(Path(cfg.out_dir) / "review")
     return {"files": [str(Path(p).relative_to(cfg.out_dir)) for p in paths]}
-
-
-def _manifest(cfg, tasks, shards, dedup, ppl_runs, selection, written, tokens, review, wall) -> dict:
-    reasons: Counter = Counter()
-    for part in [*shards, *written]:
-        reasons.update(part["reasons"])
-    docs_in = sum(s["docs_in"] for s in shards)
-    bytes_in = sum(s["bytes_in"] for s in shards)
-    funnel, alive = [], docs_in
-    for step in STEP_ORDER:
-        dropped = {r: n for r, n in sorted(reasons.items()) if r.split(".")[0] == step}
-        lost = sum(dropped.values())
-        funnel.append({"step": step, "in": alive, "dropped": dropped, "out": alive - lost})
-        alive -= lost
-    out_docs = sum(w["docs"] for w in written)
-    augmented = sum(w["augmented"] for w in written)
-    repeats = sum(w["repeats"] for w in written)
-    funnel.append({"step": "augment", "in": alive, "added": augmented, "repeats": repeats, "out": out_docs})
-    # MB/s per core: bytes each step saw / CPU seconds it spent (summed over workers)
-    seconds: Counter = Counter()
-    step_bytes: Counter = Counter()
-    for s in shards:
-        seconds.update(s["seconds"])
-        step_bytes.update(s["step_bytes"])
-    if ppl_runs:
-        seconds["perplexity"] += sum(r["seconds"] for r in ppl_runs)
-        step_bytes["perplexity"] += sum(r["bytes"] for r in ppl_runs)
-    if dedup is not None:
-        seconds["dedup_clustering"] += dedup["seconds"]
-    if any(w["augment_bytes"] for w in written):
-        seconds["augment"] += sum(w["augment_seconds"] for w in written)
-        step_bytes["augment"] += sum(w["augment_bytes"] for w in written)
-    throughput = {k: round(step_bytes[k] / seconds[k] / 1e6, 3) for k in seconds if step_bytes.get(k) and
-                  seconds[k] > 0}
-    workers = total_workers(cfg.executor)
-    digest = hashlib.sha256("".join(f"{w['file']}:{w['sha256']}\n" for w in written).encode()).hexdigest()
-    inputs = []
-    for src in cfg.sources:
-        files = sorted({t.path for t in tasks if t.source == src.name})
-        for f in files:
-            p = Path(f)
-            inputs.append({"source": src.name, "domain": src.domain, "path": f,
-                           "sha256": file_sha256(p) if p.is_file() else _digest(_file_state(f)),
-                           "bytes": p.stat().st_size if p.is_file() else None})
-    per_source = {}
-    for s in shards:
-        row = per_source.setdefault(s["source"], {"domain": s["domain"], "docs_in": 0, "bytes_in": 0,
-                                                  "after_read_phase": 0})
-        row["docs_in"] += s["docs_in"]
-        row["bytes_in"] += s["bytes_in"]
-        row["after_read_phase"] += s["docs_kept"]
-    return {
-        "format_version": FORMAT_VERSION,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "config": to_dict(cfg),
-        "fingerprints": phase_fingerprints(cfg),
-        "inputs": inputs,
-        "sources": per_source,
-        "funnel": funnel,
-        "reasons": dict(sorted(reasons.items())),
-        "dedup": dedup and {k: v for k, v in dedup.items() if k != "fingerprint"},
-        "perplexity": selection.get("perplexity"),
-        "mix": selection.get("mix"),
-        "output": {"format": cfg.output.format, "docs": out_docs, "augmented": augmented,
-                   "files": [{k: w[k] for k in ("file", "docs", "bytes", "sha256")} for w in written],
-                   "digest": digest},
-        "rejected_dir": "rejected" if cfg.output.write_rejected else None,
-        "tokens": tokens,
-        "review": review,
-        "throughput": {"bytes_in": bytes_in, "wall_seconds": round(wall, 3), "workers": workers,
-                       "pipeline_mb_s_per_core": round(bytes_in / wall / workers / 1e6, 3) if wall else None,
-                       "step_mb_s_per_core": throughput},
-    }
-
-
-def _metrics(manifest: dict) -> dict[str, float]:
-    m = {f"reason.{k}": float(v) for k, v in manifest["reasons"].items()}
-    m["docs_in"] = float(manifest["funnel"][0]["in"])
-    m["docs_out"] = float(manifest["output"]["docs"])
-    t = manifest["throughput"]
-    if t["pipeline_mb_s_per_core"] is not None:
-        m["pipeline_mb_s_per_core"] = t["pipeline_mb_s_per_core"]
-    m.update({f"mb_s_per_core.{k}": v for k, v in t["step_mb_s_per_core"].items()})
-    return m
-
-
-def load_manifest(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: is {run_dir} the out_dir of a finished `llmkit data run`?")
-    return json.loads(path.read_text())
-
-
-def render_report(manifest: dict) -> str:
-    """The funnel and the per-step figures of a manifest as markdown (what `llmkit data report` prints)."""
-    lines = ["# Data pipeline report", "", "## Funnel", "", "| step | in | dropped | out | why |",
-             "|---|---:|---:|---:|---|"]
-    for row in manifest["funnel"]:
-        if row["step"] == "augment":
-            lines.append(f"| augment | {row['in']} | +{row['added']} added, +{row['repeats']} repeats | "
-                         f"{row['out']} | |")
-            continue
-        dropped = sum(row["dropped"].values())
-        why = ", ".join(f"{r} {n}" for r, n in row["dropped"].items())
-        lines.append(f"| {row['step']} | {row['in']} | {dropped} | {row['out']} | {why} |")
-    lines += ["", "## Sources", "", "| source | domain | docs in | MB in | after read phase |",
-              "|---|---|---:|---:|---:|"]
-    for name, s in manifest["sources"].items():
-        lines.append(f"| {name} | {s['domain']} | {s['docs_in']} | {s['bytes_in'] / 1e6:.2f} | "
-                     f"{s['after_read_phase']} |")
-    if manifest.get("dedup"):
-        d = manifest["dedup"]
-        lines += ["", f"Dedup: {d['exact']} exact copies, {d['near']} near-duplicates in "
-                      f"{d['near_clusters']} clusters."]
-    if manifest.get("perplexity"):
-        p = manifest["perplexity"]
-        lines += ["", f"## Perplexity ({p['unit']})", "",
-                  "thresholds: " + ", ".join(f"{k} {v:.2f}" for k, v in p["thresholds"].items()), "",
-                  "| domain | count | p10 | p50 | p90 | mean |", "|---|---:|---:|---:|---:|---:|"]
-        for dom, s in p["by_domain"].items():
-            lines.append(f"| {dom} | {s['count']} | {s['p10']:.2f} | {s['p50']:.2f} | {s['p90']:.2f} | "
-                         f"{s['mean']:.2f} |")
-    if manifest.get("mix"):
-        m = manifest["mix"]
-        lines += ["", f"## Mix ({m['unit']}; {m['token_counter']})", "",
-                  "| domain | available | requested share | achieved share | taken |", "|---|---:|---:|---:|---:|"]
-        for dom in m["available"]:
-            lines.append(f"| {dom} | {m['available'][dom]:.0f} | {m['requested_share'].get(dom, 0):.3f} | "
-                         f"{m['achieved_share'][dom]:.3f} | {m['taken'][dom]:.0f} |")
-    t = manifest["throughput"]
-    lines += ["", "## Throughput", "",
-              f"{t['bytes_in'] / 1e6:.2f} MB in {t['wall_seconds']:.1f} s on {t['workers']} worker(s): "
-              f"{t['pipeline_mb_s_per_core']} MB/s per core for the whole pipeline.", "",
-              "| step | MB/s per core |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in t["step_mb_s_per_core"].items()]
-    o = manifest["output"]
-    lines += ["", f"Output: {o['docs']} documents in {len(o['files'])} {o['format']} shard(s), digest "
-                  f"{o['digest'][:16]}; review page: {', '.join(manifest['review']['files'])}."]
-    return "\n".join(lines) + "\n"

@@ -223,6 +223,10 @@ def ensure_prepared(cfg: PretrainConfig, tokenizer, info: D.DistInfo) -> Path:
         except FileNotFoundError:
             if not cfg.data.inputs:
                 raise ValueError(f"data.inputs is empty and {data_dir} holds no tokenized data") from None
+        else:
+            if not cfg.data.inputs and meta["tokenizer_digest"] != tokenizer.digest():
+                raise ValueError(f"{data_dir} was tokenized with another tokenizer than {cfg.data.tokenizer} "
+                                 "(digests differ); give data.inputs to re-tokenize, or the matching tokenizer")
         if not fresh and cfg.data.inputs:
             log.info("tokenizing %s into %s", cfg.data.inputs, data_dir)
             prepare_tokens(cfg.data.inputs, tokenizer, data_dir, val_fraction=cfg.data.val_fraction,
