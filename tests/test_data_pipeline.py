@@ -288,3 +288,51 @@ def test_a_source_can_skip_filters(corpus, tmp_path, finished):
     _, rejected_before = _all_ids(Path(finished[0].out_dir))
     assert any(d["reason"].startswith("quality.") for d in rejected_before if d["source"] == "zh")
     assert skipped["sources"]["zh"]["after_read_phase"] > manifest["sources"]["zh"]["after_read_phase"]
+
+
+def test_augmented_copies_are_marked(corpus, tmp_path):
+    synonyms = Path(__file__).parent / "data" / "synonyms_en.tsv"
+    cfg = _config(corpus, tmp_path / "aug", **{
+        "perplexity.enabled": False, "mix.enabled": False, "augment.enabled": True,
+        "augment.methods": "[synonym_replace, random_swap]", "augment.synonyms": str(synonyms),
+        "augment.domains": "[web]", "augment.langs": "[en]"})
+    manifest = run_pipeline(cfg)
+    kept, _ = _all_ids(Path(cfg.out_dir))
+    augmented = [d for d in kept if "augmented" in d]
+    assert len(augmented) == manifest["funnel"][-1]["added"] > 0
+    originals = {d["id"]: d for d in kept if "augmented" not in d}
+    for d in augmented:
+        assert d["domain"] == "web" and d["augmented"]["of"] in originals
+        assert d["id"].startswith(d["augmented"]["of"] + "#aug-" + d["augmented"]["method"])
+        assert d["text"] != originals[d["augmented"]["of"]]["text"]
+    assert manifest["output"]["docs"] == len(originals) + len(augmented)
+
+
+def test_a_killed_run_resumes_to_the_same_result(corpus, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    overrides = ["executor.split_mb=0.02", "perplexity.enabled=false", "track.enabled=false"]
+    cfg = _config(corpus, tmp_path / "killed")
+    config_path = tmp_path / "killed.yaml"
+    cmd = [sys.executable, "-m", "llmkit", "data", "run", "--config", str(config_path), *overrides]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    read_dir = Path(cfg.out_dir) / "work" / "read"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(read_dir.glob("*.done.json"))) < 3 and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished_before_kill = len(list(read_dir.glob("*.done.json")))
+    assert not (Path(cfg.out_dir) / "manifest.json").exists(), "the run finished before it could be killed"
+    assert finished_before_kill >= 3
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    _config(corpus, tmp_path / "clean")
+    clean = subprocess.run([sys.executable, "-m", "llmkit", "data", "run", "--config",
+                            str(tmp_path / "clean.yaml"), *overrides], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+    assert load_manifest(cfg.out_dir)["output"]["digest"] == load_manifest(tmp_path / "clean")["output"]["digest"]
+    assert load_manifest(cfg.out_dir)["reasons"] == load_manifest(tmp_path / "clean")["reasons"]
