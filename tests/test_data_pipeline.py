@@ -336,3 +336,18 @@ def test_a_killed_run_resumes_to_the_same_result(corpus, tmp_path):
     assert clean.returncode == 0, clean.stderr
     assert load_manifest(cfg.out_dir)["output"]["digest"] == load_manifest(tmp_path / "clean")["output"]["digest"]
     assert load_manifest(cfg.out_dir)["reasons"] == load_manifest(tmp_path / "clean")["reasons"]
+
+
+def test_a_changed_input_is_read_again(corpus, tmp_path):
+    import shutil
+    local = tmp_path / "corpus"
+    shutil.copytree(corpus, local)
+    cfg = _config(local, tmp_path / "changed", **{"perplexity.enabled": False, "mix.enabled": False})
+    before = run_pipeline(cfg)
+    wiki = local / "wiki.txt"
+    extra = shared_file("en/wiki_demo.txt").read_text().splitlines()[20]
+    wiki.write_text(wiki.read_text() + extra + "\n")
+    after = run_pipeline(cfg)
+    assert after["sources"]["wiki"]["docs_in"] == before["sources"]["wiki"]["docs_in"] + 1
+    assert after["output"]["docs"] == before["output"]["docs"] + 1
+    assert after["output"]["digest"] != before["output"]["digest"]

@@ -244,7 +244,6 @@ def read_shard(cfg: DataPipelineConfig, task: ReadTask, index: int, fingerprint:
     hasher = MinHasher.from_config(cfg.dedup) if cfg.dedup.near else None
     n_in = bytes_in = 0
     t_read = time.perf_counter()
-    t_steps = 0.0
 
     def flush_signatures() -> None:
         if hasher is not None and texts:
@@ -266,7 +265,6 @@ def read_shard(cfg: DataPipelineConfig, task: ReadTask, index: int, fingerprint:
             sampler.offer(rej, doc["error"]["reason"])
             continue
         reason = None
-        t0 = time.perf_counter()
         for name, step in steps:
             if name in src.skip:
                 continue
@@ -276,7 +274,6 @@ def read_shard(cfg: DataPipelineConfig, task: ReadTask, index: int, fingerprint:
             seconds[name] += time.perf_counter() - t
             if reason is not None:
                 break
-        t_steps += time.perf_counter() - t0
         if reason is not None:
             reasons[reason] += 1
             if cfg.output.write_rejected:
@@ -619,6 +616,13 @@ def _run(cfg: DataPipelineConfig, fps: dict[str, str], t_start: float) -> dict:
                        "read")
     for s, t in zip(shards, tasks):
         s["key"] = t.key
+    # later phases are valid only for exactly these read results (an input changed -> redo them)
+    read_digest = _digest([[s["key"], s["input_state"], s["docs_kept"]] for s in shards])
+    fps = {phase: (fp if phase == "read" else _digest([fp, read_digest])) for phase, fp in fps.items()}
+    keys = {t.key for t in tasks}
+    for stale in (out / "rejected").glob("*.jsonl.gz"):  # from shards of an earlier plan (split_mb, files)
+        if stale.name.rsplit(".", 3)[0] not in keys:
+            stale.unlink()
     n_alive = sum(s["docs_kept"] for s in shards)
     offsets = np.cumsum([0] + [s["docs_kept"] for s in shards])
     # 2. dedup
