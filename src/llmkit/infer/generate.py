@@ -40,7 +40,8 @@ def stream_tokens(model: Decoder, prompt_ids: list[int], params: SamplingParams,
         gen = torch.Generator(device=device)
         gen.manual_seed(params.seed)
     budget = min(params.max_new_tokens, block - len(ids))
-    cache = KVCache(model.config, batch_size=1, max_len=len(ids) + budget, device=device,
+    # a prefix-tuned model keeps its P prefix keys/values in the first cache slots (no positions used)
+    cache = KVCache(model.config, batch_size=1, max_len=model.num_prefix_tokens + len(ids) + budget, device=device,
                     dtype=next(model.parameters()).dtype)
     logits, _ = model(torch.tensor([ids], device=device), cache=cache)
     for _ in range(budget):

@@ -8,6 +8,11 @@ hardware has one.
 Generation uses a pre-allocated key/value cache (`KVCache`): each new token attends to the cached keys
 and values of all earlier tokens instead of recomputing them, so a step costs O(T) instead of O(T^2),
 and the logits equal those of the full forward pass (tests/test_decoder.py checks this).
+
+Prefix tuning (`llmkit.models.prefix.apply_prefix`, Li & Liang 2021) sets `Decoder.prefix`: every layer's
+self-attention then also attends to P learned key/value vectors placed before the tokens. The prefix
+takes no positions (token t still gets position t); in a `KVCache` it occupies the first P slots, written
+by the first forward pass that uses the cache.
 """
 
 from __future__ import annotations
@@ -88,7 +93,10 @@ class KVCache:
 
     H_kv is the number of key/value heads (`config.kv_heads`), fewer than the query heads under GQA.
 
-    `length` is how many positions are filled; a forward pass with a cache appends its tokens there.
+    `length` is how many slots are filled; a forward pass with a cache appends its tokens there. With a
+    prefix-tuned model the first `prefix_len` slots hold the prefix (written by the model's first forward
+    pass on an empty cache), so `max_len` must leave room for it (`Decoder.num_prefix_tokens`) and the
+    token positions are `length - prefix_len`.
     """
 
     def __init__(self, config: DecoderConfig, batch_size: int, max_len: int | None = None,
@@ -98,6 +106,7 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
+        self.prefix_len = 0
 
     @property
     def max_len(self) -> int:
@@ -105,6 +114,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self.prefix_len = 0
 
 
 class Block(nn.Module):
@@ -117,10 +127,10 @@ class Block(nn.Module):
         self.norm2 = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
         self.mlp = FeedForward(config.d_model, config.d_ff, config.activation, config.bias, config.dropout)
 
-    def forward(self, x, rope, cache: KVCache | None, layer: int):
+    def forward(self, x, rope, cache: KVCache | None, layer: int, prefix=None):
         buffers = (cache.k[layer], cache.v[layer]) if cache is not None else None
         start = cache.length if cache is not None else 0
-        x = x + self.attn(self.norm1(x), causal=True, rope=rope, kv_buffers=buffers, start=start)
+        x = x + self.attn(self.norm1(x), causal=True, rope=rope, kv_buffers=buffers, start=start, prefix=prefix)
         return x + self.mlp(self.norm2(x))
 
 
@@ -145,6 +155,8 @@ class Decoder(nn.Module):
             cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
+        # learned key/value prefix (prefix tuning); None = plain model. Set by llmkit.models.prefix.apply_prefix.
+        self.prefix: nn.Module | None = None
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
         # variance does not grow with depth.
@@ -167,22 +179,36 @@ class Decoder(nn.Module):
 
         Targets equal to -100 are ignored. With `cache`, idx holds only the new tokens; they are placed
         after the `cache.length` positions already cached, and the cache grows by T.
+        With a prefix attached (`self.prefix`), every layer also attends to its P prefix keys/values: without
+        a cache they are computed here, with one they are written to its first P slots on the first call.
         """
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        start = cache.length if cache is not None else 0  # cache slot of the first new token
+        prefix_kv = None
+        if self.prefix is not None:
+            if cache is None:
+                prefix_kv = self.prefix()  # (n_layer, 2, H_kv, P, head_dim)
+            elif cache.length == 0:
+                self._fill_prefix(cache, B)
+                start = cache.length
+        pos = start - cache.prefix_len if cache is not None else 0  # position of the first new token
+        if pos + T > self.config.block_size:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={self.config.block_size}")
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
         x = self.tok_emb(idx)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(start, start + T, device=idx.device))
+            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
         else:
-            rope = (self.rope_cos[start:start + T], self.rope_sin[start:start + T])
+            rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
         x = self.drop(x)
-        for i, block in enumerate(self.blocks):
-            x = block(x, rope, cache, i)
+        if prefix_kv is None:
+            for i, block in enumerate(self.blocks):
+                x = block(x, rope, cache, i)
+        else:
+            for i, block in enumerate(self.blocks):
+                x = block(x, rope, None, i, prefix=(prefix_kv[i, 0][None], prefix_kv[i, 1][None]))
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.norm_f(x))
@@ -190,6 +216,21 @@ class Decoder(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """P, the cache slots the attached prefix takes (0 without one): add it to a `KVCache`'s max_len."""
+        return 0 if self.prefix is None else self.prefix.num_virtual_tokens
+
+    def _fill_prefix(self, cache: KVCache, batch_size: int) -> None:
+        """Write every layer's prefix keys/values into the first P slots of an empty cache."""
+        kv = self.prefix()  # (n_layer, 2, H_kv, P, head_dim)
+        P = kv.shape[3]
+        if P > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; the prefix alone needs {P}")
+        cache.k[:, :batch_size, :, :P] = kv[:, 0, None].to(cache.k.dtype)
+        cache.v[:, :batch_size, :, :P] = kv[:, 1, None].to(cache.v.dtype)
+        cache.length = cache.prefix_len = P
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without position embeddings (and the tied token embedding counts once)."""

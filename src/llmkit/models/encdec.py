@@ -26,6 +26,13 @@ Parameter names (state_dict keys)::
     lm_head.weight                                  only when tie_embeddings is False
 
 `mlp.gate` exists only for `gated-gelu` (T5 v1.1: gelu_tanh(gate x) * up x).
+
+Prefix tuning (`llmkit.models.prefix.apply_prefix`; Li & Liang 2021, who prefix BART's encoder and
+decoder) sets `EncoderDecoder.prefix`; its forward gives (2 * n_decoder_layer + n_layer, 2, H, P, d_kv)
+keys/values: decoder self-attention layers first, then cross-attention layers, then encoder layers. Every
+one of those attentions then also attends to its P learned keys/values, which carry no relative position
+bias (bias 0) and are never masked. In generation they fill the first P slots of the decoder cache and
+are put in front of each layer's cached cross-attention keys/values.
 """
 
 from __future__ import annotations
@@ -191,8 +198,8 @@ class EncoderBlock(nn.Module):
         self.mlp = T5FeedForward(config.d_model, config.d_ff, config.activation, config.dropout)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), mask=bias)
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, prefix=None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), mask=bias, prefix=prefix)
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
@@ -211,9 +218,12 @@ class DecoderBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, self_bias: torch.Tensor, memory: torch.Tensor | None,
                 cross_mask: torch.Tensor | None, kv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None,
-                start: int = 0, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.norm1(x), causal=True, mask=self_bias, kv_buffers=kv_buffers, start=start)
-        x = x + self.cross_attn(self.norm2(x), memory=memory, mask=cross_mask, memory_kv=memory_kv)
+                start: int = 0, memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                self_prefix=None, cross_prefix=None) -> torch.Tensor:
+        x = x + self.self_attn(self.norm1(x), causal=True, mask=self_bias, kv_buffers=kv_buffers, start=start,
+                               prefix=self_prefix)
+        x = x + self.cross_attn(self.norm2(x), memory=memory, mask=cross_mask, memory_kv=memory_kv,
+                                prefix=cross_prefix)
         return x + self.drop(self.mlp(self.norm3(x)))
 
 
@@ -228,15 +238,22 @@ class Encoder(nn.Module):
         self.norm_f = RMSNorm(config.d_model, eps=config.norm_eps)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, pad_bias: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, S, d_model) embeddings; pad_bias: (B, 1, 1, S) additive or None -> (B, S, d_model)."""
+    def forward(self, x: torch.Tensor, pad_bias: torch.Tensor | None,
+                prefix_kv: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, S, d_model) embeddings; pad_bias: (B, 1, 1, S) additive or None -> (B, S, d_model).
+        prefix_kv: (n_layer, 2, H, P, d_kv) per-layer prefix keys/values (prefix tuning) or None."""
         S = x.shape[1]
         bias = self.rel_bias(S, S).to(x.dtype)
         if pad_bias is not None:
             bias = bias + pad_bias
         x = self.drop(x)
-        for block in self.blocks:
-            x = block(x, bias)
+        if prefix_kv is None:
+            for block in self.blocks:
+                x = block(x, bias)
+        else:
+            bias = _prefix_columns(bias, prefix_kv.shape[3])
+            for i, block in enumerate(self.blocks):
+                x = block(x, bias, prefix=(prefix_kv[i, 0][None], prefix_kv[i, 1][None]))
         return self.drop(self.norm_f(x))
 
 
@@ -252,14 +269,30 @@ class DecoderStack(nn.Module):
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, cross_mask: torch.Tensor | None,
-                cache: _DecoderCache | None = None) -> torch.Tensor:
+                cache: _DecoderCache | None = None, prefix_kv: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, d_model) embeddings of the decoder tokens; memory: (B, S, d_model) encoder output
         (may be None when `cache` holds the cross-attention K/V); cross_mask: (B, 1, 1, S) additive or
-        None. With `cache`, x holds only the new tokens (placed after `cache.length`) and the cache grows."""
+        None. With `cache`, x holds only the new tokens (placed after `cache.length`) and the cache grows.
+        prefix_kv (without cache): (2 * n_decoder_layer, 2, H, P, d_kv) prefix keys/values of the
+        self-attention layers, then the cross-attention layers; a cache carries its own prefix."""
+        if cache is not None and prefix_kv is not None:
+            raise ValueError("pass prefix_kv or a cache (which holds the prefix), not both")
         T = x.shape[1]
-        start = cache.length if cache is not None else 0
-        bias = self.rel_bias(T, start + T, offset=start).to(x.dtype)
+        start = cache.length if cache is not None else 0  # cache slot of the first new token
+        P = cache.prefix_len if cache is not None else 0 if prefix_kv is None else prefix_kv.shape[3]
+        pos = start - P if cache is not None else 0  # position of the first new token
+        bias = self.rel_bias(T, pos + T, offset=pos).to(x.dtype)
+        if P:  # prefix keys: no position bias, never masked
+            bias = _prefix_columns(bias, P)
+            if cross_mask is not None:
+                cross_mask = _prefix_columns(cross_mask, P)
         x = self.drop(x)
+        if prefix_kv is not None:
+            n = len(self.blocks)
+            for i, block in enumerate(self.blocks):
+                x = block(x, bias, memory, cross_mask, self_prefix=(prefix_kv[i, 0][None], prefix_kv[i, 1][None]),
+                          cross_prefix=(prefix_kv[n + i, 0][None], prefix_kv[n + i, 1][None]))
+            return self.drop(self.norm_f(x))
         for i, block in enumerate(self.blocks):
             if cache is not None:
                 x = block(x, bias, memory, cross_mask, kv_buffers=(cache.k[i], cache.v[i]), start=start,
@@ -271,17 +304,39 @@ class DecoderStack(nn.Module):
         return self.drop(self.norm_f(x))
 
 
-class _DecoderCache:
-    """Decoder self-attention K/V (n_layer, B, H, max_len, d_kv) plus each layer's cross-attention K/V."""
+def _prefix_columns(bias: torch.Tensor, P: int) -> torch.Tensor:
+    """Put P zero columns (visible, no position bias) in front of an additive (.., .., T, keys) bias."""
+    zeros = torch.zeros((*bias.shape[:-1], P), dtype=bias.dtype, device=bias.device)
+    return torch.cat((zeros, bias), dim=-1)
 
-    def __init__(self, model: EncoderDecoder, memory: torch.Tensor, max_len: int):
+
+class _DecoderCache:
+    """Decoder self-attention K/V (n_layer, B, H, max_len, d_kv) plus each layer's cross-attention K/V.
+
+    `max_len` counts decoder tokens. With a prefix-tuned model the first P = `prefix_len` slots hold the
+    self-attention prefix (so `length` starts at P) and each layer's cross-attention K/V have the
+    cross-attention prefix in front; `prefix_kv` is the model's prefix output if already computed."""
+
+    def __init__(self, model: EncoderDecoder, memory: torch.Tensor, max_len: int,
+                 prefix_kv: torch.Tensor | None = None):
         c = model.config
         B = memory.shape[0]
-        shape = (c.n_decoder_layer, B, c.n_head, max_len, c.d_kv)
+        if prefix_kv is None and model.prefix is not None:
+            prefix_kv = model.prefix()
+        P = 0 if prefix_kv is None else prefix_kv.shape[3]
+        shape = (c.n_decoder_layer, B, c.n_head, P + max_len, c.d_kv)
         self.k = torch.zeros(shape, device=memory.device, dtype=memory.dtype)
         self.v = torch.zeros(shape, device=memory.device, dtype=memory.dtype)
         self.memory_kv = [blk.cross_attn.project_kv(memory) for blk in model.decoder.blocks]
-        self.length = 0
+        self.length = self.prefix_len = P
+        if P:
+            n = c.n_decoder_layer
+            kv = prefix_kv.to(memory.dtype)
+            self.k[:, :, :, :P] = kv[:n, 0, None]
+            self.v[:, :, :, :P] = kv[:n, 1, None]
+            self.memory_kv = [(torch.cat((kv[n + i, 0].expand(B, -1, -1, -1), k), dim=2),
+                               torch.cat((kv[n + i, 1].expand(B, -1, -1, -1), v), dim=2))
+                              for i, (k, v) in enumerate(self.memory_kv)]
 
 
 class EncoderDecoder(nn.Module):
@@ -297,6 +352,8 @@ class EncoderDecoder(nn.Module):
         self.encoder = Encoder(config)
         self.decoder = DecoderStack(config)
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # learned key/value prefix (prefix tuning); None = plain model. Set by llmkit.models.prefix.apply_prefix.
+        self.prefix: nn.Module | None = None
         self._init_weights()
 
     @torch.no_grad()
@@ -337,8 +394,13 @@ class EncoderDecoder(nn.Module):
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (B, S); attention_mask: (B, S) with 1 for tokens, 0 for padding -> (B, S, d_model)."""
+        return self._encode(input_ids, attention_mask, self.prefix() if self.prefix is not None else None)
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                prefix_kv: torch.Tensor | None) -> torch.Tensor:
         x = self.shared(input_ids)
-        return self.encoder(x, self._pad_bias(attention_mask, x.dtype))
+        enc_kv = None if prefix_kv is None else prefix_kv[2 * self.config.n_decoder_layer:]
+        return self.encoder(x, self._pad_bias(attention_mask, x.dtype), enc_kv)
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.lm_head is None:
@@ -364,9 +426,11 @@ class EncoderDecoder(nn.Module):
             if labels is None:
                 raise ValueError("forward needs decoder_input_ids or labels")
             decoder_input_ids = self.shift_right(labels)
-        memory = self.encode(input_ids, attention_mask)
+        prefix_kv = self.prefix() if self.prefix is not None else None  # once for both stacks
+        memory = self._encode(input_ids, attention_mask, prefix_kv)
         cross_mask = self._pad_bias(attention_mask, memory.dtype)
-        h = self.decoder(self.shared(decoder_input_ids), memory, cross_mask)
+        dec_kv = None if prefix_kv is None else prefix_kv[:2 * self.config.n_decoder_layer]
+        h = self.decoder(self.shared(decoder_input_ids), memory, cross_mask, prefix_kv=dec_kv)
         logits = self._logits(h)
         loss = None
         if labels is not None:
@@ -392,9 +456,10 @@ class EncoderDecoder(nn.Module):
         generator = None
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)
-        memory = self.encode(input_ids, attention_mask)
+        prefix_kv = self.prefix() if self.prefix is not None else None
+        memory = self._encode(input_ids, attention_mask, prefix_kv)
         cross_mask = self._pad_bias(attention_mask, memory.dtype)
-        cache = _DecoderCache(self, memory, max(1, max_new_tokens))
+        cache = _DecoderCache(self, memory, max(1, max_new_tokens), prefix_kv)
         token = torch.full((B, 1), self.config.decoder_start_token_id, dtype=torch.long, device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         out = []

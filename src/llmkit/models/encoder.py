@@ -11,6 +11,10 @@ every non-padding position. Two heads sit on top:
 
 Weights import from / export to Hugging Face BERT checkpoints with exact logits (`llmkit.models.hf_bert`;
 tests/test_encoder.py checks parity against `transformers`).
+
+Prefix tuning (`llmkit.models.prefix.apply_prefix`, Li & Liang 2021) sets `Encoder.prefix` (for
+`EncoderClassifier`, on its `encoder`): every layer's self-attention then also attends to P learned
+keys/values, which take no positions and are never masked.
 """
 
 from __future__ import annotations
@@ -112,8 +116,8 @@ class EncoderBlock(nn.Module):
         self.mlp = FeedForward(config.d_model, config.d_ff, config.activation, config.bias, config.dropout)
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = self.norm1(x + self.attn(x, mask=mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, prefix=None) -> torch.Tensor:
+        x = self.norm1(x + self.attn(x, mask=mask, prefix=prefix))
         return self.norm2(x + self.mlp(x))
 
 
@@ -169,6 +173,8 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.n_layer))
         self.mlm_head = MLMHead(config) if mlm_head else None
         self.apply(_init_bert)
+        # learned key/value prefix (prefix tuning); None = plain model. Set by llmkit.models.prefix.apply_prefix.
+        self.prefix: nn.Module | None = None
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,8 +192,15 @@ class Encoder(nn.Module):
         x = self.tok_emb(input_ids) + self.type_emb(token_type_ids) + self.pos_emb(pos)
         x = self.drop(self.emb_norm(x))
         mask = padding_bias(attention_mask, x.dtype)
-        for block in self.blocks:
-            x = block(x, mask)
+        if self.prefix is None:
+            for block in self.blocks:
+                x = block(x, mask)
+            return x
+        kv = self.prefix()  # (n_layer, 2, H, P, head_dim)
+        if mask is not None:  # prefix keys are never masked
+            mask = torch.cat((mask.new_zeros((B, 1, 1, kv.shape[3])), mask), dim=-1)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, prefix=(kv[i, 0][None], kv[i, 1][None]))
         return x
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

@@ -102,6 +102,10 @@ class Attention(nn.Module):
         rope: (cos, sin) for the T positions of x (rotary embeddings on q and k).
         kv_buffers: (k, v) caches of shape (B_max, n_kv_head, max_len, head_dim); the new keys/values are
             written at [start, start+T) and attention reads [0, start+T).
+        prefix: (k, v) learned prefix keys/values (prefix tuning, `llmkit.models.prefix`), each of shape
+            (1 or B, n_kv_head, P, head_dim), put in front of the keys/values of x (self-attention, after
+            rope: the prefix carries no position) or of memory (cross-attention). `mask` must then cover
+            P + keys columns. Not with kv_buffers: a cache holds the prefix in its first P slots.
     `scale` None is 1/sqrt(head_dim); T5 uses 1.0 (its initialisation absorbs the factor).
     """
 
@@ -136,7 +140,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, causal: bool = False,
                 mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
-                memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         if self.cross:
             q = self._heads(self.q(x), self.n_head)
@@ -152,6 +157,10 @@ class Attention(nn.Module):
                 kb[:B, :, start:start + T] = k
                 vb[:B, :, start:start + T] = v
                 k, v = kb[:B, :, :start + T], vb[:B, :, :start + T]
+        if prefix is not None:
+            pk, pv = prefix
+            k = torch.cat((pk.expand(B, -1, -1, -1), k), dim=2)
+            v = torch.cat((pv.expand(B, -1, -1, -1), v), dim=2)
         k, v = self._expand_kv(k), self._expand_kv(v)
         dropout_p = self.dropout if self.training else 0.0
         if causal and mask is None and k.shape[2] == T:
