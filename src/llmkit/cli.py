@@ -70,12 +70,47 @@ def _pretrain(args) -> None:
 
 def _finetune(args) -> None:
     from llmkit.config import load_config
-    from llmkit.finetune.classify import ClassifyConfig, finetune_classifier
 
-    cfg = load_config(ClassifyConfig, args.config, args.overrides)
-    summary = finetune_classifier(cfg, resume=args.resume)
+    if _config_task(args.config, args.overrides) == "sft":
+        from llmkit.finetune.sft import SFTConfig, finetune_sft
+
+        cfg = load_config(SFTConfig, args.config, args.overrides)
+        summary = finetune_sft(cfg, resume=args.resume)
+    else:
+        from llmkit.finetune.classify import ClassifyConfig, finetune_classifier
+
+        cfg = load_config(ClassifyConfig, args.config, args.overrides)
+        summary = finetune_classifier(cfg, resume=args.resume)
     summary.pop("history", None)
     print(json.dumps(summary))
+
+
+def _config_task(path: str, overrides: list[str]) -> str:
+    """`task:` of a fine-tuning recipe: sft (instructions on a decoder) or classify (an encoder head).
+
+    Without the key, a recipe naming a `base_model` or a `method` is sft, else classify."""
+    import yaml
+
+    from llmkit.config import parse_override
+
+    try:
+        raw = yaml.safe_load(open(path, encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from e
+    for item in overrides:
+        key, value = parse_override(item)
+        raw[key] = value
+    task = raw.get("task", "sft" if ("base_model" in raw or "method" in raw) else "classify")
+    if task not in ("sft", "classify"):
+        raise ConfigError(f"{path}: task: {task!r} is not one of ['sft', 'classify']")
+    return task
+
+
+def _merge(args) -> None:
+    from llmkit.finetune.merge import merge_adapter
+
+    out = merge_adapter(args.model, args.adapter, args.out)
+    print(json.dumps({"merged": str(out)}))
 
 
 def _model_info(args) -> None:
@@ -109,27 +144,33 @@ def _export_hf(args) -> None:
 
 
 def _generate(args) -> None:
+    from llmkit.chat import encode_chat
     from llmkit.infer.generate import SamplingParams, stream_tokens
-    from llmkit.models.io import load_model
-    from llmkit.tokenizer import Tokenizer
+    from llmkit.infer.load import load_for_inference
 
-    model = load_model(args.model)
-    tok = Tokenizer.load(args.model)
+    model, tok, template = load_for_inference(args.model, args.adapter)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    ids = tok.encode(args.prompt)
-    sys.stdout.write(args.prompt)
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=False)
+    stop = {tok.eos_id}
+    if template is not None and not args.raw:  # an instruction-tuned model: the prompt is a user turn
+        ids, _ = encode_chat(tok, [{"role": "user", "content": args.prompt}], template, add_generation_prompt=True)
+        stop |= set(template.stop_token_ids(tok))
+    else:
+        sys.stdout.write(args.prompt)
+        ids = tok.encode(args.prompt)
     new: list[int] = []
     printed = ""
-    for t in stream_tokens(model, ids, params, eos_id=tok.eos_id):
+    for t in stream_tokens(model, ids, params):
+        if t in stop:
+            break
         new.append(t)
         # decode the whole continuation each time: a multi-byte character may span several tokens
-        text = tok.decode(new)
+        text = tok.decode(new, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
             sys.stdout.write(text[len(printed):])
             sys.stdout.flush()
             printed = text
-    sys.stdout.write(tok.decode(new)[len(printed):] + "\n")
+    sys.stdout.write(tok.decode(new, skip_special_tokens=True)[len(printed):] + "\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,11 +224,18 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=100")
     pt.set_defaults(func=_pretrain)
 
-    ft = sub.add_parser("finetune", help="fine-tune an encoder with a classification head (an understanding task)")
+    ft = sub.add_parser("finetune", help="fine-tune: instructions on a decoder (full / lora / prefix; task: sft) "
+                        "or a classification head on an encoder (task: classify)")
     ft.add_argument("--config", required=True)
     ft.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     ft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ft.set_defaults(func=_finetune)
+
+    mg = sub.add_parser("merge", help="fold a LoRA adapter into its base model: a plain model directory")
+    mg.add_argument("--model", required=True, help="the base model directory")
+    mg.add_argument("--adapter", required=True, help="the adapter directory (PEFT layout)")
+    mg.add_argument("--out", required=True)
+    mg.set_defaults(func=_merge)
 
     m = sub.add_parser("model", help="inspect model configurations").add_subparsers(dest="action", required=True)
     mi = m.add_parser("info", help="parameters by part, FLOPs per token, training memory")
@@ -210,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample text from a model directory")
     g.add_argument("--model", required=True)
+    g.add_argument("--adapter", default=None, help="a LoRA or prefix adapter directory to apply")
     g.add_argument("--prompt", required=True)
+    g.add_argument("--raw", action="store_true", help="continue the prompt as text even when the model has a "
+                   "chat template (by default an instruction-tuned model gets the prompt as a user turn)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.7)
     g.add_argument("--top-k", type=int, default=None)

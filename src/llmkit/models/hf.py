@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llmkit.models.decoder import Decoder, DecoderConfig
-from llmkit.models.io import load_generation_config, load_model, save_model
+from llmkit.models.io import load_generation_config, load_model, require_plain, save_model
 from llmkit.models.layers import rope_cache
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "export_hf", "import_hf"]
@@ -395,6 +395,7 @@ def export_hf(model_dir_or_model: str | Path | torch.nn.Module, out_dir: str | P
     else:
         src_dir = Path(model_dir_or_model)
         model = load_model(src_dir)
+    require_plain(model, "export_hf")
     if model.config.FAMILY == "encoder":
         from llmkit.models.hf_bert import export_bert
 

@@ -40,9 +40,17 @@ def model_family(model: torch.nn.Module) -> str:
     raise TypeError(f"unknown model class {type(model).__name__}")
 
 
+def require_plain(model: torch.nn.Module, what: str) -> None:
+    """Refuse a model that carries an adapter: its weights would not load back as a plain model."""
+    if getattr(model, "prefix", None) is not None or any(".lora_" in n for n, _ in model.named_parameters()):
+        raise ValueError(f"{what} writes plain models: save the adapter with llmkit.models.adapters.save_adapter,"
+                         " or merge a LoRA adapter first (llmkit.models.lora.merge_lora / `llmkit merge`)")
+
+
 def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
                generation_config: dict[str, Any] | None = None) -> Path:
     """Write `model` (and its tokenizer) as a model directory; returns the directory."""
+    require_plain(model, "save_model")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {"family": model_family(model), **dataclasses.asdict(model.config)}

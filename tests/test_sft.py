@@ -1,0 +1,134 @@
+"""Instruction tuning end to end: full / LoRA / prefix on a tiny decoder, exact resume, merge, generate."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import shared_file
+from llmkit.cli import main
+from llmkit.config import load_config
+from llmkit.finetune.sft import SFTConfig, finetune_sft
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A tiny Llama-style decoder with a BPE tokenizer that has the chat tokens, saved as a model dir."""
+    from llmkit.models.decoder import Decoder, DecoderConfig
+    from llmkit.models.io import save_model
+    from llmkit.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("base")
+    tok = train_tokenizer([str(shared_file("instruct/alpaca_en_demo.json"))], vocab_size=600)
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=2, d_model=32, n_head=2,
+                                  positions="rope", norm="rmsnorm", activation="swiglu"))
+    save_model(model, root / "model", tok)
+    (root / "pretrain.txt").write_text(shared_file("en/wiki_demo.txt").read_text()[:100_000])
+    return root
+
+
+def _cfg(base: Path, out: Path, method: str, **extra) -> SFTConfig:
+    overrides = {
+        "out_dir": str(out), "base_model": str(base / "model"), "method": method,
+        "data.paths": f"[{shared_file('instruct/alpaca_en_demo.json')}]", "data.eval_max": 8,
+        "data.pretrain": str(base / "pretrain.txt"), "data.mix_pretrain": 0.25,
+        "train.batch_size": 4, "train.max_steps": 6, "train.decay_steps": 6, "train.warmup_steps": 1, "train.eval_interval": 3,
+        "train.log_interval": 1, "train.checkpoint_interval": 2, "train.progress": False,
+        "eval.answers": 2, "eval.samples": 1, "eval.max_new_tokens": 8, "eval.loss_batches": 1,
+        "track.enabled": False, "lora.dropout": 0.1, "prefix.projection_dim": 32, **extra}
+    return load_config(SFTConfig, None, [f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "prefix"])
+def test_each_method_trains_resumes_exactly_and_saves(base, tmp_path, method):
+    straight = finetune_sft(_cfg(base, tmp_path / "straight", method))
+    assert straight["step"] == 6 and straight["final"]
+    losses = [r["loss"] for r in straight["history"] if "loss" in r]
+    # resume: 2 steps, then continue to 6 from the checkpoint at step 2
+    first = _cfg(base, tmp_path / "resumed", method, **{"train.max_steps": 2})
+    finetune_sft(first)
+    resumed = finetune_sft(_cfg(base, tmp_path / "resumed", method), resume=True)
+    resumed_losses = [r["loss"] for r in resumed["history"] if "loss" in r]
+    assert resumed_losses == losses[2:]  # bit-identical continuation: weights, optimizer, RNG, data position
+    final = Path(straight["final"])
+    if method == "full":
+        assert (final / "model.safetensors").is_file() and straight["trainable_share"] == 1.0
+    else:
+        cfg = json.loads((final / "adapter_config.json").read_text())
+        assert cfg["peft_type"] == ("LORA" if method == "lora" else "PREFIX_TUNING")
+        assert (final / "adapter_model.safetensors").is_file() and straight["trainable_share"] < 0.5
+    results = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert len(results["answers"]) == 2 and len(results["samples"]) == 1
+    assert 0.0 <= results["rouge_l"] <= 1.0
+
+
+def test_only_the_adapter_changes(base, tmp_path):
+    from llmkit.models.io import load_model
+
+    finetune_sft(_cfg(base, tmp_path / "lora", "lora"))
+    state = torch.load(next((tmp_path / "lora" / "checkpoints").glob("step-*")) / "optimizer.pt",
+                       weights_only=False)
+    assert state  # the optimizer holds state for the adapter parameters only
+    before = load_model(base / "model").state_dict()
+    from llmkit.models.adapters import load_adapter
+    adapted = load_adapter(load_model(base / "model"), tmp_path / "lora" / "final")
+    for name, tensor in adapted.state_dict().items():
+        plain = name.replace(".base.", ".")
+        if plain in before and "lora" not in name:
+            assert torch.equal(tensor, before[plain]), name
+
+
+def test_merge_and_generate_with_the_adapter(base, tmp_path, capsys):
+    from llmkit.infer.load import load_for_inference
+
+    finetune_sft(_cfg(base, tmp_path / "lora", "lora", **{"train.max_steps": 4}))
+    adapter = tmp_path / "lora" / "final"
+    assert main(["merge", "--model", str(base / "model"), "--adapter", str(adapter),
+                 "--out", str(tmp_path / "merged")]) == 0
+    capsys.readouterr()
+    adapted, tok, template = load_for_inference(base / "model", adapter)
+    merged, _, merged_template = load_for_inference(tmp_path / "merged")
+    assert template is not None and merged_template == template
+    x = torch.tensor([tok.encode("Give three tips for staying healthy.")])
+    assert torch.allclose(adapted(x)[0], merged(x)[0], atol=1e-5)
+    assert main(["generate", "--model", str(base / "model"), "--adapter", str(adapter), "--prompt", "Hello",
+                 "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert main(["generate", "--model", str(tmp_path / "merged"), "--prompt", "Hello",
+                 "--max-new-tokens", "5", "--seed", "1"]) == 0
+    out = capsys.readouterr().out.split("\n")  # not splitlines(): sampled text may hold \f or \x1c
+    assert out[0] == out[1]  # adapter on the fly and merged weights say the same thing
+    finetune_sft(_cfg(base, tmp_path / "prefix", "prefix", **{"train.max_steps": 2}))
+    assert main(["merge", "--model", str(base / "model"), "--adapter", str(tmp_path / "prefix" / "final"),
+                 "--out", str(tmp_path / "nope")]) == 2
+
+
+def test_cli_finetune_dispatches_on_task(base, tmp_path, capsys):
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"base_model: {base / 'model'}\nmethod: lora\n")
+    overrides = [f"{k}={v}" for k, v in {
+        "out_dir": str(tmp_path / "cli"), "data.paths": f"[{shared_file('instruct/alpaca_zh_demo.json')}]",
+        "data.mix_pretrain": 0, "train.max_steps": 2, "train.batch_size": 2, "train.progress": False,
+        "eval.answers": 1, "eval.samples": 0, "eval.max_new_tokens": 4, "eval.loss_batches": 1,
+        "track.enabled": False}.items()]
+    assert main(["finetune", "--config", str(recipe), *overrides]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["method"] == "lora" and summary["step"] == 2
+    assert main(["finetune", "--config", str(recipe), *overrides, "lora.rank=4"]) == 2
+    assert "lora.rank" in capsys.readouterr().err
+
+
+def test_tracked_with_parent_model(base, tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    cfg = _cfg(base, tmp_path / "runs" / "sft", "lora", **{"track.enabled": True, "train.max_steps": 2})
+    summary = finetune_sft(cfg)
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    run = client.get_run(summary["tracking_run_id"])
+    assert run.data.tags["llmkit.parent_model"] == str((base / "model").resolve())
+    contexts = {i.dataset.name: i.tags[0].value for i in run.inputs.dataset_inputs}
+    assert contexts["base-model"] == "base_model" and contexts["instructions"] == "training"
+    assert 0 < float(run.data.params["trainable_share"]) < 1
+    assert {"exact_match", "rouge_l", "eval_loss"} <= set(run.data.metrics)
