@@ -233,3 +233,37 @@ def test_cli_finetune(tmp_path, sources):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert 0.0 <= summary["accuracy"] <= 1.0 and (tmp_path / "cli" / "final" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def trained_encoder(tmp_path_factory, sources) -> Path:
+    """An encoder that has learned something about these texts (a fully fine-tuned classifier's)."""
+    out = tmp_path_factory.mktemp("trained") / "full"
+    finetune_classifier(load_config(ClassifyConfig, None, overrides(out, sources)))
+    return out / "final"
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_adapter_methods_train_a_frozen_encoder(tmp_path, sources, trained_encoder, method):
+    from llmkit.models import load_model
+
+    # the head starts fresh and the encoder is frozen: only adapters + head learn the task again
+    extra = {"method": method, "init_from": str(trained_encoder), "data.tokenizer": str(trained_encoder),
+             "train.max_steps": 40, "train.lr": 3e-3, "prefix.projection_dim": 32,
+             "lora.r": 4, "lora.alpha": 8, "lora.targets": "[q_proj, v_proj]"}
+    summary = finetune_classifier(load_config(ClassifyConfig, None, overrides(tmp_path / method, sources, **extra)))
+    assert summary["accuracy"] > 0.5, summary["accuracy"]  # chance is 1/3
+    assert summary["n_trainable"] < 0.8 * summary["n_params"]
+    final = tmp_path / method / "final"
+    if method == "lora":  # merged into a plain model dir that reproduces the reported confusion matrix
+        assert (final / "adapter" / "adapter_config.json").is_file()
+        from llmkit.finetune.classify import evaluate_classifier
+        from llmkit.tokenizer import Tokenizer
+
+        cfg = load_config(ClassifyConfig, None, overrides(tmp_path / method, sources, **extra))
+        _, test, _ = build_dataset(cfg.data)
+        data = encode_split(test, Tokenizer.load(final), cfg.model.block_size)
+        _, conf = evaluate_classifier(load_model(final), data, 64, torch.device("cpu"), 3)
+        assert conf == summary["confusion_matrix"]
+    else:
+        assert json.loads((final / "adapter_config.json").read_text())["peft_type"] == "PREFIX_TUNING"

@@ -22,6 +22,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,8 @@ from llmkit.finetune.classify_data import (
 )
 from llmkit.models.encoder import EncoderClassifier, EncoderConfig
 from llmkit.models.io import save_model
+from llmkit.models.lora import LoRAConfig
+from llmkit.models.prefix import PrefixConfig
 from llmkit.track import TrackConfig, Tracker
 from llmkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
 from llmkit.train.schedule import warmup_cosine
@@ -108,7 +111,13 @@ class ClassifyTrainConfig:
 
 @dataclass
 class ClassifyConfig:
+    task: Literal["classify"] = "classify"
     out_dir: str = "runs/classify"
+    method: Literal["full", "lora", "prefix"] = "full"
+    """full: every weight trains; lora / prefix: the encoder is frozen and adapters train (at
+    lr x lr_ratio) with the pooler and classification head (which are new, so they always train)."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
     init_from: str | None = None
     """A pretrained encoder model directory (e.g. trained with MLM): its architecture, weights and tokenizer
     are used and `model` is ignored; the classification head is freshly initialised."""
@@ -212,8 +221,38 @@ def _resolve_tokenizer(cfg: ClassifyConfig, train: LabelledSplit, out: Path, res
     return tok
 
 
-def _save_final(model: EncoderClassifier, final_dir: Path, tokenizer, names: list[str]) -> None:
-    save_model(model, final_dir, tokenizer)
+def _apply_method(model: EncoderClassifier, cfg: ClassifyConfig) -> list[torch.nn.Parameter]:
+    """Freeze the encoder and attach adapters (lora / prefix); returns the adapter parameters."""
+    if cfg.method == "lora":
+        from llmkit.models.lora import apply_lora, lora_parameters
+
+        apply_lora(model, cfg.lora)
+        return lora_parameters(model)
+    if cfg.method == "prefix":
+        from llmkit.models.prefix import apply_prefix, prefix_parameters
+
+        apply_prefix(model, cfg.prefix)
+        return prefix_parameters(model)
+    return []
+
+
+def _save_final(model: EncoderClassifier, final_dir: Path, tokenizer, names: list[str],
+                cfg: ClassifyConfig) -> None:
+    """full and lora: a plain model dir (LoRA merged in), lora also keeps its adapter in final/adapter;
+    prefix: an adapter dir (PEFT layout, the head as modules_to_save) over `init_from`."""
+    if cfg.method == "prefix":
+        from llmkit.models.adapters import save_adapter
+
+        save_adapter(model, final_dir, cfg.init_from)
+        tokenizer.save(final_dir)
+    else:
+        if cfg.method == "lora":
+            from llmkit.models.adapters import save_adapter
+            from llmkit.models.lora import merge_lora
+
+            save_adapter(model, final_dir / "adapter", cfg.init_from)
+            model = merge_lora(model)
+        save_model(model, final_dir, tokenizer)
     _write_labels(final_dir / LABELS_FILE, names)
 
 
@@ -257,6 +296,7 @@ def _finetune(cfg: ClassifyConfig, resume: bool, tracker: Tracker) -> dict:
     tokenizer = _resolve_tokenizer(cfg, train, out, resume)
     torch.manual_seed(t_cfg.seed)
     model = _build_model(cfg, n_labels, tokenizer)
+    adapters = _apply_method(model, cfg)
     block_size = cfg.model.block_size
     train_data = encode_split(train, tokenizer, block_size, cfg.data.add_cls)
     test_data = encode_split(test, tokenizer, block_size, cfg.data.add_cls)
@@ -271,7 +311,15 @@ def _finetune(cfg: ClassifyConfig, resume: bool, tracker: Tracker) -> dict:
                              f"the data now has {names}")
         model.load_state_dict(checkpoint.model)
     model.to(device)
-    optimizer = make_optimizer(model, t_cfg)
+    if adapters:
+        from llmkit.finetune.sft import make_sft_optimizer
+
+        ratio = cfg.lora.lr_ratio if cfg.method == "lora" else cfg.prefix.lr_ratio
+        adapter_ids = {id(p) for p in adapters}
+        head = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
+        optimizer = make_sft_optimizer(head, adapters, t_cfg, ratio)
+    else:
+        optimizer = make_optimizer(model, t_cfg)
     decay_steps = t_cfg.decay_steps or t_cfg.max_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, t_cfg.lr, t_cfg.min_lr, t_cfg.warmup_steps, decay_steps) / t_cfg.lr)
@@ -289,9 +337,10 @@ def _finetune(cfg: ClassifyConfig, resume: bool, tracker: Tracker) -> dict:
     del checkpoint
 
     n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     save_config(cfg, out / "config.yaml")
     run_id = tracker.start(run_id)
-    tracker.log_params({**flatten(to_dict(cfg)), "n_params": n_params, "n_train": len(train),
+    tracker.log_params({**flatten(to_dict(cfg)), "n_params": n_params, "n_trainable": n_trainable, "n_train": len(train),
                         "n_test": len(test), "labels": ",".join(names)})
     tracker.log_dataset("classify-train", split_digest(train), str(out.resolve()), context="training",
                         profile={"examples": len(train), "per_class": train.counts(n_labels)})
@@ -337,7 +386,7 @@ def _finetune(cfg: ClassifyConfig, resume: bool, tracker: Tracker) -> dict:
         _, loss = model(x, attention_mask=m, labels=y)
         loss.backward()
         if t_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t_cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         lr = scheduler.get_last_lr()[0]
@@ -378,10 +427,10 @@ def _finetune(cfg: ClassifyConfig, resume: bool, tracker: Tracker) -> dict:
                "n_train": len(train), "n_test": len(test), "chance_accuracy": max(test.counts(n_labels)) / len(test)}
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     final_dir = out / "final"
-    _save_final(model.cpu(), final_dir, tokenizer, names)
+    _save_final(model.cpu(), final_dir, tokenizer, names, cfg)
     tracker.log_metrics({"final_accuracy": report["accuracy"], "final_macro_f1": report["macro_f1"]}, step)
     tracker.log_artifact(out / RESULTS_FILE)
     tracker.log_artifact(final_dir, "model")
     tracker.end("FINISHED")
     return {**results, "out_dir": str(out), "final_model": str(final_dir), "tracking_run_id": run_id,
-            "n_params": n_params, "history": history}
+            "n_params": n_params, "n_trainable": n_trainable, "method": cfg.method, "history": history}
