@@ -39,10 +39,11 @@ def main() -> None:
     ap.add_argument("--methods", default="full,lora")
     ap.add_argument("--mix", default="0.0,0.15")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=None, help="override train.lr of the recipes")
     args = ap.parse_args()
     base, _, _ = load_for_inference(args.base)
     block = base.config.block_size
-    result = {"base": args.base, "steps": args.steps,
+    result = {"base": args.base, "steps": args.steps, "lr": args.lr,
               "pretrain_val_loss_before": pretrain_val_loss(base, Path(args.tokens), block),
               "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -53,7 +54,8 @@ def main() -> None:
                     f"out_dir={out}", f"base_model={args.base}", f"data.mix_pretrain={mix}",
                     f"data.pretrain={args.tokens}", f"train.max_steps={args.steps}", "train.progress=false",
                     f"train.eval_interval={args.steps}", f"train.checkpoint_interval={args.steps}",
-                    "eval.answers=0", "eval.samples=0", "track.enabled=false"])
+                    "eval.answers=0", "eval.samples=0", "track.enabled=false",
+                    *([f"train.lr={args.lr}"] if args.lr else [])])
                 summary = finetune_sft(cfg)
                 model, _, _ = load_for_inference(args.base, out / "final") if method != "full" else \
                     load_for_inference(out / "final")
