@@ -1,6 +1,7 @@
 """Instruction tuning end to end: full / LoRA / prefix on a tiny decoder, exact resume, merge, generate."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,43 @@ def test_tracked_with_parent_model(base, tmp_path):
     assert contexts["base-model"] == "base_model" and contexts["instructions"] == "training"
     assert 0 < float(run.data.params["trainable_share"]) < 1
     assert {"exact_match", "rouge_l", "eval_loss"} <= set(run.data.metrics)
+
+
+def test_encoder_decoder_is_instruction_tuned_too(base, tmp_path, capsys):
+    """T5-style base: source = the rendered prompt, target = the answer; all three methods; resume."""
+    from llmkit.models.encdec import EncDecConfig, EncoderDecoder
+    from llmkit.models.io import save_model
+    from llmkit.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(base / "model")
+    torch.manual_seed(0)
+    t5 = EncoderDecoder(EncDecConfig(vocab_size=tok.vocab_size, block_size=64, n_layer=1, d_model=32, n_head=2,
+                                     d_kv=16, d_ff=64, pad_token_id=tok.pad_id, decoder_start_token_id=tok.pad_id))
+    save_model(t5, tmp_path / "t5", tok)
+    t5_base = tmp_path / "t5base"
+    t5_base.mkdir()
+    (t5_base / "model").symlink_to(tmp_path / "t5")
+    (t5_base / "pretrain.txt").symlink_to(base / "pretrain.txt")
+    for method in ("full", "lora", "prefix"):
+        summary = finetune_sft(_cfg(t5_base, tmp_path / f"t5-{method}", method))
+        first = [r["loss"] for r in summary["history"] if "loss" in r]
+        assert summary["step"] == 6 and all(math.isfinite(v) for v in first)
+        assert len(json.loads((tmp_path / f"t5-{method}" / "results.json").read_text())["answers"]) == 2
+    finetune_sft(_cfg(t5_base, tmp_path / "t5-cut", "lora", **{"train.max_steps": 2}))
+    resumed = finetune_sft(_cfg(t5_base, tmp_path / "t5-cut", "lora"), resume=True)
+    straight = finetune_sft(_cfg(t5_base, tmp_path / "t5-straight", "lora"))
+    assert [r["loss"] for r in resumed["history"] if "loss" in r] == \
+        [r["loss"] for r in straight["history"] if "loss" in r][2:]
+    assert main(["generate", "--model", str(tmp_path / "t5"), "--adapter", str(tmp_path / "t5-lora" / "final"),
+                 "--prompt", "Hello", "--max-new-tokens", "4", "--seed", "1"]) == 0
+
+
+def test_seq2seq_batches_split_prompt_and_answer():
+    from llmkit.finetune.sft import seq2seq_batch
+
+    x = torch.tensor([[1, 2, 3, 4, 5, 0], [7, 8, 9, 10, 11, 12]])
+    y = torch.tensor([[-100, -100, 4, 5, 6, -100], [8, 9, 10, 11, 12, 13]])  # row 2: a pretraining window
+    batch = seq2seq_batch(x, y, pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [7, 8, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
+    assert batch["labels"].tolist() == [[4, 5, 6, -100], [10, 11, 12, 13]]

@@ -158,6 +158,16 @@ def _generate(args) -> None:
     else:
         sys.stdout.write(args.prompt)
         ids = tok.encode(args.prompt)
+    if model.config.FAMILY == "encdec":  # the encoder reads the prompt, the decoder writes the reply
+        import torch
+
+        end = template.stop_token_ids(tok)[0] if template is not None and not args.raw else tok.eos_id
+        out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, eos_id=end,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        tokens = out[0].tolist()
+        tokens = tokens[:next((i for i, t in enumerate(tokens) if t in stop), len(tokens))]
+        sys.stdout.write(tok.decode(tokens, skip_special_tokens=True) + "\n")
+        return
     new: list[int] = []
     printed = ""
     for t in stream_tokens(model, ids, params):

@@ -97,7 +97,7 @@ class SFTConfig:
     task: Literal["sft"] = "sft"
     out_dir: str = "runs/sft"
     base_model: str = ""
-    """A pretrained llmkit model directory (decoder): weights, config, tokenizer."""
+    """A pretrained llmkit model directory: a decoder (GPT / Llama style) or an encoder-decoder (T5 style)."""
     method: Literal["full", "lora", "prefix"] = "lora"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
@@ -118,9 +118,9 @@ def prepare_model(cfg: SFTConfig, device: torch.device) -> tuple[torch.nn.Module
     from llmkit.models.io import load_model
 
     model = load_model(cfg.base_model)
-    if model.config.FAMILY != "decoder":
+    if model.config.FAMILY not in ("decoder", "encdec"):
         raise ValueError(f"base_model: {cfg.base_model} is a {model.config.FAMILY} model; instruction tuning "
-                         "needs a decoder (fine-tune encoders with `task: classify`)")
+                         "needs a decoder or an encoder-decoder (fine-tune encoders with `task: classify`)")
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -164,20 +164,65 @@ def model_digest(model_dir: str | Path) -> str:
     return h.hexdigest()
 
 
+def seq2seq_batch(x: torch.Tensor, y: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
+    """A decoder-layout batch (x, y: (B, T), y = next tokens or -100) as encoder-decoder inputs.
+
+    An instruction row becomes source = the tokens up to the start of its last trained run (the prompt,
+    ending with the assistant marker; earlier turns included) and target = that run (the answer and its
+    end-of-turn token). A pretraining row (trained everywhere) becomes a prefix-LM pair: its first half is
+    the source, the continuation the target (Raffel et al. 2020, §3.3's prefix LM objective).
+    Returns input_ids / attention_mask (B, S) and labels (B, L) padded with pad_id / 0 / -100.
+    """
+    sources, targets = [], []
+    T = x.shape[1]
+    for xr, yr in zip(x.tolist(), y.tolist()):
+        trained = [i for i, t in enumerate(yr) if t != -100]
+        if not trained:
+            continue
+        if len(trained) == T:  # a pretraining window
+            h = T // 2
+            sources.append(xr[:h])
+            targets.append(yr[h - 1:])
+            continue
+        end = trained[-1]
+        start = end
+        while start - 1 >= 0 and yr[start - 1] != -100:
+            start -= 1
+        sources.append(xr[:start + 1])
+        targets.append(yr[start:end + 1])
+    S, L = max(map(len, sources)), max(map(len, targets))
+    input_ids = torch.full((len(sources), S), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sources), S), dtype=torch.long)
+    labels = torch.full((len(sources), L), -100, dtype=torch.long)
+    for r, (src, tgt) in enumerate(zip(sources, targets)):
+        input_ids[r, :len(src)] = torch.tensor(src)
+        mask[r, :len(src)] = 1
+        labels[r, :len(tgt)] = torch.tensor(tgt)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def model_batch(model, x: torch.Tensor, y: torch.Tensor, pad_id: int, device: torch.device) -> dict:
+    """Keyword arguments of the model's forward for a (x, y) batch, on `device`."""
+    if model.config.FAMILY == "encdec":
+        return {k: v.to(device) for k, v in seq2seq_batch(x, y, pad_id).items()}
+    return {"idx": x.to(device), "targets": y.to(device)}
+
+
 # -- evaluation -------------------------------------------------------------------------------------
 @torch.no_grad()
-def heldout_loss(model, batches: list, device: torch.device, autocast) -> float:
+def heldout_loss(model, batches: list, device: torch.device, autocast, pad_id: int = 0) -> float:
     """Mean loss over the response tokens of the held-out batches (token-weighted)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in batches:
-        x, y = x.to(device), y.to(device)
+        batch = model_batch(model, x, y, pad_id, device)
+        target = batch.pop("labels" if "labels" in batch else "targets")
         with autocast():
-            logits, _ = model(x)
-        n = int((y != -100).sum())
+            logits, _ = model(**batch, labels=target) if "input_ids" in batch else model(**batch)
+        n = int((target != -100).sum())
         if n:
-            total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+            total += torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.flatten(),
                                                        ignore_index=-100, reduction="sum").item()
             count += n
     model.train(was_training)
@@ -196,10 +241,17 @@ def answer(model, tokenizer, template, messages: list[dict], max_new_tokens: int
     # encode_chat, not encode(render_chat(...)): it refuses role-token text typed inside a message
     ids, _ = encode_chat(tokenizer, messages, template, add_generation_prompt=True)
     stop = set(template.stop_token_ids(tokenizer))
-    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                            stop_at_eos=False)
     new = []
-    for t in stream_tokens(model, ids, params):
+    if model.config.FAMILY == "encdec":
+        device = next(model.parameters()).device
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
+                             eos_id=next(iter(stop)), temperature=temperature, top_p=top_p, seed=seed)
+        tokens = out[0].tolist()
+    else:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed, stop_at_eos=False)
+        tokens = stream_tokens(model, ids, params)
+    for t in tokens:
         if t in stop:
             break
         new.append(t)
@@ -349,7 +401,7 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
             for _ in range(t_cfg.grad_accum):
                 x, y = batches.next()
                 with autocast():
-                    _, loss = model(x.to(device), targets=y.to(device))
+                    _, loss = model(**model_batch(model, x, y, tokenizer.pad_id, device))
                 scaler.scale(loss / t_cfg.grad_accum).backward()
             if t_cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
@@ -370,7 +422,7 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
                     progress.set_postfix(loss=f"{row['loss']:.4f}")
                 window_time, window_steps = 0.0, 0
             if step % t_cfg.eval_interval == 0 or step == t_cfg.max_steps:
-                last_eval = {"eval_loss": heldout_loss(model, held_out, device, autocast)}
+                last_eval = {"eval_loss": heldout_loss(model, held_out, device, autocast, tokenizer.pad_id)}
                 last_eval["eval_ppl"] = math.exp(min(last_eval["eval_loss"], 50.0))
                 record({"step": step, **last_eval})
                 tracker.log_metrics(last_eval, step)
@@ -390,7 +442,7 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
     results: dict = {}
     if not stopped:
         if not last_eval:
-            last_eval = {"eval_loss": heldout_loss(model, held_out, device, autocast)}
+            last_eval = {"eval_loss": heldout_loss(model, held_out, device, autocast, tokenizer.pad_id)}
         gen = generation_eval(model, tokenizer, template, data.eval_conversations, cfg.eval)
         results = {"method": cfg.method, "step": step, "n_params": n_total, "n_trainable": n_trainable,
                    "trainable_share": n_trainable / n_total, **last_eval,
