@@ -1,1 +1,2 @@
-"""Data sources: the sample corpora (`llmkit.data.samples`) and their readers."""
+"""The data stage (guide §1.1): sample corpora, the cleaning / dedup / filtering / mixing / augmentation
+pipeline (`llmkit data run`), and token shards for pretraining."""

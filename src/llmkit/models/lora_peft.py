@@ -1,0 +1,443 @@
+"""LoRA adapters on disk in Hugging Face PEFT's layout: `save_lora` and `load_lora`.
+
+`save_lora` writes `adapter_config.json` + `adapter_model.safetensors` with keys in the Hugging Face
+names of the architecture `llmkit.models.hf.export_hf` writes for the family (GPT-2 / Llama / BERT / T5),
+so ``peft.PeftModel.from_pretrained(AutoModel...(exported_dir), adapter_dir)`` reproduces our logits.
+GPT-2 keeps q, k and v in one Conv1D `c_attn`; there a q + v adapter of rank r is written as the exact
+rank-2r adapter on `c_attn` with A = [A_q; A_v] and block-structured B (zero rows for k), with
+`rank_pattern` / `alpha_pattern` entries keeping the scale s (and `fan_in_fan_out: true` for Conv1D).
+llmkit's own slice layout rides in the safetensors metadata, so a save / load round trip is exact;
+adapters that PEFT itself saved load too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from llmkit.models.decoder import Decoder
+from llmkit.models.encdec import EncoderDecoder
+from llmkit.models.encoder import Encoder, EncoderClassifier
+from llmkit.models.layers import Attention
+from llmkit.models.lora import (
+    _FUSED_QKV,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    CANONICAL_TARGETS,
+    LoRAConfig,
+    LoRALinear,
+    _freeze,
+    _linear,
+    _lora_modules,
+    _replace,
+    _sites,
+    has_lora,
+)
+
+_PEFT_PREFIX = "base_model.model."
+_META_KEY = "llmkit_lora"  # safetensors metadata: llmkit's slice layout (PEFT ignores it)
+
+
+# -- Hugging Face names -----------------------------------------------------------------------------
+
+
+@dataclass
+class _HFLayout:
+    """How a family's export_hf architecture names what llmkit adapts."""
+
+    arch: str
+    task_type: str | None
+    fan_in_fan_out: bool
+    # llmkit Linear path -> [(HF module, first row, end row)] covering its output rows
+    linears: dict[str, list[tuple[str, int, int]]]
+    heads: list[str]  # further HF Linear / Conv1D modules (never adapted), so target names stay exact
+    # modules_to_save: llmkit module -> (HF module, {llmkit param: HF tensor})
+    saved: dict[str, tuple[str, dict[str, str]]]
+
+    def all_hf_linears(self) -> list[str]:
+        return [hf for parts in self.linears.values() for hf, _, _ in parts] + self.heads
+
+
+def _attn_names(out: dict, attn: Attention, path: str, q: str, k: str, v: str, o: str) -> None:
+    qd, kvd = attn.n_head * attn.head_dim, attn.n_kv_head * attn.head_dim
+    if attn.cross:
+        out[f"{path}.q"] = [(q, 0, qd)]
+        out[f"{path}.kv"] = [(k, 0, kvd), (v, kvd, 2 * kvd)]
+    else:
+        out[f"{path}.qkv"] = [(q, 0, qd), (k, qd, qd + kvd), (v, qd + kvd, qd + 2 * kvd)]
+    out[f"{path}.proj"] = [(o, 0, _linear(attn.proj).out_features)]
+
+
+def _mlp_names(out: dict, mlp: nn.Module, path: str, names: dict[str, str]) -> None:
+    for attr in ("gate", "up", "down"):
+        if hasattr(mlp, attr):
+            out[f"{path}.{attr}"] = [(names[attr], 0, _linear(getattr(mlp, attr)).out_features)]
+
+
+def _hf_layout(model: nn.Module) -> _HFLayout:
+    """Names of `llmkit.models.hf*.export_*` for `model`'s family (see hf.py, hf_bert.py, hf_t5.py).
+
+    A decoder is named as GPT-2 when it has learned positions and as Llama with rope, whichever its
+    export would be; a combination export_hf refuses keeps these names (and invents `mlp.c_gate` for a
+    learned-position swiglu), so llmkit still reloads it even though no HF model matches.
+    """
+    lin: dict[str, list[tuple[str, int, int]]] = {}
+    if isinstance(model, Decoder):
+        gpt2 = model.config.positions == "learned"
+        for i, blk in enumerate(model.blocks):
+            b = f"blocks.{i}."
+            if gpt2:
+                h = f"transformer.h.{i}."
+                qkv = _linear(blk.attn.qkv)
+                lin[b + "attn.qkv"] = [(h + "attn.c_attn", 0, qkv.out_features)]
+                lin[b + "attn.proj"] = [(h + "attn.c_proj", 0, _linear(blk.attn.proj).out_features)]
+                _mlp_names(lin, blk.mlp, b + "mlp", {"gate": h + "mlp.c_gate", "up": h + "mlp.c_fc",
+                                                     "down": h + "mlp.c_proj"})
+            else:
+                h = f"model.layers.{i}."
+                _attn_names(lin, blk.attn, b + "attn", *(h + f"self_attn.{p}_proj" for p in "qkvo"))
+                _mlp_names(lin, blk.mlp, b + "mlp", {a: h + f"mlp.{a}_proj" for a in ("gate", "up", "down")})
+        return _HFLayout("GPT2LMHeadModel" if gpt2 else "LlamaForCausalLM", "CAUSAL_LM", gpt2, lin,
+                         ["lm_head"], {})
+    if isinstance(model, (Encoder, EncoderClassifier)):
+        enc, p = (model.encoder, "encoder.") if isinstance(model, EncoderClassifier) else (model, "")
+        for i, blk in enumerate(enc.blocks):
+            h = f"bert.encoder.layer.{i}."
+            _attn_names(lin, blk.attn, f"{p}blocks.{i}.attn", *(h + f"attention.self.{n}" for n in
+                                                                ("query", "key", "value")),
+                        h + "attention.output.dense")
+            _mlp_names(lin, blk.mlp, f"{p}blocks.{i}.mlp", {"up": h + "intermediate.dense",
+                                                            "down": h + "output.dense"})
+        if isinstance(model, EncoderClassifier):
+            saved = {"pooler": ("pooler", {"weight": "bert.pooler.dense.weight",
+                                           "bias": "bert.pooler.dense.bias"}),
+                     "classifier": ("classifier", {"weight": "classifier.weight", "bias": "classifier.bias"})}
+            return _HFLayout("BertForSequenceClassification", "SEQ_CLS", False, lin,
+                             ["bert.pooler.dense", "classifier"], saved)
+        # no PEFT task type for masked LM: PeftModel.from_pretrained gives the generic PeftModel
+        return _HFLayout("BertForMaskedLM", None, False, lin,
+                         ["cls.predictions.transform.dense", "cls.predictions.decoder"], {})
+    if isinstance(model, EncoderDecoder):
+        gated = model.config.activation == "gated-gelu"
+        mlp_hf = {"gate": "wi_0", "up": "wi_1" if gated else "wi", "down": "wo"}
+        for stack, n_mlp in (("encoder", 1), ("decoder", 2)):
+            for i, blk in enumerate(getattr(model, stack).blocks):
+                h, b = f"{stack}.block.{i}.", f"{stack}.blocks.{i}."
+                self_attn = "attn" if stack == "encoder" else "self_attn"
+                sa = h + "layer.0.SelfAttention."
+                _attn_names(lin, getattr(blk, self_attn), b + self_attn, *(sa + c for c in "qkvo"))
+                if stack == "decoder":
+                    ca = h + "layer.1.EncDecAttention."
+                    _attn_names(lin, blk.cross_attn, b + "cross_attn", *(ca + c for c in "qkvo"))
+                ff = h + f"layer.{n_mlp}.DenseReluDense."
+                _mlp_names(lin, blk.mlp, b + "mlp", {a: ff + n for a, n in mlp_hf.items()})
+        return _HFLayout("T5ForConditionalGeneration", "SEQ_2_SEQ_LM", False, lin, ["lm_head"], {})
+    raise TypeError(f"LoRA save/load knows the llmkit families, not {type(model).__name__}")
+
+
+def _suffixes(selected: list[str], universe: list[str]) -> list[str]:
+    """Shortest dotted suffixes that select exactly `selected` among `universe` under PEFT's rule
+    (a name matches target t when it equals t or ends with "." + t), e.g. ["q_proj", "v_proj"]."""
+    chosen = set(selected)
+    out: list[str] = []
+    left = set(selected)
+    for name in selected:
+        if name not in left:
+            continue
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suf = ".".join(parts[-k:])
+            hits = {u for u in universe if u == suf or u.endswith("." + suf)}
+            if hits <= chosen:
+                out.append(suf)
+                left -= hits
+                break
+    return out
+
+
+def _pattern_value(patterns: dict[str, float], name: str, default: float) -> float:
+    """PEFT's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+# -- save / load ------------------------------------------------------------------------------------
+
+
+def save_lora(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Write the adapters of `model` in PEFT's layout; returns `out_dir`.
+
+    `adapter_model.safetensors` holds ``base_model.model.<HF module>.lora_{A,B}.weight`` (A: (r, in),
+    B: (out, r), Linear layout also for GPT-2's Conv1D) plus the modules_to_save tensors;
+    `adapter_config.json` is a PEFT `LoraConfig` (peft_type LORA, r, lora_alpha, target_modules,
+    rank_pattern / alpha_pattern where a HF module's rank differs from r, fan_in_fan_out for GPT-2,
+    use_rslora, base_model_name_or_path = `base_model`). llmkit's slice layout rides along in the
+    safetensors metadata so `load_lora` restores the exact same modules.
+    """
+    from safetensors.torch import save_file
+
+    mods = _lora_modules(model)
+    if not mods:
+        raise ValueError("model carries no LoRA adapters (apply_lora or load_lora first)")
+    cfg: LoRAConfig = getattr(model, "lora_config", None) or LoRAConfig()
+    layout = _hf_layout(model)
+    tensors: dict[str, torch.Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    slice_meta: dict[str, list] = {}
+    for path, m in mods:
+        if m.merged:
+            raise ValueError(f"{path}: adapter is merged into the base weight; unmerge_lora before saving")
+        for hf, hs, he in layout.linears[path]:
+            parts = [(n, s, e) for n, (s, e) in m.ranges.items() if s < he and e > hs]
+            if not parts:
+                continue
+            for n, s, e in parts:
+                if not ((hs <= s and e <= he) or (s <= hs and he <= e)):
+                    raise ValueError(f"{path}: slice {n!r} rows [{s}, {e}) straddle {hf} rows [{hs}, {he})")
+            ref = m.scaling[parts[0][0]]
+            a_list, meta = [], []
+            col = 0
+            b_hf = torch.zeros(he - hs, sum(m.lora_A[n].shape[0] for n, _, _ in parts))
+            for n, s, e in parts:
+                a, b = m.lora_A[n].detach().float().cpu(), m.lora_B[n].detach().float().cpu()
+                rank = a.shape[0]
+                lo, hi = max(s, hs), min(e, he)
+                # PEFT has one scale per module: fold any other slice's scale into its B
+                b_hf[lo - hs:hi - hs, col:col + rank] = b[lo - s:hi - s] * (m.scaling[n] / ref)
+                a_list.append(a)
+                meta.append([n, lo - hs, hi - hs, rank])
+                col += rank
+            r_hf = col
+            tensors[f"{_PEFT_PREFIX}{hf}.lora_A.weight"] = torch.cat(a_list).contiguous()
+            tensors[f"{_PEFT_PREFIX}{hf}.lora_B.weight"] = b_hf.contiguous()
+            ranks[hf] = r_hf
+            # alpha_hf / r_hf (or / sqrt(r_hf)) must equal our scale
+            alphas[hf] = ref * (math.sqrt(r_hf) if cfg.rslora else r_hf)
+            slice_meta[hf] = meta
+    for name in cfg.modules_to_save or []:
+        hf_mod, names = layout.saved[name]
+        mod = model.get_submodule(name)
+        for pname, hf_key in names.items():
+            p = getattr(mod, pname)
+            if p is None:  # bias=False llmkit model: HF always has one, zero is the same function
+                p = torch.zeros(mod.out_features)
+            tensors[_PEFT_PREFIX + hf_key] = p.detach().float().cpu().contiguous().clone()
+    adapted = list(ranks)
+    universe = layout.all_hf_linears()
+    rank_pattern = _group_patterns(ranks, cfg.r, adapted)
+    alpha_pattern = _group_patterns(alphas, cfg.alpha, adapted)
+    config = {
+        "peft_type": "LORA", "task_type": layout.task_type, "base_model_name_or_path": base_model,
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
+        "target_modules": sorted(_suffixes(adapted, universe)), "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern, "fan_in_fan_out": layout.fan_in_fan_out, "bias": "none",
+        "modules_to_save": [layout.saved[n][0] for n in cfg.modules_to_save or []] or None,
+        "init_lora_weights": True, "inference_mode": True, "use_dora": False, "lora_bias": False,
+        "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
+        "revision": None, "peft_version": _peft_version(),
+    }
+    meta = {"architecture": layout.arch, "family": type(model).__name__, "targets": cfg.targets,
+            "lr_ratio": cfg.lr_ratio, "slices": slice_meta}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt", _META_KEY: json.dumps(meta)})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _peft_version() -> str:
+    # PEFT records the version that wrote a config; an adapter written without peft installed says so
+    try:
+        from importlib.metadata import version
+
+        return version("peft")
+    except Exception:
+        return "0.0.0+llmkit"
+
+
+def _group_patterns(values: dict[str, float], default: float, adapted: list[str]) -> dict[str, float]:
+    """{suffix: value} for the modules whose value differs from `default` (PEFT rank/alpha_pattern)."""
+    out: dict[str, float] = {}
+    for v in sorted({v for v in values.values() if v != default}):
+        group = [n for n in adapted if values[n] == v]
+        for suf in _suffixes(group, adapted):
+            out[suf] = int(v) if float(v).is_integer() else v
+    return out
+
+
+def _read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    cfg_path = adapter_dir / ADAPTER_CONFIG
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{adapter_dir}: not an adapter directory (no {ADAPTER_CONFIG})")
+    config = json.loads(cfg_path.read_text())
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    for key, ok in (("use_dora", False), ("lora_bias", False), ("bias", "none")):
+        if config.get(key, ok) not in (ok, None):
+            raise ValueError(f"{cfg_path}: {key}: {config[key]!r} is not supported "
+                             "(LoRA without DoRA / biases)")
+    st = adapter_dir / ADAPTER_WEIGHTS
+    meta: dict = {}
+    if st.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(st), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
+    elif (adapter_dir / "adapter_model.bin").is_file():  # older PEFT versions
+        tensors = torch.load(adapter_dir / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}")
+    return config, tensors, meta
+
+
+_LORA_KEY = re.compile(r"(?P<mod>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight")
+
+
+def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
+    """Attach the LoRA adapter in `adapter_dir` (written by `save_lora` or by PEFT for the exported HF
+    model) to the base `model`, in place; returns `model` with only the adapter trainable.
+
+    ValueError when a tensor names a module this model does not have (an adapter for another family or
+    size), when shapes disagree, or for PEFT features llmkit lacks (DoRA, LoRA biases).
+    """
+    adapter_dir = Path(adapter_dir)
+    if has_lora(model):
+        raise ValueError("model already carries LoRA adapters; load into the base model")
+    config, tensors, meta = _read_adapter(adapter_dir)
+    layout = _hf_layout(model)
+    r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    rslora = bool(config.get("use_rslora", False))
+    alpha_pattern = config.get("alpha_pattern") or {}  # ranks come from the tensors' shapes
+    hf_to_llmkit = {hf: (path, hs, he) for path, parts in layout.linears.items() for hf, hs, he in parts}
+    saved_keys = {_PEFT_PREFIX + hf_key: (mod, pname) for mod, (_, names) in layout.saved.items()
+                  for pname, hf_key in names.items()}
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    to_save: dict[tuple[str, str], torch.Tensor] = {}
+    for key, t in tensors.items():
+        if key in saved_keys:
+            to_save[saved_keys[key]] = t
+            continue
+        m = _LORA_KEY.fullmatch(key.removeprefix(_PEFT_PREFIX))
+        if m is None:
+            raise ValueError(f"{adapter_dir}: unexpected tensor {key!r} "
+                             f"(not a LoRA A/B matrix of {layout.arch})")
+        pairs.setdefault(m["mod"], {})[m["ab"]] = t
+    if not pairs:
+        raise ValueError(f"{adapter_dir}: no LoRA tensors in {ADAPTER_WEIGHTS}")
+    sites = {(s.module, s.start, s.end): s.slice for s in _sites(model)}
+    pieces: dict[str, list] = {}
+    for hf, ab in pairs.items():
+        if hf not in hf_to_llmkit:
+            raise ValueError(f"{adapter_dir}: adapter module {hf!r} does not exist in this "
+                             f"{layout.arch}-named {type(model).__name__} (wrong base model?)")
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{adapter_dir}: {hf} lacks lora_{'A' if 'A' not in ab else 'B'}")
+        a, b = ab["A"].float(), ab["B"].float()
+        path, hs, he = hf_to_llmkit[hf]
+        lin = _linear(model.get_submodule(path))
+        r_hf = a.shape[0]
+        if a.shape != (r_hf, lin.in_features) or b.shape != (he - hs, r_hf):
+            raise ValueError(f"{adapter_dir}: {hf} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                             f"this model needs A ({r_hf}, {lin.in_features}), B ({he - hs}, {r_hf})")
+        alpha = _pattern_value(alpha_pattern, hf, alpha0)
+        scale = alpha / (math.sqrt(r_hf) if rslora else r_hf)
+        for name, lo, hi, a_part, b_part in _split(meta.get("slices", {}).get(hf), a, b, sites, path, hs, he):
+            pieces.setdefault(path, []).append((name, hs + lo, hs + hi, a_part, b_part, scale))
+    dropout = float(config.get("lora_dropout", 0.0))
+    for path, plist in pieces.items():
+        sl = _assemble(path, plist, sites)
+        wrapper = LoRALinear(model.get_submodule(path), {n: (s, e, a.shape[0], sc) for n, (s, e, a, _, sc)
+                                                         in sl.items()}, dropout)
+        with torch.no_grad():
+            for name, (_, _, a, b, _) in sl.items():
+                wrapper.lora_A[name].copy_(a)
+                wrapper.lora_B[name].copy_(b)
+        _replace(model, path, wrapper)
+    modules_to_save = sorted({mod for mod, _ in to_save})
+    with torch.no_grad():
+        for (mod, pname), t in to_save.items():
+            p = getattr(model.get_submodule(mod), pname)
+            if p is None:
+                if torch.count_nonzero(t):
+                    raise ValueError(f"{adapter_dir}: {mod}.{pname} is nonzero but this model has no {pname}")
+                continue
+            if p.shape != t.shape:
+                raise ValueError(f"{adapter_dir}: {mod}.{pname} has shape {tuple(t.shape)}, "
+                                 f"model {tuple(p.shape)}")
+            p.copy_(t)
+    targets = meta.get("targets") or _canonical_targets(model)
+    model.lora_config = LoRAConfig(r=r0, alpha=alpha0, dropout=float(config.get("lora_dropout", 0.0)),
+                                   targets=list(targets), rslora=rslora,
+                                   lr_ratio=float(meta.get("lr_ratio", LoRAConfig.lr_ratio)),
+                                   modules_to_save=modules_to_save)
+    _freeze(model, modules_to_save)
+    return model
+
+
+def _split(meta_slices, a: torch.Tensor, b: torch.Tensor, sites: dict, path: str, hs: int, he: int):
+    """Turn one HF module's (A, B) into pieces [(name, lo, hi, A_part, B_part)], rows relative to hs.
+
+    With save_lora's metadata (and B really zero outside the recorded blocks) the module splits back into
+    the slices it was written from (GPT-2's c_attn into q and v), named as they were; otherwise it is one
+    piece named by its rows (q/k/v of a fused matrix, "full" for a whole Linear).
+    """
+    if meta_slices and sum(m[3] for m in meta_slices) == a.shape[0]:
+        parts, col = [], 0
+        mask = torch.zeros_like(b, dtype=torch.bool)
+        for name, lo, hi, rank in meta_slices:
+            if not 0 <= lo < hi <= he - hs:
+                break
+            mask[lo:hi, col:col + rank] = True
+            parts.append((name, lo, hi, a[col:col + rank], b[lo:hi, col:col + rank]))
+            col += rank
+        else:
+            if not torch.count_nonzero(b[~mask]):
+                return parts
+    name = sites.get((path, hs, he))
+    if name is None:
+        raise ValueError(f"{path}: rows [{hs}, {he}) are not an adaptable slice")
+    return [(name, 0, he - hs, a, b)]
+
+
+def _assemble(path: str, pieces: list, sites: dict) -> dict[str, tuple]:
+    """Join the pieces of one llmkit Linear into its slices: {name: (start, end, A, B, scale)}.
+
+    A slice that covered several HF modules (a whole fused qkv saved as Llama's q_proj, k_proj, v_proj)
+    comes back whole when its pieces share A and scale and tile its rows; otherwise each piece becomes
+    the slice its rows are (the same function, with A repeated).
+    """
+    groups: dict[str, list] = {}
+    for name, start, end, a, b, scale in pieces:
+        groups.setdefault(name, []).append((start, end, a, b, scale))
+    out: dict[str, tuple[int, int, torch.Tensor, torch.Tensor, float]] = {}
+    for name, group in groups.items():
+        group.sort(key=lambda g: g[0])
+        joinable = all(torch.equal(g[2], group[0][2]) and g[4] == group[0][4] for g in group) and all(
+            group[i][1] == group[i + 1][0] for i in range(len(group) - 1))
+        if joinable:
+            b = torch.cat([g[3] for g in group])
+            out[name] = (group[0][0], group[-1][1], group[0][2], b, group[0][4])
+            continue
+        for start, end, a, b, scale in group:
+            site = sites.get((path, start, end))
+            if site is None or site in out:
+                raise ValueError(f"{path}: adapter rows [{start}, {end}) do not form llmkit slices")
+            out[site] = (start, end, a, b, scale)
+    return out
+
+
+def _canonical_targets(model: nn.Module) -> list[str]:
+    """Target names that describe the adapters `model` carries (for a PEFT-written adapter)."""
+    sites = {(s.module, s.slice): s.canonical for s in _sites(model)}
+    names = {sites.get((path, n)) for path, m in _lora_modules(model) for n in m.ranges}
+    return [t for t in (*CANONICAL_TARGETS, _FUSED_QKV) if t in names] or ["all-linear"]
