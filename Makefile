@@ -8,7 +8,7 @@ SAMPLES_FROM := $(if $(wildcard $(SHARED)/en/tinyshakespeare.txt),--from $(SHARE
 # A GPU machine passes TORCH_SPEC=torch to get the CUDA build; CPU machines get the local 2.13.0 CPU wheel.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench bench-data bench-finetune clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,19 @@ test-all: setup
 
 bench: setup
 	$(BIN)/python benchmarks/pretrain_shakespeare.py
+
+# data pipeline figures (docs/benchmarks.md#data-pipeline); run on a quiet machine
+bench-data: setup
+	$(BIN)/python benchmarks/data_pipeline.py --scale 20
+	$(BIN)/python benchmarks/minhash_speed.py
+	$(BIN)/python benchmarks/dedup_quality.py
+	$(BIN)/python benchmarks/pii_recall.py
+
+# fine-tuning figures (docs/benchmarks.md#fine-tuning-methods); sft_forgetting.py needs the base model of
+# configs/base_bilingual.yaml first
+bench-finetune: setup
+	$(BIN)/python benchmarks/finetune_methods.py
+	$(BIN)/python benchmarks/peft_equivalence.py
 
 clean:
 	rm -rf $(VENV) runs data
