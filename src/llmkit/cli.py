@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from llmkit.config import ConfigError
 
@@ -104,6 +106,45 @@ def _config_task(path: str, overrides: list[str]) -> str:
     if task not in ("sft", "classify"):
         raise ConfigError(f"{path}: task: {task!r} is not one of ['sft', 'classify']")
     return task
+
+
+def _quantize(args) -> None:
+    from llmkit.infer.quantize import QuantConfig, quantize_model, save_quantized
+    from llmkit.models.io import load_generation_config, load_model
+    from llmkit.tokenizer import Tokenizer
+
+    model = load_model(args.model)
+    tok = Tokenizer.load(args.model)
+    cfg = QuantConfig(mode=args.mode, observer=args.observer)
+    if args.with_head:
+        cfg.targets = [*cfg.targets, "lm_head"]
+    batches = None
+    if args.mode == "static":
+        if not args.calibration:
+            raise ValueError("--mode static needs --calibration FILE (text / jsonl / json) to measure activations")
+        batches = _calibration_batches(args.calibration, tok, model.config.block_size, args.calibration_batches)
+    quantize_model(model, cfg, batches)
+    out = save_quantized(model, args.out, tok, load_generation_config(args.model))
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (Path(args.model) / name).is_file():
+            shutil.copyfile(Path(args.model) / name, out / name)
+    print(json.dumps({"quantized": str(out), "mode": args.mode}))
+
+
+def _calibration_batches(path: str, tok, block_size: int, n: int) -> list:
+    """`n` windows of block_size tokens from a text file, for static activation scales."""
+    import torch
+
+    from llmkit.tokenizer import iter_texts
+
+    ids: list[int] = []
+    for text in iter_texts(path):
+        ids.extend(tok.encode(text))
+        if len(ids) >= n * block_size:
+            break
+    if len(ids) < block_size:
+        raise ValueError(f"--calibration {path}: {len(ids)} tokens, fewer than one window of {block_size}")
+    return [torch.tensor(ids[i:i + block_size])[None] for i in range(0, len(ids) - block_size + 1, block_size)][:n]
 
 
 def _merge(args) -> None:
@@ -240,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     ft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ft.set_defaults(func=_finetune)
+
+    qz = sub.add_parser("quantize", help="INT8 weights (dynamic, weight-only or calibrated static activations)")
+    qz.add_argument("--model", required=True, help="a plain llmkit model directory")
+    qz.add_argument("--out", required=True)
+    qz.add_argument("--mode", choices=["dynamic", "weight_only", "static"], default="dynamic")
+    qz.add_argument("--observer", choices=["minmax", "percentile", "histogram"], default="histogram",
+                    help="how static mode picks activation ranges from the calibration data")
+    qz.add_argument("--calibration", default=None, help="text for static calibration (txt / jsonl / json)")
+    qz.add_argument("--calibration-batches", type=int, default=16)
+    qz.add_argument("--with-head", action="store_true", help="quantize the output head too (fastest decode)")
+    qz.set_defaults(func=_quantize)
 
     mg = sub.add_parser("merge", help="fold a LoRA adapter into its base model: a plain model directory")
     mg.add_argument("--model", required=True, help="the base model directory")

@@ -13,20 +13,20 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
 
     The adapter dir (LoRA or prefix, PEFT layout) may carry its own tokenizer.json and chat template
     (an instruction-tuned adapter does); otherwise the model dir's are used. The template is None when
-    neither has one: the model continues raw text.
+    neither has one: the model continues raw text. A dir written by `llmkit quantize` loads with its
+    int8 layers.
     """
     from llmkit.chat import has_chat_template, load_chat_template
+    from llmkit.infer.quantize import is_quantized_dir, load_quantized
     from llmkit.models.adapters import load_adapter
     from llmkit.models.io import load_model
     from llmkit.tokenizer import Tokenizer
 
-    model = load_model(model_dir, device)
+    model = load_quantized(model_dir, device) if is_quantized_dir(model_dir) else load_model(model_dir, device)
     dirs = [Path(model_dir)]
     if adapter is not None:
         model = load_adapter(model, adapter).to(device).eval()
         dirs.insert(0, Path(adapter))
-    tok_dir = next(d for d in dirs if (d / "tokenizer.json").is_file()) if any(
-        (d / "tokenizer.json").is_file() for d in dirs) else Path(model_dir)
-    tokenizer = Tokenizer.load(tok_dir)
+    tokenizer = Tokenizer.load(next((d for d in dirs if (d / "tokenizer.json").is_file()), Path(model_dir)))
     template_dir = next((d for d in dirs if has_chat_template(d)), None)
     return model, tokenizer, load_chat_template(template_dir) if template_dir is not None else None
