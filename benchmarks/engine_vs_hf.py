@@ -1,0 +1,145 @@
+"""llmkit `Engine` vs Hugging Face `generate` on the same weights; continuous batching; prefix-cache TTFT.
+
+    python benchmarks/engine_vs_hf.py            # prints one JSON object (~2-3 minutes on 2 CPU cores)
+    python benchmarks/engine_vs_hf.py --quick    # smaller model/sizes, for a smoke run
+
+A randomly initialised GPT-2-small shape (d 768, 12 layers, 12 heads, vocab 50257, block 1024, fp32) is
+exported with `llmkit.models.hf.export_hf` and loaded with `AutoModelForCausalLM`, so both sides hold the
+same weights. Measured in one process:
+* `generate`: greedy, 128-token random prompts, 64 new tokens, batch 1 / 8 / 32: HF `generate` vs
+  `Engine.generate` (new tokens/s, including prefill), their ratio, and whether the greedy tokens agree;
+* continuous batching: 16 requests (prompts of 32..128 tokens, 32 new tokens each) submitted together
+  vs one at a time through the same engine: total new tokens/s;
+* prefix cache: time to first token for a 512-token shared prefix + 16 fresh tokens, warm (prefix
+  blocks cached) vs cold (median of 3).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+FULL = dict(vocab_size=50257, block_size=1024, n_layer=12, d_model=768, n_head=12, activation="gelu_tanh",
+            bias=True)
+QUICK = dict(FULL, n_layer=4, d_model=256, n_head=4)
+
+
+def rand_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=g).tolist()
+
+
+@torch.no_grad()
+def main() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from llmkit.infer.engine import Engine, RequestParams
+    from llmkit.models.decoder import Decoder, DecoderConfig
+    from llmkit.models.hf import export_hf
+
+    quick = "--quick" in sys.argv
+    cfg = QUICK if quick else FULL
+    batches = (1, 8) if quick else (1, 8, 32)
+    prompt_len, new = 128, 64
+    V = cfg["vocab_size"]
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(**cfg)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(model, tmp)
+        hf = AutoModelForCausalLM.from_pretrained(tmp).eval()
+    greedy = RequestParams(max_new_tokens=new, temperature=0, stop_at_eos=False)
+    t_start = time.perf_counter()
+    out: dict = {"model": {k: cfg[k] for k in ("n_layer", "d_model", "n_head", "vocab_size")},
+                 "params_M": round(model.num_params() / 1e6, 1), "threads": torch.get_num_threads(),
+                 "prompt_len": prompt_len, "new_tokens": new, "generate": {}}
+
+    def hf_generate(prompts):
+        ids = torch.tensor(prompts)
+        res = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                          do_sample=False, pad_token_id=0)
+        return res[:, ids.shape[1]:].tolist()
+
+    engine = Engine(model, max_batch=max(batches), max_len=prompt_len + new, prefix_cache_tokens=0)
+    warm = rand_prompts(2, 16, V, 99)
+    hf.generate(torch.tensor(warm), max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+    engine.generate(warm, RequestParams(max_new_tokens=4, temperature=0, stop_at_eos=False))
+    for b in batches:
+        prompts = rand_prompts(b, prompt_len, V, b)
+        t = time.perf_counter()
+        hf_out = hf_generate(prompts)
+        t_hf = time.perf_counter() - t
+        t = time.perf_counter()
+        ours = engine.generate(prompts, greedy)
+        t_ours = time.perf_counter() - t
+        same = sum(a == h for a, h in zip(ours, hf_out))
+        out["generate"][f"batch_{b}"] = {
+            "hf_tok_s": round(b * new / t_hf, 1), "engine_tok_s": round(b * new / t_ours, 1),
+            "ratio": round(t_hf / t_ours, 2), "identical_sequences": f"{same}/{b}"}
+
+    # continuous batching: 16 concurrent requests vs one at a time
+    n_req, cb_new = 16, 32
+    g = torch.Generator().manual_seed(7)
+    lens = torch.randint(32, 129, (n_req,), generator=g).tolist()
+    reqs = [rand_prompts(1, n, V, 100 + i)[0] for i, n in enumerate(lens)]
+    cb = RequestParams(max_new_tokens=cb_new, temperature=0, stop_at_eos=False)
+    eng16 = Engine(model, max_batch=n_req, max_len=128 + cb_new, prefix_cache_tokens=0)
+    t = time.perf_counter()
+    seq = [eng16.generate([p], cb)[0] for p in reqs]
+    t_seq = time.perf_counter() - t
+    t = time.perf_counter()
+    conc = eng16.generate(reqs, cb)
+    t_conc = time.perf_counter() - t
+    out["continuous_batching"] = {
+        "requests": n_req, "prompt_lens": f"{min(lens)}..{max(lens)}", "new_tokens_each": cb_new,
+        "one_at_a_time_tok_s": round(n_req * cb_new / t_seq, 1),
+        "concurrent_tok_s": round(n_req * cb_new / t_conc, 1), "speedup": round(t_seq / t_conc, 2),
+        "same_tokens": seq == conc}
+
+    # prefix cache: time to first token, warm 512-token shared prefix vs cold
+    shared = rand_prompts(1, 512, V, 500)[0]
+    suffixes = rand_prompts(4, 16, V, 501)
+    one = RequestParams(max_new_tokens=1, temperature=0, stop_at_eos=False)
+    pfx = Engine(model, max_batch=1, max_len=600, prefix_cache_tokens=1024, prefix_block=16)
+
+    def ttft(prompt) -> tuple[float, int]:
+        t = time.perf_counter()
+        rid = pfx.add_request(prompt, one)
+        while not pfx.requests[rid].output:
+            pfx.step()
+        dt = time.perf_counter() - t
+        pfx.run()
+        return dt, pfx.requests.pop(rid).output[0]
+
+    cold, warm_t = [], []
+    for s in suffixes[:3]:
+        pfx.prefix_cache.clear()
+        cold.append(ttft(shared + s)[0])
+    pfx.prefix_cache.clear()
+    ttft(shared + suffixes[3])  # fills the cache with the shared prefix
+    before = pfx.prefill_tokens
+    for s in suffixes[:3]:
+        dt_warm, tok = ttft(shared + s)
+        warm_t.append(dt_warm)
+    warm_prefill = (pfx.prefill_tokens - before) / 3
+    pfx.prefix_cache.clear()
+    agree = ttft(shared + suffixes[2])[1] == tok
+    st = pfx.stats()
+    out["prefix_cache"] = {
+        "prefix_tokens": 512, "suffix_tokens": 16, "ttft_cold_ms": round(1e3 * statistics.median(cold), 1),
+        "ttft_warm_ms": round(1e3 * statistics.median(warm_t), 1),
+        "speedup": round(statistics.median(cold) / statistics.median(warm_t), 2),
+        "prefill_tokens_per_warm_request": warm_prefill,
+        "block_hits": st["prefix_hits"], "block_misses": st["prefix_misses"], "same_first_token": agree}
+    out["seconds"] = round(time.perf_counter() - t_start, 1)
+    if quick:
+        out["note"] = "--quick: 4 layers, d 256, batches 1/8 only"
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

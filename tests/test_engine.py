@@ -1,0 +1,171 @@
+import pytest
+import torch
+
+from llmkit.infer.engine import Engine, RequestParams
+from llmkit.infer.generate import SamplingParams, stream_tokens
+from llmkit.models.decoder import Decoder, DecoderConfig
+
+V = 97
+GREEDY = RequestParams(max_new_tokens=12, temperature=0, stop_at_eos=False)
+FAMILIES = {
+    "gpt2": dict(n_head=4),
+    "llama_gqa": dict(n_head=4, n_kv_head=2, positions="rope", norm="rmsnorm", activation="swiglu"),
+}
+
+
+def make_model(family: str) -> Decoder:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(vocab_size=V, block_size=96, n_layer=2, d_model=64, **FAMILIES[family])
+    return Decoder(cfg).eval()
+
+
+def prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_mixed_batch_joining_at_different_steps_equals_stream_tokens(family):
+    model = make_model(family)
+    eng = Engine(model, max_batch=3, prefix_cache_tokens=0)  # 3 slots for 6 requests: a queue forms
+    ps = prompts((5, 17, 30, 9, 40, 3))
+    lens = (12, 4, 9, 12, 7, 12)
+    params = [RequestParams(max_new_tokens=n, temperature=0, stop_at_eos=False) for n in lens]
+    ids = [eng.add_request(ps[0], params[0]), eng.add_request(ps[1], params[1])]
+    eng.step()
+    eng.step()
+    ids.append(eng.add_request(ps[2], params[2]))  # joins while two are mid-decode
+    eng.step()
+    ids += [eng.add_request(p, sp) for p, sp in zip(ps[3:], params[3:])]
+    streamed = {i: [] for i in ids}
+    steps = 0
+    while eng.has_unfinished():
+        assert len(eng.running) <= 3
+        for rid, t in eng.step().items():
+            streamed[rid].append(t)
+        steps += 1
+    for i, p, sp in zip(ids, ps, params):
+        want = list(stream_tokens(model, p, sp))
+        assert eng.requests[i].output == want
+        assert len(want) == sp.max_new_tokens
+    assert streamed[ids[-1]] == eng.requests[ids[-1]].output
+    assert eng.free_slots == 3
+
+
+def test_seeded_sampling_independent_of_batch():
+    model = make_model("llama_gqa")
+    ps = prompts((11, 23, 6, 31))
+    sampled = RequestParams(max_new_tokens=15, temperature=1.0, top_k=20, top_p=0.9, seed=123, stop_at_eos=False)
+    alone = Engine(model, max_batch=4).generate([ps[0]], sampled)[0]
+    eng = Engine(model, max_batch=4)
+    others = [RequestParams(max_new_tokens=15, temperature=0.8, seed=s, stop_at_eos=False) for s in (1, 2)]
+    eng.add_request(ps[1], others[0])
+    eng.step()
+    rid = eng.add_request(ps[0], sampled)
+    eng.add_request(ps[2], others[1])
+    eng.add_request(ps[3], GREEDY)
+    eng.run()
+    assert eng.requests[rid].output == alone
+    # the same request and seed through the reference path, which samples the same way
+    assert list(stream_tokens(model, ps[0], SamplingParams(**{k: getattr(sampled, k) for k in (
+        "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop_at_eos")}))) == alone
+    other_seed = Engine(model).generate([ps[0]], RequestParams(max_new_tokens=15, temperature=1.0, seed=7,
+                                                                stop_at_eos=False))[0]
+    assert other_seed != alone
+
+
+def test_cancel_frees_slot_and_others_continue():
+    model = make_model("gpt2")
+    eng = Engine(model, max_batch=2, prefix_cache_tokens=0)
+    ps = prompts((8, 13, 5))
+    a = eng.add_request(ps[0], RequestParams(max_new_tokens=30, temperature=0, stop_at_eos=False))
+    b = eng.add_request(ps[1], GREEDY)
+    c = eng.add_request(ps[2], GREEDY)
+    eng.step()
+    assert len(eng.running) == 2 and len(eng.waiting) == 1
+    eng.cancel(a)  # slot 0: b moves into it, and c can start at the next step
+    assert eng.requests[a].finish_reason == "cancelled" and eng.free_slots == 1
+    eng.step()
+    assert len(eng.running) == 2 and not eng.waiting
+    eng.run()
+    assert eng.requests[b].output == list(stream_tokens(model, ps[1], GREEDY))
+    assert eng.requests[c].output == list(stream_tokens(model, ps[2], GREEDY))
+    # cancelling a queued request removes it from the queue
+    eng2 = Engine(model, max_batch=1)
+    eng2.add_request(ps[0], GREEDY)
+    q = eng2.add_request(ps[1], GREEDY)
+    eng2.cancel(q)
+    assert [r.request_id for r in eng2.waiting] == ["req-0"]
+
+
+def test_stop_ids_eos_and_max_tokens():
+    model = make_model("gpt2")
+    p = prompts((10,))[0]
+    full = list(stream_tokens(model, p, GREEDY))
+    stop = full[5]
+    cut = full[:full.index(stop)]
+    eng = Engine(model, eos_id=None)
+    out = eng.generate([p], RequestParams(max_new_tokens=12, temperature=0, stop_token_ids=(stop,)))[0]
+    assert out == cut
+    eng_eos = Engine(model, eos_id=stop)
+    assert eng_eos.generate([p], RequestParams(max_new_tokens=12, temperature=0))[0] == cut
+    assert eng_eos.generate([p], RequestParams(max_new_tokens=12, temperature=0, stop_at_eos=False))[0] == full
+    assert eng.generate([p], RequestParams(max_new_tokens=3, temperature=0))[0] == full[:3]
+    # the context length bounds generation as in stream_tokens
+    small = Engine(model, max_len=16)
+    assert len(small.generate([p], GREEDY)[0]) == 6
+
+
+def test_stream_iterator_and_callback():
+    model = make_model("gpt2")
+    p = prompts((7,))[0]
+    eng = Engine(model)
+    got = []
+    eng.add_request(p, GREEDY, request_id="x", on_token=lambda rid, t: got.append((rid, t)))
+    streamed = list(eng.stream(prompts((9,))[0], GREEDY))
+    assert streamed == list(stream_tokens(model, prompts((9,))[0], GREEDY))
+    eng.run()
+    assert [t for _, t in got] == list(stream_tokens(model, p, GREEDY)) and {r for r, _ in got} == {"x"}
+    assert [r.request_id for r in eng.pop_finished()] == ["x"] and not eng.requests
+    it = eng.stream(p, GREEDY, request_id="early")
+    assert [next(it), next(it)] == list(stream_tokens(model, p, GREEDY))[:2]
+    it.close()  # the consumer stops: the request is cancelled and its slot freed
+    assert not eng.running and "early" not in eng.requests
+
+
+def test_prefix_cache_warm_prefix_identical_and_fewer_prefill_tokens():
+    model = make_model("llama_gqa")
+    shared = prompts((40,), seed=5)[0]
+    a, b = shared + prompts((6,), seed=6)[0], shared + prompts((9,), seed=7)[0]
+    cold = Engine(model, prefix_cache_tokens=0)
+    want = cold.generate([a, b], GREEDY)
+    eng = Engine(model, prefix_cache_tokens=40, prefix_block=8)  # room for five blocks
+    assert eng.generate([a], GREEDY)[0] == want[0]
+    before = eng.prefill_tokens
+    assert eng.generate([b], GREEDY)[0] == want[1]
+    assert eng.prefill_tokens - before == len(b) - 40  # five 8-token blocks reused
+    st = eng.stats()
+    assert st["prefix_hits"] == 5 and st["prefix_blocks"] == 5
+    assert st["prefix_evictions"] == 1  # b's own sixth block, the chain's tail, went first
+    assert eng.generate([a], GREEDY)[0] == want[0]
+    assert eng.stats()["prefix_hits"] == 10
+
+
+def test_prefix_cache_lru_evicts_tail_first():
+    from llmkit.infer.engine import PrefixCache
+
+    pc = PrefixCache(max_tokens=4 * 4, block_size=4)
+    toks = list(range(24))
+    chain = pc.chain(toks, 6)
+    pc.insert(chain, lambda j: (torch.zeros(1), torch.zeros(1)))
+    assert len(pc.blocks) == 4 and len(pc.lookup(chain)) == 4  # the first four blocks survive
+    assert pc.hits == 4 and pc.misses == 2
+
+
+def test_refuses_prefix_models_and_other_families():
+    model = make_model("gpt2")
+    model.prefix = torch.nn.Identity()
+    with pytest.raises(ValueError, match="prefix"):
+        Engine(model)
+    with pytest.raises(TypeError, match="Decoder"):
+        Engine(torch.nn.Linear(2, 2))
