@@ -169,3 +169,117 @@ def test_refuses_prefix_models_and_other_families():
         Engine(model)
     with pytest.raises(TypeError, match="Decoder"):
         Engine(torch.nn.Linear(2, 2))
+
+
+@torch.no_grad()
+def reference_greedy(model, prompt, n, rep=1.0, presence=0.0, frequency=0.0):
+    """Uncached greedy decoding with the penalties written out by hand, one row at a time."""
+    ids, out = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))[0][0, -1].tolist()
+        for t in set(ids):
+            logits[t] = logits[t] / rep if logits[t] > 0 else logits[t] * rep
+        for t in set(out):
+            logits[t] -= presence + frequency * out.count(t)
+        t = max(range(len(logits)), key=logits.__getitem__)
+        ids.append(t)
+        out.append(t)
+    return out
+
+
+def test_penalties_per_request_in_one_batch_match_hand_reference():
+    model = make_model("gpt2")
+    ps = prompts((6, 11, 4))
+    settings = [dict(rep=1.8), dict(presence=2.0, frequency=1.0), dict()]
+    params = [RequestParams(max_new_tokens=10, temperature=0, stop_at_eos=False,
+                            repetition_penalty=s.get("rep", 1.0), presence_penalty=s.get("presence", 0.0),
+                            frequency_penalty=s.get("frequency", 0.0)) for s in settings]
+    out = Engine(model, max_batch=3).generate(ps, params)
+    for o, p, s in zip(out, ps, settings):
+        assert o == reference_greedy(model, p, 10, **s)
+    assert out[2] == list(stream_tokens(model, ps[2], GREEDY))[:10]
+    assert out[0] != list(stream_tokens(model, ps[0], GREEDY))[:10]  # the penalty changed something
+
+
+def test_min_p_one_is_greedy_and_logprobs():
+    model = make_model("llama_gqa")
+    p = prompts((9,))[0]
+    want = list(stream_tokens(model, p, GREEDY))
+    # min_p 1 keeps only the most likely token: sampling becomes greedy whatever the seed
+    mp = RequestParams(max_new_tokens=12, temperature=1.5, min_p=1.0, seed=3, stop_at_eos=False)
+    assert Engine(model).generate([p], mp)[0] == want
+    eng = Engine(model)
+    rid = eng.add_request(p, RequestParams(max_new_tokens=12, temperature=0, stop_at_eos=False, logprobs=3))
+    eng.run()
+    req = eng.requests[rid]
+    assert req.output == want and len(req.logprobs) == 12
+    ids = list(p)
+    with torch.no_grad():
+        for t, (lp, top) in zip(req.output, req.logprobs):
+            ref = model(torch.tensor([ids]))[0][0, -1].log_softmax(-1)
+            assert abs(lp - ref[t].item()) < 1e-4
+            assert [i for i, _ in top] == ref.topk(3).indices.tolist() and top[0][0] == t
+            assert all(abs(v - ref[i].item()) < 1e-4 for i, v in top)
+            ids.append(t)
+    # with temperature 2 the reported distribution is the tempered one
+    eng2 = Engine(model)
+    r2 = eng2.add_request(p, RequestParams(max_new_tokens=1, temperature=2.0, seed=0, stop_at_eos=False,
+                                           logprobs=0))
+    eng2.run()
+    t = eng2.requests[r2].output[0]
+    with torch.no_grad():
+        ref = (model(torch.tensor([p]))[0][0, -1] / 2.0).log_softmax(-1)
+    assert abs(eng2.requests[r2].logprobs[0][0] - ref[t].item()) < 1e-4 and eng2.requests[r2].logprobs[0][1] == []
+
+
+class CharTok:
+    """Token id -> one character (ids 0..25 'a'..'z', others '_')."""
+
+    eos_id = None
+
+    def decode(self, ids):
+        return "".join(chr(97 + i) if i < 26 else "_" for i in ids)
+
+
+def test_stop_strings_trim_text_and_output():
+    model = make_model("gpt2")
+    p = prompts((10,))[0]
+    full = list(stream_tokens(model, p, GREEDY))
+    tok = CharTok()
+    text = tok.decode(full)
+    stop = text[4:6]  # two tokens long: ends at the first occurrence
+    cut = text.find(stop)
+    eng = Engine(model, tokenizer=tok)
+    rid = eng.add_request(p, RequestParams(max_new_tokens=12, temperature=0, stop_at_eos=False, stop=(stop, "#")))
+    eng.run()
+    req = eng.requests[rid]
+    assert req.finish_reason == "stop" and req.text == text[:cut] and req.output == full[:cut]
+    with pytest.raises(ValueError, match="tokenizer"):
+        Engine(model).add_request(p, RequestParams(stop=("x",)))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_batched_prefill_one_forward_identical_outputs(family):
+    model = make_model(family)
+    shared = prompts((16,), seed=3)[0]
+    ps = prompts((5, 17, 30, 1, 12)) + [shared + [1, 2, 3], shared + [4] * 9]
+    want = [list(stream_tokens(model, p, GREEDY)) for p in ps]
+    eng = Engine(model, max_batch=8, prefix_block=8)
+    eng.add_request(shared + [7])  # leaves the shared prefix blocks in the cache: mixed starts below
+    eng.run()
+    calls = []
+    orig = eng._prefill_batch
+    eng._prefill_batch = lambda reqs: calls.append(len(reqs)) or orig(reqs)
+    ids = [eng.add_request(p, GREEDY) for p in ps]
+    eng.step()
+    assert calls == [7] and len(eng.running) == 7
+    assert [eng.requests[i].cached_tokens for i in ids[-2:]] == [16, 16]
+    eng.run()
+    assert [eng.requests[i].output for i in ids] == want
+    # the padded-token cap splits the waiting queue over several forwards
+    small = Engine(model, max_batch=8, prefix_cache_tokens=0, max_prefill_tokens=40)
+    calls.clear()
+    orig2 = small._prefill_batch
+    small._prefill_batch = lambda reqs: calls.append(len(reqs)) or orig2(reqs)
+    assert small.generate(ps[:5], GREEDY) == want[:5]
+    assert calls == [2, 1, 2]  # (5, 17) -> 34; then 30; then (1, 12) -> 24

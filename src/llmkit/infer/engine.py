@@ -20,9 +20,16 @@ rest. The cache holds at most `prefix_cache_tokens` tokens and evicts the least 
 (the deepest block of a chain goes before its parents). Unlike vLLM the blocks are copied into a
 contiguous slot rather than paged in place: simpler, at the cost of one copy per hit.
 
-Per request: max_new_tokens, temperature (0 = greedy), top_k, top_p, seed (a per-request
-`torch.Generator`, so the same seed gives the same tokens whatever else is in the batch), stop token ids
-and EOS (neither is emitted). Tokens go to an optional per-request callback and to `Engine.stream`.
+Per request (`RequestParams`): max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p, repetition,
+presence and frequency penalties, seed (a per-request `torch.Generator`, so the same seed gives the same
+tokens whatever else is in the batch), logprobs, stop token ids and EOS (neither is emitted) and stop
+strings (need a tokenizer). Sampling is vectorised over the batch (`llmkit.infer.sampling`); only the draw
+itself runs per row, on that row's generator. Tokens go to an optional per-request callback and to
+`Engine.stream`.
+
+Prefill is batched: the waiting requests that fit the free slots (and `max_prefill_tokens` padded tokens)
+run through the model in one right-padded forward, each row at its own start position (after its cached
+prefix) with a causal keep-mask over its own keys.
 """
 
 from __future__ import annotations
@@ -36,19 +43,39 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.infer.generate import SamplingParams
-from llmkit.infer.sampling import sample_next
-from llmkit.models.decoder import Decoder, KVCache
+from llmkit.infer.sampling import BatchSampling, process_logits, sample_batch, token_counts, top_logprobs
+from llmkit.models.decoder import Decoder
 from llmkit.models.layers import apply_rope
 
 
 @dataclass
 class RequestParams(SamplingParams):
-    """`SamplingParams` plus stop token ids (generation ends at any of them; the stop token is not emitted).
+    """`SamplingParams` plus the engine's per-request controls.
 
-    Any object with the `SamplingParams` attributes is accepted by the engine; `stop_token_ids` is optional.
+    Any object with the `SamplingParams` attributes is accepted by the engine; the fields below are optional
+    there and default to off. Order of application: repetition penalty, presence/frequency penalties,
+    temperature, then top-k, top-p and min-p truncation.
     """
 
     stop_token_ids: tuple[int, ...] = ()
+    """Generation ends at any of these ids; the stop token is not emitted."""
+    stop: tuple[str, ...] = ()
+    """Stop strings: generation ends once the decoded output contains one; `Request.text` is cut before it
+    and `Request.output` keeps only the tokens wholly before it (tokens already streamed are not recalled).
+    Needs the engine's tokenizer."""
+    min_p: float = 0.0
+    """Keep only tokens with p >= min_p * p_max (Nguyen et al. 2024); 0 = off."""
+    repetition_penalty: float = 1.0
+    """CTRL (Keskar et al. 2019): logits of tokens in prompt + output are divided by it when positive and
+    multiplied by it when negative; 1 = off."""
+    presence_penalty: float = 0.0
+    """OpenAI: subtract presence_penalty from the logit of every token generated at least once."""
+    frequency_penalty: float = 0.0
+    """OpenAI: subtract frequency_penalty * (times generated) from each token's logit."""
+    logprobs: int | None = None
+    """Record each emitted token's log-probability and this many top alternatives (0: only the chosen one)
+    in `Request.logprobs`, from the distribution after penalties and temperature (before truncation; greedy
+    rows use temperature 1). None = off."""
 
 
 @dataclass
@@ -70,6 +97,10 @@ class Request:
     """'length', 'stop' (EOS or a stop id) or 'cancelled'."""
     cached_tokens: int = 0
     """Prompt tokens whose keys/values came from the prefix cache."""
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    """With params.logprobs set: per emitted token, (its logprob, [(alternative id, logprob)] best first)."""
+    text: str | None = None
+    """With stop strings: the decoded output, cut before the stop string that ended it."""
 
 
 @dataclass
@@ -136,16 +167,19 @@ class Engine:
     """Continuous-batching generation over an llmkit `Decoder`.
 
     model: a plain `Decoder` (GPT-2 or Llama style, any n_kv_head); prefix-tuned models are refused.
-    tokenizer: optional, only for its `eos_id` (or pass `eos_id`).
+    tokenizer: optional, for its `eos_id` (or pass `eos_id`) and `decode` (stop strings).
     max_batch: cache slots = most requests decoding together; later requests wait in a queue.
     max_len: cache positions per slot (prompt + new tokens); None -> the model's block_size.
     prefix_cache_tokens: prefix-cache budget in tokens (0 disables it); prefix_block: tokens per block.
+    max_prefill_tokens: most padded tokens (rows * longest prompt) prefilled in one forward; at least one
+    request is always prefilled per step.
 
     KV memory is 2 * n_layer * max_batch * H_kv * max_len * head_dim elements in the model's dtype.
     """
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
-                 prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | None = None):
+                 prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | None = None,
+                 max_prefill_tokens: int = 8192):
         if not isinstance(model, Decoder):
             raise TypeError(f"Engine serves llmkit decoder-only models (Decoder), not {type(model).__name__}; "
                             "encoders and encoder-decoders are not supported")
@@ -163,6 +197,8 @@ class Engine:
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        self.tokenizer = tokenizer
+        self.max_prefill_tokens = max_prefill_tokens
         self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
@@ -181,6 +217,8 @@ class Engine:
         params = params or RequestParams()
         if not prompt_ids:
             raise ValueError("prompt is empty: give at least one token (e.g. the BOS token)")
+        if getattr(params, "stop", None) and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: pass Engine(model, tokenizer=...)")
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests and not self.requests[rid].finished:
             raise ValueError(f"request id {rid!r} is already active")
@@ -191,6 +229,8 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed)
         req = Request(rid, ids, params, budget, gen, on_token)
+        if getattr(params, "logprobs", None) is not None:
+            req.logprobs = []
         self.requests[rid] = req
         if budget <= 0:
             req.finished, req.finish_reason = True, "length"
@@ -239,9 +279,16 @@ class Engine:
             logits = self._decode()  # (n, vocab)
             self._sample_all(self.running, logits, emitted)
         while self.waiting and self.free_slots > 0:
-            req = self.waiting.popleft()
-            logits = self._prefill(req)  # (1, vocab)
-            self._sample_all([req], logits, emitted)
+            batch, longest = [self.waiting.popleft()], 0
+            longest = len(batch[0].prompt)
+            while self.waiting and len(batch) < self.free_slots:
+                t = max(longest, len(self.waiting[0].prompt))
+                if (len(batch) + 1) * t > self.max_prefill_tokens:
+                    break
+                batch.append(self.waiting.popleft())
+                longest = t
+            logits = self._prefill_batch(batch)  # (len(batch), vocab)
+            self._sample_all(batch, logits, emitted)
         return emitted
 
     def run(self) -> None:
@@ -277,22 +324,45 @@ class Engine:
 
     # ------------------------------------------------------------------ internals
     def _sample_all(self, reqs: list[Request], logits: torch.Tensor, emitted: dict[str, int]) -> None:
-        """Pick each row's token with its own params/generator, emit it, and retire finished requests."""
-        greedy = logits.argmax(-1).tolist()
+        """Pick each row's token (penalties, temperature and truncation vectorised over the rows; each
+        sampled row draws with its own generator), emit it, and retire finished requests."""
+        ps = [r.params for r in reqs]
+        want_lp = [getattr(p, "logprobs", None) for p in ps]
+        sp = BatchSampling.from_params(ps, device=logits.device)
+        penalties = sp.any_penalty
+        lp_rows = lp_vals = lp_ids = None
+        if not penalties and not (sp.temperature > 0).any() and all(k is None for k in want_lp):
+            tokens = logits.argmax(-1).tolist()  # all greedy, nothing to process: the fast path
+        else:
+            seen = counts = None
+            if penalties:
+                V = logits.size(-1)
+                counts = token_counts([r.output for r in reqs], V, logits.device)
+                if bool((sp.repetition_penalty != 1).any()):
+                    seen = token_counts([r.prompt + r.output for r in reqs], V, logits.device) > 0
+            proc = process_logits(logits, sp, seen, counts)
+            chosen = sample_batch(proc, sp, [r.generator for r in reqs])
+            tokens = chosen.tolist()
+            if any(k is not None for k in want_lp):
+                c, v, i = top_logprobs(proc, chosen, max(k or 0 for k in want_lp))
+                lp_rows, lp_vals, lp_ids = c.tolist(), v.tolist(), i.tolist()
         done = []
         for i, req in enumerate(reqs):
-            p = req.params
-            if p.temperature <= 0:
-                t = greedy[i]
-            else:
-                t = int(sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p, req.generator).item())
+            p, t = req.params, tokens[i]
             stops = getattr(p, "stop_token_ids", None) or ()
             if (p.stop_at_eos and self.eos_id is not None and t == self.eos_id) or t in stops:
                 req.finish_reason = "stop"
                 done.append(req)
                 continue
             req.output.append(t)
+            if self._hit_stop_string(req):
+                req.finish_reason = "stop"
+                done.append(req)
+                continue
             req.last_token = t
+            if req.logprobs is not None:
+                k = want_lp[i]
+                req.logprobs.append((lp_rows[i], list(zip(lp_ids[i][:k], lp_vals[i][:k]))))
             emitted[req.request_id] = t
             if req.on_token is not None:
                 req.on_token(req.request_id, t)
@@ -302,6 +372,25 @@ class Engine:
         for req in sorted(done, key=lambda r: -r.slot):  # last slots first: fewer moves
             self._free(req)
             req.finished = True
+
+    def _hit_stop_string(self, req: Request) -> bool:
+        """After req's newest token: if the decoded output contains a stop string, set `req.text` to the
+        text before the earliest one, drop from `req.output` the tokens not wholly before it (and their
+        logprobs), and return True. The token that completed the stop string is never emitted."""
+        stop = getattr(req.params, "stop", None)
+        if not stop:
+            return False
+        text = self.tokenizer.decode(req.output)
+        cut = min((j for j in (text.find(s) for s in stop if s) if j >= 0), default=-1)
+        if cut < 0:
+            return False
+        req.text = text[:cut]
+        req.output.pop()  # the completing token: not emitted
+        while req.output and len(self.tokenizer.decode(req.output)) > cut:
+            req.output.pop()
+        if req.logprobs is not None:
+            del req.logprobs[len(req.output):]
+        return True
 
     def _free(self, req: Request) -> None:
         """Release req's slot; the last running request moves into it so slots [0, n) stay dense."""
@@ -317,43 +406,95 @@ class Engine:
         req.slot = -1
 
     def _prefill(self, req: Request) -> torch.Tensor:
-        """Put req in a free slot, reuse cached prefix blocks, run the rest of the prompt through the model's
-        own blocks (writing the slot's keys/values). Returns the last position's logits, (1, vocab)."""
-        s = len(self.running)
-        req.slot = s
-        self.running.append(req)
-        ids, pc = req.prompt, self.prefix_cache
+        """Prefill one request (see `_prefill_batch`). Returns (1, vocab)."""
+        return self._prefill_batch([req])
+
+    def _prefill_batch(self, reqs: list[Request]) -> torch.Tensor:
+        """Put each request in a free slot, reuse its cached prefix blocks, and run the rest of all the
+        prompts through the model in one right-padded forward, writing each slot's keys/values. Returns
+        every request's last-position logits, (n, vocab).
+
+        Shapes: ids/positions (n, T) with T the longest uncached part and row i at positions
+        start_i .. start_i + T - 1; q (n, H, T, hd); keys read from the slots (n, H_kv, L, hd) with
+        L = max(start_i + len_i) and a keep-mask (n, 1, T, L): query t of row i sees keys <= start_i + t.
+        Padded queries only see their own row's keys and are dropped; padded keys are never written.
+        """
+        m, cfg, dev = self.model, self.config, self.device
+        pc = self.prefix_cache
         bs = pc.block_size
-        start = 0
-        if pc.max_blocks > 0:
-            chain = pc.chain(ids, (len(ids) - 1) // bs)  # keep >= 1 token to compute logits from
-            for j, b in enumerate(pc.lookup(chain)):
-                self.k[:, s, :, j * bs:(j + 1) * bs] = b.k
-                self.v[:, s, :, j * bs:(j + 1) * bs] = b.v
-                start = (j + 1) * bs
-        req.cached_tokens = start
-        new = ids[start:]
-        T = len(new)
-        cache = KVCache.__new__(KVCache)  # a view of this slot: the model's blocks write into self.k/self.v
-        cache.k, cache.v = self.k[:, s:s + 1], self.v[:, s:s + 1]
-        cache.length, cache.prefix_len = start, 0
-        m = self.model
-        idx = torch.tensor([new], device=self.device)
+        s0 = len(self.running)
+        starts, news = [], []
+        for req in reqs:
+            s = len(self.running)
+            req.slot = s
+            self.running.append(req)
+            ids, start = req.prompt, 0
+            if pc.max_blocks > 0:
+                chain = pc.chain(ids, (len(ids) - 1) // bs)  # keep >= 1 token to compute logits from
+                for j, b in enumerate(pc.lookup(chain)):
+                    self.k[:, s, :, j * bs:(j + 1) * bs] = b.k
+                    self.v[:, s, :, j * bs:(j + 1) * bs] = b.v
+                    start = (j + 1) * bs
+            req.cached_tokens = start
+            starts.append(start)
+            news.append(ids[start:])
+        n = len(reqs)
+        lens_l = [len(x) for x in news]
+        T = max(lens_l)
+        lens = torch.tensor(lens_l, device=dev)
+        st = torch.tensor(starts, device=dev)
+        ar = torch.arange(T, device=dev)
+        pos = st[:, None] + ar[None]  # (n, T)
+        valid = ar[None] < lens[:, None]  # (n, T)
+        pos_c = pos.clamp(max=self.max_len - 1)  # padding positions may run past the table: never used
+        idx = torch.tensor([x + [0] * (T - len(x)) for x in news], device=dev)
+        # every row starts at 0 with the same length: plain causal attention over the new keys
+        uniform = not any(starts) and min(lens_l) == T
         x = m.tok_emb(idx)
         rope = None
         if m.pos_emb is not None:
-            x = x + m.pos_emb(torch.arange(start, start + T, device=self.device))
+            x = x + m.pos_emb(pos_c)
         else:
-            rope = (m.rope_cos[start:start + T], m.rope_sin[start:start + T])
+            rope = (m.rope_cos[pos_c][:, None], m.rope_sin[pos_c][:, None])  # (n, 1, T, hd/2)
+        L = int((st + lens).max())
+        mask = None
+        if not uniform:
+            mask = (torch.arange(L, device=dev)[None, None, :] <= pos[:, :, None]).view(n, 1, T, L)
+        rows_flat = (s0 + torch.arange(n, device=dev))[:, None].expand(n, T)[valid]
+        pos_flat = pos[valid]
+        H, Hkv, hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
         for i, block in enumerate(m.blocks):
-            x = block(x, rope, cache, i)
-        req.length = len(ids)
-        self.prefill_tokens += T
+            attn = block.attn
+            h = block.norm1(x)
+            q, k, v = attn.qkv(h).split((H * hd, Hkv * hd, Hkv * hd), dim=2)
+            q = q.view(n, T, H, hd).transpose(1, 2)  # (n, H, T, hd)
+            k = k.view(n, T, Hkv, hd).transpose(1, 2)
+            v = v.view(n, T, Hkv, hd).transpose(1, 2)
+            if rope is not None:
+                q = apply_rope(q, *rope)
+                k = apply_rope(k, *rope)
+            kc, vc = self.k[i], self.v[i]  # (max_batch, H_kv, max_len, hd)
+            kc[rows_flat, :, pos_flat] = k.transpose(1, 2)[valid]
+            vc[rows_flat, :, pos_flat] = v.transpose(1, 2)[valid]
+            if uniform:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scale,
+                                                   enable_gqa=Hkv != H)
+            else:
+                y = F.scaled_dot_product_attention(q, kc[s0:s0 + n, :, :L], vc[s0:s0 + n, :, :L], attn_mask=mask,
+                                                   scale=attn.scale, enable_gqa=Hkv != H)
+            x = x + attn.proj(y.transpose(1, 2).reshape(n, T, H * hd))
+            x = x + block.mlp(block.norm2(x))
+        for req in reqs:
+            req.length = len(req.prompt)
+        self.prefill_tokens += sum(lens_l)
         if pc.max_blocks > 0:
-            full = pc.chain(ids, len(ids) // bs)
-            pc.insert(full, lambda j: (self.k[:, s, :, j * bs:(j + 1) * bs].clone(),
-                                       self.v[:, s, :, j * bs:(j + 1) * bs].clone()))
-        return m.lm_head(m.norm_f(x[:, -1]))
+            for req in reqs:
+                s, ids = req.slot, req.prompt
+                full = pc.chain(ids, len(ids) // bs)
+                pc.insert(full, lambda j, s=s: (self.k[:, s, :, j * bs:(j + 1) * bs].clone(),
+                                                self.v[:, s, :, j * bs:(j + 1) * bs].clone()))
+        last = x[torch.arange(n, device=dev), lens - 1]
+        return m.lm_head(m.norm_f(last))
 
     def _decode(self) -> torch.Tensor:
         """One token for every running request at its own position. Returns logits (n, vocab).
