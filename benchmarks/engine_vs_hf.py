@@ -81,6 +81,29 @@ def main() -> None:
             "hf_tok_s": round(b * new / t_hf, 1), "engine_tok_s": round(b * new / t_ours, 1),
             "ratio": round(t_hf / t_ours, 2), "identical_sequences": f"{same}/{b}"}
 
+    # the same engine on INT8 weights (dynamic activations, the output head included) against HF's fp32
+    import copy
+
+    from llmkit.infer.quantize import QuantConfig, quantize_model
+
+    qcfg = QuantConfig(mode="dynamic")
+    qcfg.targets = [*qcfg.targets, "lm_head"]
+    int8 = quantize_model(copy.deepcopy(model), qcfg)
+    engine8 = Engine(int8, max_batch=max(batches), max_len=prompt_len + new, prefix_cache_tokens=0)
+    engine8.generate(warm, RequestParams(max_new_tokens=4, temperature=0, stop_at_eos=False))
+    out["generate_int8"] = {}
+    for b in (batches[0], batches[-1]):
+        prompts = rand_prompts(b, prompt_len, V, b)
+        t = time.perf_counter()
+        ours = engine8.generate(prompts, greedy)
+        t_ours = time.perf_counter() - t
+        fp32 = out["generate"][f"batch_{b}"]
+        tok_s = b * new / t_ours
+        out["generate_int8"][f"batch_{b}"] = {
+            "engine_int8_tok_s": round(tok_s, 1), "hf_fp32_tok_s": fp32["hf_tok_s"],
+            "ratio_vs_hf_fp32": round(tok_s / fp32["hf_tok_s"], 2),
+            "ratio_vs_engine_fp32": round(tok_s / fp32["engine_tok_s"], 2)}
+
     # continuous batching: 16 concurrent requests vs one at a time
     n_req, cb_new = 16, 32
     g = torch.Generator().manual_seed(7)
