@@ -138,3 +138,32 @@ def test_pp_split_is_contiguous():
     assert [s.layer_range for s in stages] == [(0, 1), (1, 3)]
     assert stages[0].tok_emb is not None and stages[0].lm_head is None
     assert stages[1].tok_emb is None and stages[1].lm_head is not None
+
+
+def test_cli_generate_parallel_under_torchrun_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m llmkit generate --parallel tp|pp` prints what one process prints."""
+    import subprocess
+    import sys
+
+    from llmkit.models.decoder import Decoder, DecoderConfig
+    from llmkit.models.io import save_model
+    from llmkit.tokenizer import train_char
+
+    tok = train_char(["the quick brown fox jumps over the lazy dog"])
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=tok.vocab_size, block_size=48, n_layer=2, d_model=32, n_head=4,
+                                  n_kv_head=2, positions="rope", norm="rmsnorm", activation="swiglu"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    save_model(model, tmp_path / "m", tok)
+    args = ["generate", "--model", str(tmp_path / "m"), "--prompt", "the ", "--max-new-tokens", "12",
+            "--temperature", "0"]
+    single = subprocess.run([sys.executable, "-m", "llmkit", *args], capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    for mode in ("tp", "pp"):
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                              "2", "-m", "llmkit", *args, "--parallel", mode], capture_output=True, text=True,
+                             timeout=180)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout == single.stdout, (mode, run.stdout, single.stdout)

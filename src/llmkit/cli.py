@@ -189,6 +189,8 @@ def _generate(args) -> None:
     from llmkit.infer.generate import SamplingParams, stream_tokens
     from llmkit.infer.load import load_for_inference
 
+    if args.parallel:
+        return _generate_parallel(args)
     model, tok, template = load_for_inference(args.model, args.adapter)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=False)
@@ -222,6 +224,33 @@ def _generate(args) -> None:
             sys.stdout.flush()
             printed = text
     sys.stdout.write(tok.decode(new, skip_special_tokens=True)[len(printed):] + "\n")
+
+
+def _generate_parallel(args) -> None:
+    """`torchrun --nproc_per_node N -m llmkit generate ... --parallel tp|pp`: every rank decodes, rank 0 prints."""
+    from llmkit.chat import encode_chat, has_chat_template, load_chat_template
+    from llmkit.infer.generate import SamplingParams
+    from llmkit.infer.parallel import parallel_generate
+    from llmkit.tokenizer import Tokenizer
+    from llmkit.train import distributed as D
+
+    if args.adapter:
+        raise ValueError("--parallel runs plain model dirs: merge a LoRA adapter first (llmkit merge)")
+    info = D.setup("auto")
+    tok = Tokenizer.load(args.model)
+    template = load_chat_template(args.model) if has_chat_template(args.model) and not args.raw else None
+    if template is not None:
+        ids, _ = encode_chat(tok, [{"role": "user", "content": args.prompt}], template, add_generation_prompt=True)
+    else:
+        ids = tok.encode(args.prompt)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    eos = template.stop_token_ids(tok)[0] if template is not None else tok.eos_id
+    new = parallel_generate(args.model, ids, params, mode=args.parallel, eos_id=eos, device=info.device)
+    if info.is_main:
+        prefix = "" if template is not None else args.prompt
+        sys.stdout.write(prefix + tok.decode(new, skip_special_tokens=True) + "\n")
+    D.teardown(info)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -322,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", required=True)
     g.add_argument("--adapter", default=None, help="a LoRA or prefix adapter directory to apply")
     g.add_argument("--prompt", required=True)
+    g.add_argument("--parallel", choices=["tp", "pp"], default=None,
+                   help="under torchrun: tensor- (tp) or pipeline- (pp) parallel decoding across the ranks")
     g.add_argument("--raw", action="store_true", help="continue the prompt as text even when the model has a "
                    "chat template (by default an instruction-tuned model gets the prompt as a user turn)")
     g.add_argument("--max-new-tokens", type=int, default=256)
