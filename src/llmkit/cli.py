@@ -96,7 +96,7 @@ def _config_task(path: str, overrides: list[str]) -> str:
     from llmkit.config import parse_override
 
     try:
-        raw = yaml.safe_load(open(path, encoding="utf-8")) or {}
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from e
     for item in overrides:

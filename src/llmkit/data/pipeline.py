@@ -329,8 +329,8 @@ def dedup_phase(cfg: DataPipelineConfig, shards: list[dict], fingerprint: str) -
     if done is not None and (work / "dedup.npz").is_file():
         return done
     t0 = time.perf_counter()
-    keys = [np.load(work / "read" / f"{s['key']}.index.npz")["exact"] for s in shards]
-    exact = np.concatenate(keys) if keys else np.zeros(0, dtype="S16")
+    index = [np.load(work / "read" / f"{s['key']}.index.npz") for s in shards]
+    exact = np.concatenate([x["exact"] for x in index]) if index else np.zeros(0, dtype="S16")
     n = len(exact)
     fate = np.zeros(n, dtype=np.int8)
     dup_of = np.full(n, -1, dtype=np.int64)
@@ -349,7 +349,7 @@ def dedup_phase(cfg: DataPipelineConfig, shards: list[dict], fingerprint: str) -
         sig = _concat_signatures(work, shards, cfg.dedup.num_perm, n)
         labels = near_duplicate_clusters(sig[alive], cfg.dedup.threshold, *cfg.dedup.lsh_params(),
                                          cfg.dedup.verify)
-        chars = np.concatenate([np.load(work / "read" / f"{s['key']}.index.npz")["chars"] for s in shards])
+        chars = np.concatenate([x["chars"] for x in index])
         keep = pick_survivors(labels, chars[alive], cfg.dedup.keep)
         fate[alive[~keep]] = DEDUP_NEAR
         # the survivor of each cluster

@@ -15,7 +15,6 @@ SIGTERM / Ctrl-C write a checkpoint at the current step and end the run cleanly 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,6 +27,7 @@ from typing import Literal
 import torch
 
 from llmkit.config import flatten, save_config, to_dict
+from llmkit.data.tokenized import file_sha256
 from llmkit.finetune.instruct import InstructDataConfig
 from llmkit.models.lora import LoRAConfig
 from llmkit.models.prefix import PrefixConfig
@@ -154,14 +154,6 @@ def make_sft_optimizer(base: list, adapters: list, cfg: SFTTrainConfig, lr_ratio
                            "lr": cfg.lr * scale, "lr_scale": scale})
     groups = [g for g in groups if g["params"]]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, foreach=True)
-
-
-def model_digest(model_dir: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(Path(model_dir) / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def seq2seq_batch(x: torch.Tensor, y: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:
@@ -357,9 +349,10 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
     run_id = tracker.start(run_id)
     tracker.log_params({**flatten(to_dict(cfg)), "n_params": n_total, "n_trainable": n_trainable,
                         "trainable_share": n_trainable / n_total})
+    base_sha256 = file_sha256(Path(cfg.base_model) / "model.safetensors")
     tracker.set_tags({"llmkit.parent_model": str(Path(cfg.base_model).resolve()),
-                      "llmkit.parent_model_sha256": model_digest(cfg.base_model)})
-    tracker.log_dataset("base-model", model_digest(cfg.base_model), str(Path(cfg.base_model).resolve()),
+                      "llmkit.parent_model_sha256": base_sha256})
+    tracker.log_dataset("base-model", base_sha256, str(Path(cfg.base_model).resolve()),
                         context="base_model")
     tracker.log_dataset("instructions", data.digest, ",".join(cfg.data.paths), context="training",
                         profile={"train": len(data.train), "eval": len(data.eval)})
