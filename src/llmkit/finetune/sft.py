@@ -237,7 +237,7 @@ def answer(model, tokenizer, template, messages: list[dict], max_new_tokens: int
     if model.config.FAMILY == "encdec":
         device = next(model.parameters()).device
         out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
-                             eos_id=next(iter(stop)), temperature=temperature, top_p=top_p, seed=seed)
+                             eos_id=template.stop_token_ids(tokenizer)[0], temperature=temperature, top_p=top_p, seed=seed)
         tokens = out[0].tolist()
     else:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
