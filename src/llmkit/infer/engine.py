@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.infer.generate import SamplingParams
+from llmkit.infer.layout import column_major_linears
 from llmkit.infer.sampling import BatchSampling, process_logits, sample_batch, token_counts, top_logprobs
 from llmkit.models.decoder import Decoder
 from llmkit.models.layers import apply_rope
@@ -173,13 +174,15 @@ class Engine:
     prefix_cache_tokens: prefix-cache budget in tokens (0 disables it); prefix_block: tokens per block.
     max_prefill_tokens: most padded tokens (rows * longest prompt) prefilled in one forward; at least one
     request is always prefilled per step.
+    column_major: re-store the model's Linear weights column-major in place (`llmkit.infer.layout`; same
+    values and shapes) so batch-1 decoding streams them contiguously; None -> on CPU only.
 
     KV memory is 2 * n_layer * max_batch * H_kv * max_len * head_dim elements in the model's dtype.
     """
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | None = None,
-                 max_prefill_tokens: int = 8192):
+                 max_prefill_tokens: int = 8192, column_major: bool | None = None):
         if not isinstance(model, Decoder):
             raise TypeError(f"Engine serves llmkit decoder-only models (Decoder), not {type(model).__name__}; "
                             "encoders and encoder-decoders are not supported")
@@ -193,6 +196,8 @@ class Engine:
         self.max_len = min(max_len or cfg.block_size, cfg.block_size)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
+        if column_major if column_major is not None else self.device.type == "cpu":
+            column_major_linears(model)
         shape = (cfg.n_layer, max_batch, cfg.kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)

@@ -6,6 +6,7 @@ model can move from pretraining to fine-tuning to serving as plain files. Weight
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
@@ -55,6 +56,12 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
     out.mkdir(parents=True, exist_ok=True)
     config = {"family": model_family(model), **dataclasses.asdict(model.config)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if any(not p.is_contiguous() for p in model.parameters()):
+        # e.g. column-major weights from llmkit.infer.layout: safetensors stores contiguous tensors only
+        from llmkit.infer.layout import row_major
+
+        model = copy.deepcopy(model)
+        row_major(model)
     # save_model (not save_file) handles tied weights: the shared tensor is stored once.
     _save_weights(model, str(out / "model.safetensors"))
     if tokenizer is not None:
