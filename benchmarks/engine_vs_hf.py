@@ -29,15 +29,12 @@ FULL = dict(vocab_size=50257, block_size=1024, n_layer=12, d_model=768, n_head=1
 QUICK = dict(FULL, n_layer=4, d_model=256, n_head=4)
 
 
-def rand_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (n, length), generator=g).tolist()
-
-
 @torch.no_grad()
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
+    from llmkit.infer.bench import measure_read_bandwidth
+    from llmkit.infer.bench import random_prompts as rand_prompts
     from llmkit.infer.engine import Engine, RequestParams
     from llmkit.models.decoder import Decoder, DecoderConfig
     from llmkit.models.hf import export_hf
@@ -64,8 +61,14 @@ def main() -> None:
                           do_sample=False, pad_token_id=0)
         return res[:, ids.shape[1]:].tolist()
 
+    import copy
+
+    # the same weights left row-major (nn.Linear's own layout): what the column-major re-layout buys
+    row_major = Engine(copy.deepcopy(model), max_batch=1, max_len=prompt_len + new, prefix_cache_tokens=0,
+                       column_major=False)
     engine = Engine(model, max_batch=max(batches), max_len=prompt_len + new, prefix_cache_tokens=0)
     warm = rand_prompts(2, 16, V, 99)
+    row_major.generate(warm[:1], RequestParams(max_new_tokens=4, temperature=0, stop_at_eos=False))
     hf.generate(torch.tensor(warm), max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
     engine.generate(warm, RequestParams(max_new_tokens=4, temperature=0, stop_at_eos=False))
     for b in batches:
@@ -80,15 +83,15 @@ def main() -> None:
         out["generate"][f"batch_{b}"] = {
             "hf_tok_s": round(b * new / t_hf, 1), "engine_tok_s": round(b * new / t_ours, 1),
             "ratio": round(t_hf / t_ours, 2), "identical_sequences": f"{same}/{b}"}
+        if b == 1:
+            t = time.perf_counter()
+            row_major.generate(prompts, greedy)
+            t_rm = time.perf_counter() - t
+            out["generate"]["batch_1"].update({"engine_row_major_tok_s": round(new / t_rm, 1),
+                                               "column_major_speedup": round(t_rm / t_ours, 2)})
 
     # batch 1 against the memory wall: every decoded token reads every weight once
-    stream = torch.ones(256 * 2**20 // 4)  # 256 MB of fp32, far beyond the caches
-    float(stream.sum())
-    t = time.perf_counter()
-    reps = 8
-    for _ in range(reps):
-        float(stream.sum())
-    bandwidth = reps * stream.numel() * 4 / (time.perf_counter() - t)
+    bandwidth = measure_read_bandwidth()  # 256 MB of fp32, far beyond the caches
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     b1 = out["generate"][f"batch_{batches[0]}"]
     out["batch1_bandwidth"] = {
@@ -98,8 +101,6 @@ def main() -> None:
         "hf_weight_GB_s": round(b1["hf_tok_s"] * weight_bytes / 1e9, 1)}
 
     # the same engine on INT8 weights (dynamic activations, the output head included) against HF's fp32
-    import copy
-
     from llmkit.infer.quantize import QuantConfig, quantize_model
 
     qcfg = QuantConfig(mode="dynamic")

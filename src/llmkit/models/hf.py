@@ -396,6 +396,9 @@ def export_hf(model_dir_or_model: str | Path | torch.nn.Module, out_dir: str | P
         src_dir = Path(model_dir_or_model)
         model = load_model(src_dir)
     require_plain(model, "export_hf")
+    if any(t.dtype == torch.int8 for t in model.state_dict().values()):
+        raise ValueError("export_hf writes floating-point models and this one is INT8-quantized "
+                         "(llmkit quantize): export the model dir it was quantized from")
     if model.config.FAMILY == "encoder":
         from llmkit.models.hf_bert import export_bert
 
