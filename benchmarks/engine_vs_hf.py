@@ -33,7 +33,7 @@ QUICK = dict(FULL, n_layer=4, d_model=256, n_head=4)
 def main() -> None:
     from transformers import AutoModelForCausalLM
 
-    from llmkit.infer.bench import measure_read_bandwidth
+    from llmkit.infer.bench import generation_flops, measure_matmul_flops, measure_read_bandwidth
     from llmkit.infer.bench import random_prompts as rand_prompts
     from llmkit.infer.engine import Engine, RequestParams
     from llmkit.models.decoder import Decoder, DecoderConfig
@@ -99,6 +99,17 @@ def main() -> None:
         "ceiling_tok_s": round(bandwidth / weight_bytes, 1),
         "engine_weight_GB_s": round(b1["engine_tok_s"] * weight_bytes / 1e9, 1),
         "hf_weight_GB_s": round(b1["hf_tok_s"] * weight_bytes / 1e9, 1)}
+
+    # large batches against the compute wall: prefill + decode FLOPs at the measured fp32 GEMM rate
+    peak = measure_matmul_flops()
+    out["compute_ceiling"] = {"fp32_gemm_GFLOP_s": round(peak / 1e9, 1)}
+    for b in batches:
+        ceiling = b * new * peak / generation_flops(model, b, prompt_len, new)
+        row = out["generate"][f"batch_{b}"]
+        out["compute_ceiling"][f"batch_{b}"] = {
+            "ceiling_tok_s": round(ceiling, 1), "engine_share": round(row["engine_tok_s"] / ceiling, 2),
+            "hf_share": round(row["hf_tok_s"] / ceiling, 2),
+            "ceiling_over_hf": round(ceiling / row["hf_tok_s"], 2)}
 
     # the same engine on INT8 weights (dynamic activations, the output head included) against HF's fp32
     from llmkit.infer.quantize import QuantConfig, quantize_model

@@ -39,6 +39,30 @@ def measure_read_bandwidth(megabytes: int = 256, reps: int = 8) -> float:
     return reps * buf.numel() * 4 / (time.perf_counter() - t)
 
 
+def measure_matmul_flops(m: int = 1024, k: int = 1024, n: int = 4096, reps: int = 5) -> float:
+    """fp32 GEMM throughput of this machine in FLOP/s on an (m, k) @ (k, n) product (best of `reps`)."""
+    a, b = torch.randn(m, k), torch.randn(k, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * m * k * n / best
+
+
+def generation_flops(model: torch.nn.Module, batch: int, prompt_len: int, new_tokens: int) -> float:
+    """Forward FLOPs of prefilling `batch` prompts of `prompt_len` tokens and decoding `new_tokens` more:
+    2N per token for the weights (N = parameters without position embeddings) plus 4 * n_layer * d_model per
+    token and attended key (scores and values)."""
+    c = model.config
+    n = model.num_params()
+    per_layer_key = 4 * c.n_layer * c.d_model
+    prefill = prompt_len * 2 * n + per_layer_key * prompt_len * (prompt_len + 1) / 2
+    decode = sum(2 * n + per_layer_key * (prompt_len + i + 1) for i in range(new_tokens - 1))
+    return batch * (prefill + decode)
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of the parameters and buffers a forward pass reads (tied tensors counted once, int8 as 1 byte)."""
     seen, total = set(), 0
@@ -127,6 +151,12 @@ def bench_generate(model: torch.nn.Module, batches: Sequence[int] = (1, 8, 32), 
             row.update({"hf_tok_s": round(b * new_tokens / t_hf, 1), "ratio_vs_hf": round(t_hf / total, 2),
                         "identical_sequences": f"{sum(a == r for a, r in zip(outs, ref))}/{b}"})
         out["batches"][str(b)] = row
+    peak = measure_matmul_flops()
+    out["fp32_gemm_GFLOP_s"] = round(peak / 1e9, 1)
+    for b in batches:  # at large batches decoding is bound by compute: what the measured GEMM rate allows
+        row = out["batches"][str(b)]
+        row["compute_ceiling_fp32_tok_s"] = round(b * new_tokens * peak / generation_flops(model, b, prompt_len,
+                                                                                          new_tokens), 1)
     b1 = out["batches"][str(min(batches))]
     if min(batches) == 1 and b1["decode_tok_s"]:
         bw = measure_read_bandwidth()
