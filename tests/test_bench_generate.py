@@ -29,8 +29,11 @@ def test_cli_bench_generate_beside_hf_reports_every_batch_and_identical_greedy_t
     for b, row in out["batches"].items():
         assert row["tok_s"] > 0 and row["ttft_ms"] > 0 and row["hf_tok_s"] > 0
         assert row["identical_sequences"] == f"{b}/{b}"  # the same weights decode the same greedy tokens
-    mem = out["batch1_memory"]
-    assert mem["measured_read_GB_s"] > 0 and 0 < mem["share_of_bandwidth"]
+    mem, b1 = out["batch1_memory"], out["batches"]["1"]
+    assert mem["measured_read_GB_s"] > 0
+    # one decode step reads every weight once
+    assert mem["weight_read_GB_s"] == pytest.approx(b1["decode_tok_s"] * out["weight_MB"] / 1e3, abs=0.06)
+    assert b1["compute_ceiling_fp32_tok_s"] > 0
 
 
 def test_bench_rejects_a_run_longer_than_the_context():

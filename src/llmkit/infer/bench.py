@@ -163,6 +163,6 @@ def bench_generate(model: torch.nn.Module, batches: Sequence[int] = (1, 8, 32), 
         wb = weight_bytes(model)
         out["batch1_memory"] = {"measured_read_GB_s": round(bw / 1e9, 1),
                                 "weight_read_GB_s": round(b1["decode_tok_s"] * wb / 1e9, 1),
-                                "share_of_bandwidth": round(b1["decode_tok_s"] * wb / bw, 2),
+                                "share_of_bandwidth": round(b1["decode_tok_s"] * wb / bw, 3),
                                 "ceiling_tok_s": round(bw / wb, 1)}
     return out
