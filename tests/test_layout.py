@@ -1,5 +1,6 @@
 import copy
 
+import pytest
 import torch
 
 from llmkit.infer.engine import Engine, RequestParams
@@ -51,3 +52,27 @@ def test_engine_relays_weights_on_cpu_by_default_and_not_when_told():
     eng = Engine(relaid, max_batch=2)
     assert relaid.lm_head.weight.stride() == (1, 61)
     assert eng.generate([prompt], params)[0] == want
+
+
+def test_inference_device_and_dtype_are_decided_in_one_place(tmp_path):
+    from llmkit.infer.device import resolve_device, resolve_dtype
+    from llmkit.infer.load import load_for_inference
+    from llmkit.tokenizer import train_char
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="expected one of auto, fp32, bf16, fp16"):
+        resolve_dtype("int4")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type == "cpu"
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    tok = train_char(["abc def"])
+    torch.manual_seed(0)
+    save_model(Decoder(DecoderConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, d_model=32, n_head=2)),
+               tmp_path / "m", tokenizer=tok)
+    model, _, _ = load_for_inference(tmp_path / "m", device="cpu", dtype="bf16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    out = Engine(model, tok, max_batch=1).generate([tok.encode("abc")], RequestParams(max_new_tokens=4,
+                                                                                        temperature=0))
+    assert len(out[0]) <= 4

@@ -8,27 +8,40 @@ import torch
 
 
 def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
-                       device: str | torch.device = "cpu"):
+                       device: str | torch.device = "cpu", dtype: str | torch.dtype = "auto"):
     """(model in eval mode, tokenizer, chat template or None) of a model dir, with an adapter applied.
 
     The adapter dir (LoRA or prefix, PEFT layout) may carry its own tokenizer.json and chat template
     (an instruction-tuned adapter does); otherwise the model dir's are used. The template is None when
     neither has one: the model continues raw text. A dir written by `llmkit quantize` loads with its
     int8 layers. On CPU the Linear weights are stored column-major (`llmkit.infer.layout`): faster decoding.
+
+    device: "cpu", "cuda[:i]" or "auto" (a GPU when visible); dtype: "auto" (bf16/fp16 on GPU, fp32 on CPU),
+    "fp32", "bf16" or "fp16" - decided in `llmkit.infer.device`. INT8 dirs run on the CPU only.
     """
     from llmkit.chat import has_chat_template, load_chat_template
+    from llmkit.infer.device import resolve_device, resolve_dtype
     from llmkit.infer.layout import column_major_linears
     from llmkit.infer.quantize import is_quantized_dir, load_quantized
     from llmkit.models.adapters import load_adapter
     from llmkit.models.io import load_model
     from llmkit.tokenizer import Tokenizer
 
-    model = load_quantized(model_dir, device) if is_quantized_dir(model_dir) else load_model(model_dir, device)
+    device = resolve_device(device)
+    if is_quantized_dir(model_dir):
+        if device.type != "cpu":
+            raise ValueError(f"{model_dir} holds INT8 weights (llmkit quantize), which run on the CPU: use "
+                             "--device cpu, or serve the fp32 model dir on the GPU in bf16/fp16")
+        model = load_quantized(model_dir, device)
+    else:
+        model = load_model(model_dir, device).to(resolve_dtype(dtype, device))
     dirs = [Path(model_dir)]
     if adapter is not None:
         model = load_adapter(model, adapter).to(device).eval()
+        if not is_quantized_dir(model_dir):
+            model = model.to(resolve_dtype(dtype, device))
         dirs.insert(0, Path(adapter))
-    if torch.device(device).type == "cpu":
+    if device.type == "cpu":
         column_major_linears(model)
     tokenizer = Tokenizer.load(next((d for d in dirs if (d / "tokenizer.json").is_file()), Path(model_dir)))
     template_dir = next((d for d in dirs if has_chat_template(d)), None)
