@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -109,42 +108,15 @@ def _config_task(path: str, overrides: list[str]) -> str:
 
 
 def _quantize(args) -> None:
-    from llmkit.infer.quantize import QuantConfig, quantize_model, save_quantized
-    from llmkit.models.io import load_generation_config, load_model
-    from llmkit.tokenizer import Tokenizer
+    from llmkit.infer.quantize import QuantConfig, quantize_dir
 
-    model = load_model(args.model)
-    tok = Tokenizer.load(args.model)
     cfg = QuantConfig(mode=args.mode, observer=args.observer)
     if args.with_head:
         cfg.targets = [*cfg.targets, "lm_head"]
-    batches = None
-    if args.mode == "static":
-        if not args.calibration:
-            raise ValueError("--mode static needs --calibration FILE (text / jsonl / json) to measure activations")
-        batches = _calibration_batches(args.calibration, tok, model.config.block_size, args.calibration_batches)
-    quantize_model(model, cfg, batches)
-    out = save_quantized(model, args.out, tok, load_generation_config(args.model))
-    for name in ("chat_template.json", "tokenizer_config.json"):
-        if (Path(args.model) / name).is_file():
-            shutil.copyfile(Path(args.model) / name, out / name)
+    if args.mode == "static" and not args.calibration:
+        raise ValueError("--mode static needs --calibration FILE (text / jsonl / json) to measure activations")
+    out = quantize_dir(args.model, args.out, cfg, args.calibration, args.calibration_batches)
     print(json.dumps({"quantized": str(out), "mode": args.mode}))
-
-
-def _calibration_batches(path: str, tok, block_size: int, n: int) -> list:
-    """`n` windows of block_size tokens from a text file, for static activation scales."""
-    import torch
-
-    from llmkit.tokenizer import iter_texts
-
-    ids: list[int] = []
-    for text in iter_texts(path):
-        ids.extend(tok.encode(text))
-        if len(ids) >= n * block_size:
-            break
-    if len(ids) < block_size:
-        raise ValueError(f"--calibration {path}: {len(ids)} tokens, fewer than one window of {block_size}")
-    return [torch.tensor(ids[i:i + block_size])[None] for i in range(0, len(ids) - block_size + 1, block_size)][:n]
 
 
 def _merge(args) -> None:
@@ -191,7 +163,7 @@ def _generate(args) -> None:
 
     if args.parallel:
         return _generate_parallel(args)
-    model, tok, template = load_for_inference(args.model, args.adapter)
+    model, tok, template = load_for_inference(args.model, args.adapter, args.device, args.dtype)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=False)
     stop = {tok.eos_id}
@@ -205,7 +177,8 @@ def _generate(args) -> None:
         import torch
 
         end = template.stop_token_ids(tok)[0] if template is not None and not args.raw else tok.eos_id
-        out = model.generate(torch.tensor([ids]), max_new_tokens=args.max_new_tokens, eos_id=end,
+        out = model.generate(torch.tensor([ids], device=next(model.parameters()).device),
+                             max_new_tokens=args.max_new_tokens, eos_id=end,
                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
         tokens = out[0].tolist()
         tokens = tokens[:next((i for i, t in enumerate(tokens) if t in stop), len(tokens))]
@@ -224,6 +197,18 @@ def _generate(args) -> None:
             sys.stdout.flush()
             printed = text
     sys.stdout.write(tok.decode(new, skip_special_tokens=True)[len(printed):] + "\n")
+
+
+def _bench_generate(args) -> None:
+    from llmkit.infer.bench import bench_generate
+    from llmkit.infer.load import load_for_inference
+
+    model, _, _ = load_for_inference(args.model, args.adapter, args.device, args.dtype)
+    batches = [int(b) for b in args.batch.split(",") if b.strip()]
+    result = bench_generate(model, batches, args.prompt_len, args.new_tokens,
+                            reference=None if args.reference == "none" else args.reference, seed=args.seed)
+    result["model"] = str(args.model)
+    print(json.dumps(result, indent=2))
 
 
 def _generate_parallel(args) -> None:
@@ -251,6 +236,22 @@ def _generate_parallel(args) -> None:
         prefix = "" if template is not None else args.prompt
         sys.stdout.write(prefix + tok.decode(new, skip_special_tokens=True) + "\n")
     D.teardown(info)
+
+
+def _serve(args) -> None:
+    from llmkit.serve import ServeConfig, serve
+
+    serve(ServeConfig(model=args.model, adapter=args.adapter, served_model_name=args.served_model_name,
+                      host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LLMKIT_API_KEY"),
+                      max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
+                      prefix_cache_tokens=args.prefix_cache_tokens, max_request_bytes=args.max_request_bytes,
+                      shutdown_grace=args.shutdown_grace, device=args.device))
+
+
+def _device_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto (a GPU when one is visible)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16/fp16 on a GPU, fp32 on the CPU (INT8 dirs keep their int8 weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -347,6 +348,19 @@ def build_parser() -> argparse.ArgumentParser:
     eh.add_argument("--out", required=True)
     eh.set_defaults(func=_export_hf)
 
+    bn = sub.add_parser("bench", help="measure speed").add_subparsers(dest="action", required=True)
+    bg = bn.add_parser("generate", help="decoding tokens/s, time to first token and per token, per batch size "
+                       "(JSON), optionally beside Hugging Face generate on the same weights")
+    bg.add_argument("--model", required=True)
+    bg.add_argument("--adapter", default=None)
+    bg.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes")
+    bg.add_argument("--prompt-len", type=int, default=128)
+    bg.add_argument("--new-tokens", type=int, default=128)
+    bg.add_argument("--reference", choices=["none", "hf"], default="none")
+    bg.add_argument("--seed", type=int, default=0)
+    _device_arguments(bg)
+    bg.set_defaults(func=_bench_generate)
+
     g = sub.add_parser("generate", help="sample text from a model directory")
     g.add_argument("--model", required=True)
     g.add_argument("--adapter", default=None, help="a LoRA or prefix adapter directory to apply")
@@ -360,7 +374,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=0.9)
     g.add_argument("--seed", type=int, default=None)
+    _device_arguments(g)
     g.set_defaults(func=_generate)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    sv.add_argument("--model", required=True, help="a model directory (plain or quantized)")
+    sv.add_argument("--adapter", default=None, help="a LoRA or prefix adapter directory to apply")
+    sv.add_argument("--served-model-name", default=None, help="the model id clients use (default: the dir name)")
+    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
+                    "(default: $LLMKIT_API_KEY; none: open)")
+    sv.add_argument("--max-batch", type=int, default=16, help="requests decoding together (KV cache slots)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get HTTP 429")
+    sv.add_argument("--max-model-len", type=int, default=None, help="context length (default: block_size)")
+    sv.add_argument("--prefix-cache-tokens", type=int, default=4096)
+    sv.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get HTTP 413")
+    sv.add_argument("--shutdown-grace", type=float, default=10.0,
+                    help="seconds in-flight requests may finish after SIGTERM before they are cancelled")
+    sv.add_argument("--device", default="cpu")
+    sv.set_defaults(func=_serve)
     return p
 
 

@@ -47,6 +47,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -446,6 +447,48 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None,
     meta = {"format_version": 1, "method": "int8", "weight": "int8 symmetric per-output-channel",
             "config": dataclasses.asdict(cfg) if cfg is not None else None, "layers": layers}
     (out / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def calibration_batches(path: str | Path, tokenizer, block_size: int, n: int) -> list[torch.Tensor]:
+    """Up to `n` windows (1, block_size) of token ids from a text file (txt / jsonl / json), for static
+    activation ranges. Raises ValueError when the file holds less than one window."""
+    from llmkit.tokenizer import iter_texts
+
+    ids: list[int] = []
+    for text in iter_texts(path):
+        ids.extend(tokenizer.encode(text))
+        if len(ids) >= n * block_size:
+            break
+    if len(ids) < block_size:
+        raise ValueError(f"calibration {path}: {len(ids)} tokens, fewer than one window of {block_size}")
+    return [torch.tensor(ids[i:i + block_size])[None] for i in range(0, len(ids) - block_size + 1, block_size)][:n]
+
+
+def quantize_dir(model_dir: str | Path, out_dir: str | Path, cfg: QuantConfig | None = None,
+                 calibration: str | Path | None = None, calibration_windows: int = 16) -> Path:
+    """Quantize a plain model dir into `out_dir` (what `llmkit quantize` does); returns `out_dir`.
+
+    The tokenizer, generation config and chat template travel with it. Static mode needs `calibration`
+    (a text file): `calibration_windows` windows of block_size tokens measure the activation ranges.
+    """
+    from llmkit.models.io import load_generation_config, load_model
+    from llmkit.tokenizer import Tokenizer
+
+    cfg = cfg or QuantConfig()
+    cfg.validate()
+    model = load_model(model_dir)
+    tok = Tokenizer.load(model_dir)
+    batches = None
+    if cfg.mode == "static":
+        if not calibration:
+            raise ValueError("mode static needs a calibration file (text / jsonl / json) to measure activations")
+        batches = calibration_batches(calibration, tok, model.config.block_size, calibration_windows)
+    quantize_model(model, cfg, batches)
+    out = save_quantized(model, out_dir, tok, load_generation_config(model_dir))
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        if (Path(model_dir) / name).is_file():
+            shutil.copyfile(Path(model_dir) / name, out / name)
     return out
 
 
