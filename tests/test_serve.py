@@ -1,0 +1,396 @@
+"""`llmkit serve`: a real uvicorn server on a free loopback port, driven by the official `openai` client and
+by raw httpx requests. Tiny random models keep the whole file fast; requests that must stay in flight are
+slowed by wrapping the engine's `step` with a sleep (test-only)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from conftest import shared_file
+from llmkit.chat import ChatTemplate, encode_chat, save_chat_template
+from llmkit.infer.generate import SamplingParams, stream_tokens
+from llmkit.models.decoder import Decoder, DecoderConfig
+from llmkit.models.io import save_model
+from llmkit.serve import ServeConfig, create_app
+from llmkit.serve.app import GracefulServer
+from llmkit.serve.protocol import IncrementalDecoder
+from llmkit.tokenizer import train_bpe, train_char
+
+TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer.\n"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A chat-capable tiny decoder: char tokenizer (it has the chat special tokens) + default template."""
+    d = tmp_path_factory.mktemp("serve") / "tiny-chat"
+    tok = train_char([TEXT])
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=tok.vocab_size, block_size=256, n_layer=2, d_model=32, n_head=2))
+    save_model(model.eval(), d, tokenizer=tok)
+    save_chat_template(d, ChatTemplate())
+    return d
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    from llmkit.infer.load import load_for_inference
+
+    return load_for_inference(model_dir)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_dir: Path, **cfg):
+    """Yield (base url, app, server) of a real uvicorn server in a background thread."""
+    import uvicorn
+
+    port = _free_port()
+    app = create_app(ServeConfig(model=str(model_dir), port=port, **cfg))
+    server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           timeout_graceful_shutdown=10))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.02)
+    try:
+        yield base, app, server
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+def slow_engine(app, delay: float) -> None:
+    """Make every engine step take `delay` more seconds, so requests stay in flight (test-only)."""
+    eng = app.state.runner.engine
+    step = eng.step
+
+    def slow():
+        time.sleep(delay)
+        return step()
+
+    eng.step = slow
+
+
+def wait_for(cond, timeout=5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    with running_server(model_dir, served_model_name="tiny", max_batch=4, max_queue=16,
+                        max_request_bytes=20_000) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def _greedy_reference(loaded, ids, max_new, stop_ids=()) -> str:
+    model, tok, _ = loaded
+    out = []
+    for t in stream_tokens(model, ids, SamplingParams(max_new_tokens=max_new, temperature=0), eos_id=tok.eos_id):
+        if t in stop_ids:
+            break
+        out.append(t)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+# -- the OpenAI client against the server ----------------------------------------------------------
+
+def test_models_and_greedy_completion_matches_reference(client, loaded):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    _, tok, _ = loaded
+    prompt = "To be, or not"
+    want = _greedy_reference(loaded, tok.encode(prompt), 30)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=30, temperature=0)
+    assert r.object == "text_completion" and r.id.startswith("cmpl-")
+    assert r.choices[0].text == want
+    assert r.usage.prompt_tokens == len(tok.encode(prompt))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    # streamed: the same text, in pieces
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=30, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    # a token-id prompt and a list of prompts
+    r2 = client.completions.create(model="tiny", prompt=tok.encode(prompt), max_tokens=30, temperature=0)
+    assert r2.choices[0].text == want
+    r3 = client.completions.create(model="tiny", prompt=[prompt, "whether"], max_tokens=8, temperature=0)
+    assert [c.index for c in r3.choices] == [0, 1] and r3.choices[0].text == want[:len(r3.choices[0].text)]
+
+
+def test_chat_greedy_matches_reference_and_stream(client, loaded):
+    _, tok, template = loaded
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "to be?"}]
+    ids, _ = encode_chat(tok, messages, template, add_generation_prompt=True)
+    want = _greedy_reference(loaded, ids, 40, set(template.stop_token_ids(tok)))
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-")
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(ids)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == r.usage.total_tokens
+
+
+def test_n_seed_stop_and_logprobs(client, loaded):
+    msgs = [{"role": "user", "content": "the question"}]
+    kw = dict(model="tiny", messages=msgs, max_tokens=20, temperature=1.0, n=2, seed=7)
+    a = client.chat.completions.create(**kw)
+    b = client.chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]  # same seed
+    # choice i uses seed + i: choice 1 of seed 7 is choice 0 of seed 8
+    c = client.chat.completions.create(**{**kw, "n": 1, "seed": 8})
+    assert c.choices[0].message.content == a.choices[1].message.content
+    # stop strings cut the text (greedy reference text, cut at a substring of it)
+    full = client.completions.create(model="tiny", prompt="whether", max_tokens=30, temperature=0).choices[0].text
+    stop = full[6:8]
+    cut = full[:full.find(stop)]
+    r = client.completions.create(model="tiny", prompt="whether", max_tokens=30, temperature=0, stop=[stop])
+    assert r.choices[0].text == cut and r.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="tiny", prompt="whether", max_tokens=30, temperature=0, stop=stop,
+                                         stream=True)
+    assert "".join(ch.choices[0].text for ch in streamed) == cut
+    # logprobs, chat shape: one entry per token, greedy token = best alternative
+    lp = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                        top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == lp.usage.completion_tokens and all(len(e.top_logprobs) == 3 for e in content)
+    assert all(abs(e.logprob - e.top_logprobs[0].logprob) < 1e-5 for e in content)
+    # special tokens (a random model emits some) are listed in logprobs but skipped in the text
+    assert re.sub(r"<\|[a-z]+\|>", "", "".join(e.token for e in content)) == lp.choices[0].message.content
+    # completions shape
+    lc = client.completions.create(model="tiny", prompt="whether", max_tokens=5, temperature=0, logprobs=2)
+    L = lc.choices[0].logprobs
+    assert len(L.tokens) == len(L.token_logprobs) == len(L.text_offset) == 5 and all(len(t) == 2 for t in
+                                                                                      L.top_logprobs)
+    assert L.text_offset[0] == 0 and L.text_offset == sorted(L.text_offset) and L.text_offset[-1] <= len(
+        lc.choices[0].text)
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+BAD = [
+    ("/v1/chat/completions", b"{not json", 400, None),
+    ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "<|end|>x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": 3}, 400,
+     "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400,
+     "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_p": 0}, 400, "top_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 9}, 400, "n"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400,
+     "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stop": ["a"] * 5}, 400, "stop"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+     "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "presence_penalty": -3}, 400,
+     "presence_penalty"),
+    ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "to be " * 60}]}, 400, "messages"),
+    ("/v1/completions", {"model": "tiny"}, 400, "prompt"),
+    ("/v1/completions", {"prompt": {"a": 1}}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [1, 10 ** 9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", BAD)
+def test_bad_requests_get_openai_errors_and_server_keeps_serving(server, path, body, status, param):
+    base = server[0]
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(base + path, content=raw, headers={"content-type": "application/json"}, timeout=10)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and "code" in err
+    assert err["param"] == param
+    if status == 404:
+        assert err["code"] == "model_not_found"
+    ok = httpx.post(base + "/v1/completions", json={"prompt": "to", "max_tokens": 2}, timeout=10)
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"] is not None
+
+
+def test_max_tokens_beyond_context_is_clamped(server):
+    r = httpx.post(server[0] + "/v1/completions", json={"prompt": "to be", "max_tokens": 10 ** 9,
+                                                        "temperature": 0}, timeout=30)
+    assert r.status_code == 200
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    assert choice["finish_reason"] == "stop" or usage["prompt_tokens"] + usage["completion_tokens"] == 256
+
+
+def test_unknown_route_and_body_limit(server):
+    base = server[0]
+    r = httpx.get(base + "/v1/nope")
+    assert r.status_code == 404 and "error" in r.json()
+    big = json.dumps({"prompt": "x" * 30_000}).encode()
+    r = httpx.post(base + "/v1/completions", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunked():  # no Content-Length: the server counts while reading
+        for _ in range(30):
+            yield b" " * 1000
+
+    r = httpx.post(base + "/v1/completions", content=chunked(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+    assert httpx.post(base + "/v1/completions", json={"prompt": "to", "max_tokens": 1}).status_code == 200
+
+
+# -- load, disconnects, auth, metrics, shutdown ---------------------------------------------------------
+
+def test_queue_full_429_and_disconnect_cancels(model_dir):
+    with running_server(model_dir, max_batch=1, max_queue=1) as (base, app, _):
+        runner = app.state.runner
+        slow_engine(app, 0.01)
+        body = {"prompt": "to be", "max_tokens": 200, "stream": True}
+        with httpx.Client(base_url=base, timeout=30) as ca, httpx.Client(base_url=base, timeout=30) as cb:
+            with ca.stream("POST", "/v1/completions", json=body) as ra:
+                lines = ra.iter_lines()
+                first = json.loads(next(ln for ln in lines if ln.startswith("data: "))[6:])
+                assert wait_for(lambda: runner.stats()["running"] == 1)
+                with cb.stream("POST", "/v1/completions", json=body) as rb:  # waits for the one slot
+                    assert rb.status_code == 200
+                    assert wait_for(lambda: runner.stats()["waiting"] == 1)
+                    r = httpx.post(base + "/v1/completions", json=body, timeout=10)
+                    assert r.status_code == 429 and r.headers["retry-after"] == "1"
+                    assert r.json()["error"]["code"] == "queue_full"
+                # rb closed before its first token: cancelled while waiting
+            # ra closed mid-stream: cancelled, its slot freed at once
+        assert wait_for(lambda: runner.stats()["running"] == 0 and runner.stats()["waiting"] == 0, 3)
+        assert (first["id"] + "-0", "cancelled") in runner.finished_log
+        # a non-streaming client that gives up (read timeout) is cancelled too
+        n_cancelled = sum(1 for _, why in runner.finished_log if why == "cancelled")
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(base + "/v1/completions", json={**body, "stream": False}, timeout=0.5)
+        assert wait_for(lambda: sum(1 for _, why in runner.finished_log if why == "cancelled") > n_cancelled, 3)
+        assert wait_for(lambda: runner.stats()["running"] == 0, 3)
+        metrics = httpx.get(base + "/metrics").text
+        assert 'llmkit_http_requests_total{status="429"} 1.0' in metrics
+        assert 'llmkit_request_success_total{finish_reason="cancelled"}' in metrics
+
+
+def test_api_key(model_dir):
+    with running_server(model_dir, api_key="s3cret") as (base, _, _):
+        bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        r = httpx.post(base + "/v1/completions", json={"prompt": "to"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(base + "/health").status_code == 200  # open for load balancers
+        good = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model="tiny-chat", prompt="to", max_tokens=3).choices[0].text is not None
+
+
+def test_metrics_after_requests(server, client):
+    client.completions.create(model="tiny", prompt="to be", max_tokens=5, temperature=0)
+    text = httpx.get(server[0] + "/metrics").text
+    for name in ("llmkit_time_to_first_token_seconds", "llmkit_time_per_output_token_seconds",
+                 "llmkit_e2e_request_latency_seconds", "llmkit_num_requests_waiting",
+                 "llmkit_num_requests_running", "llmkit_kv_cache_usage_ratio", "llmkit_prefix_cache_hit_rate"):
+        assert name in text
+    values = {ln.split(" ")[0]: float(ln.split(" ")[1]) for ln in text.splitlines() if ln and ln[0] != "#"}
+    assert values["llmkit_prompt_tokens_total"] > 0 and values["llmkit_generation_tokens_total"] > 0
+    assert values["llmkit_e2e_request_latency_seconds_count"] > 0
+    assert values['llmkit_http_requests_total{status="200"}'] > 0
+    assert values['llmkit_http_requests_total{status="400"}'] > 0
+
+
+def test_index_page(server):
+    r = httpx.get(server[0] + "/")
+    assert r.status_code in (200, 404)  # the page is written separately; 404 is an OpenAI-style error
+    if r.status_code == 404:
+        assert "error" in r.json()
+
+
+def test_graceful_shutdown_ends_in_flight_requests(model_dir):
+    with running_server(model_dir, shutdown_grace=0.5) as (base, app, server):
+        runner = app.state.runner
+        slow_engine(app, 0.02)
+        result = {}
+
+        def call():
+            result["r"] = httpx.post(base + "/v1/completions", json={"prompt": "to", "max_tokens": 200}, timeout=30)
+
+        t = threading.Thread(target=call)
+        t.start()
+        assert wait_for(lambda: runner.stats()["running"] == 1)
+        t0 = time.monotonic()
+        server.handle_exit(signal.SIGTERM, None)  # what uvicorn does on SIGTERM
+        assert runner.draining
+
+        async def in_process(method, path, **kw):  # the socket is closing: ask the app directly
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
+                return await c.request(method, path, **kw)
+
+        assert asyncio.run(in_process("GET", "/health")).status_code == 503
+        r = asyncio.run(in_process("POST", "/v1/completions", json={"prompt": "to"}))
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+        t.join(timeout=10)
+        r = result["r"]
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["finish_reason"] == "cancelled"
+        assert time.monotonic() - t0 < 5
+        assert wait_for(lambda: not runner.alive, 10)
+
+
+# -- incremental UTF-8 decoding ---------------------------------------------------------------------
+
+def test_incremental_decode_never_splits_chinese_characters():
+    data = json.loads(shared_file("zh/lunyu.json").read_text(encoding="utf-8"))
+    lines = [p for ch in data[:3] for p in ch["paragraphs"]]
+    tok = train_bpe(lines, vocab_size=300)  # tiny vocabulary: most characters span several byte tokens
+    text = "子曰：学而时习之，不亦说乎？" + lines[0]
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the hazard is real for this tokenizer
+    dec = IncrementalDecoder(tok)
+    pieces = [dec.push(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) + dec.finish() == text
+    # text that could begin a stop string is held back until it cannot
+    dec = IncrementalDecoder(tok, stop=["不亦乐"])
+    out = "".join(dec.push(i) for i in tok.encode("有朋自远方来，不亦说乎"))
+    assert out + dec.finish() == "有朋自远方来，不亦说乎"
+    dec = IncrementalDecoder(tok, stop=["不亦乐"])
+    out = "".join(dec.push(i) for i in tok.encode("有朋，不亦"))
+    assert out == "有朋，" and dec.finish("有朋，") == ""
