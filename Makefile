@@ -8,7 +8,7 @@ SAMPLES_FROM := $(if $(wildcard $(SHARED)/en/tinyshakespeare.txt),--from $(SHARE
 # A GPU machine passes TORCH_SPEC=torch to get the CUDA build; CPU machines get the local 2.13.0 CPU wheel.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-all bench bench-data bench-finetune clean
+.PHONY: setup system-deps demo test test-all bench bench-data bench-finetune clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,18 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+# Debian packages the serving tests drive for real: nginx (the multi-replica balancer) and chromium (the
+# chat page in a headless browser). Installed when missing and we are root with apt; otherwise those tests
+# skip and say why.
+SYSTEM_PACKAGES := nginx chromium
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note:$$missing not installed (needs root + apt): the nginx / browser tests will skip"; fi; \
+	fi
+
 # The main job: sample data, the data pipeline (clean, dedup, filter, mix), char tokenizer, nanoGPT-sized pretraining with tracking, then a sample.
 demo: setup
 	$(BIN)/llmkit samples fetch $(SAMPLES_FROM) --out data/samples
@@ -28,10 +40,10 @@ demo: setup
 	$(BIN)/llmkit pretrain --config configs/shakespeare_char.yaml --resume
 	$(BIN)/llmkit generate --model runs/shakespeare/final --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.7 --top-p 0.9 --seed 1
 
-test: setup
+test: setup system-deps
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-test-all: setup
+test-all: setup system-deps
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
