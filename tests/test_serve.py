@@ -209,6 +209,7 @@ def test_n_seed_stop_and_logprobs(client, loaded):
 BAD = [
     ("/v1/chat/completions", b"{not json", 400, None),
     ("/v1/chat/completions", b"[1, 2]", 400, None),
+    ("/v1/chat/completions", b"[" * 9000 + b"]" * 9000, 400, None),  # parser recursion, not a 500
     ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),

@@ -48,6 +48,8 @@ def parse_json(raw: bytes) -> dict:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise APIError(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:  # e.g. 40 kB of [[[[...: Python's parser gives up before the size limit does
+        raise APIError("request body is nested too deeply to parse", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
