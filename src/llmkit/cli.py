@@ -199,6 +199,14 @@ def _generate(args) -> None:
     sys.stdout.write(tok.decode(new, skip_special_tokens=True)[len(printed):] + "\n")
 
 
+def _deploy(args) -> None:
+    from llmkit.serve.deploy import run_deploy
+
+    code = run_deploy(args)
+    if code:
+        sys.exit(code)
+
+
 def _bench_generate(args) -> None:
     from llmkit.infer.bench import bench_generate
     from llmkit.infer.load import load_for_inference
@@ -347,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     eh.add_argument("--model", required=True)
     eh.add_argument("--out", required=True)
     eh.set_defaults(func=_export_hf)
+
+    dp = sub.add_parser("deploy", help="N llmkit serve replicas behind nginx on this machine (or print the nginx / "
+                        "Kubernetes configs)")
+    from llmkit.serve.deploy import add_deploy_arguments
+
+    add_deploy_arguments(dp)
+    dp.set_defaults(func=_deploy)
 
     bn = sub.add_parser("bench", help="measure speed").add_subparsers(dest="action", required=True)
     bg = bn.add_parser("generate", help="decoding tokens/s, time to first token and per token, per batch size "
