@@ -15,6 +15,7 @@ See docs/tracking.md.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import logging
 import os
@@ -29,6 +30,9 @@ MAX_PARAM_LENGTH = 6000  # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_LENGTH = 8000  # mlflow.utils.validation.MAX_TAG_VAL_LENGTH
 MAX_DIGEST_LENGTH = 36  # mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE
 _BATCH = 100  # params per log_batch call (MLflow's limit)
+PARENT_RUN_ENV = "LLMKIT_PARENT_RUN_ID"
+"""When set (by `llmkit pipeline run`), new runs are created as children of this run id: one nested run
+per stage under the pipeline's parent run."""
 
 
 @dataclass
@@ -39,6 +43,23 @@ class TrackConfig:
     experiment: str = "llmkit"
     run_name: str | None = None
     """None -> the name of out_dir."""
+
+
+@contextlib.contextmanager
+def parent_run(run_id: str | None):
+    """Within the block, runs that start are children of `run_id` (None: no change)."""
+    if not run_id:
+        yield
+        return
+    before = os.environ.get(PARENT_RUN_ENV)
+    os.environ[PARENT_RUN_ENV] = run_id
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(PARENT_RUN_ENV, None)
+        else:
+            os.environ[PARENT_RUN_ENV] = before
 
 
 def default_tracking_uri(out_dir: str | Path) -> str:
@@ -82,6 +103,15 @@ class Tracker:
         """Per metric key, the last step the reopened run already holds (replays up to it are skipped)."""
         self.uri = config.uri or default_tracking_uri(out_dir)
 
+    @classmethod
+    def attach(cls, uri: str, run_id: str) -> Tracker:
+        """A handle that logs into an existing run (e.g. a finished one) without reopening or ending it."""
+        from mlflow.tracking import MlflowClient
+
+        tracker = cls(TrackConfig(uri=uri), ".")
+        tracker._client, tracker.run_id, tracker._ended = MlflowClient(tracking_uri=uri), run_id, True
+        return tracker
+
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self, run_id: str | None = None) -> str | None:
         """Open a new run, or reopen `run_id` (a resumed job keeps logging into its original run).
@@ -99,7 +129,10 @@ class Tracker:
         self._client = MlflowClient(tracking_uri=self.uri)
         self._ended, self.resumed, self._logged_until = False, False, {}
         if run_id is None or not self._reopen(run_id):
-            run = self._client.create_run(self._experiment_id(), tags=self._context_tags(),
+            tags = self._context_tags()
+            if os.environ.get(PARENT_RUN_ENV):
+                tags["mlflow.parentRunId"] = os.environ[PARENT_RUN_ENV]
+            run = self._client.create_run(self._experiment_id(), tags=tags,
                                           run_name=self.config.run_name or self.out_dir.name)
             self.run_id = run.info.run_id
         atexit.register(self._end_at_exit)

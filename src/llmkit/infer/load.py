@@ -16,6 +16,8 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
     neither has one: the model continues raw text. A dir written by `llmkit quantize` loads with its
     int8 layers. On CPU the Linear weights are stored column-major (`llmkit.infer.layout`): faster decoding.
 
+    model_dir / adapter may be registry URIs (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH),
+    resolved in the tracking store of $MLFLOW_TRACKING_URI (`llmkit.pipeline.registry`).
     device: "cpu", "cuda[:i]" or "auto" (a GPU when visible); dtype: "auto" (bf16/fp16 on GPU, fp32 on CPU),
     "fp32", "bf16" or "fp16" - decided in `llmkit.infer.device`. INT8 dirs run on the CPU only.
     """
@@ -25,8 +27,11 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
     from llmkit.infer.quantize import is_quantized_dir, load_quantized
     from llmkit.models.adapters import load_adapter
     from llmkit.models.io import load_model
+    from llmkit.pipeline.registry import resolve_model
     from llmkit.tokenizer import Tokenizer
 
+    model_dir = resolve_model(model_dir)
+    adapter = resolve_model(adapter) if adapter is not None else None
     device = resolve_device(device)
     if is_quantized_dir(model_dir):
         if device.type != "cpu":

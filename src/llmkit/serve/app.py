@@ -85,6 +85,13 @@ class _StatusCounter:
         await self.app(scope, receive, send_counted)
 
 
+def _default_model_name(model: str) -> str:
+    """models:/quickstart@production -> quickstart; runs/sft/merged -> merged."""
+    if model.startswith("models:/"):
+        return model[len("models:/"):].split("@")[0].split("/")[0]
+    return Path(model).resolve().name
+
+
 def create_app(config: ServeConfig) -> FastAPI:
     """Load the model and build the app; the engine thread starts with the app's lifespan."""
     from llmkit.infer.engine import Engine
@@ -100,7 +107,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         raise ValueError(f"{config.model}: {e}") from None
     runner = EngineRunner(engine, max_queue=config.max_queue)
     metrics = ServerMetrics()
-    name = config.served_model_name or Path(config.model).resolve().name
+    name = config.served_model_name or _default_model_name(str(config.model))
     ctx = Context(name, tok, max_len, template)
     api_key = config.api_key
     created = int(time.time())

@@ -1,0 +1,149 @@
+"""The pipeline recipe: which stages run, each with the same config file its single-stage command takes.
+
+```yaml
+name: quickstart
+out_dir: runs/quickstart
+data:     {config: configs/data/quickstart.yaml}
+pretrain: {config: configs/base_bilingual.yaml, overrides: [train.max_steps=600]}
+sft:      {config: configs/sft_lora.yaml}
+```
+
+The pipeline owns the wiring between stages: it sets each stage's `out_dir` to `<out_dir>/<stage>`, points
+its inputs at the upstream stage's output (pretrain reads `<out_dir>/tokenizer` and `<out_dir>/tokens`, SFT
+starts from `<out_dir>/pretrain/final`, ...) and sends every stage's MLflow run to one tracking store as a
+child of the pipeline's run. Everything else comes from the stage's own file plus `overrides`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from llmkit.track import TrackConfig
+
+
+@dataclass
+class StageRecipe:
+    """A stage driven by its single-stage config file (`llmkit data run` / `pretrain` / `finetune`)."""
+
+    config: str | None = None
+    """The YAML the single-stage command takes; None -> that stage's defaults."""
+    overrides: list[str] = field(default_factory=list)
+    """`key.sub=value` overrides applied after the file (before the pipeline's own wiring)."""
+    enabled: bool = True
+
+
+@dataclass
+class SamplesStage:
+    enabled: bool = True
+    out: str = "data/samples"
+    """Where the sample corpora go (the data recipe's source paths point here)."""
+    from_dir: str | None = None
+    """A local mirror to copy from (e.g. ../shared/data); None downloads them (needs the network)."""
+    only: list[str] = field(default_factory=list)
+    """Subset of samples (see `llmkit samples fetch --only`); empty = all."""
+
+
+@dataclass
+class TokenizerStage:
+    enabled: bool = True
+    kind: Literal["bpe", "char"] = "bpe"
+    vocab_size: int = 8192
+    min_frequency: int = 2
+    inputs: list[str] = field(default_factory=list)
+    """Files to train on; empty = the data stage's cleaned output."""
+
+    def validate(self) -> None:
+        if self.vocab_size < 64:
+            raise ValueError(f"vocab_size: must be >= 64, got {self.vocab_size}")
+
+
+@dataclass
+class TokensStage:
+    enabled: bool = True
+    val_fraction: float = 0.1
+    inputs: list[str] = field(default_factory=list)
+    """Files to tokenize for pretraining; empty = the data stage's cleaned output."""
+
+    def validate(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass
+class QuantizeStage:
+    enabled: bool = True
+    mode: Literal["dynamic", "weight_only", "static"] = "dynamic"
+    observer: Literal["minmax", "percentile", "histogram"] = "histogram"
+    with_head: bool = False
+    """Quantize the output head too."""
+    calibration: str | None = None
+    """Static mode: a text file; None = the data stage's cleaned output."""
+    calibration_windows: int = 16
+
+
+@dataclass
+class EvalStage:
+    enabled: bool = True
+    perplexity_tokens: int = 20000
+    """Held-out tokens (the tokens stage's validation split) scored by the fp32 and the INT8 model."""
+    load_requests: int = 24
+    """Requests of the latency run (TTFT, time per output token) against the final model."""
+    load_concurrency: int = 4
+    max_new_tokens: int = 48
+    instructions: list[dict] = field(default_factory=lambda: [
+        {"lang": "en", "prompt": "Give three tips for staying healthy."},
+        {"lang": "en", "prompt": "What is the capital of France?"},
+        {"lang": "zh", "prompt": "保持健康的三个提示。"},
+        {"lang": "zh", "prompt": "请介绍一下中国的首都。"},
+    ])
+    """Prompts answered greedily by the final model, kept in eval.json and the report."""
+
+    def validate(self) -> None:
+        for i, item in enumerate(self.instructions):
+            if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+                raise ValueError(f"instructions[{i}]: expected {{lang, prompt}} with a string prompt, got {item!r}")
+        if self.load_requests < 1 or self.load_concurrency < 1:
+            raise ValueError("load_requests / load_concurrency: must be >= 1")
+
+
+@dataclass
+class RegisterStage:
+    enabled: bool = True
+    model_name: str | None = None
+    """Registered model name; None = the pipeline's name."""
+    aliases: list[str] = field(default_factory=lambda: ["candidate"])
+    """Aliases pointed at the new version (e.g. [candidate, production])."""
+
+
+@dataclass
+class CostConfig:
+    """Hourly prices for the report's cost of compute (guide §4: spot instances save 60-70%)."""
+
+    on_demand_usd_per_hour: float = 0.096
+    spot_usd_per_hour: float = 0.034
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "quickstart"
+    out_dir: str = "runs/quickstart"
+    samples: SamplesStage = field(default_factory=SamplesStage)
+    data: StageRecipe = field(default_factory=StageRecipe)
+    tokenizer: TokenizerStage = field(default_factory=TokenizerStage)
+    tokens: TokensStage = field(default_factory=TokensStage)
+    pretrain: StageRecipe = field(default_factory=StageRecipe)
+    sft: StageRecipe = field(default_factory=StageRecipe)
+    merge: StageRecipe = field(default_factory=StageRecipe)
+    quantize: QuantizeStage = field(default_factory=QuantizeStage)
+    eval: EvalStage = field(default_factory=EvalStage)
+    register: RegisterStage = field(default_factory=RegisterStage)
+    cost: CostConfig = field(default_factory=CostConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+    """One store for the pipeline and every stage (uri None -> sqlite:///<parent of out_dir>/mlflow.db)."""
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name or "@" in self.name:
+            raise ValueError(f"name: a registered-model name without '/' or '@', got {self.name!r}")
+        if self.register.enabled and not self.track.enabled:
+            raise ValueError("register.enabled needs track.enabled: the registry lives in the MLflow store")

@@ -1,0 +1,162 @@
+"""The pipeline's eval stage: the guide's three monitoring dimensions measured on the final model.
+
+* quality after quantization: perplexity of the floating-point and the INT8 model on the same held-out
+  tokens (the tokens stage's validation split), and Linear-weight bytes;
+* fine-tune accuracy: exact match and ROUGE-L of greedy answers to the SFT stage's held-out prompts, by the
+  floating-point and the INT8 model;
+* inference latency: a short load run through the `Engine` with `load_concurrency` requests in flight,
+  per request: time to first token, mean time per further output token, end-to-end seconds;
+* and the final model's answers to a few English and Chinese instructions, for a human to read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmkit.pipeline.config import EvalStage
+
+
+@torch.no_grad()
+def heldout_perplexity(model, tokens_dir: str | Path, max_tokens: int) -> tuple[float, int]:
+    """(perplexity, tokens scored) over the first `max_tokens` tokens of the validation split, in
+    non-overlapping windows of the model's block_size."""
+    from llmkit.data.tokenized import open_split
+
+    split = open_split(tokens_dir, "val")
+    block = model.config.block_size
+    flat = np.concatenate([np.asarray(s[:max_tokens + 1]) for s in split.shards])[:max_tokens + 1]
+    n = (len(flat) - 1) // block
+    if n < 1:
+        raise ValueError(f"{tokens_dir}: the validation split holds {len(flat)} tokens, fewer than one window "
+                         f"of {block}")
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, n, 16):
+        rows = np.arange(start, min(n, start + 16)) * block
+        window = torch.from_numpy(flat[rows[:, None] + np.arange(block + 1)].astype(np.int64)).to(device)
+        _, loss = model(window[:, :-1], window[:, 1:])
+        total += float(loss) * window[:, 1:].numel()
+        count += window[:, 1:].numel()
+    return math.exp(total / count), count
+
+
+def _prompt_ids(tok, template, text: str) -> list[int]:
+    from llmkit.chat import encode_chat
+
+    if template is None:
+        return tok.encode(text)
+    ids, _ = encode_chat(tok, [{"role": "user", "content": text}], template, add_generation_prompt=True)
+    return ids
+
+
+def answers(model, tok, template, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy replies to single-turn prompts, batched through the Engine, cut at the end of turn."""
+    from llmkit.infer.engine import Engine, RequestParams
+
+    stops = tuple(template.stop_token_ids(tok)) if template is not None else ()
+    engine = Engine(model, tok, max_batch=min(16, max(1, len(prompts))), prefix_cache_tokens=0)
+    params = RequestParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stops)
+    outs = engine.generate([_prompt_ids(tok, template, p) for p in prompts], params)
+    return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
+
+
+def load_run(model, tok, template, prompts: list[str], requests: int, concurrency: int,
+             max_new_tokens: int) -> dict:
+    """Latency of `requests` sampled requests kept `concurrency` at a time in the Engine (prompts cycled).
+
+    Returns per-request lists ttft_s (submit -> first token), tpot_s (mean seconds per token after the
+    first), e2e_s, and overall generated tokens/s."""
+    from llmkit.infer.engine import Engine, RequestParams
+
+    stops = tuple(template.stop_token_ids(tok)) if template is not None else ()
+    engine = Engine(model, tok, max_batch=concurrency, prefix_cache_tokens=0)
+    ids = [_prompt_ids(tok, template, p) for p in prompts]
+    times: dict[str, list[float]] = {}
+
+    def on_token(rid: str, _token: int) -> None:
+        times[rid].append(time.perf_counter())
+
+    submitted: dict[str, float] = {}
+    t0 = time.perf_counter()
+    next_i, done = 0, []
+    while len(done) < requests:
+        while next_i < requests and len(engine.running) + len(engine.waiting) < concurrency:
+            params = RequestParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=next_i,
+                                   stop_token_ids=stops)
+            rid = engine.add_request(ids[next_i % len(ids)], params, on_token=on_token)
+            times[rid], submitted[rid] = [], time.perf_counter()
+            next_i += 1
+        engine.step()
+        done.extend(r for r in engine.pop_finished())
+    wall = time.perf_counter() - t0
+    ttft, tpot, e2e, n_tokens = [], [], [], 0
+    for req in done:
+        ts = times[req.request_id]
+        n_tokens += len(ts)
+        if not ts:
+            continue
+        ttft.append(ts[0] - submitted[req.request_id])
+        e2e.append(ts[-1] - submitted[req.request_id])
+        if len(ts) > 1:
+            tpot.append((ts[-1] - ts[0]) / (len(ts) - 1))
+    return {"requests": requests, "concurrency": concurrency, "max_new_tokens": max_new_tokens,
+            "ttft_s": ttft, "tpot_s": tpot, "e2e_s": e2e, "tokens_per_s": n_tokens / wall if wall > 0 else None}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def evaluate_models(float_dir: str | Path, final_dir: str | Path, tokens_dir: str | Path | None,
+                    sft_results: str | Path | None, cfg: EvalStage) -> dict:
+    """The eval.json of the pipeline (format in `llmkit.pipeline.report`): `float_dir` is the model before
+    quantization, `final_dir` the one that is registered (the same dir when quantization is off)."""
+    from llmkit.finetune.instruct import exact_match, rouge_l
+    from llmkit.infer.load import load_for_inference
+    from llmkit.infer.quantize import is_quantized_dir, linear_weight_bytes
+
+    float_model, tok, template = load_for_inference(float_dir, device="cpu")
+    quantized = Path(final_dir) != Path(float_dir) and is_quantized_dir(final_dir)
+    final_model, _, _ = load_for_inference(final_dir, device="cpu") if quantized else (float_model, None, None)
+    report: dict = {"float_model": str(float_dir), "final_model": str(final_dir), "quantized": quantized}
+
+    if tokens_dir is not None:
+        ppl_f, n = heldout_perplexity(float_model, tokens_dir, cfg.perplexity_tokens)
+        ppl = {"fp32": ppl_f, "tokens": n}
+        if quantized:
+            ppl["int8"], _ = heldout_perplexity(final_model, tokens_dir, cfg.perplexity_tokens)
+            ppl["delta_rel"] = ppl["int8"] / ppl_f - 1
+        report["perplexity"] = ppl
+    sizes = {"fp32_linear": linear_weight_bytes(float_model)["total"], "fp32_dir": _dir_bytes(Path(float_dir))}
+    if quantized:
+        q = linear_weight_bytes(final_model)
+        sizes.update({"int8_linear": q["total"], "int8_dir": _dir_bytes(Path(final_dir))})
+    report["size_bytes"] = sizes
+
+    if sft_results is not None and template is not None:
+        held = json.loads(Path(sft_results).read_text(encoding="utf-8")).get("answers", [])
+        prompts, refs = [a["prompt"] for a in held], [a["reference"] for a in held]
+        if prompts:
+            fp = answers(float_model, tok, template, prompts, cfg.max_new_tokens)
+            ft = {"n": len(prompts), "exact_match": float(np.mean([exact_match(p, r) for p, r in zip(fp, refs)])),
+                  "rouge_l": float(np.mean([rouge_l(p, r) for p, r in zip(fp, refs)]))}
+            if quantized:
+                q8 = answers(final_model, tok, template, prompts, cfg.max_new_tokens)
+                ft["int8_exact_match"] = float(np.mean([exact_match(p, r) for p, r in zip(q8, refs)]))
+                ft["int8_rouge_l"] = float(np.mean([rouge_l(p, r) for p, r in zip(q8, refs)]))
+            report["finetune"] = ft
+
+    prompts = [i["prompt"] for i in cfg.instructions]
+    if prompts:
+        said = answers(final_model, tok, template, prompts, cfg.max_new_tokens)
+        report["instructions"] = [{"lang": i.get("lang", ""), "prompt": i["prompt"], "answer": a}
+                                  for i, a in zip(cfg.instructions, said)]
+        report["latency"] = load_run(final_model, tok, template, prompts, cfg.load_requests, cfg.load_concurrency,
+                                     cfg.max_new_tokens)
+    return report
