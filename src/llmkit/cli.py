@@ -107,6 +107,13 @@ def _config_task(path: str, overrides: list[str]) -> str:
     return task
 
 
+def _model_path(value: str) -> Path:
+    """A model dir argument: a path, or a registry URI (models:/NAME@ALIAS, runs:/...) resolved to one."""
+    from llmkit.pipeline.registry import resolve_model
+
+    return resolve_model(value)
+
+
 def _quantize(args) -> None:
     from llmkit.infer.quantize import QuantConfig, quantize_dir
 
@@ -115,14 +122,14 @@ def _quantize(args) -> None:
         cfg.targets = [*cfg.targets, "lm_head"]
     if args.mode == "static" and not args.calibration:
         raise ValueError("--mode static needs --calibration FILE (text / jsonl / json) to measure activations")
-    out = quantize_dir(args.model, args.out, cfg, args.calibration, args.calibration_batches)
+    out = quantize_dir(_model_path(args.model), args.out, cfg, args.calibration, args.calibration_batches)
     print(json.dumps({"quantized": str(out), "mode": args.mode}))
 
 
 def _merge(args) -> None:
     from llmkit.finetune.merge import merge_adapter
 
-    out = merge_adapter(args.model, args.adapter, args.out)
+    out = merge_adapter(_model_path(args.model), _model_path(args.adapter), args.out)
     print(json.dumps({"merged": str(out)}))
 
 
@@ -153,7 +160,7 @@ def _import_hf(args) -> None:
 def _export_hf(args) -> None:
     from llmkit.models.hf import export_hf
 
-    print(json.dumps({"hf_model": str(export_hf(args.model, args.out))}))
+    print(json.dumps({"hf_model": str(export_hf(_model_path(args.model), args.out))}))
 
 
 def _generate(args) -> None:
@@ -197,6 +204,62 @@ def _generate(args) -> None:
             sys.stdout.flush()
             printed = text
     sys.stdout.write(tok.decode(new, skip_special_tokens=True)[len(printed):] + "\n")
+
+
+def _pipeline_run(args) -> None:
+    from llmkit.config import load_config
+    from llmkit.pipeline.config import PipelineConfig
+    from llmkit.pipeline.run import run_pipeline
+
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    state = run_pipeline(cfg, restart=args.restart)
+    print(_stage_table(state))
+    if state.get("stopped"):
+        print(f"stopped during {state['stopped']} (signal): run the same command again to resume", file=sys.stderr)
+        sys.exit(3)
+
+
+def _stage_table(state: dict) -> str:
+    rows = [f"{'stage':<10} {'status':<8} {'last run':<8} {'seconds':>8}  digest"]
+    for name, rec in state.get("stages", {}).items():
+        last = "skipped" if rec.get("skipped_last") else "ran"
+        rows.append(f"{name:<10} {rec.get('status', '?'):<8} {last:<8} {rec.get('seconds', 0):>8.1f}  "
+                    f"{(rec.get('digest') or '')[:16]}")
+    return "\n".join(rows)
+
+
+def _pipeline_status(args) -> None:
+    from llmkit.pipeline.run import load_state
+
+    state = load_state(args.run_dir)
+    if not state:
+        raise FileNotFoundError(f"{args.run_dir}: no pipeline.json (not a `llmkit pipeline run` directory)")
+    print(json.dumps(state, indent=1, ensure_ascii=False) if args.json else _stage_table(state))
+
+
+def _report(args) -> None:
+    from llmkit.pipeline.report import open_in_browser, render_report
+    from llmkit.pipeline.run import STATE_FILE
+
+    if not (Path(args.run_dir) / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{args.run_dir}: no {STATE_FILE} (not a `llmkit pipeline run` directory)")
+    path = render_report(args.run_dir, args.out, log_to_mlflow=not args.no_mlflow)
+    print(path)
+    if args.open:
+        open_in_browser(path)
+
+
+def _registry_alias(args) -> None:
+    from llmkit.pipeline.registry import set_alias
+
+    set_alias(args.name, args.alias, args.version)
+    print(json.dumps({"model": f"models:/{args.name}@{args.alias}", "version": str(args.version)}))
+
+
+def _registry_resolve(args) -> None:
+    from llmkit.pipeline.registry import resolve_model
+
+    print(resolve_model(args.uri))
 
 
 def _deploy(args) -> None:
@@ -265,6 +328,8 @@ def _device_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmkit", description="From raw text to a trained language model.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store for models:/ and runs:/ model URIs "
+                   "(default $MLFLOW_TRACKING_URI, else sqlite:///runs/mlflow.db)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("samples", help="public sample corpora").add_subparsers(dest="action", required=True)
@@ -356,6 +421,33 @@ def build_parser() -> argparse.ArgumentParser:
     eh.add_argument("--out", required=True)
     eh.set_defaults(func=_export_hf)
 
+    pl = sub.add_parser("pipeline", help="the whole lifecycle: data -> tokenizer -> pretrain -> SFT -> int8 -> "
+                        "eval -> registered model").add_subparsers(dest="action", required=True)
+    plr = pl.add_parser("run", help="run (or resume) a pipeline recipe; unchanged stages are skipped")
+    plr.add_argument("config")
+    plr.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. pretrain.overrides=[train.max_steps=50]")
+    plr.add_argument("--restart", action="store_true", help="forget earlier work in out_dir first")
+    plr.set_defaults(func=_pipeline_run)
+    pls = pl.add_parser("status", help="the stages of a pipeline run dir: status, seconds, digests")
+    pls.add_argument("run_dir")
+    pls.add_argument("--json", action="store_true")
+    pls.set_defaults(func=_pipeline_status)
+    rp = sub.add_parser("report", help="the monitoring report of a pipeline run (self-contained HTML with plots)")
+    rp.add_argument("run_dir")
+    rp.add_argument("--out", default=None, help="directory for index.html and the PNGs (default RUN_DIR/report)")
+    rp.add_argument("--open", action="store_true", help="open it in the default browser")
+    rp.add_argument("--no-mlflow", action="store_true", help="do not log the report to the pipeline's MLflow run")
+    rp.set_defaults(func=_report)
+    rg = sub.add_parser("registry", help="the MLflow model registry").add_subparsers(dest="action", required=True)
+    rga = rg.add_parser("alias", help="point an alias (e.g. production) at a registered version")
+    rga.add_argument("name")
+    rga.add_argument("alias")
+    rga.add_argument("version", type=int)
+    rga.set_defaults(func=_registry_alias)
+    rgr = rg.add_parser("resolve", help="the local directory of models:/NAME@ALIAS, models:/NAME/VERSION, runs:/...")
+    rgr.add_argument("uri")
+    rgr.set_defaults(func=_registry_resolve)
+
     dp = sub.add_parser("deploy", help="N llmkit serve replicas behind nginx on this machine (or print the nginx / "
                         "Kubernetes configs)")
     from llmkit.serve.deploy import add_deploy_arguments
@@ -414,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.tracking_uri:
+        os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
