@@ -5,10 +5,11 @@ BIN    := $(VENV)/bin
 SHARED ?= ../shared/data
 # Copy the sample corpora from a local mirror when there is one, else download them.
 SAMPLES_FROM := $(if $(wildcard $(SHARED)/en/tinyshakespeare.txt),--from $(SHARED),)
+PIPELINE_SAMPLES := $(if $(wildcard $(SHARED)/en/tinyshakespeare.txt),samples.from_dir=$(SHARED),)
 # A GPU machine passes TORCH_SPEC=torch to get the CUDA build; CPU machines get the local 2.13.0 CPU wheel.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup system-deps demo test test-all bench bench-data bench-finetune clean
+.PHONY: setup system-deps demo demo-char test test-all bench bench-data bench-finetune bench-infer bench-serve clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +32,15 @@ system-deps:
 	  else echo "note:$$missing not installed (needs root + apt): the nginx / browser tests will skip"; fi; \
 	fi
 
-# The main job: sample data, the data pipeline (clean, dedup, filter, mix), char tokenizer, nanoGPT-sized pretraining with tracking, then a sample.
+# The main job: the whole lifecycle on the sample corpora (data -> tokenizer -> pretrain -> LoRA SFT -> INT8 ->
+# eval -> registered model, ~10 min on 2 cores; a second run skips every stage), then the monitoring report.
 demo: setup
+	$(BIN)/llmkit pipeline run configs/quickstart.yaml $(PIPELINE_SAMPLES)
+	$(BIN)/llmkit report runs/quickstart
+
+# nanoGPT's CPU Shakespeare: char tokenizer, a 1-2 minute pretraining, a sample.
+demo-char: setup
 	$(BIN)/llmkit samples fetch $(SAMPLES_FROM) --out data/samples
-	$(BIN)/llmkit data run --config configs/data/quickstart.yaml
-	$(BIN)/llmkit data report runs/data/quickstart
 	$(BIN)/llmkit tokenizer train --input data/samples/en/tinyshakespeare.txt --kind char --out runs/tok
 	$(BIN)/llmkit pretrain --config configs/shakespeare_char.yaml --resume
 	$(BIN)/llmkit generate --model runs/shakespeare/final --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.7 --top-p 0.9 --seed 1
@@ -61,6 +66,17 @@ bench-data: setup
 bench-finetune: setup
 	$(BIN)/python benchmarks/finetune_methods.py
 	$(BIN)/python benchmarks/peft_equivalence.py
+
+# inference figures (docs/engine.md, docs/quantize.md): engine vs HF generate, KV cache, INT8
+bench-infer: setup
+	$(BIN)/python benchmarks/engine_vs_hf.py
+	$(BIN)/python benchmarks/kv_cache.py
+	$(BIN)/python benchmarks/int8_quantize.py
+
+# serving figures (docs/serve.md): concurrent streaming load, malformed requests
+bench-serve: setup
+	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/serve_malformed.py
 
 clean:
 	rm -rf $(VENV) runs data
