@@ -91,6 +91,12 @@ class EvalStage:
     """Requests of the latency run (TTFT, time per output token) against the final model."""
     load_concurrency: int = 4
     max_new_tokens: int = 48
+    temperature: float = 0.7
+    """Sampling of the instruction answers and the load run (guide §3.3: 0.7 / 0.9); accuracy is greedy."""
+    top_p: float = 0.9
+    repetition_penalty: float = 1.2
+    """CTRL-style penalty against the loops small models fall into (1 = off)."""
+    seed: int = 0
     instructions: list[dict] = field(default_factory=lambda: [
         {"lang": "en", "prompt": "Give three tips for staying healthy."},
         {"lang": "en", "prompt": "What is the capital of France?"},

@@ -55,19 +55,26 @@ def _prompt_ids(tok, template, text: str) -> list[int]:
     return ids
 
 
-def answers(model, tok, template, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy replies to single-turn prompts, batched through the Engine, cut at the end of turn."""
+def answers(model, tok, template, prompts: list[str], max_new_tokens: int, sampling: EvalStage | None = None
+            ) -> list[str]:
+    """Replies to single-turn prompts, batched through the Engine, cut at the end of turn: greedy, or with
+    `sampling`'s temperature / top_p / repetition_penalty and seed (prompt i draws with seed + i)."""
     from llmkit.infer.engine import Engine, RequestParams
 
     stops = tuple(template.stop_token_ids(tok)) if template is not None else ()
     engine = Engine(model, tok, max_batch=min(16, max(1, len(prompts))), prefix_cache_tokens=0)
-    params = RequestParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stops)
+    if sampling is None:
+        params = RequestParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stops)
+    else:
+        params = [RequestParams(max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                                repetition_penalty=sampling.repetition_penalty, seed=sampling.seed + i,
+                                stop_token_ids=stops) for i in range(len(prompts))]
     outs = engine.generate([_prompt_ids(tok, template, p) for p in prompts], params)
     return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
 def load_run(model, tok, template, prompts: list[str], requests: int, concurrency: int,
-             max_new_tokens: int) -> dict:
+             max_new_tokens: int, sampling: EvalStage | None = None) -> dict:
     """Latency of `requests` sampled requests kept `concurrency` at a time in the Engine (prompts cycled).
 
     Returns per-request lists ttft_s (submit -> first token), tpot_s (mean seconds per token after the
@@ -87,7 +94,9 @@ def load_run(model, tok, template, prompts: list[str], requests: int, concurrenc
     next_i, done = 0, []
     while len(done) < requests:
         while next_i < requests and len(engine.running) + len(engine.waiting) < concurrency:
-            params = RequestParams(max_new_tokens=max_new_tokens, temperature=0.7, top_p=0.9, seed=next_i,
+            s = sampling or EvalStage()
+            params = RequestParams(max_new_tokens=max_new_tokens, temperature=s.temperature, top_p=s.top_p,
+                                   repetition_penalty=s.repetition_penalty, seed=s.seed + next_i,
                                    stop_token_ids=stops)
             rid = engine.add_request(ids[next_i % len(ids)], params, on_token=on_token)
             times[rid], submitted[rid] = [], time.perf_counter()
@@ -154,9 +163,11 @@ def evaluate_models(float_dir: str | Path, final_dir: str | Path, tokens_dir: st
 
     prompts = [i["prompt"] for i in cfg.instructions]
     if prompts:
-        said = answers(final_model, tok, template, prompts, cfg.max_new_tokens)
+        said = answers(final_model, tok, template, prompts, cfg.max_new_tokens, sampling=cfg)
         report["instructions"] = [{"lang": i.get("lang", ""), "prompt": i["prompt"], "answer": a}
                                   for i, a in zip(cfg.instructions, said)]
         report["latency"] = load_run(final_model, tok, template, prompts, cfg.load_requests, cfg.load_concurrency,
-                                     cfg.max_new_tokens)
+                                     cfg.max_new_tokens, sampling=cfg)
+        report["sampling"] = {"temperature": cfg.temperature, "top_p": cfg.top_p,
+                              "repetition_penalty": cfg.repetition_penalty, "seed": cfg.seed}
     return report
