@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from llmkit.infer.engine import Engine, RequestParams
-from llmkit.infer.layout import column_major_linears, row_major
 from llmkit.models.decoder import Decoder, DecoderConfig
 from llmkit.models.io import load_model, save_model
+from llmkit.models.layout import column_major_linears, row_major
 
 
 def tiny(**kw) -> Decoder:

@@ -109,7 +109,7 @@ def _config_task(path: str, overrides: list[str]) -> str:
 
 def _model_path(value: str) -> Path:
     """A model dir argument: a path, or a registry URI (models:/NAME@ALIAS, runs:/...) resolved to one."""
-    from llmkit.pipeline.registry import resolve_model
+    from llmkit.registry import resolve_model
 
     return resolve_model(value)
 
@@ -250,14 +250,14 @@ def _report(args) -> None:
 
 
 def _registry_alias(args) -> None:
-    from llmkit.pipeline.registry import set_alias
+    from llmkit.registry import set_alias
 
     set_alias(args.name, args.alias, args.version)
     print(json.dumps({"model": f"models:/{args.name}@{args.alias}", "version": str(args.version)}))
 
 
 def _registry_resolve(args) -> None:
-    from llmkit.pipeline.registry import resolve_model
+    from llmkit.registry import resolve_model
 
     print(resolve_model(args.uri))
 

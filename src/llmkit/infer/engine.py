@@ -43,10 +43,10 @@ import torch
 import torch.nn.functional as F
 
 from llmkit.infer.generate import SamplingParams
-from llmkit.infer.layout import column_major_linears
 from llmkit.infer.sampling import BatchSampling, process_logits, sample_batch, token_counts, top_logprobs
 from llmkit.models.decoder import Decoder
 from llmkit.models.layers import apply_rope
+from llmkit.models.layout import column_major_linears
 
 
 @dataclass
@@ -174,7 +174,7 @@ class Engine:
     prefix_cache_tokens: prefix-cache budget in tokens (0 disables it); prefix_block: tokens per block.
     max_prefill_tokens: most padded tokens (rows * longest prompt) prefilled in one forward; at least one
     request is always prefilled per step.
-    column_major: re-store the model's Linear weights column-major in place (`llmkit.infer.layout`; same
+    column_major: re-store the model's Linear weights column-major in place (`llmkit.models.layout`; same
     values and shapes) so batch-1 decoding streams them contiguously; None -> on CPU only.
 
     KV memory is 2 * n_layer * max_batch * H_kv * max_len * head_dim elements in the model's dtype.

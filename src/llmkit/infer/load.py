@@ -14,20 +14,20 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
     The adapter dir (LoRA or prefix, PEFT layout) may carry its own tokenizer.json and chat template
     (an instruction-tuned adapter does); otherwise the model dir's are used. The template is None when
     neither has one: the model continues raw text. A dir written by `llmkit quantize` loads with its
-    int8 layers. On CPU the Linear weights are stored column-major (`llmkit.infer.layout`): faster decoding.
+    int8 layers. On CPU the Linear weights are stored column-major (`llmkit.models.layout`): faster decoding.
 
     model_dir / adapter may be registry URIs (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH),
-    resolved in the tracking store of $MLFLOW_TRACKING_URI (`llmkit.pipeline.registry`).
+    resolved in the tracking store of $MLFLOW_TRACKING_URI (`llmkit.registry`).
     device: "cpu", "cuda[:i]" or "auto" (a GPU when visible); dtype: "auto" (bf16/fp16 on GPU, fp32 on CPU),
     "fp32", "bf16" or "fp16" - decided in `llmkit.infer.device`. INT8 dirs run on the CPU only.
     """
     from llmkit.chat import has_chat_template, load_chat_template
     from llmkit.infer.device import resolve_device, resolve_dtype
-    from llmkit.infer.layout import column_major_linears
     from llmkit.infer.quantize import is_quantized_dir, load_quantized
     from llmkit.models.adapters import load_adapter
     from llmkit.models.io import load_model
-    from llmkit.pipeline.registry import resolve_model
+    from llmkit.models.layout import column_major_linears
+    from llmkit.registry import resolve_model
     from llmkit.tokenizer import Tokenizer
 
     model_dir = resolve_model(model_dir)

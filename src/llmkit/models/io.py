@@ -57,8 +57,8 @@ def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer=None,
     config = {"family": model_family(model), **dataclasses.asdict(model.config)}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if any(not p.is_contiguous() for p in model.parameters()):
-        # e.g. column-major weights from llmkit.infer.layout: safetensors stores contiguous tensors only
-        from llmkit.infer.layout import row_major
+        # e.g. column-major weights from llmkit.models.layout: safetensors stores contiguous tensors only
+        from llmkit.models.layout import row_major
 
         model = copy.deepcopy(model)
         row_major(model)

@@ -366,7 +366,7 @@ def _register_inputs(ctx: Context) -> dict:
 
 
 def _register_run(ctx: Context) -> StageOutput:
-    from llmkit.pipeline.registry import register_model
+    from llmkit.registry import register_model
 
     r = ctx.cfg.register
     name = r.model_name or ctx.cfg.name
