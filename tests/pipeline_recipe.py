@@ -37,7 +37,7 @@ train: {batch_size: 4, max_steps: 30, warmup_steps: 3, eval_interval: 10, eval_b
     (root / "sft.yaml").write_text(f"""
 task: sft
 method: lora
-lora: {{r: 4, alpha: 8, targets: [q_proj, v_proj]}}
+lora: {{r: 4, alpha: 8, targets: [q_proj, v_proj], trainable_tokens: ['<|assistant|>', '<|end|>']}}
 data: {{paths: [{corpus / 'en.json'}, {corpus / 'zh.json'}], mix_pretrain: 0.15, max_len: 64}}
 train: {{batch_size: 4, max_steps: 12, warmup_steps: 2, eval_interval: 6, checkpoint_interval: 4, log_interval: 2,
         progress: false}}

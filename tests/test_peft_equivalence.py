@@ -245,3 +245,39 @@ def test_merged_model_reimports_from_hf_with_the_same_logits(tmp_path):
     back = import_hf(export_hf(model, tmp_path / "merged_hf"))
     with torch.no_grad():
         torch.testing.assert_close(back(x)[0], before, rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("make", [gpt2_decoder, llama_decoder], ids=["gpt2-tied", "llama-untied"])
+def test_trainable_token_rows_match_peft_both_ways(tmp_path, make):
+    from llmkit.models.trainable_tokens import apply_trainable_tokens
+
+    torch.manual_seed(0)
+    model = make().eval()
+    randomize(model)
+    base_dir = export_hf(model, tmp_path / "hf_base")
+    apply_lora(model, LoRAConfig(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    tokens = apply_trainable_tokens(model, [50, 3, 7])
+    randomize_lora(model)  # the token rows too: they are among lora_parameters
+    assert any(p is tokens.values for p in lora_parameters(model))
+    adapter_dir = save_lora(model, tmp_path / "adapter", base_model=str(base_dir))
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["trainable_token_indices"] == [3, 7, 50]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    pm = peft.PeftModel.from_pretrained(hf, adapter_dir).eval()
+    x = ids()
+    x[0, :3] = torch.tensor([3, 7, 50])  # the trained rows are read
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], pm(x).logits, rtol=0, atol=ATOL)
+    # the other way: an adapter PEFT made with trainable_token_indices loads into llmkit
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
+    pm2 = peft.get_peft_model(hf2, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"] if make is llama_decoder
+                                                   else ["c_attn"], trainable_token_indices=[9, 4])).eval()
+    with torch.no_grad():
+        for p in pm2.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    pm2.save_pretrained(tmp_path / "peft_made")
+    again = import_hf(base_dir, tmp_path / "reimported")  # the base, as the export holds it
+    load_lora(again, tmp_path / "peft_made")
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(x)[0], pm2(x).logits, rtol=0, atol=ATOL)

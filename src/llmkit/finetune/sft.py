@@ -128,7 +128,12 @@ def prepare_model(cfg: SFTConfig, device: torch.device) -> tuple[torch.nn.Module
     if cfg.method == "lora":
         from llmkit.models.lora import apply_lora, lora_parameters
 
-        apply_lora(model, cfg.lora)
+        tokenizer = None
+        if cfg.lora.trainable_tokens:
+            from llmkit.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.load(cfg.base_model)
+        apply_lora(model, cfg.lora, tokenizer)
         adapters = lora_parameters(model)
     else:
         from llmkit.models.prefix import apply_prefix, prefix_parameters

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from llmkit.models.encdec import T5FeedForward
 from llmkit.models.encoder import EncoderClassifier
 from llmkit.models.layers import Attention, FeedForward
+from llmkit.models.trainable_tokens import apply_trainable_tokens, merge_trainable_tokens, trainable_tokens
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CANONICAL_TARGETS", "TARGET_ALIASES", "LoRAConfig", "LoRALinear",
@@ -91,6 +92,10 @@ class LoRAConfig:
     modules_to_save: list[str] | None = None
     """Non-LoRA modules trained in full and saved with the adapter (PEFT's modules_to_save). None -> the
     family's default: ["pooler", "classifier"] for `EncoderClassifier` (its head is new), [] otherwise."""
+    trainable_tokens: list[str] = field(default_factory=list)
+    """Tokens (e.g. the chat template's `<|assistant|>`, `<|end|>`) whose embedding rows train beside the
+    adapters: PEFT's trainable_token_indices (`llmkit.models.trainable_tokens`). Decoders only; needs the
+    tokenizer to turn them into ids."""
 
     def validate(self) -> None:
         if self.r < 1:
@@ -367,13 +372,14 @@ def _freeze(model: nn.Module, modules_to_save: list[str]) -> None:
             p.requires_grad_(True)
 
 
-def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, tokenizer=None) -> list[str]:
     """Wrap the Linear layers `cfg.targets` selects in `LoRALinear` (in place) and freeze the rest.
 
     Each module gets one adapter per selected slice (q/k/v of a fused qkv, k/v of a cross-attention kv)
     of rank `cfg.r`, scale `cfg.scaling`. Returns the wrapped module paths in model order. The config is
     kept as `model.lora_config` (save_lora writes it). ValueError for unknown targets, for targets that
-    select nothing in this model, and for a model that already carries LoRA.
+    select nothing in this model, and for a model that already carries LoRA. `cfg.trainable_tokens` are
+    looked up in `tokenizer` (ValueError when a token is not in its vocabulary or no tokenizer is given).
     """
     cfg.validate()
     if has_lora(model):
@@ -390,15 +396,27 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
         _replace(model, path, LoRALinear(model.get_submodule(path), sl, cfg.dropout))
     model.lora_config = dataclasses.replace(cfg, modules_to_save=list(modules_to_save))
     _freeze(model, modules_to_save)
+    if cfg.trainable_tokens:
+        if tokenizer is None:
+            raise ValueError("trainable_tokens: a tokenizer is needed to look the tokens up")
+        ids = [tokenizer.token_to_id(t) for t in cfg.trainable_tokens]
+        missing = [t for t, i in zip(cfg.trainable_tokens, ids) if i is None]
+        if missing:
+            raise ValueError(f"trainable_tokens: {missing} are not tokens of this tokenizer")
+        apply_trainable_tokens(model, ids).values.requires_grad_(True)
     return list(slices)
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Every LoRA A and B matrix of `model`, in module order (for an optimizer group at lr_ratio x lr)."""
+    """Every LoRA A and B matrix of `model`, in module order, then the trainable token rows if any (for an
+    optimizer group at lr_ratio x lr)."""
     params: list[nn.Parameter] = []
     for _, m in _lora_modules(model):
         for n in m.ranges:
             params += [m.lora_A[n], m.lora_B[n]]
+    tokens = trainable_tokens(model)
+    if tokens is not None:
+        params.append(tokens.values)
     return params
 
 
@@ -424,6 +442,7 @@ def merge_lora(model: nn.Module, keep_adapters: bool = False) -> nn.Module:
         if not keep_adapters:
             _replace(model, path, m.base)
     if not keep_adapters:
+        merge_trainable_tokens(model)
         for p in model.parameters():
             p.requires_grad_(True)
         if hasattr(model, "lora_config"):

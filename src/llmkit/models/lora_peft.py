@@ -39,8 +39,10 @@ from llmkit.models.lora import (
     _sites,
     has_lora,
 )
+from llmkit.models.trainable_tokens import apply_trainable_tokens, trainable_tokens
 
 _PEFT_PREFIX = "base_model.model."
+_TOKENS_SUFFIX = "token_adapter.trainable_tokens_delta"  # PEFT's name; it holds the rows' values
 _META_KEY = "llmkit_lora"  # safetensors metadata: llmkit's slice layout (PEFT ignores it)
 
 
@@ -231,6 +233,10 @@ def save_lora(model: nn.Module, out_dir: str | Path, base_model: str | None = No
             if p is None:  # bias=False llmkit model: HF always has one, zero is the same function
                 p = torch.zeros(mod.out_features)
             tensors[_PEFT_PREFIX + hf_key] = p.detach().float().cpu().contiguous().clone()
+    tokens = trainable_tokens(model)
+    if tokens is not None:
+        tensors[f"{_PEFT_PREFIX}{_embed_name(layout)}.{_TOKENS_SUFFIX}"] = \
+            tokens.values.detach().float().cpu().contiguous().clone()
     adapted = list(ranks)
     universe = layout.all_hf_linears()
     rank_pattern = _group_patterns(ranks, cfg.r, adapted)
@@ -244,6 +250,7 @@ def save_lora(model: nn.Module, out_dir: str | Path, base_model: str | None = No
         "init_lora_weights": True, "inference_mode": True, "use_dora": False, "lora_bias": False,
         "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
         "revision": None, "peft_version": _peft_version(),
+        "trainable_token_indices": tokens.ids.tolist() if tokens is not None else None,
     }
     meta = {"architecture": layout.arch, "family": type(model).__name__, "targets": cfg.targets,
             "lr_ratio": cfg.lr_ratio, "slices": slice_meta}
@@ -323,7 +330,14 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                   for pname, hf_key in names.items()}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     to_save: dict[tuple[str, str], torch.Tensor] = {}
+    token_values = None
     for key, t in tensors.items():
+        if key.endswith("." + _TOKENS_SUFFIX):
+            if key != f"{_PEFT_PREFIX}{_embed_name(layout)}.{_TOKENS_SUFFIX}":
+                raise ValueError(f"{adapter_dir}: trainable tokens on {key!r}, not on this "
+                                 f"{layout.arch}'s input embedding")
+            token_values = t
+            continue
         if key in saved_keys:
             to_save[saved_keys[key]] = t
             continue
@@ -375,13 +389,39 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 raise ValueError(f"{adapter_dir}: {mod}.{pname} has shape {tuple(t.shape)}, "
                                  f"model {tuple(p.shape)}")
             p.copy_(t)
+    indices = config.get("trainable_token_indices")
+    if isinstance(indices, dict):  # PEFT's {module name: ids} form; llmkit decoders have one embedding
+        indices = next(iter(indices.values()), None)
+    if (token_values is None) != (not indices):
+        raise ValueError(f"{adapter_dir}: trainable_token_indices and the token rows in {ADAPTER_WEIGHTS} "
+                         "must come together")
+    if indices:
+        if len(indices) != token_values.shape[0] or len(set(indices)) != len(indices):
+            raise ValueError(f"{adapter_dir}: {len(indices)} trainable token ids for {token_values.shape[0]} rows")
+        rows = torch.as_tensor(token_values, dtype=torch.float32)[torch.argsort(torch.tensor(indices))]
+        tokens = apply_trainable_tokens(model, indices)
+        if rows.shape != tokens.values.shape:
+            raise ValueError(f"{adapter_dir}: token rows of shape {tuple(rows.shape)}, model needs "
+                             f"{tuple(tokens.values.shape)}")
+        with torch.no_grad():
+            tokens.values.copy_(rows)
     targets = meta.get("targets") or _canonical_targets(model)
     model.lora_config = LoRAConfig(r=r0, alpha=alpha0, dropout=float(config.get("lora_dropout", 0.0)),
                                    targets=list(targets), rslora=rslora,
                                    lr_ratio=float(meta.get("lr_ratio", LoRAConfig.lr_ratio)),
                                    modules_to_save=modules_to_save)
     _freeze(model, modules_to_save)
+    if indices:
+        tokens.values.requires_grad_(True)
     return model
+
+
+def _embed_name(layout: _HFLayout) -> str:
+    """The HF module PEFT's trainable_token_indices target by default: the input embedding."""
+    names = {"GPT2LMHeadModel": "transformer.wte", "LlamaForCausalLM": "model.embed_tokens"}
+    if layout.arch not in names:
+        raise ValueError(f"trainable tokens are supported on decoders, not {layout.arch}")
+    return names[layout.arch]
 
 
 def _split(meta_slices, a: torch.Tensor, b: torch.Tensor, sites: dict, path: str, hs: int, he: int):
