@@ -448,6 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
     rgr.add_argument("uri")
     rgr.set_defaults(func=_registry_resolve)
 
+    from llmkit.lab.run import add_lab_arguments
+
+    add_lab_arguments(sub)
+
     dp = sub.add_parser("deploy", help="N llmkit serve replicas behind nginx on this machine (or print the nginx / "
                         "Kubernetes configs)")
     from llmkit.serve.deploy import add_deploy_arguments
