@@ -9,7 +9,7 @@ PIPELINE_SAMPLES := $(if $(wildcard $(SHARED)/en/tinyshakespeare.txt),samples.fr
 # A GPU machine passes TORCH_SPEC=torch to get the CUDA build; CPU machines get the local 2.13.0 CPU wheel.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup system-deps demo demo-char test test-all bench bench-data bench-finetune bench-infer bench-serve clean
+.PHONY: setup system-deps demo demo-char test test-all bench bench-data bench-finetune bench-infer bench-serve lab clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,10 @@ bench-infer: setup
 bench-serve: setup
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/serve_malformed.py
+
+# every claim of the guide (docs/claims.md), 3 seeds each; run on a quiet machine
+lab: setup
+	$(BIN)/llmkit lab run --all
 
 clean:
 	rm -rf $(VENV) runs data
