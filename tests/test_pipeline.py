@@ -151,3 +151,14 @@ def test_pipeline_killed_during_a_stage_resumes_to_the_same_result(uninterrupted
         assert resumed["stages"][name]["digest"] == uninterrupted["stages"][name]["digest"], name
     assert resumed["stages"]["eval"]["metrics"]["ppl_int8"] == uninterrupted["stages"]["eval"]["metrics"]["ppl_int8"]
     assert resumed["stages"]["sft"]["metrics"]["eval_loss"] == uninterrupted["stages"]["sft"]["metrics"]["eval_loss"]
+
+
+def test_without_pretraining_sft_starts_from_the_recipes_own_base_model(finished, tmp_path):
+    recipe, state = finished
+    base = state["stages"]["pretrain"]["artifact"]  # stands for a model brought in with `llmkit import hf`
+    other = write_tiny_recipe(tmp_path, name="nobase")
+    done = _run(other, "pretrain.enabled=false", f"sft.overrides=[base_model={base}]")
+    assert "pretrain" not in done["stages"] and done["stages"]["register"]["status"] == "done"
+    # the same base and data as the full run: the same adapter, merged model and INT8 model
+    for name in ("merge", "quantize"):
+        assert done["stages"][name]["digest"] == state["stages"][name]["digest"], name

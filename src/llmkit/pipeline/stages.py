@@ -209,14 +209,43 @@ def _pretrain_run(ctx: Context) -> StageOutput:
 
 
 # -- sft ------------------------------------------------------------------------------------------
+def _pretrained(ctx: Context) -> bool:
+    return ctx.cfg.pretrain.enabled
+
+
+def _base_model(ctx: Context) -> Path:
+    """What SFT starts from: the pretrain stage's model, or (pretrain disabled) the SFT config's own
+    `base_model`, e.g. a checkpoint brought in with `llmkit import hf`."""
+    if _pretrained(ctx):
+        return ctx.artifact("pretrain")
+    from llmkit.finetune.sft import SFTConfig
+    from llmkit.registry import resolve_model
+
+    base = _recipe(ctx, ctx.cfg.sft, SFTConfig, _sft_wiring(ctx)).base_model
+    if not base:
+        raise ValueError("pretrain.enabled is false: the sft config must name its base_model")
+    return resolve_model(base)
+
+
+def _base_digest(ctx: Context) -> str:
+    if _pretrained(ctx):
+        return ctx.digest("pretrain")
+    from llmkit.pipeline.run import path_digest
+
+    return path_digest(_base_model(ctx))
+
+
+def _sft_wiring(ctx: Context) -> list[str]:
+    wiring = [f"out_dir={ctx.dir('sft')}", *ctx.track_overrides("sft")]
+    if ctx.records.get("tokens", {}).get("status") == "done":  # pretraining data mixed in against forgetting
+        wiring.append(f"data.pretrain={ctx.artifact('tokens')}")
+    return wiring
+
+
 def _sft_config(ctx: Context):
     from llmkit.finetune.sft import SFTConfig
 
-    wiring = [f"out_dir={ctx.dir('sft')}", f"base_model={ctx.artifact('pretrain')}",
-              *ctx.track_overrides("sft")]
-    if ctx.records.get("tokens", {}).get("status") == "done":  # pretraining data mixed in against forgetting
-        wiring.append(f"data.pretrain={ctx.artifact('tokens')}")
-    return _recipe(ctx, ctx.cfg.sft, SFTConfig, wiring)
+    return _recipe(ctx, ctx.cfg.sft, SFTConfig, [*_sft_wiring(ctx), f"base_model={_base_model(ctx)}"])
 
 
 def _sft_inputs(ctx: Context) -> dict:
@@ -224,7 +253,7 @@ def _sft_inputs(ctx: Context) -> dict:
 
     cfg = to_dict(_sft_config(ctx))
     cfg["train"].pop("progress", None)
-    return {"config": cfg, "base": ctx.digest("pretrain"),
+    return {"config": cfg, "base": _base_digest(ctx),
             "instructions": {p: file_sha256(p) for p in cfg["data"]["paths"]},
             "tokens": ctx.records.get("tokens", {}).get("digest")}
 
@@ -247,7 +276,7 @@ def _sft_method(ctx: Context) -> str:
 
 
 def _merge_inputs(ctx: Context) -> dict:
-    return {"base": ctx.digest("pretrain"), "sft": ctx.digest("sft"), "method": _sft_method(ctx)}
+    return {"base": _base_digest(ctx), "sft": ctx.digest("sft"), "method": _sft_method(ctx)}
 
 
 def _merge_run(ctx: Context) -> StageOutput:
@@ -258,7 +287,7 @@ def _merge_run(ctx: Context) -> StageOutput:
     method = _sft_method(ctx)
     out = ctx.dir("merge")
     if method == "lora":
-        merge_adapter(ctx.artifact("pretrain"), ctx.artifact("sft"), out)
+        merge_adapter(_base_model(ctx), ctx.artifact("sft"), out)
     elif method == "full":  # already a plain model dir: the merged model is that model
         if out.exists():
             shutil.rmtree(out)
