@@ -33,7 +33,7 @@ system-deps:
 	fi
 
 # The main job: the whole lifecycle on the sample corpora (data -> tokenizer -> pretrain -> LoRA SFT -> INT8 ->
-# eval -> registered model, ~10 min on 2 cores; a second run skips every stage), then the monitoring report.
+# eval -> registered model, ~13 min on 2 cores; a second run skips every stage), then the monitoring report.
 demo: setup
 	$(BIN)/llmkit pipeline run configs/quickstart.yaml $(PIPELINE_SAMPLES)
 	$(BIN)/llmkit report runs/quickstart
