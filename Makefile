@@ -20,16 +20,16 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
-# Debian packages the serving tests drive for real: nginx (the multi-replica balancer) and chromium (the
-# chat page in a headless browser). Installed when missing and we are root with apt; otherwise those tests
-# skip and say why.
-SYSTEM_PACKAGES := nginx chromium
+# Debian packages tests drive for real: nginx (the multi-replica balancer), chromium (the
+# chat page in a headless browser), wordnet-base (synonyms for augmentation). Installed when missing and we
+# are root with apt; otherwise those tests skip and say why.
+SYSTEM_PACKAGES := nginx chromium wordnet-base
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "note:$$missing not installed (needs root + apt): the nginx / browser tests will skip"; fi; \
+	  else echo "note:$$missing not installed (needs root + apt): the tests that use them will skip"; fi; \
 	fi
 
 # The main job: the whole lifecycle on the sample corpora (data -> tokenizer -> pretrain -> LoRA SFT -> INT8 ->
