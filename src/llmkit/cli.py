@@ -316,7 +316,7 @@ def _serve(args) -> None:
                       host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LLMKIT_API_KEY"),
                       max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
                       prefix_cache_tokens=args.prefix_cache_tokens, max_request_bytes=args.max_request_bytes,
-                      shutdown_grace=args.shutdown_grace, device=args.device))
+                      shutdown_grace=args.shutdown_grace, device=args.device, dtype=args.dtype))
 
 
 def _device_arguments(p: argparse.ArgumentParser) -> None:
@@ -503,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get HTTP 413")
     sv.add_argument("--shutdown-grace", type=float, default=10.0,
                     help="seconds in-flight requests may finish after SIGTERM before they are cancelled")
-    sv.add_argument("--device", default="cpu")
+    _device_arguments(sv)
     sv.set_defaults(func=_serve)
     return p
 

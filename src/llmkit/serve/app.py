@@ -61,6 +61,9 @@ class ServeConfig:
     shutdown_grace: float = 10.0
     """Seconds in-flight requests get to finish on shutdown before they are cancelled."""
     device: str = "cpu"
+    """cpu, cuda[:i] or auto (`llmkit.infer.device`)."""
+    dtype: str = "auto"
+    """auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16; INT8 dirs keep their int8 weights."""
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -97,7 +100,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     from llmkit.infer.engine import Engine
     from llmkit.infer.load import load_for_inference
 
-    model, tok, template = load_for_inference(config.model, config.adapter, config.device)
+    model, tok, template = load_for_inference(config.model, config.adapter, config.device, config.dtype)
     block = model.config.block_size
     max_len = min(config.max_model_len or block, block)
     try:
