@@ -272,7 +272,8 @@ def test_batched_prefill_one_forward_identical_outputs(family):
     eng._prefill_batch = lambda reqs: calls.append(len(reqs)) or orig(reqs)
     ids = [eng.add_request(p, GREEDY) for p in ps]
     eng.step()
-    assert calls == [7] and len(eng.running) == 7
+    # all 7 prefilled in this step, in forwards of similar lengths (padding_groups), some holding several
+    assert sum(calls) == 7 and max(calls) >= 2 and len(eng.running) == 7
     assert [eng.requests[i].cached_tokens for i in ids[-2:]] == [16, 16]
     eng.run()
     assert [eng.requests[i].output for i in ids] == want
@@ -280,6 +281,19 @@ def test_batched_prefill_one_forward_identical_outputs(family):
     small = Engine(model, max_batch=8, prefix_cache_tokens=0, max_prefill_tokens=40)
     calls.clear()
     orig2 = small._prefill_batch
-    small._prefill_batch = lambda reqs: calls.append(len(reqs)) or orig2(reqs)
+    small._prefill_batch = lambda reqs: calls.append(len(reqs) * max(len(r.prompt) for r in reqs)) or orig2(reqs)
     assert small.generate(ps[:5], GREEDY) == want[:5]
-    assert calls == [2, 1, 2]  # (5, 17) -> 34; then 30; then (1, 12) -> 24
+    assert len(calls) > 1 and max(calls) <= 40  # padded tokens per forward stay under the cap
+
+
+def test_prefill_groups_bound_padding_and_keep_every_request():
+    from llmkit.infer.engine import Request, padding_groups
+
+    reqs = [Request(str(i), [0] * n, GREEDY, 1, None) for i, n in enumerate((127, 37, 120, 40, 64, 125, 38))]
+    groups = padding_groups(reqs)
+    assert sorted(r.request_id for g in groups for r in g) == sorted(r.request_id for r in reqs)
+    for g in groups:
+        real = sum(len(r.prompt) for r in g)
+        assert len(g) * max(len(r.prompt) for r in g) <= 1.25 * real
+    assert len(groups) < len(reqs)  # similar lengths still share a forward
+    assert [[len(r.prompt) for r in g] for g in groups] == [[127, 125, 120, 64], [40, 38, 37]]

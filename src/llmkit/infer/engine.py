@@ -28,8 +28,9 @@ itself runs per row, on that row's generator. Tokens go to an optional per-reque
 `Engine.stream`.
 
 Prefill is batched: the waiting requests that fit the free slots (and `max_prefill_tokens` padded tokens)
-run through the model in one right-padded forward, each row at its own start position (after its cached
-prefix) with a causal keep-mask over its own keys.
+run through the model in right-padded forwards, one per group of similar prompt lengths (`padding_groups`:
+padding stays under 25% of the real tokens), each row at its own start position (after its cached prefix)
+with a causal keep-mask over its own keys.
 """
 
 from __future__ import annotations
@@ -164,6 +165,24 @@ class PrefixCache:
         self.blocks.clear()
 
 
+def padding_groups(reqs: list[Request], waste: float = 0.25) -> list[list[Request]]:
+    """Split requests to prefill into groups of similar prompt length, longest first, so that a group's
+    padded size (rows x its longest prompt) stays within (1 + waste) x its real tokens: right-padding a
+    37-token prompt to 127 would triple its prefill FLOPs, while one more forward pass costs one read of
+    the weights."""
+    out: list[list[Request]] = []
+    for req in sorted(reqs, key=lambda r: -len(r.prompt)):
+        if out:
+            group = out[-1]
+            longest = len(group[0].prompt)
+            real = sum(len(r.prompt) for r in group) + len(req.prompt)
+            if (len(group) + 1) * longest <= (1 + waste) * real:
+                group.append(req)
+                continue
+        out.append([req])
+    return out
+
+
 class Engine:
     """Continuous-batching generation over an llmkit `Decoder`.
 
@@ -292,8 +311,9 @@ class Engine:
                     break
                 batch.append(self.waiting.popleft())
                 longest = t
-            logits = self._prefill_batch(batch)  # (len(batch), vocab)
-            self._sample_all(batch, logits, emitted)
+            for group in padding_groups(batch):
+                logits = self._prefill_batch(group)  # (len(group), vocab)
+                self._sample_all(group, logits, emitted)
         return emitted
 
     def run(self) -> None:
