@@ -90,6 +90,9 @@ def test_registered_model_is_found_by_uri_and_traced_to_its_data(finished, monke
     local = resolve_model("models:/tiny@production")
     assert path_digest(local) == state["stages"]["quantize"]["artifact_digest"]  # the registry's own copy
     assert resolve_model("models:/tiny/1") == local
+    # runs:/ URIs: the pretrain stage's run logged its final model as the `model` artifact
+    pre_uri = f"runs:/{state['stages']['pretrain']['run_id']}/model"
+    assert path_digest(resolve_model(pre_uri)) == state["stages"]["pretrain"]["artifact_digest"]
     with pytest.raises(ValueError, match="models:/tiny@staging"):
         resolve_model("models:/tiny@staging")
     # a stage run per stage, children of the pipeline run, each with its input and output digests

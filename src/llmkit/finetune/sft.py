@@ -282,8 +282,12 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     """Fine-tune `cfg.base_model` on instructions with `cfg.method`; returns a summary dict.
 
     Writes `<out_dir>/final` (a model dir for full, an adapter dir for lora/prefix), metrics.jsonl,
-    results.json (eval figures, answers and samples) and checkpoints; tracked in MLflow.
+    results.json (eval figures, answers and samples) and checkpoints; tracked in MLflow. `base_model` may be
+    a registry URI (models:/NAME@ALIAS, runs:/...): it is resolved to its directory first.
     """
+    from llmkit.registry import resolve_model
+
+    cfg.base_model = str(resolve_model(cfg.base_model))
     tracker = Tracker(cfg.track, cfg.out_dir)
     with tracker:
         return _finetune(cfg, resume, tracker)
