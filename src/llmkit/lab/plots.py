@@ -23,6 +23,19 @@ def _save(fig, out_dir: Path, name: str) -> str:
     return path.name
 
 
+def subplots(nrows: int = 1, ncols: int = 1, figsize: tuple[float, float] = (6.0, 3.6)):
+    """(figure, axes) like pyplot.subplots, on an Agg canvas outside pyplot's global state."""
+    fig = _figure(*figsize)
+    return fig, fig.subplots(nrows, ncols)
+
+
+def save_png(fig, out_dir: Path, filename: str) -> str:
+    """Lay out and write `fig` as out_dir/filename; returns the file name (a Result plot path)."""
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / filename)
+    return filename
+
+
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
     vals = list(values)
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)

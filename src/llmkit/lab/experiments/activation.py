@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.plots import save_png, subplots
 
 SHAKESPEARE = Path(__file__).resolve().parents[5] / "shared" / "data" / "en" / "tinyshakespeare.txt"
 SPIKE_WINDOW = 20
@@ -134,26 +135,15 @@ def run(ctx: Context) -> Result:
     else:
         verdict = "does not hold"
     plots = []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for act, color in (("gelu", "tab:blue"), ("relu", "tab:red")):
-            for i, c in enumerate(curves[act]):
-                ax.plot(range(1, len(c) + 1), c, color=color, alpha=0.5, lw=0.8, label=act if i == 0 else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss (nats/char)")
-        ax.set_title(f"GeLU vs ReLU, lr {lr:g}, no grad clipping ({len(ctx.seeds)} seeds)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(ctx.out_dir / "activation_loss.png", dpi=110)
-        plt.close(fig)
-        plots.append("activation_loss.png")
-    except ImportError:
-        pass
+    fig, ax = subplots(figsize=(6, 3.5))
+    for act, color in (("gelu", "tab:blue"), ("relu", "tab:red")):
+        for i, c in enumerate(curves[act]):
+            ax.plot(range(1, len(c) + 1), c, color=color, alpha=0.5, lw=0.8, label=act if i == 0 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/char)")
+    ax.set_title(f"GeLU vs ReLU, lr {lr:g}, no grad clipping ({len(ctx.seeds)} seeds)")
+    ax.legend()
+    plots.append(save_png(fig, ctx.out_dir, "activation_loss.png"))
     g_mean, r_mean = statistics.fmean(final["gelu"]), statistics.fmean(final["relu"])
     return Result(
         measurements=[

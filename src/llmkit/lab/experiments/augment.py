@@ -24,6 +24,7 @@ import statistics
 
 from llmkit.lab.claim import Claim, Context, Measurement, Result
 from llmkit.lab.experiments.lora_lr import data_file
+from llmkit.lab.plots import save_png, subplots
 
 N_AUG = 16
 ALPHA = 0.1
@@ -194,30 +195,19 @@ def run(ctx: Context) -> Result:
         verdict = "does not hold"
 
     plots = []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        for m, color, name in (("none", "0.4", "no augmentation"), ("sr", "tab:blue", "+ synonym replacement"),
-                               ("eda", "tab:green", "+ EDA (SR, RI, RS, RD)")):
-            means = [statistics.fmean(acc[(k, m)]) for k in shots]
-            errs = [statistics.stdev(acc[(k, m)]) if len(acc[(k, m)]) > 1 else 0 for k in shots]
-            ax.errorbar(shots, means, yerr=errs, fmt="o-", color=color, capsize=3, label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(shots, [str(k) for k in shots])
-        ax.set_xlabel("labelled examples per class")
-        ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title("4-way source classification (wiki / web / assistant / plays)", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(ctx.out_dir / "augment.png", dpi=110)
-        plt.close(fig)
-        plots.append("augment.png")
-    except ImportError:
-        pass
+    fig, ax = subplots(figsize=(5.5, 3.5))
+    for m, color, name in (("none", "0.4", "no augmentation"), ("sr", "tab:blue", "+ synonym replacement"),
+                           ("eda", "tab:green", "+ EDA (SR, RI, RS, RD)")):
+        means = [statistics.fmean(acc[(k, m)]) for k in shots]
+        errs = [statistics.stdev(acc[(k, m)]) if len(acc[(k, m)]) > 1 else 0 for k in shots]
+        ax.errorbar(shots, means, yerr=errs, fmt="o-", color=color, capsize=3, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(shots, [str(k) for k in shots])
+    ax.set_xlabel("labelled examples per class")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title("4-way source classification (wiki / web / assistant / plays)", fontsize=9)
+    ax.legend(fontsize=8)
+    plots.append(save_png(fig, ctx.out_dir, "augment.png"))
 
     ms = [Measurement(f"accuracy gain of synonym replacement, {k0} shots/class", gain(k0, "sr"), "points", "+8-12%"),
           Measurement(f"relative accuracy gain of synonym replacement, {k0} shots/class", rel(k0, "sr"), "%", "+8-12%")]

@@ -20,6 +20,7 @@ import time
 
 from llmkit.lab.claim import Claim, Context, Measurement, Result
 from llmkit.lab.experiments.activation import char_pretrain, char_setup
+from llmkit.lab.plots import save_png, subplots
 
 PRICE_ON_DEMAND = 0.096  # USD/h, e.g. an m5.large class instance on demand
 PRICE_SPOT = 0.034  # USD/h, a typical Spot price for the same (ratio ~0.35)
@@ -97,41 +98,30 @@ def run(ctx: Context) -> Result:
         verdict = "does not hold"
 
     plots = []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        fine = [r / 10 for r in range(0, 101)]
-        for interval, color in zip((10, 100, 1000), ("tab:red", "tab:orange", "tab:green")):
-            axes[0].plot(fine, [100 * spot_saving(r, interval, s_mean, c_mean) for r in fine], color=color,
-                         label=f"every {interval} steps (measured {s_mean * 1000:.0f} ms/step)")
-        axes[0].plot(fine, [100 * spot_saving(r, 1000, 1.0, 60.0) for r in fine], color="tab:blue", ls="--",
-                     label="every 1000 steps, 1 s/step, 60 s/ckpt (assumed)")
-        axes[0].axhspan(60, 70, color="0.85", label="guide: 60-70%")
-        axes[0].set_ylim(0, 80)
-        axes[0].set_xlabel("preemptions per hour")
-        axes[0].set_ylabel("Spot saving vs on-demand (%)")
-        axes[0].set_title(f"spot {PRICE_SPOT} vs on-demand {PRICE_ON_DEMAND} USD/h, restart {RESTART_S:g} s",
-                          fontsize=8)
-        axes[0].legend(fontsize=6)
-        ivs = sorted(overhead)
-        axes[1].bar([str(i) for i in ivs], [statistics.fmean(overhead[i]) for i in ivs],
-                    yerr=[statistics.stdev(overhead[i]) if len(overhead[i]) > 1 else 0 for i in ivs], capsize=3,
-                    label="end-to-end")
-        axes[1].plot([str(i) for i in ivs], [statistics.fmean(model_overhead[i]) for i in ivs], "ko",
-                     label="t_ckpt / (interval x t_step)")
-        axes[1].set_xlabel("checkpoint interval (steps)")
-        axes[1].set_ylabel("time overhead (%)")
-        axes[1].legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(ctx.out_dir / "checkpointing.png", dpi=110)
-        plt.close(fig)
-        plots.append("checkpointing.png")
-    except ImportError:
-        pass
+    fig, axes = subplots(1, 2, figsize=(9, 3.5))
+    fine = [r / 10 for r in range(0, 101)]
+    for interval, color in zip((10, 100, 1000), ("tab:red", "tab:orange", "tab:green")):
+        axes[0].plot(fine, [100 * spot_saving(r, interval, s_mean, c_mean) for r in fine], color=color,
+                     label=f"every {interval} steps (measured {s_mean * 1000:.0f} ms/step)")
+    axes[0].plot(fine, [100 * spot_saving(r, 1000, 1.0, 60.0) for r in fine], color="tab:blue", ls="--",
+                 label="every 1000 steps, 1 s/step, 60 s/ckpt (assumed)")
+    axes[0].axhspan(60, 70, color="0.85", label="guide: 60-70%")
+    axes[0].set_ylim(0, 80)
+    axes[0].set_xlabel("preemptions per hour")
+    axes[0].set_ylabel("Spot saving vs on-demand (%)")
+    axes[0].set_title(f"spot {PRICE_SPOT} vs on-demand {PRICE_ON_DEMAND} USD/h, restart {RESTART_S:g} s",
+                      fontsize=8)
+    axes[0].legend(fontsize=6)
+    ivs = sorted(overhead)
+    axes[1].bar([str(i) for i in ivs], [statistics.fmean(overhead[i]) for i in ivs],
+                yerr=[statistics.stdev(overhead[i]) if len(overhead[i]) > 1 else 0 for i in ivs], capsize=3,
+                label="end-to-end")
+    axes[1].plot([str(i) for i in ivs], [statistics.fmean(model_overhead[i]) for i in ivs], "ko",
+                 label="t_ckpt / (interval x t_step)")
+    axes[1].set_xlabel("checkpoint interval (steps)")
+    axes[1].set_ylabel("time overhead (%)")
+    axes[1].legend(fontsize=7)
+    plots.append(save_png(fig, ctx.out_dir, "checkpointing.png"))
 
     ms = [Measurement("step time", step_s, "s"), Measurement("seconds per checkpoint", ckpt_s, "s")]
     ms += [Measurement(f"end-to-end time overhead, checkpoint every {i} steps", overhead[i], "%") for i in sorted(overhead)]

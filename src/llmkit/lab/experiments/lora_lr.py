@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.plots import save_png, subplots
 
 DATA = Path(__file__).resolve().parents[5] / "shared" / "data"
 BASE_LR = 1e-4  # configs/sft_lora.yaml's train.lr
@@ -127,30 +128,19 @@ def run(ctx: Context) -> Result:
         else:
             verdict = "does not hold"
     plots = []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
-        for i in range(n):
-            ax.plot(ratios, [loss[r][i] for r in ratios], "o-", color="0.7", lw=0.8, ms=3)
-        ax.errorbar(ratios, [means[r] for r in ratios],
-                    yerr=[statistics.stdev(loss[r]) if n > 1 else 0.0 for r in ratios], fmt="o-", color="tab:blue",
-                    capsize=3, label=f"mean of {n} seeds")
-        ax.axvspan(5, 10, color="tab:green", alpha=0.15, label="guide: 5-10x")
-        ax.axhline(base_loss, color="tab:red", ls=":", label="base, untuned")
-        ax.set_xscale("log")
-        ax.set_xlabel("LoRA lr / base lr")
-        ax.set_ylabel("held-out instruction loss")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(ctx.out_dir / "lora_lr.png", dpi=110)
-        plt.close(fig)
-        plots.append("lora_lr.png")
-    except ImportError:
-        pass
+    fig, ax = subplots(figsize=(5.5, 3.5))
+    for i in range(n):
+        ax.plot(ratios, [loss[r][i] for r in ratios], "o-", color="0.7", lw=0.8, ms=3)
+    ax.errorbar(ratios, [means[r] for r in ratios],
+                yerr=[statistics.stdev(loss[r]) if n > 1 else 0.0 for r in ratios], fmt="o-", color="tab:blue",
+                capsize=3, label=f"mean of {n} seeds")
+    ax.axvspan(5, 10, color="tab:green", alpha=0.15, label="guide: 5-10x")
+    ax.axhline(base_loss, color="tab:red", ls=":", label="base, untuned")
+    ax.set_xscale("log")
+    ax.set_xlabel("LoRA lr / base lr")
+    ax.set_ylabel("held-out instruction loss")
+    ax.legend(fontsize=8)
+    plots.append(save_png(fig, ctx.out_dir, "lora_lr.png"))
     ms = [Measurement(f"held-out loss at lr_ratio {r:g}", loss[r], "nats/token",
                       "best" if 5.0 <= r <= 10.0 else None) for r in ratios]
     ms += [Measurement(f"full fine-tuning held-out loss at lr {lr:g}", full[lr], "nats/token") for lr in full_lrs]

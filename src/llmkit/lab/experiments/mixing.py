@@ -15,6 +15,7 @@ import statistics
 
 from llmkit.lab.claim import Claim, Context, Measurement, Result
 from llmkit.lab.experiments.lora_lr import sft, tiny_base
+from llmkit.lab.plots import save_png, subplots
 
 
 def pretrain_val_loss(model_dir, tokens, adapter=None) -> float:
@@ -72,28 +73,17 @@ def run(ctx: Context) -> Result:
     else:
         verdict = "does not hold"
     plots = []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(8, 3.3))
-        xs = [100 * m for m in mixes]
-        for ax, data, label in ((axes[0], forget, "pretraining val loss increase (forgetting)"),
-                                (axes[1], instr, "instruction held-out loss")):
-            ax.errorbar(xs, [statistics.fmean(data[m]) for m in mixes],
-                        yerr=[statistics.stdev(data[m]) if len(data[m]) > 1 else 0 for m in mixes],
-                        fmt="o-", capsize=3)
-            ax.set_xlabel("pretraining rows mixed in (%)")
-            ax.set_title(label, fontsize=9)
-        axes[0].axhline(0, color="0.5", lw=0.8)
-        fig.tight_layout()
-        fig.savefig(ctx.out_dir / "mixing.png", dpi=110)
-        plt.close(fig)
-        plots.append("mixing.png")
-    except ImportError:
-        pass
+    fig, axes = subplots(1, 2, figsize=(8, 3.3))
+    xs = [100 * m for m in mixes]
+    for ax, data, label in ((axes[0], forget, "pretraining val loss increase (forgetting)"),
+                            (axes[1], instr, "instruction held-out loss")):
+        ax.errorbar(xs, [statistics.fmean(data[m]) for m in mixes],
+                    yerr=[statistics.stdev(data[m]) if len(data[m]) > 1 else 0 for m in mixes],
+                    fmt="o-", capsize=3)
+        ax.set_xlabel("pretraining rows mixed in (%)")
+        ax.set_title(label, fontsize=9)
+    axes[0].axhline(0, color="0.5", lw=0.8)
+    plots.append(save_png(fig, ctx.out_dir, "mixing.png"))
     ms = [Measurement(f"forgetting removed by {100 * m:g}% mixing", kept[m], "%", "prevents forgetting")
           for m in mixes if m > 0]
     ms += [Measurement(f"pretraining val loss increase, mix {100 * m:g}%", forget[m], "nats/token") for m in mixes]

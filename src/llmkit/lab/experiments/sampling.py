@@ -19,6 +19,7 @@ from collections import Counter
 
 from llmkit.lab.claim import Claim, Context, Measurement, Result
 from llmkit.lab.experiments.activation import char_pretrain, char_setup
+from llmkit.lab.plots import save_png, subplots
 
 SETTINGS = {"greedy": (0.0, 1.0), "T0.7 p0.9": (0.7, 0.9), "T1.0 p1.0": (1.0, 1.0)}
 
@@ -136,27 +137,16 @@ def _measure(ctx: Context, prompts, judge, work, text_file, tok_dir, steps, n_pr
         verdict = "does not hold"
 
     plots = []
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        colors = {"greedy": "tab:gray", "T0.7 p0.9": "tab:green", "T1.0 p1.0": "tab:red"}
-        for name, d in metrics.items():
-            ax.scatter(d["distinct-2"], d["n-gram ppl"], color=colors[name], label=name, alpha=0.7)
-            ax.scatter([mean[name]["distinct-2"]], [mean[name]["n-gram ppl"]], color=colors[name], marker="X", s=90)
-        ax.set_xlabel("distinct-2 (diversity, higher = more diverse)")
-        ax.set_ylabel("5-gram perplexity / char (lower = more fluent)")
-        ax.set_title("Sampling settings: diversity vs fluency (x = mean)", fontsize=9)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(ctx.out_dir / "sampling.png", dpi=110)
-        plt.close(fig)
-        plots.append("sampling.png")
-    except ImportError:
-        pass
+    fig, ax = subplots(figsize=(5.5, 3.8))
+    colors = {"greedy": "tab:gray", "T0.7 p0.9": "tab:green", "T1.0 p1.0": "tab:red"}
+    for name, d in metrics.items():
+        ax.scatter(d["distinct-2"], d["n-gram ppl"], color=colors[name], label=name, alpha=0.7)
+        ax.scatter([mean[name]["distinct-2"]], [mean[name]["n-gram ppl"]], color=colors[name], marker="X", s=90)
+    ax.set_xlabel("distinct-2 (diversity, higher = more diverse)")
+    ax.set_ylabel("5-gram perplexity / char (lower = more fluent)")
+    ax.set_title("Sampling settings: diversity vs fluency (x = mean)", fontsize=9)
+    ax.legend(fontsize=8)
+    plots.append(save_png(fig, ctx.out_dir, "sampling.png"))
 
     ms = []
     for name in SETTINGS:
