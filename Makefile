@@ -9,7 +9,7 @@ PIPELINE_SAMPLES := $(if $(wildcard $(SHARED)/en/tinyshakespeare.txt),samples.fr
 # A GPU machine passes TORCH_SPEC=torch to get the CUDA build; CPU machines get the local 2.13.0 CPU wheel.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup system-deps demo demo-char test test-all bench bench-data bench-finetune bench-infer bench-serve lab clean
+.PHONY: setup system-deps samples demo demo-char test test-all bench bench-data bench-finetune bench-infer bench-serve lab clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ setup: $(BIN)/.installed
 
 # Debian packages tests drive for real: nginx (the multi-replica balancer), chromium (the
 # chat page in a headless browser), wordnet-base (synonyms for augmentation). Installed when missing and we
-# are root with apt; otherwise those tests skip and say why.
+# are root with apt; otherwise those tests skip and say why (and, under CI=true, fail the run).
 SYSTEM_PACKAGES := nginx chromium wordnet-base
 system-deps:
 	@missing=""; for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -45,10 +45,16 @@ demo-char: setup
 	$(BIN)/llmkit pretrain --config configs/shakespeare_char.yaml --resume
 	$(BIN)/llmkit generate --model runs/shakespeare/final --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.7 --top-p 0.9 --seed 1
 
-test: setup system-deps
+# The sample corpora the tests read (data/samples): copied from the local mirror when there is one, else
+# downloaded; where neither works, this stops with the reason instead of a suite that skips a third of itself.
+samples: setup
+	$(BIN)/llmkit samples fetch $(SAMPLES_FROM) --out data/samples
+
+# Under CI=true (.ci/run) a skipped test fails the run (tests/conftest.py): this target installs all they need.
+test: setup system-deps samples
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
-test-all: setup system-deps
+test-all: setup system-deps samples
 	$(BIN)/python -m pytest -q tests
 
 bench: setup

@@ -1,15 +1,44 @@
+import os
 from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+# `make test` fills this with `llmkit samples fetch` (copied from a local mirror, else downloaded) before
+# pytest starts, so a fresh clone runs every test; LLMKIT_SAMPLES points elsewhere.
+SAMPLES = Path(os.environ.get("LLMKIT_SAMPLES", REPO / "data" / "samples"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def shared_file(rel: str) -> Path:
-    path = SHARED_DATA / rel
+    """A sample corpus file (`SAMPLES/rel`, e.g. "en/tinyshakespeare.txt"); a missing one skips the test."""
+    path = SAMPLES / rel
     if not path.is_file():
-        pytest.skip(f"reference data {path} is missing (expected ../shared/data beside the checkout)")
+        pytest.skip(f"sample file {path} is missing: run `llmkit samples fetch` (make test does)")
     return path
+
+
+# Under CI=true a skipped test fails the run: whatever a test needs, the setup must install, so a skip
+# means a user's machine would silently run less than CI claims to have checked.
+_skipped: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _skipped.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if IN_CI and _skipped and exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter):
+    if IN_CI and _skipped:
+        terminalreporter.section("skips fail the run under CI=true", sep="=", red=True, bold=True)
+        for line in _skipped:
+            terminalreporter.line(line)
 
 
 @pytest.fixture(scope="session")

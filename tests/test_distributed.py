@@ -20,13 +20,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import shared_file
 from llmkit.config import load_config
 from llmkit.models import load_model
 from llmkit.train import trainer
 from llmkit.train.sampler import WindowSampler
 from llmkit.train.trainer import PretrainConfig, pretrain
 
-SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "en" / "tinyshakespeare.txt"
 BATCH, BLOCK, WORLD = 4, 32, 2
 TIMEOUT = 120  # seconds per torchrun launch; a run takes ~4 s
 
@@ -37,11 +37,10 @@ def corpus(tmp_path_factory) -> dict[str, Path]:
     from llmkit.data.tokenized import prepare_tokens
     from llmkit.tokenizer import Tokenizer, train_char
 
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"reference data {SHAKESPEARE} is missing (expected ../shared/data beside the checkout)")
+    shakespeare = shared_file("en/tinyshakespeare.txt")
     root = tmp_path_factory.mktemp("dist-corpus")
     text = root / "shakespeare.txt"
-    text.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
+    text.write_text(shakespeare.read_text(encoding="utf-8")[:100_000], encoding="utf-8")
     train_char([text.read_text(encoding="utf-8")]).save(root / "tok")
     prepare_tokens([str(text)], Tokenizer.load(root / "tok"), root / "data", val_fraction=0.1)
     (root / "empty.yaml").write_text("{}\n")

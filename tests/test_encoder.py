@@ -1,7 +1,6 @@
 """Encoder family (BERT): logits parity with `transformers` both ways, padding, bidirectionality, MLM learning."""
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,11 +9,11 @@ transformers = pytest.importorskip(
     "transformers", reason="transformers is not installed (pip install -e '.[dev]'); BERT parity tests need it"
 )
 
+from conftest import shared_file  # noqa: E402
 from llmkit.models.encoder import Encoder, EncoderClassifier, EncoderConfig  # noqa: E402
 from llmkit.models.hf_bert import bert_config_from_hf, export_bert, import_bert  # noqa: E402
 
 VOCAB = 101
-DATA = Path("/work/shared/data/en/tinyshakespeare.txt")
 
 
 def bert_config(**kw):
@@ -233,11 +232,10 @@ def mask_tokens(ids, mask_id, n_real, gen, prob=0.15):
     return inp, labels
 
 
-@pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} not available")
 def test_encoder_learns_masked_lm():
     from llmkit.tokenizer import train_char
 
-    text = DATA.read_text(encoding="utf-8")[:20_000]
+    text = shared_file("en/tinyshakespeare.txt").read_text(encoding="utf-8")[:20_000]
     tok = train_char([text], extra_special_tokens=["<|mask|>"])
     mask_id = tok.token_to_id("<|mask|>")
     assert mask_id is not None

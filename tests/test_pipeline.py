@@ -52,6 +52,23 @@ def test_every_stage_runs_then_a_second_run_skips_them_all(finished):
     assert len(ev["latency"]["ttft_s"]) == 4 and all(t > 0 for t in ev["latency"]["ttft_s"])
 
 
+def test_report_of_a_real_pipeline_run_has_every_section_measured(finished, tmp_path):
+    """The report over real stage outputs (not hand-made files): every section holds figures and plots."""
+    import base64
+    import re
+
+    from llmkit.pipeline.report import NOT_RUN, render_report
+
+    recipe, first = finished
+    run_dir = recipe.parent / "runs" / "tiny"
+    text = render_report(run_dir, out_dir=tmp_path / "report", log_to_mlflow=False).read_text(encoding="utf-8")
+    for sid in ["data", "training", "finetune", "quantization", "latency", "cost", "instructions"]:
+        section = re.search(rf'<section id="{sid}">(.*?)</section>', text, re.S)
+        assert section and NOT_RUN not in section.group(1), sid
+    pngs = [base64.b64decode(src) for src in re.findall(r'src="data:image/png;base64,([^"]*)"', text)]
+    assert len(pngs) >= 5 and all(p[:4] == b"\x89PNG" and len(p) > 1024 for p in pngs)
+
+
 def test_a_damaged_artifact_is_rebuilt_not_trusted(finished, tmp_path):
     recipe = write_tiny_recipe(tmp_path, name="damaged")
     first = _run(recipe)

@@ -23,7 +23,6 @@ import pytest
 from conftest import shared_file, tiny_overrides
 from llmkit.pipeline.report import NOT_RUN, REPORT_DIR, render_report
 
-REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -295,23 +294,6 @@ def test_logs_page_and_metrics_to_the_parent_mlflow_run(run_dir, tmp_path, monke
     assert m["report.cost_on_demand_usd"] == pytest.approx(total / 3600 * PRICES["on_demand_usd_per_hour"])
     assert m["report.cost_spot_usd"] == pytest.approx(total / 3600 * PRICES["spot_usd_per_hour"])
     assert all(m[f"stage.{name}.seconds"] == pytest.approx(s) for name, s in SECONDS.items())
-
-
-def test_report_of_the_checked_out_runs(tmp_path):
-    """The real quickstart outputs of this checkout (not in git: skipped where they are absent)."""
-    files = {"data/manifest.json": REPO / "runs/data/quickstart/manifest.json",
-             "pretrain/metrics.jsonl": REPO / "runs/base_bilingual/metrics.jsonl",
-             "sft/metrics.jsonl": REPO / "runs/sft_lora/metrics.jsonl",
-             "sft/results.json": REPO / "runs/sft_lora/results.json"}
-    if not all(p.is_file() for p in files.values()):
-        pytest.skip("runs/ (local quickstart outputs) is not in this checkout")
-    for rel, src in files.items():
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src, tmp_path / rel)
-    text = render_report(tmp_path, log_to_mlflow=False).read_text()
-    assert all(p[:8] == PNG_MAGIC and len(p) > 1024 for p in _images(text))
-    for sid in ["data", "training", "finetune"]:
-        assert NOT_RUN not in _section(text, sid), sid
 
 
 def test_page_renders_in_headless_chromium(report):

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from llmkit.config import ConfigError
+from llmkit.data.samples import FetchError
 
 
 def _samples(args) -> None:
@@ -516,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, FetchError) as e:
         print(f"llmkit: error: {e}", file=sys.stderr)
         return 2
     return 0
