@@ -5,6 +5,15 @@ Llama-style models (RoPE, RMSNorm, SwiGLU, grouped-query attention via `n_kv_hea
 through `F.scaled_dot_product_attention`, which picks the flash / memory-efficient kernel where the
 hardware has one.
 
+The open-weight families differ from Llama by a handful of switches, each a `DecoderConfig` field whose
+default leaves the block as it was (docs/hf.md maps them to HF configs): RoPE context scaling
+(`rope_scaling`: linear, dynamic NTK, YaRN, Llama 3.1, LongRoPE), q/k/v-only biases (`qkv_bias`, Qwen2),
+per-head q/k RMSNorm and a head size independent of d_model (`qk_norm`, `head_dim`, Qwen3), sliding-window
+attention on all or some layers (`sliding_window`, `layer_types`: Mistral, Phi-3, Gemma 2), and Gemma 2's
+GeGLU, sqrt(d_model)-scaled embeddings, (1 + w) RMSNorm, norms after attention and MLP, attention and
+final logit soft-capping and its own attention scale (`activation: geglu_tanh`, `scale_embeddings`,
+`norm_unit_offset`, `post_norms`, `attn_softcap`, `final_softcap`, `attn_scale`).
+
 Generation uses a pre-allocated key/value cache (`KVCache`): each new token attends to the cached keys
 and values of all earlier tokens instead of recomputing them, so a step costs O(T) instead of O(T^2),
 and the logits equal those of the full forward pass (tests/test_decoder.py checks this).
@@ -19,13 +28,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmkit.models.layers import Attention, FeedForward, make_norm, rope_cache
+from llmkit.models.layers import (
+    GATED_ACTIVATIONS,
+    ROPE_SCALING_KEYS,
+    ROPE_SCALING_TYPES,
+    Attention,
+    FeedForward,
+    make_norm,
+    rope_angles,
+    rope_cache,
+    rope_frequencies,
+    softcap,
+)
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 @dataclass
@@ -44,8 +66,10 @@ class DecoderConfig:
     Each group of n_head // n_kv_head query heads shares one key/value head; the KV cache shrinks to match."""
     d_ff: int | None = None
     """Feed-forward width; None -> 4 * d_model, or ~8/3 * d_model (rounded up to 64) for swiglu."""
-    activation: Literal["gelu", "gelu_tanh", "relu", "swiglu"] = "gelu"
-    """`gelu` is the exact (erf) GELU; `gelu_tanh` the tanh approximation GPT-2 uses (HF `gelu_new`)."""
+    activation: Literal["gelu", "gelu_tanh", "relu", "swiglu", "geglu", "geglu_tanh"] = "gelu"
+    """`gelu` is the exact (erf) GELU; `gelu_tanh` the tanh approximation GPT-2 uses (HF `gelu_new`).
+    Gated (3 matrices, Shazeer 2020): `swiglu` (silu gate, Llama), `geglu_tanh` (tanh-GELU gate, Gemma),
+    `geglu` (exact-GELU gate)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     positions: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
@@ -53,15 +77,52 @@ class DecoderConfig:
     dropout: float = 0.0
     bias: bool = False
     norm_eps: float = 1e-5
+    head_dim: int | None = None
+    """Size of one attention head; None -> d_model // n_head. Qwen3 and Gemma set it explicitly (n_head *
+    head_dim may differ from d_model: q/k/v project to n_head * head_dim, the output back to d_model)."""
+    qkv_bias: bool | None = None
+    """Biases on the q/k/v projection; None -> `bias`. Qwen2/Qwen2.5: true with `bias: false` (no bias on
+    the attention output or the MLP)."""
+    qk_norm: bool = False
+    """RMSNorm (eps `norm_eps`) over each head's queries and keys before RoPE, weights of size head_dim
+    (Qwen3; Dehghani et al. 2023): keeps attention logits bounded."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE context extension, HF's `rope_parameters` minus rope_theta: {"rope_type": linear | dynamic |
+    yarn | llama3 | longrope, ...its keys}; formulas in `llmkit.models.layers.rope_frequencies`. None: plain
+    RoPE."""
+    sliding_window: int | None = None
+    """Sliding-window attention (Mistral, Phi-3, Gemma 2): a token attends to itself and the window - 1
+    tokens before it, in the full pass and when decoding from the KV cache. None: full causal attention."""
+    layer_types: list[str] | None = None
+    """Per layer `sliding_attention` or `full_attention` (HF's `layer_types`; Gemma 2 alternates them,
+    Qwen2 slides only above max_window_layers). None: every layer slides when `sliding_window` is set."""
+    scale_embeddings: bool = False
+    """Multiply token embeddings by sqrt(d_model) (Gemma; Vaswani et al. 2017 §3.4)."""
+    norm_unit_offset: bool = False
+    """RMSNorm scales by (1 + weight) (Gemma: weights stored as an offset from 1)."""
+    post_norms: bool = False
+    """Also normalise the attention and MLP outputs before they join the residual stream (Gemma 2's
+    sandwich: x + norm(attn(norm(x))), then x + norm(mlp(norm(x))))."""
+    attn_scale: float | None = None
+    """Attention logit scale; None -> 1 / sqrt(head_dim). Gemma 2: query_pre_attn_scalar ** -0.5."""
+    attn_softcap: float | None = None
+    """Attention logits -> c * tanh(logits / c) (Gemma 2: 50). Such layers cannot use fused SDPA kernels."""
+    final_softcap: float | None = None
+    """Output logits -> c * tanh(logits / c) (Gemma 2: 30)."""
+    hf_architecture: str | None = None
+    """The Hugging Face architecture the model came from (e.g. Qwen2ForCausalLM), so `export_hf` writes
+    the same one back; None: export picks one from the options."""
 
     def __post_init__(self):
         if self.n_head is None:
             self.n_head = max(1, self.d_model // 64)
         if self.d_ff is None:
-            if self.activation == "swiglu":
+            if self.activation in GATED_ACTIVATIONS:
                 self.d_ff = 64 * math.ceil(8 * self.d_model / 3 / 64)
             else:
                 self.d_ff = 4 * self.d_model
+        if self.head_dim is None and self.n_head >= 1 and self.d_model % self.n_head == 0:
+            self.head_dim = self.d_model // self.n_head
 
     def validate(self) -> None:
         if self.vocab_size is not None and self.vocab_size < 1:
@@ -69,18 +130,53 @@ class DecoderConfig:
         for name in ("block_size", "n_layer", "d_model", "n_head", "d_ff"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"n_head: {self.n_head} does not divide d_model={self.d_model}")
+        if self.head_dim is None:
+            raise ValueError(f"n_head: {self.n_head} does not divide d_model={self.d_model} (or set head_dim)")
+        if self.head_dim < 1:
+            raise ValueError(f"head_dim: must be >= 1, got {self.head_dim}")
         if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
             raise ValueError(f"n_kv_head: must be >= 1 and divide n_head={self.n_head}, got {self.n_kv_head}")
-        if self.positions == "rope" and (self.d_model // self.n_head) % 2:
-            raise ValueError(f"n_head: rope needs an even head size, d_model/n_head = {self.d_model // self.n_head}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"n_head: rope needs an even head size, head_dim = {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
+        if self.rope_scaling is not None:
+            if self.positions != "rope":
+                raise ValueError("rope_scaling: needs positions: rope")
+            kind = self.rope_scaling.get("rope_type")
+            if kind not in ROPE_SCALING_TYPES:
+                raise ValueError(f"rope_scaling.rope_type: {kind!r} is not supported "
+                                 f"(supported: {', '.join(ROPE_SCALING_TYPES)})")
+            missing = [k for k in ROPE_SCALING_KEYS[kind] if self.rope_scaling.get(k) is None
+                       and not (k == "factor" and kind in ("yarn", "longrope"))]
+            if missing:
+                raise ValueError(f"rope_scaling.{missing[0]}: required for rope_type {kind!r}")
+            if kind == "longrope":
+                for k in ("short_factor", "long_factor"):
+                    if len(self.rope_scaling[k]) != self.head_dim // 2:
+                        raise ValueError(f"rope_scaling.{k}: needs head_dim / 2 = {self.head_dim // 2} values, "
+                                         f"got {len(self.rope_scaling[k])}")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window: must be >= 1, got {self.sliding_window}")
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.n_layer:
+                raise ValueError(f"layer_types: {len(self.layer_types)} entries for n_layer={self.n_layer}")
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad:
+                raise ValueError(f"layer_types: {bad[0]!r} is not one of {list(LAYER_TYPES)}")
+        for name in ("attn_scale", "attn_softcap", "final_softcap"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        if (self.norm_unit_offset or self.qk_norm) and self.norm != "rmsnorm":
+            raise ValueError(f"{'norm_unit_offset' if self.norm_unit_offset else 'qk_norm'}: needs norm: rmsnorm")
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (None: full causal attention)."""
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     @property
     def kv_heads(self) -> int:
@@ -118,20 +214,42 @@ class KVCache:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x)).
 
-    def __init__(self, config: DecoderConfig):
+    With `post_norms` (Gemma 2) the branch outputs are normalised too: x + attn_out_norm(attn(norm1(x))),
+    then x + mlp_out_norm(mlp(norm2(x))). `layer` picks this block's sliding window (`layer_types`).
+    """
+
+    def __init__(self, config: DecoderConfig, layer: int = 0):
         super().__init__()
-        self.norm1 = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
-        self.attn = Attention(config.d_model, config.n_head, config.kv_heads, config.bias, config.dropout)
-        self.norm2 = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
-        self.mlp = FeedForward(config.d_model, config.d_ff, config.activation, config.bias, config.dropout)
+        c = config
+
+        def norm():
+            return make_norm(c.norm, c.d_model, c.bias, c.norm_eps, c.norm_unit_offset)
+
+        self.norm1 = norm()
+        self.attn = Attention(c.d_model, c.n_head, c.kv_heads, c.bias, c.dropout, scale=c.attn_scale,
+                              head_dim=c.head_dim, qkv_bias=c.qkv_bias, qk_norm_eps=c.norm_eps if c.qk_norm else None,
+                              softcap=c.attn_softcap, window=c.layer_window(layer))
+        self.norm2 = norm()
+        self.mlp = FeedForward(c.d_model, c.d_ff, c.activation, c.bias, c.dropout)
+        self.attn_out_norm = norm() if c.post_norms else None
+        self.mlp_out_norm = norm() if c.post_norms else None
 
     def forward(self, x, rope, cache: KVCache | None, layer: int, prefix=None):
         buffers = (cache.k[layer], cache.v[layer]) if cache is not None else None
         start = cache.length if cache is not None else 0
-        x = x + self.attn(self.norm1(x), causal=True, rope=rope, kv_buffers=buffers, start=start, prefix=prefix)
-        return x + self.mlp(self.norm2(x))
+        a = self.attn(self.norm1(x), causal=True, rope=rope, kv_buffers=buffers, start=start, prefix=prefix)
+        return self.mlp_residual(self.attn_residual(x, a))
+
+    def attn_residual(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """x plus the attention branch's output (projected; normalised with post_norms)."""
+        return x + (attn_out if self.attn_out_norm is None else self.attn_out_norm(attn_out))
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """x plus the MLP branch of norm2(x)."""
+        h = self.mlp(self.norm2(x))
+        return x + (h if self.mlp_out_norm is None else self.mlp_out_norm(h))
 
 
 class Decoder(nn.Module):
@@ -146,15 +264,15 @@ class Decoder(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.pos_emb = nn.Embedding(config.block_size, config.d_model) if config.positions == "learned" else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.norm_f = make_norm(config.norm, config.d_model, config.bias, config.norm_eps)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm_f = make_norm(config.norm, config.d_model, config.bias, config.norm_eps, config.norm_unit_offset)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        self.embed_scale = math.sqrt(config.d_model) if config.scale_embeddings else None
+        self.rope_original_len: int | None = None  # set by init_rope for sequence-length-dependent scalings
         if config.positions == "rope":
-            cos, sin = rope_cache(config.block_size, config.head_dim, config.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.init_rope()
         # learned key/value prefix (prefix tuning); None = plain model. Set by llmkit.models.prefix.apply_prefix.
         self.prefix: nn.Module | None = None
         self.apply(self._init_weights)
@@ -163,6 +281,64 @@ class Decoder(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def init_rope(self) -> None:
+        """(Re)compute the RoPE cos/sin tables (non-persistent buffers) from the config.
+
+        `rope_cos`/`rope_sin` hold the tables within the original context. Sequence-length-dependent
+        scalings switch tables beyond it: longrope to its long factors (`rope_cos_long`/`rope_sin_long`),
+        dynamic NTK to frequencies computed per sequence length (`rope_at`).
+        """
+        c = self.config
+        cos, sin = rope_cache(c.block_size, c.head_dim, c.rope_base, c.rope_scaling)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        kind = (c.rope_scaling or {}).get("rope_type")
+        self.rope_original_len = c.rope_scaling["original_max_position_embeddings"] \
+            if kind in ("dynamic", "longrope") else None
+        if kind == "longrope":
+            cos, sin = rope_cache(c.block_size, c.head_dim, c.rope_base, c.rope_scaling,
+                                  seq_len_for_scaling=self.rope_original_len + 1)
+            self.register_buffer("rope_cos_long", cos, persistent=False)
+            self.register_buffer("rope_sin_long", sin, persistent=False)
+
+    def rope_at(self, positions: torch.Tensor, seq_lens: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin (positions.shape + (head_dim/2,)) for the token positions of a forward pass.
+
+        `seq_lens` is the sequence length the pass reaches (last position + 1): one int, or one per row
+        (positions then (rows, ...)). Only dynamic NTK and longrope depend on it, and only past the original
+        context, as in HF, where frequencies follow the longest position of each forward pass (keys already
+        cached keep the frequencies they were rotated with).
+        """
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if self.rope_original_len is None:
+            return cos, sin
+        per_row = isinstance(seq_lens, (list, tuple))
+        lens = list(seq_lens) if per_row else [seq_lens]
+        if max(lens) <= self.rope_original_len:
+            return cos, sin
+        c = self.config
+        cos, sin = cos.clone(), sin.clone()
+        for r, n in enumerate(lens):
+            if n <= self.rope_original_len:
+                continue
+            where = r if per_row else slice(None)
+            if c.rope_scaling["rope_type"] == "longrope":
+                cos[where], sin[where] = self.rope_cos_long[positions[where]], self.rope_sin_long[positions[where]]
+            else:  # dynamic NTK: frequencies for this sequence length
+                inv_freq, factor = rope_frequencies(c.head_dim, c.rope_base, c.rope_scaling, c.block_size, seq_len=n)
+                cos[where], sin[where] = rope_angles(positions[where], inv_freq, factor)
+        return cos, sin
+
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token embeddings of idx (scaled by sqrt(d_model) with `scale_embeddings`), without positions."""
+        x = self.tok_emb(idx)
+        return x if self.embed_scale is None else x * self.embed_scale
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final norm, LM head and (with `final_softcap`) logit soft-capping: hidden states -> logits."""
+        logits = self.lm_head(self.norm_f(x))
+        return logits if self.config.final_softcap is None else softcap(logits, self.config.final_softcap)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -186,6 +362,8 @@ class Decoder(nn.Module):
         start = cache.length if cache is not None else 0  # cache slot of the first new token
         prefix_kv = None
         if self.prefix is not None:
+            if self.config.sliding_window is not None:
+                raise ValueError("prefix tuning is not supported on a model with sliding_window attention")
             if cache is None:
                 prefix_kv = self.prefix()  # (n_layer, 2, H_kv, P, head_dim)
             elif cache.length == 0:
@@ -196,12 +374,14 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={self.config.block_size}")
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
-        x = self.tok_emb(idx)
+        x = self.embed(idx)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
-        else:
+        elif self.rope_original_len is None:
             rope = (self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T])
+        else:
+            rope = self.rope_at(torch.arange(pos, pos + T, device=idx.device), pos + T)
         x = self.drop(x)
         if prefix_kv is None:
             for i, block in enumerate(self.blocks):
@@ -211,7 +391,7 @@ class Decoder(nn.Module):
                 x = block(x, rope, None, i, prefix=(prefix_kv[i, 0][None], prefix_kv[i, 1][None]))
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.norm_f(x))
+        logits = self.head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
