@@ -255,12 +255,20 @@ def test_load_missing_path_is_clear(tmp_path):
         Tokenizer.load(bad)
 
 
-def test_load_rejects_foreign_tokenizer(tmp_path):
-    # A valid HF tokenizer without llmkit's special tokens cannot provide bos/eos/pad/unk ids.
-    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+def test_foreign_tokenizer_without_any_special_token_loads(tmp_path):
+    # A valid HF tokenizer without llmkit's special tokens and without a tokenizer_config.json: every
+    # special token is absent, encoding still works, asking for a bos/eos it does not have is an error.
+    hf = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    hf.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex(r"[\s\S]"), behavior="isolated")
     hf.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(ValueError, match="has no bos token"):
-        Tokenizer.load(tmp_path)
+    tok = Tokenizer.load(tmp_path)
+    assert (tok.bos_id, tok.eos_id, tok.unk_id, tok.eos_ids) == (None, None, None, ())
+    assert tok.pad_id == 0 and tok.kind == "char"
+    assert tok.encode("abba") == [0, 1, 1, 0]
+    with pytest.raises(ValueError, match="no bos token"):
+        tok.encode("a", add_bos=True)
+    with pytest.raises(ValueError, match="no eos token"):
+        tok.encode("a", add_eos=True)
 
 
 # -- training entry points -------------------------------------------------------------------------

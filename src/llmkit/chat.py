@@ -36,6 +36,13 @@ Design choices, and why:
   apart from the non-space first character of stripped content, so the mask is still exact (checked on
   every encode: a token straddling a turn boundary raises instead of training on a wrong mask).
 
+**A model's own Jinja template** (an imported checkpoint's ``chat_template``): `load_chat_template` returns a
+`llmkit.chat_template.JinjaChatTemplate`, and every function here takes it in place of a `ChatTemplate`:
+`render_chat` gives ``apply_chat_template(..., tokenize=False)``'s string, `encode_chat` its ids, with the loss
+mask from the template's ``{% generation %}`` blocks or, without them, from rendering prefixes of the
+conversation; stop ids are every end-of-sequence id the model declares (`Tokenizer.eos_ids`). Template errors
+raise `ChatFormatError` with the template's own message.
+
 Storage: `save_chat_template` writes ``chat_template.json`` (the fields of `ChatTemplate`, the source of
 truth for llmkit) beside ``tokenizer.json`` and the same template as Jinja in ``tokenizer_config.json``
 (``chat_template`` key), so ``transformers.AutoTokenizer.from_pretrained(dir).apply_chat_template``
@@ -59,6 +66,8 @@ from typing import Any
 
 import numpy as np
 
+from llmkit.chat_template import SPECIAL_TOKEN_VARIABLES, ChatFormatError, JinjaChatTemplate
+
 __all__ = [
     "CHAT_TEMPLATE_FILE",
     "DEFAULT_CHAT_TEMPLATE",
@@ -67,6 +76,7 @@ __all__ = [
     "TOKENIZER_CONFIG_FILE",
     "ChatFormatError",
     "ChatTemplate",
+    "JinjaChatTemplate",
     "chat_template_for",
     "encode_chat",
     "encode_chats",
@@ -83,10 +93,6 @@ ROLES = ("system", "user", "assistant")
 _FORMAT_VERSION = 1
 # A special-token-looking marker: "<|...|>" (llmkit's naming of every special token).
 _SPECIAL_LIKE = re.compile(r"<\|[^<>|\s]+\|>")
-
-
-class ChatFormatError(ValueError):
-    """A conversation that cannot be rendered or encoded (bad role, reserved text, boundary merge)."""
 
 
 @dataclass
@@ -134,9 +140,14 @@ class ChatTemplate:
         return self.end
 
     def stop_token_ids(self, tokenizer) -> list[int]:
-        """Ids that end the assistant's reply in generation: the end-of-turn token, and EOS if different."""
+        """Ids that end the assistant's reply in generation: the end-of-turn token first, then every EOS id."""
         end = end_token_id(tokenizer, self)
-        return [end] if end == tokenizer.eos_id else [end, tokenizer.eos_id]
+        eos = list(getattr(tokenizer, "eos_ids", None) or ([tokenizer.eos_id] if tokenizer.eos_id is not None else []))
+        return [end] + [i for i in eos if i != end]
+
+    def fingerprint(self) -> str:
+        """A canonical JSON string of the template (for digests)."""
+        return json.dumps(asdict(self), sort_keys=True)
 
     def marker(self, role: str) -> str:
         """The marker of `role` ("system" / "user" / "assistant")."""
@@ -190,24 +201,55 @@ PLAIN_CHAT_TEMPLATE = ChatTemplate(
 # -- choosing a template for a tokenizer ----------------------------------------------------------
 
 
-def chat_template_for(tokenizer, template: ChatTemplate | None = None) -> ChatTemplate:
-    """`template` (default `DEFAULT_CHAT_TEMPLATE`) if the tokenizer has every ``<|...|>`` token it uses,
-    else `PLAIN_CHAT_TEMPLATE` (keeping `template.default_system`), with a warning.
+def chat_template_for(tokenizer, template: ChatTemplate | None = None) -> ChatTemplate | JinjaChatTemplate:
+    """The template to use with `tokenizer`.
+
+    Without `template`, a tokenizer that carries its model's own Jinja template (``chat_template`` in its
+    ``tokenizer_config.json``, e.g. an imported model's) gets that (`JinjaChatTemplate`). Otherwise `template`
+    (default `DEFAULT_CHAT_TEMPLATE`) if the tokenizer has every ``<|...|>`` token it uses, else
+    `PLAIN_CHAT_TEMPLATE` (keeping `template.default_system`; a foreign tokenizer's own bos / eos text as
+    its bos / end of turn), with a warning.
 
     Call it once when fine-tuning starts and store the result with `save_chat_template`: generation and
     serving then load exactly that template.
     """
+    if template is None and (getattr(tokenizer, "config", None) or {}).get("chat_template"):
+        return jinja_template_from_config(tokenizer.config)
     t = template or DEFAULT_CHAT_TEMPLATE
     t.validate()
     missing = sorted({m for m in _special_like(t) if tokenizer.token_to_id(m) is None})
     if not missing:
         return t
+    plain = replace(PLAIN_CHAT_TEMPLATE, default_system=t.default_system)
+    if tokenizer.token_to_id(plain.end) is None:  # a foreign tokenizer: its own bos / eos
+        if getattr(tokenizer, "eos_token", None) is None:
+            raise ChatFormatError(f"the tokenizer has no token(s) {missing} used by chat template {t.name!r} and "
+                                  "no eos token to end a turn with; give the model a chat template")
+        plain = replace(plain, bos=tokenizer.bos_token or "", end=tokenizer.eos_token)
     warnings.warn(
         f"the tokenizer has no token(s) {missing} used by chat template {t.name!r}; falling back to "
-        f"{PLAIN_CHAT_TEMPLATE.name!r} (plain-text role markers, {PLAIN_CHAT_TEMPLATE.end} ends a turn)",
+        f"{plain.name!r} (plain-text role markers, {plain.end} ends a turn)",
         stacklevel=2,
     )
-    return replace(PLAIN_CHAT_TEMPLATE, default_system=t.default_system)
+    return plain
+
+
+def jinja_template_from_config(config: Mapping[str, Any], name: str = "tokenizer_config.json") -> JinjaChatTemplate:
+    """The `JinjaChatTemplate` of a ``tokenizer_config.json`` dict: its ``chat_template`` (a string, HF's list of
+    ``{"name", "template"}`` or a dict of named templates) with its named special tokens as variables."""
+    source = config.get("chat_template")
+    if isinstance(source, list):
+        source = {t["name"]: t["template"] for t in source}
+    if not source:
+        raise ValueError(f"{name}: no chat_template")
+    special = {}
+    for var in SPECIAL_TOKEN_VARIABLES:
+        value = config.get(var)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            special[var] = value
+    return JinjaChatTemplate(source, special, name=name)
 
 
 def _special_like(t: ChatTemplate) -> list[str]:
@@ -280,19 +322,32 @@ def _render(messages: Any, template: ChatTemplate, add_generation_prompt: bool
     return "".join(pieces), loss, contents
 
 
-def render_chat(messages: Sequence[Mapping[str, str]], template: ChatTemplate | None = None,
-                add_generation_prompt: bool = False) -> str:
-    """The conversation as one string (identical to HF ``apply_chat_template`` with `template.to_jinja()`).
+def render_chat(messages: Sequence[Mapping[str, Any]], template: ChatTemplate | JinjaChatTemplate | None = None,
+                add_generation_prompt: bool = False, **template_kwargs) -> str:
+    """The conversation as one string (identical to HF ``apply_chat_template(..., tokenize=False)`` with
+    `template.to_jinja()`, or with a `JinjaChatTemplate`'s own source).
 
     Args:
         messages: ``[{"role": "system"|"user"|"assistant", "content": str}, ...]``; a system message may
-            only come first. Extra keys are ignored.
+            only come first. Extra keys are ignored. A Jinja template decides for itself what it accepts
+            (other roles, ``tool_calls``, content parts, ...).
         template: default `DEFAULT_CHAT_TEMPLATE`.
         add_generation_prompt: end with the assistant marker (a prompt for the model's reply).
+        template_kwargs: Jinja templates only: ``tools``, ``documents`` and any other template variable.
     Raises:
-        ChatFormatError for an empty list, an unknown role, non-string content or a late system message.
+        ChatFormatError for an empty list, an unknown role, non-string content or a late system message; for a
+        Jinja template, with the template's own message when it fails (``raise_exception``).
     """
+    if isinstance(template, JinjaChatTemplate):
+        return template.render(messages, add_generation_prompt, **template_kwargs)
+    _no_kwargs(template_kwargs)
     return _render(messages, template or DEFAULT_CHAT_TEMPLATE, add_generation_prompt)[0]
+
+
+def _no_kwargs(template_kwargs: Mapping[str, Any]) -> None:
+    if template_kwargs:
+        raise ChatFormatError(f"llmkit's chat template takes no {sorted(template_kwargs)} (only a model's own "
+                              "Jinja template renders tools, documents or other variables)")
 
 
 # -- encoding --------------------------------------------------------------------------------------
@@ -354,14 +409,17 @@ def _prepare(tokenizer, messages, template: ChatTemplate, add_generation_prompt:
     return text, loss, contents
 
 
-def encode_chats(tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]],
-                 template: ChatTemplate | None = None, add_generation_prompt: bool = False
-                 ) -> list[tuple[np.ndarray, np.ndarray] | ChatFormatError]:
+def encode_chats(tokenizer, conversations: Sequence[Sequence[Mapping[str, Any]]],
+                 template: ChatTemplate | JinjaChatTemplate | None = None, add_generation_prompt: bool = False,
+                 **template_kwargs) -> list[tuple[np.ndarray, np.ndarray] | ChatFormatError]:
     """`encode_chat` for many conversations at once (one parallel Rust batch encode), untruncated.
 
     Returns, per conversation, ``(ids int64 (n,), loss_mask bool (n,))`` or the `ChatFormatError` that
     conversation raised (so a data loader can count it and go on).
     """
+    if isinstance(template, JinjaChatTemplate):
+        return _encode_jinja(tokenizer, conversations, template, add_generation_prompt, template_kwargs)
+    _no_kwargs(template_kwargs)
     template = template or DEFAULT_CHAT_TEMPLATE
     prepared: list[Any] = []
     for conv in conversations:
@@ -387,14 +445,20 @@ def encode_chats(tokenizer, conversations: Sequence[Sequence[Mapping[str, str]]]
     return out
 
 
-def encode_chat(tokenizer, messages: Sequence[Mapping[str, str]], template: ChatTemplate | None = None,
-                max_len: int | None = None, add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+def encode_chat(tokenizer, messages: Sequence[Mapping[str, Any]], template: ChatTemplate | JinjaChatTemplate | None = None,
+                max_len: int | None = None, add_generation_prompt: bool = False, **template_kwargs
+                ) -> tuple[list[int], list[bool]]:
     """Token ids of the rendered conversation and its loss mask.
 
     ``ids == tokenizer.encode(render_chat(messages, template, add_generation_prompt))`` always (the
     tokens are those of the whole rendered string); ``loss_mask[i]`` is True exactly for the tokens of
     assistant content and the `end` token closing each assistant turn. Inference prompts use
     ``add_generation_prompt=True`` and ignore the mask.
+
+    With a `JinjaChatTemplate` the ids are ``apply_chat_template(..., tokenize=True)``'s (the rendered string
+    encoded without added special tokens: the template writes its own bos) and the mask covers every token
+    overlapping an assistant span (`JinjaChatTemplate.assistant_spans`): the ``{% generation %}`` blocks, as
+    transformers' ``return_assistant_tokens_mask``, or each reply plus the template's end of turn.
 
     Args:
         tokenizer: an `llmkit.tokenizer.Tokenizer` (or anything with ``.backend`` = HF `tokenizers.Tokenizer`
@@ -406,7 +470,7 @@ def encode_chat(tokenizer, messages: Sequence[Mapping[str, str]], template: Chat
         ChatFormatError: bad message list, content holding special-token text, or a template whose text
         the tokenizer merges with content.
     """
-    result = encode_chats(tokenizer, [messages], template, add_generation_prompt)[0]
+    result = encode_chats(tokenizer, [messages], template, add_generation_prompt, **template_kwargs)[0]
     if isinstance(result, ChatFormatError):
         raise result
     ids, mask = result
@@ -415,6 +479,53 @@ def encode_chat(tokenizer, messages: Sequence[Mapping[str, str]], template: Chat
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         ids, mask = ids[:max_len], mask[:max_len]
     return ids.tolist(), mask.tolist()
+
+
+def _message_texts(message: Any) -> list[str]:
+    """The strings a message's content holds (a string, or the "text" of content parts)."""
+    if not isinstance(message, Mapping):
+        return []
+    content = message.get("content")
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, Sequence):
+        return [p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
+    return []
+
+
+def _encode_jinja(tokenizer, conversations, template: JinjaChatTemplate, add_generation_prompt: bool,
+                  template_kwargs: Mapping[str, Any]) -> list[tuple[np.ndarray, np.ndarray] | ChatFormatError]:
+    pat = _special_re(tokenizer)
+    prepared: list[Any] = []
+    for conv in conversations:
+        try:
+            if isinstance(conv, (str, bytes)) or not isinstance(conv, Sequence) or not conv:
+                raise ChatFormatError("messages must be a non-empty list of {'role', 'content'} dicts")
+            for i, m in enumerate(conv):
+                for text in _message_texts(m):
+                    hit = pat.search(text) if pat is not None else None
+                    if hit:
+                        raise ChatFormatError(
+                            f"message {i}: content contains the special-token text {hit.group()!r}, which would "
+                            "become a control token (a forged turn); remove or escape it")
+            prepared.append(template.assistant_spans(conv, add_generation_prompt=add_generation_prompt,
+                                                      **template_kwargs))
+        except ChatFormatError as e:
+            prepared.append(e)
+    texts = [p[0] for p in prepared if not isinstance(p, ChatFormatError)]
+    encodings = iter(tokenizer.backend.encode_batch(texts, add_special_tokens=False))
+    out: list[Any] = []
+    for p in prepared:
+        if isinstance(p, ChatFormatError):
+            out.append(p)
+            continue
+        enc = next(encodings)
+        offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        mask = np.zeros(len(offsets), dtype=bool)
+        for a, b in p[1]:  # transformers: every token overlapping a span
+            mask |= (offsets[:, 1] > a) & (offsets[:, 0] < b)
+        out.append((np.asarray(enc.ids, dtype=np.int64), mask))
+    return out
 
 
 # -- storage ---------------------------------------------------------------------------------------
@@ -431,26 +542,36 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
-def save_chat_template(directory: str | Path, template: ChatTemplate) -> Path:
+def save_chat_template(directory: str | Path, template: ChatTemplate | JinjaChatTemplate) -> Path:
     """Store `template` in `directory` (a model or tokenizer dir, beside ``tokenizer.json``).
 
     Writes ``chat_template.json`` and sets ``chat_template`` (Jinja) in ``tokenizer_config.json``, creating
     that file when absent with the entries HF needs to load ``tokenizer.json`` as a fast tokenizer
     (other keys of an existing file are kept). Returns the ``chat_template.json`` path.
+
+    A `JinjaChatTemplate` (a model's own) is stored where transformers keeps it: ``chat_template`` in
+    ``tokenizer_config.json`` (with its special tokens' names when the file has none); a stale llmkit
+    ``chat_template.json`` is removed. Returns the ``tokenizer_config.json`` path.
     """
     template.validate()
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
+    if isinstance(template, JinjaChatTemplate):
+        cfg_path = d / TOKENIZER_CONFIG_FILE
+        cfg = _read_config(cfg_path)
+        cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+        for var, token in template.special_tokens.items():
+            cfg.setdefault(var, token)
+        cfg["chat_template"] = template.source
+        _atomic_write(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        (d / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+        (d / "chat_template.jinja").unlink(missing_ok=True)
+        return cfg_path
     path = d / CHAT_TEMPLATE_FILE
     _atomic_write(path, json.dumps({"format_version": _FORMAT_VERSION, **asdict(template)}, indent=2,
                                    ensure_ascii=False) + "\n")
     cfg_path = d / TOKENIZER_CONFIG_FILE
-    cfg: dict[str, Any] = {}
-    if cfg_path.is_file():
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e.msg}); not overwriting it") from e
+    cfg = _read_config(cfg_path)
     from llmkit.tokenizer import SPECIAL_TOKENS
 
     cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
@@ -463,20 +584,70 @@ def save_chat_template(directory: str | Path, template: ChatTemplate) -> Path:
     return path
 
 
+def _read_config(cfg_path: Path) -> dict[str, Any]:
+    if not cfg_path.is_file():
+        return {}
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e.msg}); not overwriting it") from e
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object")
+    return cfg
+
+
+def _jinja_in_dir(d: Path) -> JinjaChatTemplate | None:
+    """A model's own Jinja template in `d`, where transformers looks: ``chat_template.jinja``, a processor-style
+    ``chat_template.json`` (``{"chat_template": ...}``), or ``chat_template`` in ``tokenizer_config.json``."""
+    cfg = _read_config(d / TOKENIZER_CONFIG_FILE)
+    if (d / "special_tokens_map.json").is_file():
+        cfg = {**_read_config(d / "special_tokens_map.json"), **cfg}
+    if (d / "chat_template.jinja").is_file():
+        cfg = {**cfg, "chat_template": (d / "chat_template.jinja").read_text(encoding="utf-8")}
+        name = "chat_template.jinja"
+    elif (d / CHAT_TEMPLATE_FILE).is_file():
+        data = _read_config(d / CHAT_TEMPLATE_FILE)
+        if "format_version" in data or "chat_template" not in data:
+            return None  # llmkit's own format
+        cfg = {**cfg, "chat_template": data["chat_template"]}
+        name = CHAT_TEMPLATE_FILE
+    else:
+        name = TOKENIZER_CONFIG_FILE
+    if not cfg.get("chat_template"):
+        return None
+    return jinja_template_from_config(cfg, name=f"{d.name}/{name}")
+
+
+def _is_llmkit_template_file(file: Path) -> bool:
+    try:
+        return file.is_file() and "format_version" in _read_config(file)
+    except ValueError:
+        return True  # malformed: load_chat_template reports it
+
+
 def has_chat_template(directory: str | Path) -> bool:
-    """Whether `directory` holds a stored template (``chat_template.json``), e.g. an instruction-tuned model."""
-    return (Path(directory) / CHAT_TEMPLATE_FILE).is_file()
+    """Whether `directory` holds a stored template, e.g. an instruction-tuned model: llmkit's
+    ``chat_template.json``, or the model's own Jinja template (``chat_template`` in ``tokenizer_config.json``,
+    ``chat_template.jinja``)."""
+    d = Path(directory)
+    return _is_llmkit_template_file(d / CHAT_TEMPLATE_FILE) or (d.is_dir() and _jinja_in_dir(d) is not None)
 
 
-def load_chat_template(directory: str | Path) -> ChatTemplate:
+def load_chat_template(directory: str | Path) -> ChatTemplate | JinjaChatTemplate:
     """The template stored in `directory` (or the ``chat_template.json`` file itself).
 
-    A directory without ``chat_template.json`` but with ``tokenizer.json`` (e.g. a pretrained base model)
-    gets ``chat_template_for(its tokenizer)``: the template fine-tuning would have stored for it.
-    Raises FileNotFoundError when there is neither, ValueError for a malformed file.
+    llmkit's ``chat_template.json`` first; else the model's own Jinja template (a `JinjaChatTemplate`, from
+    ``chat_template.jinja`` or ``tokenizer_config.json``'s ``chat_template``, with its special tokens).
+    A directory with neither but with ``tokenizer.json`` (e.g. a pretrained base model) gets
+    ``chat_template_for(its tokenizer)``: the template fine-tuning would have stored for it.
+    Raises FileNotFoundError when there is nothing, ValueError for a malformed file.
     """
     p = Path(directory)
     file = p if p.is_file() else p / CHAT_TEMPLATE_FILE
+    if p.is_dir() and not _is_llmkit_template_file(file):
+        jinja = _jinja_in_dir(p)
+        if jinja is not None:
+            return jinja
     if not file.is_file():
         if p.is_dir() and (p / "tokenizer.json").is_file():
             from llmkit.tokenizer import Tokenizer

@@ -13,6 +13,14 @@ Both kinds are plain `tokenizers.Tokenizer` objects underneath and are saved as 
 Special tokens (``SPECIAL_TOKENS`` + ``CHAT_TOKENS`` + any extras) are registered as HF *special*
 added tokens: they are matched in the raw text before pre-tokenization, so ``"<|user|>"`` is always
 one id and never split, and ``decode(..., skip_special_tokens=True)`` drops them.
+
+Foreign tokenizers (any HF ``tokenizer.json``, e.g. of an imported Llama, Qwen, Gemma or SmolLM2 model, or
+the one `llmkit import gguf` rebuilds) load too: their bos/eos/pad/unk tokens are the ones
+``tokenizer_config.json`` (or ``special_tokens_map.json``) names, each of which may be absent; the added
+tokens of its ``added_tokens_decoder`` are applied with their flags (special or not, strip, normalized); and
+``generation_config.json``'s ``eos_token_id`` (an int or a list) adds to `Tokenizer.eos_ids`, the ids that end
+generation. `Tokenizer.save` writes ``tokenizer_config.json`` back beside ``tokenizer.json`` (chat template
+included), so the directory still loads in transformers.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,7 @@ from tokenizers import Tokenizer as HFTokenizer
 __all__ = [
     "CHAT_TOKENS",
     "SPECIAL_TOKENS",
+    "TOKENIZER_CONFIG_FILE",
     "TOKENIZER_FILE",
     "Tokenizer",
     "iter_texts",
@@ -45,6 +55,10 @@ SPECIAL_TOKENS: dict[str, str] = {"bos": "<|bos|>", "eos": "<|eos|>", "pad": "<|
 # vocabulary already has them and fine-tuning never needs to resize the embedding.
 CHAT_TOKENS: list[str] = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+# HF backend model type -> Tokenizer.kind
+_KINDS = {"BPE": "bpe", "WordLevel": "char", "Unigram": "unigram", "WordPiece": "wordpiece"}
 
 # Number of base symbols in a byte-level BPE vocabulary (one per byte value).
 _BYTE_ALPHABET_SIZE = 256
@@ -55,41 +69,70 @@ _ONE_CHAR = Regex(r"[\s\S]")
 class Tokenizer:
     """llmkit's tokenizer: a thin wrapper over a HF `tokenizers.Tokenizer`.
 
-    Build one with `train_bpe`, `train_char`, `train_tokenizer` or `Tokenizer.load`; the
-    constructor takes an already-built backend and checks that it has llmkit's special tokens.
+    Build one with `train_bpe`, `train_char`, `train_tokenizer` or `Tokenizer.load`, or wrap any HF backend.
 
     Attributes:
         backend: the underlying `tokenizers.Tokenizer` (use it for anything not wrapped here).
-        kind: ``"bpe"`` (BPE model) or ``"char"`` (WordLevel model over single characters).
+        kind: ``"bpe"`` (BPE model), ``"char"`` (WordLevel), ``"unigram"`` or ``"wordpiece"``.
         vocab_size: number of ids, special tokens included; every id is in ``[0, vocab_size)``.
-        bos_id, eos_id, pad_id, unk_id: ids of the four `SPECIAL_TOKENS`.
+        bos_token, eos_token, pad_token, unk_token: the special tokens' text, or None when the tokenizer has none.
+        bos_id, eos_id, unk_id: their ids, or None when absent.
+        pad_id: the pad token's id; without one, `eos_id` (HF's convention), else 0. Always an int: it fills
+            padded positions, which carry no loss and are masked.
+        eos_ids: every id that ends a sequence: `eos_id` first, then generation_config's ``eos_token_id``
+            list (e.g. Llama 3's ``<|eot_id|>`` beside ``<|end_of_text|>``); generation stops at any of them.
+        config: the ``tokenizer_config.json`` entries it was loaded with ({} for llmkit-trained tokenizers),
+            written back by `save`.
     """
 
-    def __init__(self, backend: HFTokenizer):
-        if isinstance(backend.model, models.BPE):
-            self.kind = "bpe"
-        elif isinstance(backend.model, models.WordLevel):
-            self.kind = "char"
-        else:
-            raise ValueError(
-                f"unsupported tokenizer model {type(backend.model).__name__}: llmkit handles BPE ('bpe') "
-                "and WordLevel ('char') tokenizers"
-            )
-        ids = {}
-        for name, token in SPECIAL_TOKENS.items():
-            tid = backend.token_to_id(token)
-            if tid is None:
-                raise ValueError(
-                    f"tokenizer has no {name} token {token!r}; llmkit tokenizers need all of "
-                    f"{list(SPECIAL_TOKENS.values())} (train one with llmkit's train_bpe / train_char)"
-                )
-            ids[name] = tid
+    def __init__(self, backend: HFTokenizer, special_tokens: dict[str, str | None] | None = None,
+                 eos_ids: Iterable[int] = (), config: dict[str, Any] | None = None):
+        """`special_tokens` maps bos/eos/pad/unk to their text (None or missing: absent); without it, llmkit's
+        own `SPECIAL_TOKENS` are used where the vocabulary has them. `eos_ids`: more ids that end generation."""
+        model_type = type(backend.model).__name__
+        if model_type not in _KINDS:
+            raise ValueError(f"unsupported tokenizer model {model_type}: llmkit handles {', '.join(_KINDS)}")
+        self.kind = _KINDS[model_type]
+        if special_tokens is None:
+            special_tokens = {n: t for n, t in SPECIAL_TOKENS.items() if backend.token_to_id(t) is not None}
+        unknown = sorted(set(special_tokens) - set(SPECIAL_TOKENS))
+        if unknown:
+            raise ValueError(f"special_tokens: unknown name(s) {unknown}; expected some of {list(SPECIAL_TOKENS)}")
+        tokens: dict[str, str | None] = {}
+        ids: dict[str, int | None] = {}
+        for name in SPECIAL_TOKENS:
+            token = special_tokens.get(name)
+            tid = backend.token_to_id(token) if token is not None else None
+            if token is not None and tid is None:
+                warnings.warn(f"the {name} token {token!r} is not in the tokenizer's vocabulary: treated as absent",
+                              stacklevel=2)
+                token = None
+            tokens[name], ids[name] = token, tid
         self.backend = backend
-        self.bos_id: int = ids["bos"]
-        self.eos_id: int = ids["eos"]
-        self.pad_id: int = ids["pad"]
-        self.unk_id: int = ids["unk"]
+        self.config: dict[str, Any] = dict(config or {})
+        self.bos_token, self.eos_token = tokens["bos"], tokens["eos"]
+        self.pad_token, self.unk_token = tokens["pad"], tokens["unk"]
+        self.bos_id: int | None = ids["bos"]
+        self.eos_id: int | None = ids["eos"]
+        self.unk_id: int | None = ids["unk"]
+        self.pad_id: int = ids["pad"] if ids["pad"] is not None else (ids["eos"] if ids["eos"] is not None else 0)
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.eos_ids: tuple[int, ...] = ()
+        self.add_eos_ids(([ids["eos"]] if ids["eos"] is not None else []) + list(eos_ids))
+
+    def add_eos_ids(self, ids: int | Iterable[int] | None) -> None:
+        """Add ids that end generation (an int, a list, or None as generation_config's ``eos_token_id`` holds)."""
+        if ids is None:
+            return
+        if isinstance(ids, int):
+            ids = [ids]
+        out = list(self.eos_ids)
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.vocab_size:
+                raise ValueError(f"eos_token_id: {i!r} is not a token id of this tokenizer (vocabulary {self.vocab_size})")
+            if i not in out:
+                out.append(i)
+        self.eos_ids = tuple(out)
 
     # -- encoding ---------------------------------------------------------------------------------
 
@@ -120,6 +163,8 @@ class Tokenizer:
         return [self._frame(e.ids, add_bos, add_eos) for e in encodings]
 
     def _frame(self, ids: list[int], add_bos: bool, add_eos: bool) -> list[int]:
+        if (add_bos and self.bos_id is None) or (add_eos and self.eos_id is None):
+            raise ValueError(f"this tokenizer has no {'bos' if add_bos and self.bos_id is None else 'eos'} token")
         if add_bos:
             ids.insert(0, self.bos_id)
         if add_eos:
@@ -173,7 +218,12 @@ class Tokenizer:
     # -- persistence ------------------------------------------------------------------------------
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``out_dir/tokenizer.json`` (HF tokenizers format), creating `out_dir`; returns the file."""
+        """Write ``out_dir/tokenizer.json`` (HF tokenizers format), creating `out_dir`; returns the file.
+
+        A tokenizer loaded with a ``tokenizer_config.json`` also writes that back (merged into one already in
+        `out_dir`, its own keys winning), so special-token names, added-token flags and the chat template
+        travel with it.
+        """
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / TOKENIZER_FILE
@@ -187,11 +237,21 @@ class Tokenizer:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        if self.config:
+            cfg_path = out_dir / TOKENIZER_CONFIG_FILE
+            cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
+            cfg.update(self.config)
+            _atomic_write_text(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load from a directory holding ``tokenizer.json`` or from the ``tokenizer.json`` file itself."""
+        """Load from a directory holding ``tokenizer.json`` or from the ``tokenizer.json`` file itself.
+
+        Beside it, ``tokenizer_config.json`` (and ``special_tokens_map.json``) name the bos/eos/pad/unk tokens
+        and declare added tokens (``added_tokens_decoder``), and ``generation_config.json``'s ``eos_token_id``
+        adds to `eos_ids`. Without a config, llmkit's own special tokens are used where present.
+        """
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
@@ -204,7 +264,21 @@ class Tokenizer:
             backend = HFTokenizer.from_file(str(file))
         except Exception as e:  # the Rust side raises a bare Exception on malformed JSON
             raise ValueError(f"{file}: not a valid HF tokenizers file: {e}") from e
-        return cls(backend)
+        d = file.parent
+        config = _read_json(d / TOKENIZER_CONFIG_FILE) if (d / TOKENIZER_CONFIG_FILE).is_file() else {}
+        if (d / "chat_template.jinja").is_file():  # transformers >= 4.47 stores the template on its own
+            config["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
+        names = dict(_read_json(d / "special_tokens_map.json")) if (d / "special_tokens_map.json").is_file() else {}
+        names.update({k: v for k, v in config.items() if k.endswith("_token")})
+        special: dict[str, str | None] | None = None
+        if any(f"{n}_token" in names for n in SPECIAL_TOKENS):
+            special = {n: _token_text(names.get(f"{n}_token")) for n in SPECIAL_TOKENS}
+        _apply_added_tokens(backend, config.get("added_tokens_decoder"), file)
+        tok = cls(backend, special, config=config)
+        gen = d / GENERATION_CONFIG_FILE
+        if gen.is_file():
+            tok.add_eos_ids(_read_json(gen).get("eos_token_id"))
+        return tok
 
     def digest(self) -> str:
         """sha256 (hex) of the canonical tokenizer JSON: key-sorted, compact, UTF-8.
@@ -216,6 +290,67 @@ class Tokenizer:
             json.loads(self.backend.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":")
         )
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON: {e.msg} (line {e.lineno})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return data
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict with "content"."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
+
+
+def _apply_added_tokens(backend: HFTokenizer, declared: Any, where: Path) -> None:
+    """Apply tokenizer_config.json's ``added_tokens_decoder`` ({id: {content, special, lstrip, ...}}) to `backend`,
+    as transformers does on load: missing tokens are added at their declared ids, flags are updated."""
+    if not declared:
+        return
+    if not isinstance(declared, dict):
+        raise ValueError(f"{where.parent / TOKENIZER_CONFIG_FILE}: added_tokens_decoder must be an object")
+    current = backend.get_added_tokens_decoder()
+    for key in sorted(declared, key=int):
+        tid, spec = int(key), declared[key]
+        content = spec.get("content") if isinstance(spec, dict) else None
+        if not isinstance(content, str):
+            raise ValueError(f"added_tokens_decoder[{key}]: no 'content' string")
+        flags = {f: bool(spec.get(f, default)) for f, default in (
+            ("special", False), ("lstrip", False), ("rstrip", False), ("single_word", False),
+            ("normalized", not spec.get("special", False)))}
+        have = current.get(tid)
+        if have is not None and have.content == content and all(getattr(have, f) == v for f, v in flags.items()):
+            continue
+        existing = backend.token_to_id(content)
+        if existing is not None and existing != tid:
+            raise ValueError(f"added_tokens_decoder: token {content!r} is declared with id {tid} but the "
+                             f"tokenizer.json in {where.parent} has it at id {existing}")
+        if existing is None and tid != backend.get_vocab_size(with_added_tokens=True):
+            raise ValueError(f"added_tokens_decoder: token {content!r} is declared with id {tid}, which is "
+                             f"neither its id in {where} nor the next free id")
+        token = AddedToken(content, **flags)
+        if flags["special"]:
+            backend.add_special_tokens([token])
+        else:
+            backend.add_tokens([token])
 
 
 # -- training -------------------------------------------------------------------------------------
