@@ -458,7 +458,9 @@ def encode_chat(tokenizer, messages: Sequence[Mapping[str, Any]], template: Chat
     With a `JinjaChatTemplate` the ids are ``apply_chat_template(..., tokenize=True)``'s (the rendered string
     encoded without added special tokens: the template writes its own bos) and the mask covers every token
     overlapping an assistant span (`JinjaChatTemplate.assistant_spans`): the ``{% generation %}`` blocks, as
-    transformers' ``return_assistant_tokens_mask``, or each reply plus the template's end of turn.
+    transformers' ``return_assistant_tokens_mask``, or each reply plus the template's end of turn (then a
+    prompt, ``add_generation_prompt=True``, gets an all-False mask). ``template_kwargs`` (``tools``,
+    ``documents``, ...) go to a Jinja template.
 
     Args:
         tokenizer: an `llmkit.tokenizer.Tokenizer` (or anything with ``.backend`` = HF `tokenizers.Tokenizer`
@@ -508,8 +510,12 @@ def _encode_jinja(tokenizer, conversations, template: JinjaChatTemplate, add_gen
                         raise ChatFormatError(
                             f"message {i}: content contains the special-token text {hit.group()!r}, which would "
                             "become a control token (a forged turn); remove or escape it")
-            prepared.append(template.assistant_spans(conv, add_generation_prompt=add_generation_prompt,
-                                                      **template_kwargs))
+            if add_generation_prompt and not template.has_generation_tags:
+                # a prompt for the model's reply: no loss, and no need for the template to be prefix-stable
+                prepared.append((template.render(conv, True, **template_kwargs), []))
+            else:
+                prepared.append(template.assistant_spans(conv, add_generation_prompt=add_generation_prompt,
+                                                          **template_kwargs))
         except ChatFormatError as e:
             prepared.append(e)
     texts = [p[0] for p in prepared if not isinstance(p, ChatFormatError)]
@@ -522,8 +528,11 @@ def _encode_jinja(tokenizer, conversations, template: JinjaChatTemplate, add_gen
         enc = next(encodings)
         offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
         mask = np.zeros(len(offsets), dtype=bool)
-        for a, b in p[1]:  # transformers: every token overlapping a span
-            mask |= (offsets[:, 1] > a) & (offsets[:, 0] < b)
+        tagged = template.has_generation_tags
+        for a, b in p[1]:
+            # transformers: every token overlapping a {% generation %} span; a span found by rendering
+            # prefixes leaves out a token that runs past its end (into the next turn)
+            mask |= (offsets[:, 1] > a) & (offsets[:, 0] < b) & (tagged | (offsets[:, 1] <= b))
         out.append((np.asarray(enc.ids, dtype=np.int64), mask))
     return out
 

@@ -16,14 +16,16 @@ The assistant loss mask (`JinjaChatTemplate.assistant_spans`): character spans o
 taken from ``{% generation %}...{% endgeneration %}`` blocks when the template has them (what transformers'
 ``return_assistant_tokens_mask`` uses), and otherwise by rendering prefixes: the span of assistant turn ``i``
 is ``render(messages[:i+1])`` minus ``render(messages[:i], add_generation_prompt=True)``, i.e. the reply and
-whatever the template writes after it (its end-of-turn token). That needs a template whose renders of a
-conversation's prefixes are prefixes of each other; one that is not (e.g. it drops the reasoning of earlier
-turns) raises `TemplateMaskError` naming the turn, and should get ``{% generation %}`` tags.
+whatever the template writes after it (its end-of-turn token), cut where the whole conversation's render
+departs from it. That needs a template that renders the conversation before each assistant turn as a prefix
+of the whole; one that does not (it moves the system prompt to the last user turn, or drops the reasoning
+of earlier turns) raises `TemplateMaskError` naming the turn, and should get ``{% generation %}`` tags.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
@@ -210,8 +212,8 @@ class JinjaChatTemplate:
     """The Jinja source, or HF's named templates (``{"default": ..., "tool_use": ...}``)."""
     special_tokens: dict[str, str] = field(default_factory=dict)
     """Template variables for the named special tokens (``bos_token`` -> ``"<s>"``, ...); absent ones left out."""
-    name: str = "jinja"
-    """Where the template came from (for humans and lineage)."""
+    name: str = field(default="jinja", compare=False)
+    """Where the template came from (for humans; not compared)."""
 
     def __post_init__(self):
         if isinstance(self.source, dict):
@@ -300,7 +302,10 @@ class JinjaChatTemplate:
         With ``{% generation %}`` tags: their spans (transformers' ``return_assistant_tokens_mask``). Without:
         per assistant message ``i``, the text ``render(messages[:i+1])`` adds to
         ``render(messages[:i], add_generation_prompt=True)`` (the reply and the template's end of turn).
-        Raises `TemplateMaskError` when those renders are not prefixes of the whole conversation's.
+        When the template writes something after the last message only (Phi-3's trailing eos), a turn ends
+        where the whole conversation's render and the render up to that turn part; `llmkit.chat.encode_chat`
+        then leaves out a token that straddles that end. Raises `TemplateMaskError` when the render before an
+        assistant turn is not a prefix of the whole conversation's.
         """
         text, spans = self.render_with_spans(messages, add_generation_prompt, tools, documents, **kwargs)
         if self.has_generation_tags:
@@ -310,15 +315,24 @@ class JinjaChatTemplate:
         for i, m in enumerate(msgs):
             if not isinstance(m, Mapping) or m.get("role") != "assistant":
                 continue
-            before = self.render(msgs[:i], True, tools, documents, **kwargs) if i else ""
+            try:
+                before = self.render(msgs[:i], True, tools, documents, **kwargs)
+            except TemplateRenderError:
+                if i:
+                    raise
+                before = ""  # a template that cannot render an empty conversation
             upto = self.render(msgs[:i + 1], False, tools, documents, **kwargs)
-            if not upto.startswith(before) or not text.startswith(upto):
+            if not text.startswith(before):
                 raise TemplateMaskError(
-                    f"message {i}: this chat template does not render a conversation's prefixes as prefixes of "
-                    "it, so the assistant's text cannot be located by rendering prefixes; add {% generation %} "
-                    "... {% endgeneration %} around the assistant's text in the template")
-            if len(upto) > len(before):
-                spans.append((len(before), len(upto)))
+                    f"message {i}: this chat template renders the conversation before this assistant turn "
+                    "differently from the start of the whole conversation, so the assistant's text cannot be "
+                    "located by rendering prefixes; add {% generation %} ... {% endgeneration %} around the "
+                    "assistant's text in the template")
+            # The turn ends where the whole conversation and its render up to this turn part: a template may
+            # write something after the last message only (e.g. an eos) that is not in the longer render.
+            end = len(os.path.commonprefix([upto, text]))
+            if end > len(before):
+                spans.append((len(before), end))
         return text, spans
 
     # -- generation ----------------------------------------------------------------------------------

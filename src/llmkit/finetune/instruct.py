@@ -13,7 +13,9 @@ Pipeline (`build_sft_data`):
 2. **System prompt** `system` is added to conversations without one; **exact duplicates** are dropped
    (counted), so no eval conversation is also a training one.
 3. **Tokenize** with the chat template (`llmkit.chat.encode_chats`): the loss mask covers assistant
-   content + end-of-turn only (LIMA, Zhou et al. 2023; Alpaca / Vicuna recipe).
+   content + end-of-turn only (LIMA, Zhou et al. 2023; Alpaca / Vicuna recipe). An imported model's own
+   Jinja template works the same way: its ``{% generation %}`` blocks, or each reply found by rendering the
+   conversation's prefixes; a record the template refuses (``raise_exception``) is malformed, with its message.
 4. **Split** deterministically: a conversation goes to eval when the sha256 of (seed, its text) is among
    the ``min(eval_max, eval_fraction * n)`` smallest. Membership depends on the conversation itself, not on
    file order, and does not change with `max_len`.
@@ -42,7 +44,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
@@ -50,7 +52,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from llmkit.chat import ChatFormatError, ChatTemplate, chat_template_for, encode_chats
+from llmkit.chat import ChatFormatError, ChatTemplate, JinjaChatTemplate, chat_template_for, encode_chats
 from llmkit.data.tokenized import TokenSplit
 
 __all__ = [
@@ -321,7 +323,7 @@ class SFTData:
     """Every record left out for its content: {where, reason} (duplicates and too-long ones are only counted)."""
     files: dict[str, dict]
     """Per file: format, records, conversations, malformed."""
-    template: ChatTemplate
+    template: ChatTemplate | JinjaChatTemplate
     max_len: int
     pad_id: int
 
@@ -351,12 +353,15 @@ def _canonical(messages: Conversation) -> str:
     return json.dumps([[m["role"], m["content"].strip()] for m in messages], ensure_ascii=False)
 
 
-def build_sft_data(cfg: InstructDataConfig, tokenizer, template: ChatTemplate | None, block_size: int) -> SFTData:
+def build_sft_data(cfg: InstructDataConfig, tokenizer, template: ChatTemplate | JinjaChatTemplate | None,
+                   block_size: int) -> SFTData:
     """Read, deduplicate, tokenize and split the instruction data of `cfg` (see the module docstring).
 
     Args:
         tokenizer: `llmkit.tokenizer.Tokenizer`.
-        template: the chat template (None: ``chat_template_for(tokenizer)``); store it with the model.
+        template: the chat template (None: ``chat_template_for(tokenizer)``); store it with the model. A
+            model's own Jinja template (`JinjaChatTemplate`) gives masks from its ``{% generation %}`` blocks,
+            or else from rendering each conversation's prefixes (`llmkit.chat.encode_chats`).
         block_size: the model's context length T; examples get at most ``cfg.max_len or block_size`` tokens.
     Raises:
         ValueError when no conversation is left, or a file has records but none usable.
@@ -432,7 +437,7 @@ def build_sft_data(cfg: InstructDataConfig, tokenizer, template: ChatTemplate | 
 
     h = hashlib.sha256()
     h.update(tokenizer.digest().encode())
-    h.update(json.dumps(asdict(template), sort_keys=True).encode())
+    h.update(template.fingerprint().encode())
     h.update(str(max_len).encode())
     for name in ("train", "eval"):
         h.update(name.encode())
