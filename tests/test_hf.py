@@ -123,11 +123,13 @@ def test_unsupported_architecture_is_refused_listing_supported(tmp_path):
 
 
 @pytest.mark.parametrize("extra, field", [
-    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
-    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}), "rope_parameters"),
+    (dict(rope_scaling={"rope_type": "linear"}), "rope_scaling"),  # no factor
+    (dict(rope_parameters={"rope_type": "proportional", "rope_theta": 1e4, "factor": 2.0}), "rope_scaling"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+     "partial_rotary_factor"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default"}}), "rope_parameters"),
     (dict(hidden_act="gelu"), "hidden_act"),
     (dict(attention_bias=True), "attention_bias"),
-    (dict(sliding_window=16), "sliding_window"),
 ])
 def test_llama_features_llmkit_cannot_reproduce_are_refused(tmp_path, extra, field):
     base = dict(architectures=["LlamaForCausalLM"], hidden_size=64, num_hidden_layers=2,

@@ -203,6 +203,9 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0
         self.prefix_len = 0
+        self.tokens: torch.Tensor | None = None
+        """(batch, max_len) token ids, kept only for models whose RoPE depends on the sequence length
+        (longrope), which recompute the cache once the sequence passes the original context."""
 
     @property
     def max_len(self) -> int:
@@ -330,6 +333,15 @@ class Decoder(nn.Module):
                 cos[where], sin[where] = rope_angles(positions[where], inv_freq, factor)
         return cos, sin
 
+    def long_rope_crossing(self, cached: int, new: int) -> bool:
+        """True when a longrope model's sequence passes its original context in this forward pass (`cached`
+        positions in the cache, `new` tokens added). From there on the whole sequence uses the long factors,
+        so the cached keys, rotated with the short ones, are stale: HF's Phi-3 `generate` recomputes its
+        cache at that point, and so do `forward` (from the token ids the cache keeps) and the Engine."""
+        orig = self.rope_original_len
+        return (orig is not None and self.config.rope_scaling["rope_type"] == "longrope"
+                and 0 < cached <= orig < cached + new)
+
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Token embeddings of idx (scaled by sqrt(d_model) with `scale_embeddings`), without positions."""
         x = self.tok_emb(idx)
@@ -374,6 +386,19 @@ class Decoder(nn.Module):
             raise ValueError(f"sequence of {pos + T} tokens exceeds block_size={self.config.block_size}")
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
+        if cache is not None and self.rope_original_len is not None:  # sequence-length-dependent RoPE
+            if cache.tokens is None:
+                cache.tokens = torch.zeros(cache.k.shape[1], cache.max_len, dtype=torch.long, device=idx.device)
+            if self.long_rope_crossing(pos, T):  # recompute the whole sequence with the long factors
+                full = torch.cat((cache.tokens[:B, :pos], idx), dim=1)
+                cache.reset()
+                logits, loss = self(full, targets=None, cache=cache)
+                logits = logits[:, -T:]
+                if targets is not None:
+                    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                           ignore_index=-100)
+                return logits, loss
+            cache.tokens[:B, pos:pos + T] = idx
         x = self.embed(idx)
         rope = None
         if self.pos_emb is not None:

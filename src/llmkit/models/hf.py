@@ -26,11 +26,12 @@ from safetensors.torch import load_file, save_file
 
 from llmkit.models.decoder import Decoder, DecoderConfig
 from llmkit.models.io import load_generation_config, load_model, require_plain, save_model
-from llmkit.models.layers import rope_cache
+from llmkit.models.layers import ROPE_SCALING_KEYS, ROPE_SCALING_TYPES
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "export_hf", "import_hf"]
 
-SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM")
 
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
@@ -72,26 +73,48 @@ def _load_one(path: Path, kind: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _rope_theta(hf: dict[str, Any], default: float = 10000.0) -> float:
-    """rope_theta from either config format; refuses any RoPE variant other than the plain one."""
-    params = hf.get("rope_parameters")  # transformers >= 5
-    if params is not None:
-        if "rope_type" not in params and isinstance(next(iter(params.values()), None), dict):
-            raise ValueError("rope_parameters: per-layer-type RoPE parameters are not supported")
-        rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
-            raise ValueError(f"rope_parameters: rope_type {rope_type!r} is not supported (only plain RoPE)")
-        if params.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError("partial_rotary_factor: partial rotary embeddings are not supported")
-        theta = params.get("rope_theta", hf.get("rope_theta", default))
-    else:
-        theta = hf.get("rope_theta", default)
-    scaling = hf.get("rope_scaling")  # transformers 4.x
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "default":
-        raise ValueError(f"rope_scaling: {scaling!r} is not supported (only plain RoPE, rope_scaling: null)")
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("partial_rotary_factor: partial rotary embeddings are not supported")
-    return float(theta)
+def _rope(hf: dict[str, Any], arch: str) -> tuple[float, dict[str, Any] | None, int]:
+    """(rope_theta, llmkit rope_scaling or None, block_size) from either config format.
+
+    transformers >= 5 writes `rope_parameters` ({rope_type, rope_theta, ...}); 4.x writes `rope_theta` and
+    `rope_scaling` ({type or rope_type, ...}). The scaling keys are kept as HF names them, with the values HF
+    would default filled in (original_max_position_embeddings, yarn/longrope `factor`), so the llmkit config
+    is self-contained. Dynamic NTK extends the context beyond max_position_embeddings (its original context):
+    block_size becomes max_position_embeddings * factor.
+    """
+    block_size = hf.get("max_position_embeddings", 2048)
+    params = hf.get("rope_parameters")
+    if params and "rope_type" not in params and "type" not in params and "rope_theta" not in params \
+            and isinstance(next(iter(params.values()), None), dict):
+        raise ValueError("rope_parameters: per-layer-type RoPE parameters are not supported")
+    scaling = hf.get("rope_scaling")
+    src = dict(scaling) if scaling else dict(params or {})  # transformers 5 also prefers rope_scaling when given
+    theta = float(src.get("rope_theta", (params or {}).get("rope_theta", hf.get("rope_theta", 10000.0))))
+    partial = src.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if partial is not None and partial != 1.0:
+        raise ValueError(f"partial_rotary_factor: {partial} is not supported (llmkit rotates the whole head)")
+    kind = src.get("rope_type", src.get("type", "default"))
+    if arch == "Phi3ForCausalLM" and kind in ("su", "yarn"):
+        kind = "longrope"  # Phi-3's older names for LongRoPE, as transformers reads them
+    if kind == "default":
+        return theta, None, block_size
+    if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported "
+                         f"(supported: default, {', '.join(ROPE_SCALING_TYPES)})")
+    out = {k: v for k, v in src.items() if k not in ("type", "rope_type", "rope_theta", "partial_rotary_factor")}
+    out["rope_type"] = kind
+    if kind == "dynamic":
+        out["original_max_position_embeddings"] = block_size
+        block_size = int(block_size * out["factor"])
+    elif kind != "linear":
+        orig = out.get("original_max_position_embeddings") or hf.get("original_max_position_embeddings") or block_size
+        out["original_max_position_embeddings"] = orig
+        if kind in ("yarn", "longrope") and out.get("factor") is None:
+            out["factor"] = block_size / orig
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if out.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_scaling: rope_type {kind!r} needs {missing[0]!r}")
+    return theta, out, block_size
 
 
 def _gpt2_config(hf: dict[str, Any]) -> DecoderConfig:
@@ -113,42 +136,101 @@ def _gpt2_config(hf: dict[str, Any]) -> DecoderConfig:
     )
 
 
-def _llama_config(hf: dict[str, Any], arch: str) -> DecoderConfig:
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"hidden_act: {act!r} is not supported (llmkit's swiglu uses silu)")
+# HF activation names of the gated MLPs -> llmkit activation
+_GATED_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu_tanh", "gelu_new": "geglu_tanh", "gelu": "geglu"}
+_GATED_ACT_OUT = {"swiglu": "silu", "geglu_tanh": "gelu_pytorch_tanh", "geglu": "gelu"}
+
+
+def _sliding(hf: dict[str, Any], arch: str, n_layer: int) -> tuple[int | None, list[str] | None]:
+    """(sliding_window, layer_types) as HF builds them per architecture; layer_types None = all slide."""
     window = hf.get("sliding_window")
-    block_size = hf.get("max_position_embeddings", 2048)
-    if window is not None and hf.get("use_sliding_window", True) and window < block_size:
-        raise ValueError(f"sliding_window: {window} < max_position_embeddings={block_size} is not supported")
-    attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
-    if attn_bias != mlp_bias:
-        raise ValueError(
-            f"attention_bias/mlp_bias: {attn_bias}/{mlp_bias} differ; llmkit has one `bias` switch for both")
-    d_model, n_head = hf["hidden_size"], hf["num_attention_heads"]
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not hf.get("use_sliding_window", False):
+        window = None
+    if arch == "LlamaForCausalLM":
+        window = None  # Llama has no sliding window
+    types = hf.get("layer_types")
+    if window is None:
+        return None, None
+    if types is None:
+        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+            first = hf.get("max_window_layers", 28)  # layers from max_window_layers on slide
+            types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
+        elif arch == "Gemma2ForCausalLM":  # even layers local, odd layers global
+            types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layer)]
+    if types is not None:
+        types = list(types)
+        if len(types) != n_layer:
+            raise ValueError(f"layer_types: {len(types)} entries for num_hidden_layers={n_layer}")
+        bad = [t for t in types if t not in ("sliding_attention", "full_attention")]
+        if bad:
+            raise ValueError(f"layer_types: {bad[0]!r} is not supported (sliding_attention, full_attention)")
+        if all(t == "full_attention" for t in types):
+            return None, None
+        if all(t == "sliding_attention" for t in types):
+            types = None
+    return int(window), types
+
+
+def _llama_config(hf: dict[str, Any], arch: str) -> DecoderConfig:
+    """Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 2: one RoPE + RMSNorm + gated-MLP decoder with options."""
+    gemma = arch == "Gemma2ForCausalLM"
+    act_key = "hidden_activation" if gemma and "hidden_activation" in hf else "hidden_act"
+    act = hf.get(act_key, "gelu_pytorch_tanh" if gemma else "silu")
+    allowed = ("gelu_pytorch_tanh", "gelu_new", "gelu") if gemma else ("silu",)
+    if act not in allowed:
+        raise ValueError(f"{act_key}: {act!r} is not supported for {arch} (supported: {', '.join(allowed)})")
+    d_model, n_head, n_layer = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
     head_dim = hf.get("head_dim") or d_model // n_head
-    if head_dim * n_head != d_model:
-        raise ValueError(f"head_dim: {head_dim} * num_attention_heads={n_head} != hidden_size={d_model} "
-                         "is not supported")
+    bias, qkv_bias = False, None
+    if arch == "LlamaForCausalLM":
+        attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+        if attn_bias != mlp_bias:
+            raise ValueError(f"attention_bias/mlp_bias: {attn_bias}/{mlp_bias} differ; llmkit biases the "
+                             "attention output and the MLP together (supported: both true or both false)")
+        bias = attn_bias
+    elif arch == "Qwen2ForCausalLM":
+        qkv_bias = True  # Qwen2: biases on q/k/v only
+    elif hf.get("attention_bias", False):
+        raise ValueError(f"attention_bias: true is not supported for {arch} (it biases o_proj too, "
+                         "without MLP biases)")
+    if hf.get("mlp_bias", False) and arch != "LlamaForCausalLM":
+        raise ValueError(f"mlp_bias: true is not supported for {arch}")
     n_kv = hf.get("num_key_value_heads") or n_head
+    theta, scaling, block_size = _rope(hf, arch)
+    window, types = _sliding(hf, arch, n_layer)
+    extra: dict[str, Any] = {}
+    if arch == "Qwen3ForCausalLM":
+        extra["qk_norm"] = True
+    if gemma:
+        extra.update(scale_embeddings=True, norm_unit_offset=True, post_norms=True,
+                     attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
+                     attn_softcap=hf.get("attn_logit_softcapping", 50.0),
+                     final_softcap=hf.get("final_logit_softcapping", 30.0))
+        if hf.get("use_bidirectional_attention"):
+            raise ValueError("use_bidirectional_attention: true is not supported (llmkit decoders are causal)")
     return DecoderConfig(
-        vocab_size=hf["vocab_size"], block_size=block_size, n_layer=hf["num_hidden_layers"],
-        d_model=d_model, n_head=n_head, n_kv_head=n_kv if n_kv != n_head else None,
-        d_ff=hf["intermediate_size"], activation="swiglu", norm="rmsnorm", positions="rope",
-        rope_base=_rope_theta(hf), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bias=attn_bias, norm_eps=hf.get("rms_norm_eps", 1e-6), dropout=0.0,
+        vocab_size=hf["vocab_size"], block_size=block_size, n_layer=n_layer,
+        d_model=d_model, n_head=n_head, n_kv_head=n_kv if n_kv != n_head else None, head_dim=head_dim,
+        d_ff=hf["intermediate_size"], activation=_GATED_ACT[act], norm="rmsnorm", positions="rope",
+        rope_base=theta, rope_scaling=scaling, sliding_window=window, layer_types=types,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)), bias=bias, qkv_bias=qkv_bias,
+        norm_eps=hf.get("rms_norm_eps", 1e-5 if arch == "Phi3ForCausalLM" else 1e-6), dropout=0.0,
+        hf_architecture=arch, **extra,
     )
+
+
+_MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                "gemma2": "Gemma2ForCausalLM"}
 
 
 def hf_config_to_llmkit(hf: dict[str, Any]) -> tuple[str, DecoderConfig]:
     """(architecture, DecoderConfig) for a HF config.json dict; ValueError for anything unsupported."""
     archs = hf.get("architectures") or []
-    arch = archs[0] if archs else {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                                   "mistral": "MistralForCausalLM"}.get(hf.get("model_type", ""), "")
+    arch = archs[0] if archs else _MODEL_TYPES.get(hf.get("model_type", ""), "")
     if arch not in SUPPORTED_ARCHITECTURES:
-        hint = " (Qwen2 needs q/k/v-only biases, which llmkit does not have)" if arch.startswith("Qwen") else ""
-        raise ValueError(f"architectures: {arch or hf.get('model_type')!r} is not supported{hint}; "
-                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ValueError(f"architectures: {arch or hf.get('model_type')!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)} (and BERT, T5: docs/hf.md)")
     cfg = _gpt2_config(hf) if arch == "GPT2LMHeadModel" else _llama_config(hf, arch)
     cfg.validate()
     return arch, cfg
@@ -181,20 +263,52 @@ def _gpt2_to_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str
     return out
 
 
-def _llama_to_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
-    sd = dict(sd)
-    out = {"tok_emb.weight": sd.pop("model.embed_tokens.weight"), "norm_f.weight": sd.pop("model.norm.weight")}
+def _llama_renames(cfg: DecoderConfig, arch: str) -> list[tuple[str, str]]:
+    """(llmkit name, HF name) of the tensors that map one to one in the Llama-family architectures
+    (everything except Phi-3's fused qkv_proj / gate_up_proj and the q/k/v concatenation, see
+    `_llama_to_llmkit`)."""
+    pairs = [("tok_emb.weight", "model.embed_tokens.weight"), ("norm_f.weight", "model.norm.weight")]
     names = ["weight"] + (["bias"] if cfg.bias else [])
     for i in range(cfg.n_layer):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
-        out[b + "norm1.weight"] = sd.pop(h + "input_layernorm.weight")
-        out[b + "norm2.weight"] = sd.pop(h + "post_attention_layernorm.weight")
+        pairs.append((b + "norm1.weight", h + "input_layernorm.weight"))
+        if arch == "Gemma2ForCausalLM":  # Gemma 2's post_attention_layernorm normalises the attention output
+            pairs += [(b + "attn_out_norm.weight", h + "post_attention_layernorm.weight"),
+                      (b + "norm2.weight", h + "pre_feedforward_layernorm.weight"),
+                      (b + "mlp_out_norm.weight", h + "post_feedforward_layernorm.weight")]
+        else:
+            pairs.append((b + "norm2.weight", h + "post_attention_layernorm.weight"))
+        if cfg.qk_norm:
+            pairs += [(b + "attn.q_norm.weight", h + "self_attn.q_norm.weight"),
+                      (b + "attn.k_norm.weight", h + "self_attn.k_norm.weight")]
         for n in names:
-            out[b + f"attn.qkv.{n}"] = torch.cat([sd.pop(h + f"self_attn.{p}_proj.{n}") for p in "qkv"], dim=0)
-            out[b + f"attn.proj.{n}"] = sd.pop(h + f"self_attn.o_proj.{n}")
-            for src, dst in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
-                out[b + f"mlp.{dst}.{n}"] = sd.pop(h + f"mlp.{src}.{n}")
+            pairs.append((b + f"attn.proj.{n}", h + f"self_attn.o_proj.{n}"))
+            pairs.append((b + f"mlp.down.{n}", h + f"mlp.down_proj.{n}"))
+            if arch != "Phi3ForCausalLM":
+                pairs += [(b + f"mlp.gate.{n}", h + f"mlp.gate_proj.{n}"), (b + f"mlp.up.{n}", h + f"mlp.up_proj.{n}")]
+    return pairs
+
+
+def _qkv_names(cfg: DecoderConfig) -> list[str]:
+    qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+    return ["weight"] + (["bias"] if qkv_bias else [])
+
+
+def _llama_to_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig, arch: str = "LlamaForCausalLM"
+                     ) -> dict[str, torch.Tensor]:
+    sd = dict(sd)
+    out = {dst: sd.pop(src) for dst, src in _llama_renames(cfg, arch)}
+    for i in range(cfg.n_layer):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        for n in _qkv_names(cfg):
+            if arch == "Phi3ForCausalLM":  # already fused, rows [q; k; v] as llmkit's
+                out[b + f"attn.qkv.{n}"] = sd.pop(h + f"self_attn.qkv_proj.{n}")
+            else:
+                out[b + f"attn.qkv.{n}"] = torch.cat([sd.pop(h + f"self_attn.{p}_proj.{n}") for p in "qkv"], dim=0)
+        if arch == "Phi3ForCausalLM":  # gate_up_proj rows [gate; up]
+            out[b + "mlp.gate.weight"], out[b + "mlp.up.weight"] = sd.pop(h + "mlp.gate_up_proj.weight").chunk(2, dim=0)
         sd.pop(h + "self_attn.rotary_emb.inv_freq", None)  # buffer in old checkpoints
+    sd.pop("model.rotary_emb.inv_freq", None)
     lm = sd.pop("lm_head.weight", None)
     if lm is None and not cfg.tie_embeddings:
         raise ValueError("lm_head.weight: missing while tie_word_embeddings is false")
@@ -216,7 +330,7 @@ def _build(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> Decoder:
         model = Decoder(cfg)
     model = model.to_empty(device="cpu")
     if cfg.positions == "rope":
-        model.rope_cos, model.rope_sin = rope_cache(cfg.block_size, cfg.head_dim, cfg.rope_base)
+        model.init_rope()  # buffers are not in the state dict
     own = model.state_dict()
     for k, v in state.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):
@@ -230,9 +344,8 @@ def _build(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> Decoder:
 def _import_decoder(src: Path, hf: dict[str, Any]) -> Decoder:
     arch, cfg = hf_config_to_llmkit(hf)
     weights = read_hf_weights(src)
-    mapper = _gpt2_to_llmkit if arch == "GPT2LMHeadModel" else _llama_to_llmkit
     try:
-        state = mapper(weights, cfg)
+        state = _gpt2_to_llmkit(weights, cfg) if arch == "GPT2LMHeadModel" else _llama_to_llmkit(weights, cfg, arch)
     except KeyError as e:
         raise ValueError(f"{src}: {arch} checkpoint lacks tensor {e.args[0]!r}") from None
     return _build(cfg, state)
@@ -289,7 +402,13 @@ def _refuse(field: str, value: Any, arch: str, why: str = "") -> None:
     raise ValueError(f"{field}: {value!r} cannot be exported as {arch}{': ' + why if why else ''}")
 
 
+_GEMMA_FIELDS = ("scale_embeddings", "norm_unit_offset", "post_norms", "attn_softcap", "final_softcap",
+                 "attn_scale")
+
+
 def _hf_arch(cfg: DecoderConfig) -> str:
+    """The HF architecture an llmkit decoder exports as: `hf_architecture` when the model came from one,
+    otherwise the simplest that expresses its options; refuses (naming the field) what none can."""
     if cfg.positions == "learned":
         if cfg.norm != "layernorm":
             _refuse("norm", cfg.norm, "GPT2LMHeadModel", "learned positions export as GPT-2, which uses layernorm")
@@ -297,12 +416,65 @@ def _hf_arch(cfg: DecoderConfig) -> str:
             _refuse("activation", cfg.activation, "GPT2LMHeadModel", f"supported: {sorted(_GPT2_ACT_OUT)}")
         if cfg.kv_heads != cfg.n_head:
             _refuse("n_kv_head", cfg.n_kv_head, "GPT2LMHeadModel", "GPT-2 has no grouped-query attention")
+        for name in ("qkv_bias", "qk_norm", "rope_scaling", "sliding_window", "head_dim") + _GEMMA_FIELDS:
+            value = getattr(cfg, name)
+            if value not in (None, False) and not (name == "head_dim" and value * cfg.n_head == cfg.d_model) \
+                    and not (name == "qkv_bias" and value == cfg.bias):
+                _refuse(name, value, "GPT2LMHeadModel", "GPT-2 has no such option")
         return "GPT2LMHeadModel"
+    arch = cfg.hf_architecture
+    if arch is None or arch == "GPT2LMHeadModel":
+        if any(getattr(cfg, f) not in (None, False) for f in _GEMMA_FIELDS) or cfg.activation.startswith("geglu"):
+            arch = "Gemma2ForCausalLM"
+        elif cfg.qk_norm:
+            arch = "Qwen3ForCausalLM"
+        elif cfg.qkv_bias and not cfg.bias:
+            arch = "Qwen2ForCausalLM"
+        elif cfg.layer_types is not None:
+            arch = "Qwen2ForCausalLM"
+        elif cfg.sliding_window is not None:
+            arch = "MistralForCausalLM"
+        else:
+            arch = "LlamaForCausalLM"
+    if arch not in SUPPORTED_ARCHITECTURES:
+        _refuse("hf_architecture", arch, "a Hugging Face checkpoint", f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    _check_exportable(cfg, arch)
+    return arch
+
+
+def _check_exportable(cfg: DecoderConfig, arch: str) -> None:
+    """Refuse, naming the field, any option `arch` cannot express."""
     if cfg.norm != "rmsnorm":
-        _refuse("norm", cfg.norm, "LlamaForCausalLM", "rope models export as Llama, which uses rmsnorm")
-    if cfg.activation != "swiglu":
-        _refuse("activation", cfg.activation, "LlamaForCausalLM", "Llama uses swiglu")
-    return "LlamaForCausalLM"
+        _refuse("norm", cfg.norm, arch, "rope models export as Llama-family models, which use rmsnorm")
+    gemma = arch == "Gemma2ForCausalLM"
+    acts = ("geglu_tanh", "geglu") if gemma else ("swiglu",)
+    if cfg.activation not in acts:
+        _refuse("activation", cfg.activation, arch, f"supported: {', '.join(acts)}")
+    qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+    if arch == "LlamaForCausalLM":
+        if qkv_bias != cfg.bias:
+            _refuse("qkv_bias", cfg.qkv_bias, arch, "Llama's attention_bias covers q/k/v and o_proj alike")
+    elif arch == "Qwen2ForCausalLM":
+        if cfg.bias:
+            _refuse("bias", cfg.bias, arch, "Qwen2 has biases on q/k/v only")
+    elif cfg.bias or qkv_bias:
+        _refuse("bias" if cfg.bias else "qkv_bias", True, arch, "no biases in this architecture")
+    if cfg.qk_norm != (arch == "Qwen3ForCausalLM"):
+        _refuse("qk_norm", cfg.qk_norm, arch, "Qwen3 always has q/k norms, the others never")
+    for name in _GEMMA_FIELDS:
+        value = getattr(cfg, name)
+        if gemma and name in ("scale_embeddings", "norm_unit_offset", "post_norms") and not value:
+            _refuse(name, value, arch, "Gemma 2 always has it")
+        if not gemma and value not in (None, False):
+            _refuse(name, value, arch, "only Gemma2ForCausalLM has it")
+    if cfg.sliding_window is not None:
+        if arch == "LlamaForCausalLM":
+            _refuse("sliding_window", cfg.sliding_window, arch, "Llama has no sliding window (Mistral has)")
+        if cfg.layer_types is not None and arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
+            _refuse("layer_types", cfg.layer_types, arch, "its sliding window covers every layer")
+    kind = (cfg.rope_scaling or {}).get("rope_type")
+    if arch == "Phi3ForCausalLM" and kind not in (None, "longrope"):
+        _refuse("rope_scaling", kind, arch, "Phi-3 takes longrope only")
 
 
 def _gpt2_from_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
@@ -327,24 +499,36 @@ def _gpt2_from_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[s
     return out
 
 
-def _llama_from_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
-    q_dim, kv_dim = cfg.d_model, cfg.kv_heads * cfg.head_dim
-    out = {"model.embed_tokens.weight": sd["tok_emb.weight"], "model.norm.weight": sd["norm_f.weight"]}
-    names = ["weight"] + (["bias"] if cfg.bias else [])
+def _llama_from_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig, arch: str = "LlamaForCausalLM"
+                       ) -> dict[str, torch.Tensor]:
+    q_dim, kv_dim = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    out = {dst: sd[src] for src, dst in _llama_renames(cfg, arch)}
     for i in range(cfg.n_layer):
         h, b = f"model.layers.{i}.", f"blocks.{i}."
-        out[h + "input_layernorm.weight"] = sd[b + "norm1.weight"]
-        out[h + "post_attention_layernorm.weight"] = sd[b + "norm2.weight"]
-        for n in names:
-            q, k, v = sd[b + f"attn.qkv.{n}"].split((q_dim, kv_dim, kv_dim), dim=0)
-            out[h + f"self_attn.q_proj.{n}"], out[h + f"self_attn.k_proj.{n}"] = q, k
-            out[h + f"self_attn.v_proj.{n}"] = v
-            out[h + f"self_attn.o_proj.{n}"] = sd[b + f"attn.proj.{n}"]
-            for dst, src in (("gate_proj", "gate"), ("up_proj", "up"), ("down_proj", "down")):
-                out[h + f"mlp.{dst}.{n}"] = sd[b + f"mlp.{src}.{n}"]
+        for n in _qkv_names(cfg):
+            if arch == "Phi3ForCausalLM":
+                out[h + f"self_attn.qkv_proj.{n}"] = sd[b + f"attn.qkv.{n}"]
+            else:
+                q, k, v = sd[b + f"attn.qkv.{n}"].split((q_dim, kv_dim, kv_dim), dim=0)
+                out[h + f"self_attn.q_proj.{n}"], out[h + f"self_attn.k_proj.{n}"] = q, k
+                out[h + f"self_attn.v_proj.{n}"] = v
+        if arch == "Qwen2ForCausalLM" and not cfg.qkv_bias:  # Qwen2 always has q/k/v biases: zeros are the same
+            for p, rows in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+                out[h + f"self_attn.{p}_proj.bias"] = torch.zeros(rows)
+        if arch == "Phi3ForCausalLM":
+            out[h + "mlp.gate_up_proj.weight"] = torch.cat((sd[b + "mlp.gate.weight"], sd[b + "mlp.up.weight"]))
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
     return out
+
+
+_HF_MODEL_TYPE = {v: k for k, v in _MODEL_TYPES.items()}
+
+
+def _query_pre_attn_scalar(cfg: DecoderConfig) -> int | float:
+    """Gemma 2 scales attention logits by query_pre_attn_scalar ** -0.5 (an int in its config)."""
+    scalar = (cfg.attn_scale or cfg.head_dim ** -0.5) ** -2
+    return round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar
 
 
 def _hf_config(cfg: DecoderConfig, arch: str, gen: dict[str, Any]) -> dict[str, Any]:
@@ -359,17 +543,44 @@ def _hf_config(cfg: DecoderConfig, arch: str, gen: dict[str, Any]) -> dict[str, 
             "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
             "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True, "dtype": "float32", **special,
         }
-    return {
-        "architectures": [arch], "model_type": "llama", "vocab_size": cfg.vocab_size,
+    scaling = dict(cfg.rope_scaling or {})
+    kind = scaling.pop("rope_type", "default")
+    max_pos = cfg.block_size
+    if kind == "dynamic":  # HF's dynamic NTK takes max_position_embeddings as the original context
+        max_pos = scaling.pop("original_max_position_embeddings")
+    out = {
+        "architectures": [arch], "model_type": _HF_MODEL_TYPE[arch], "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-        "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-        # both RoPE spellings: `rope_parameters` (transformers >= 5) and `rope_theta` (4.x)
-        "rope_theta": cfg.rope_base, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_base},
-        "rope_scaling": None, "attention_bias": cfg.bias, "mlp_bias": cfg.bias,
-        "attention_dropout": cfg.dropout, "tie_word_embeddings": cfg.tie_embeddings, "pretraining_tp": 1,
+        "hidden_act": _GATED_ACT_OUT[cfg.activation], "max_position_embeddings": max_pos,
+        "rms_norm_eps": cfg.norm_eps,
+        # both RoPE spellings: `rope_parameters` (transformers >= 5) and `rope_theta` / `rope_scaling` (4.x)
+        "rope_theta": cfg.rope_base, "rope_parameters": {"rope_type": kind, "rope_theta": cfg.rope_base, **scaling},
+        "rope_scaling": {"rope_type": kind, "type": kind, **scaling} if kind != "default" else None,
+        "attention_dropout": cfg.dropout, "tie_word_embeddings": cfg.tie_embeddings,
         "use_cache": True, "dtype": "float32", **special,
     }
+    if arch == "LlamaForCausalLM":
+        out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
+    elif arch in ("Qwen3ForCausalLM", "Gemma2ForCausalLM"):
+        out["attention_bias"] = False
+    window = cfg.sliding_window
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        types = cfg.layer_types or ["sliding_attention" if window else "full_attention"] * cfg.n_layer
+        out.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=cfg.n_layer,
+                   layer_types=types)
+    elif arch == "Gemma2ForCausalLM":
+        types = cfg.layer_types or ["sliding_attention" if window else "full_attention"] * cfg.n_layer
+        out.update(hidden_activation=out.pop("hidden_act"), sliding_window=window or cfg.block_size,
+                   layer_types=types, query_pre_attn_scalar=_query_pre_attn_scalar(cfg),
+                   attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
+    else:  # Mistral, Phi-3: one window for every layer (or none)
+        out["sliding_window"] = window
+    if arch == "Phi3ForCausalLM":
+        out.update(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, partial_rotary_factor=1.0)
+        if kind == "longrope":
+            out["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
+    return out
 
 
 def _with_tokenizer(out: Path, src_dir: Path | None) -> Path:
@@ -412,8 +623,8 @@ def export_hf(model_dir_or_model: str | Path | torch.nn.Module, out_dir: str | P
     cfg = model.config
     arch = _hf_arch(cfg)
     sd = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
-    mapper = _gpt2_from_llmkit if arch == "GPT2LMHeadModel" else _llama_from_llmkit
-    tensors = {k: v.contiguous().clone() for k, v in mapper(sd, cfg).items()}  # clone: no shared storage
+    mapped = _gpt2_from_llmkit(sd, cfg) if arch == "GPT2LMHeadModel" else _llama_from_llmkit(sd, cfg, arch)
+    tensors = {k: v.contiguous().clone() for k, v in mapped.items()}  # clone: no shared storage
     gen = {k: v for k, v in (load_generation_config(src_dir) if src_dir else {}).items() if k in _SPECIAL_IDS}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
