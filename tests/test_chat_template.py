@@ -341,3 +341,73 @@ def test_save_chat_template_stores_a_jinja_template_where_transformers_reads_it(
     assert hf.apply_chat_template(TURNS, tokenize=False) == render_chat(TURNS, template)
     assert np.array_equal(hf.apply_chat_template(TURNS, return_dict=True)["input_ids"],
                           encode_chat(Tokenizer.load(out), TURNS, template)[0])
+
+
+def test_imported_model_keeps_its_tokenizer_template_and_stops_at_every_eos(tmp_path, bases):
+    """HF dir (GPT-2 weights + Llama 3 style tokenizer files) -> import_hf -> load_for_inference: the prompt is
+    transformers' apply_chat_template, and generate / the Engine stop at each id of generation_config's list
+    (also with a LoRA adapter dir that carries the tokenizer but no generation_config); export_hf gives
+    transformers the template back."""
+    import torch
+
+    from llmkit.infer.engine import Engine, RequestParams
+    from llmkit.infer.generate import SamplingParams, stream_tokens
+    from llmkit.infer.load import load_for_inference
+    from llmkit.models.adapters import save_adapter
+    from llmkit.models.hf import export_hf, import_hf
+    from llmkit.models.io import load_model
+    from llmkit.models.lora import LoRAConfig, apply_lora
+
+    src = write_model_dir(tmp_path / "hf", "llama3", bases)
+    n_vocab = HFTokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    torch.manual_seed(0)
+    hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=n_vocab, n_positions=64, n_embd=32, n_layer=1, n_head=2)).eval()
+    hf_model.save_pretrained(src, safe_serialization=True)
+    gen_path = src / "generation_config.json"
+
+    def write_eos(ids: list[int]) -> None:
+        gen_path.write_text(json.dumps({"eos_token_id": ids}))
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(src)
+    prompt = [SYSTEM, TURNS[0]]
+    want_ids = list(hf_tok.apply_chat_template(prompt, add_generation_prompt=True, return_dict=True)["input_ids"])
+    write_eos([hf_tok.convert_tokens_to_ids("<|eot_id|>")])
+    import_hf(src, tmp_path / "m")
+    model, tok, template = load_for_inference(tmp_path / "m")
+    assert isinstance(template, JinjaChatTemplate) and template == load_chat_template(src)
+    ids = encode_chat(tok, prompt, template, add_generation_prompt=True)[0]
+    assert ids == want_ids
+    full = list(stream_tokens(model, ids, SamplingParams(max_new_tokens=24, temperature=0, stop_at_eos=False)))
+    k = next((i for i in range(1, len(full)) if full[i] not in full[:i]), 0)
+    assert tok.eos_id not in full[:k + 1]
+
+    # the model declares a second end-of-sequence id: the first token of the greedy reply that is new at step k
+    eot, end_of_text = (hf_tok.convert_tokens_to_ids(t) for t in ("<|eot_id|>", "<|end_of_text|>"))
+    write_eos([end_of_text, full[k], eot])
+    import_hf(src, tmp_path / "m2")
+    assert json.loads((tmp_path / "m2" / "generation_config.json").read_text())["eos_token_id"] == [
+        end_of_text, full[k], eot]
+    model, tok, template = load_for_inference(tmp_path / "m2")
+    assert set(tok.eos_ids) == {eot, end_of_text, full[k]} and tok.eos_ids[0] == eot
+    assert full[k] in template.stop_token_ids(tok)
+    greedy = SamplingParams(max_new_tokens=24, temperature=0)
+    assert list(stream_tokens(model, ids, greedy, eos_id=tok.eos_ids)) == full[:k]
+    assert list(stream_tokens(model, ids, greedy, eos_id=tok.eos_id)) != full[:k]  # one eos would not stop
+    engine = Engine(model, tok, max_batch=2, prefix_cache_tokens=0)
+    assert engine.generate([ids], RequestParams(max_new_tokens=24, temperature=0))[0] == full[:k]
+
+    # a LoRA adapter dir with the tokenizer (as llmkit finetune saves it) but no generation_config.json
+    base = load_model(tmp_path / "m2")
+    apply_lora(base, LoRAConfig(r=2, targets=["all-linear"]))
+    save_adapter(base, tmp_path / "adapter", str(tmp_path / "m2"))
+    tok.save(tmp_path / "adapter")
+    assert not (tmp_path / "adapter" / "generation_config.json").exists()
+    model, tok_a, template_a = load_for_inference(tmp_path / "m2", adapter=tmp_path / "adapter")
+    assert set(tok_a.eos_ids) == set(tok.eos_ids) and template_a == template
+    assert Engine(model, tok_a).generate([ids], RequestParams(max_new_tokens=24, temperature=0))[0] == full[:k]
+
+    out = export_hf(tmp_path / "m2", tmp_path / "back")
+    back = transformers.AutoTokenizer.from_pretrained(out)
+    assert back.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == render_chat(
+        prompt, template, add_generation_prompt=True)

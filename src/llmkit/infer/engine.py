@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from llmkit.infer.generate import SamplingParams
+from llmkit.infer.generate import SamplingParams, eos_set
 from llmkit.infer.sampling import BatchSampling, process_logits, sample_batch, token_counts, top_logprobs
 from llmkit.models.decoder import Decoder
 from llmkit.models.layers import apply_rope
@@ -187,7 +187,8 @@ class Engine:
     """Continuous-batching generation over an llmkit `Decoder`.
 
     model: a plain `Decoder` (GPT-2 or Llama style, any n_kv_head); prefix-tuned models are refused.
-    tokenizer: optional, for its `eos_id` (or pass `eos_id`) and `decode` (stop strings).
+    tokenizer: optional, for its end-of-sequence ids (`eos_ids`: every one the model declares; or pass `eos_id`,
+    one id or a list) and `decode` (stop strings).
     max_batch: cache slots = most requests decoding together; later requests wait in a queue.
     max_len: cache positions per slot (prompt + new tokens); None -> the model's block_size.
     prefix_cache_tokens: prefix-cache budget in tokens (0 disables it); prefix_block: tokens per block.
@@ -200,7 +201,7 @@ class Engine:
     """
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
-                 prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | None = None,
+                 prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | Sequence[int] | None = None,
                  max_prefill_tokens: int = 8192, column_major: bool | None = None):
         if not isinstance(model, Decoder):
             raise TypeError(f"Engine serves llmkit decoder-only models (Decoder), not {type(model).__name__}; "
@@ -220,7 +221,10 @@ class Engine:
         shape = (cfg.n_layer, max_batch, cfg.kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        if eos_id is None:  # every end-of-sequence id the model declares (generation_config's list too)
+            eos_id = getattr(tokenizer, "eos_ids", None) or getattr(tokenizer, "eos_id", None)
+        self.eos_ids = eos_set(eos_id)
+        self.eos_id = eos_id if isinstance(eos_id, int) or eos_id is None else (list(eos_id) or [None])[0]
         self.tokenizer = tokenizer
         self.max_prefill_tokens = max_prefill_tokens
         self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block)
@@ -375,7 +379,7 @@ class Engine:
         for i, req in enumerate(reqs):
             p, t = req.params, tokens[i]
             stops = getattr(p, "stop_token_ids", None) or ()
-            if (p.stop_at_eos and self.eos_id is not None and t == self.eos_id) or t in stops:
+            if (p.stop_at_eos and t in self.eos_ids) or t in stops:
                 req.finish_reason = "stop"
                 done.append(req)
                 continue

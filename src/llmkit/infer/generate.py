@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -22,14 +22,26 @@ class SamplingParams:
     stop_at_eos: bool = True
 
 
+def eos_set(eos_id: int | Iterable[int] | None) -> frozenset[int]:
+    """The ids that end generation, from one id, several (a model may declare a list: generation_config's
+    ``eos_token_id``, `llmkit.tokenizer.Tokenizer.eos_ids`) or None."""
+    if eos_id is None:
+        return frozenset()
+    if isinstance(eos_id, int):
+        return frozenset((eos_id,))
+    return frozenset(int(i) for i in eos_id)
+
+
 @torch.no_grad()
 def stream_tokens(model: Decoder, prompt_ids: list[int], params: SamplingParams,
-                  eos_id: int | None = None) -> Iterator[int]:
+                  eos_id: int | Iterable[int] | None = None) -> Iterator[int]:
     """Yield new token ids one at a time until max_new_tokens, EOS or the context length.
 
-    The prompt is cut to its last block_size - 1 tokens if longer. Each step feeds only the newest
-    token, reading all earlier keys/values from the cache.
+    `eos_id`: one id or several (every end-of-sequence id the model declares); with ``params.stop_at_eos``
+    generation ends at any of them, which is not yielded. The prompt is cut to its last block_size - 1
+    tokens if longer. Each step feeds only the newest token, reading all earlier keys/values from the cache.
     """
+    stops = eos_set(eos_id)
     device = next(model.parameters()).device
     block = model.config.block_size
     if not prompt_ids:
@@ -47,7 +59,7 @@ def stream_tokens(model: Decoder, prompt_ids: list[int], params: SamplingParams,
     for _ in range(budget):
         token = sample_next(logits[:, -1, :], params.temperature, params.top_k, params.top_p, gen)
         t = int(token.item())
-        if params.stop_at_eos and eos_id is not None and t == eos_id:
+        if params.stop_at_eos and t in stops:
             return
         yield t
         if cache.length >= cache.max_len:
@@ -57,8 +69,9 @@ def stream_tokens(model: Decoder, prompt_ids: list[int], params: SamplingParams,
 
 def generate(model: Decoder, tokenizer, prompt: str, params: SamplingParams | None = None,
              add_bos: bool = False) -> str:
-    """Complete `prompt` and return only the new text."""
+    """Complete `prompt` and return only the new text; stops at any of the tokenizer's `eos_ids`."""
     params = params or SamplingParams()
     ids = tokenizer.encode(prompt, add_bos=add_bos)
-    new = list(stream_tokens(model, ids, params, eos_id=tokenizer.eos_id))
+    eos = getattr(tokenizer, "eos_ids", None) or tokenizer.eos_id
+    new = list(stream_tokens(model, ids, params, eos_id=eos))
     return tokenizer.decode(new)

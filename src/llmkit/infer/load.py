@@ -13,7 +13,11 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
 
     The adapter dir (LoRA or prefix, PEFT layout) may carry its own tokenizer.json and chat template
     (an instruction-tuned adapter does); otherwise the model dir's are used. The template is None when
-    neither has one: the model continues raw text. A dir written by `llmkit quantize` loads with its
+    neither has one: the model continues raw text. The template is llmkit's (``chat_template.json``) or the
+    model's own Jinja template (an imported model's ``tokenizer_config.json`` ``chat_template``). The tokenizer's
+    `eos_ids` gather every end-of-sequence id the dirs declare (``generation_config.json``'s ``eos_token_id``
+    may be a list, e.g. Llama 3's ``<|eot_id|>`` beside ``<|end_of_text|>``), so generation stops at any of
+    them. A dir written by `llmkit quantize` loads with its
     int8 layers. On CPU the Linear weights are stored column-major (`llmkit.models.layout`): faster decoding.
 
     model_dir / adapter may be registry URIs (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH),
@@ -25,7 +29,7 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
     from llmkit.infer.device import resolve_device, resolve_dtype
     from llmkit.infer.quantize import is_quantized_dir, load_quantized
     from llmkit.models.adapters import load_adapter
-    from llmkit.models.io import load_model
+    from llmkit.models.io import load_generation_config, load_model
     from llmkit.models.layout import column_major_linears
     from llmkit.registry import resolve_model
     from llmkit.tokenizer import Tokenizer
@@ -49,5 +53,9 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
     if device.type == "cpu":
         column_major_linears(model)
     tokenizer = Tokenizer.load(next((d for d in dirs if (d / "tokenizer.json").is_file()), Path(model_dir)))
+    for d in dirs:  # an adapter dir has no generation_config.json: the base model's eos list still applies
+        eos = load_generation_config(d).get("eos_token_id")
+        if eos is not None:
+            tokenizer.add_eos_ids([i for i in ([eos] if isinstance(eos, int) else eos) if i < tokenizer.vocab_size])
     template_dir = next((d for d in dirs if has_chat_template(d)), None)
     return model, tokenizer, load_chat_template(template_dir) if template_dir is not None else None

@@ -357,8 +357,10 @@ def import_hf(src_dir: str | Path, out_dir: str | Path | None = None) -> torch.n
     GPT-2 / Llama / Mistral become a `Decoder`, BERT an `Encoder` (or `EncoderClassifier`), T5 an
     `EncoderDecoder`, chosen by config.json's `architectures`. `src_dir` holds config.json and the weights
     (model.safetensors, sharded safetensors with an index, or pytorch_model.bin). With `out_dir`, also writes
-    an llmkit model directory there; the HF tokenizer.json is copied when it loads as an llmkit `Tokenizer`,
-    otherwise skipped with a warning.
+    an llmkit model directory there, with the model's own tokenizer: any HF ``tokenizer.json`` with its
+    ``tokenizer_config.json`` (special tokens, added tokens, Jinja chat template; ``chat_template.jinja`` and
+    ``special_tokens_map.json`` folded in), and its ``generation_config.json`` (an ``eos_token_id`` list kept,
+    so generation stops at every end-of-sequence id the model declares).
     """
     src = Path(src_dir)
     cfg_path = src / "config.json"
@@ -381,16 +383,15 @@ def import_hf(src_dir: str | Path, out_dir: str | Path | None = None) -> torch.n
         if (src / "tokenizer.json").is_file():
             from llmkit.tokenizer import Tokenizer
 
-            try:
-                tokenizer = Tokenizer.load(src)
-            except ValueError as e:
-                warnings.warn(f"{src / 'tokenizer.json'} is not an llmkit tokenizer, not copied: {e}",
-                              stacklevel=2)
+            # Tokenizer.save writes tokenizer.json and the tokenizer_config.json it was loaded with
+            tokenizer = Tokenizer.load(src)
         else:
             warnings.warn(f"{src} has no tokenizer.json; the llmkit model dir gets none", stacklevel=2)
         gen_path = src / "generation_config.json"
-        gen_src = json.loads(gen_path.read_text()) if gen_path.is_file() else hf
-        gen = {k: gen_src[k] for k in _SPECIAL_IDS if gen_src.get(k) is not None}
+        if gen_path.is_file():  # all of it: eos_token_id lists, the model's sampling defaults
+            gen = {k: v for k, v in json.loads(gen_path.read_text()).items() if k != "transformers_version"}
+        else:
+            gen = {k: hf[k] for k in _SPECIAL_IDS if hf.get(k) is not None}
         save_model(model, out_dir, tokenizer=tokenizer, generation_config=gen)
     return model
 
@@ -584,8 +585,12 @@ def _hf_config(cfg: DecoderConfig, arch: str, gen: dict[str, Any]) -> dict[str, 
 
 
 def _with_tokenizer(out: Path, src_dir: Path | None) -> Path:
+    """Copy the tokenizer files of an llmkit model dir: tokenizer.json and tokenizer_config.json (special-token
+    names, added tokens and the chat template as Jinja, which transformers reads)."""
     if src_dir is not None and (src_dir / "tokenizer.json").is_file():
-        shutil.copyfile(src_dir / "tokenizer.json", Path(out) / "tokenizer.json")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (src_dir / name).is_file():
+                shutil.copyfile(src_dir / name, Path(out) / name)
     return Path(out)
 
 
@@ -631,6 +636,4 @@ def export_hf(model_dir_or_model: str | Path | torch.nn.Module, out_dir: str | P
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(_hf_config(cfg, arch, gen), indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps({**gen, "_from_model_config": True}, indent=2) + "\n")
-    if src_dir is not None and (src_dir / "tokenizer.json").is_file():
-        shutil.copyfile(src_dir / "tokenizer.json", out / "tokenizer.json")
-    return out
+    return _with_tokenizer(out, src_dir)
