@@ -31,6 +31,13 @@ Prefill is batched: the waiting requests that fit the free slots (and `max_prefi
 run through the model in right-padded forwards, one per group of similar prompt lengths (`padding_groups`:
 padding stays under 25% of the real tokens), each row at its own start position (after its cached prefix)
 with a causal keep-mask over its own keys.
+
+Architecture options of the decoder (docs/hf.md) go through the model's own pieces: `Decoder.embed` (scaled
+embeddings), `Decoder.rope_at` (RoPE scaling, per row where it depends on the sequence length),
+`Attention.project_qkv` (q/k/v biases, q/k norm), `Attention.attend` (attention scale, soft-capping),
+`Block.attn_residual` / `mlp_residual` (post-norms) and `Decoder.head` (final soft-capping); a layer's
+sliding window narrows its keep-mask. A longrope model (Phi-3) recomputes a request's cache once it passes
+the original context, as HF's generate does, and its prompts beyond that context skip the prefix cache.
 """
 
 from __future__ import annotations
@@ -41,12 +48,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from llmkit.infer.generate import SamplingParams, eos_set
+from llmkit.infer.generate import SamplingParams
 from llmkit.infer.sampling import BatchSampling, process_logits, sample_batch, token_counts, top_logprobs
 from llmkit.models.decoder import Decoder
-from llmkit.models.layers import apply_rope
+from llmkit.models.layers import causal_mask
 from llmkit.models.layout import column_major_linears
 
 
@@ -187,8 +193,7 @@ class Engine:
     """Continuous-batching generation over an llmkit `Decoder`.
 
     model: a plain `Decoder` (GPT-2 or Llama style, any n_kv_head); prefix-tuned models are refused.
-    tokenizer: optional, for its end-of-sequence ids (`eos_ids`: every one the model declares; or pass `eos_id`,
-    one id or a list) and `decode` (stop strings).
+    tokenizer: optional, for its `eos_id` (or pass `eos_id`) and `decode` (stop strings).
     max_batch: cache slots = most requests decoding together; later requests wait in a queue.
     max_len: cache positions per slot (prompt + new tokens); None -> the model's block_size.
     prefix_cache_tokens: prefix-cache budget in tokens (0 disables it); prefix_block: tokens per block.
@@ -201,7 +206,7 @@ class Engine:
     """
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
-                 prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | Sequence[int] | None = None,
+                 prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | None = None,
                  max_prefill_tokens: int = 8192, column_major: bool | None = None):
         if not isinstance(model, Decoder):
             raise TypeError(f"Engine serves llmkit decoder-only models (Decoder), not {type(model).__name__}; "
@@ -221,10 +226,7 @@ class Engine:
         shape = (cfg.n_layer, max_batch, cfg.kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        if eos_id is None:  # every end-of-sequence id the model declares (generation_config's list too)
-            eos_id = getattr(tokenizer, "eos_ids", None) or getattr(tokenizer, "eos_id", None)
-        self.eos_ids = eos_set(eos_id)
-        self.eos_id = eos_id if isinstance(eos_id, int) or eos_id is None else (list(eos_id) or [None])[0]
+        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
         self.tokenizer = tokenizer
         self.max_prefill_tokens = max_prefill_tokens
         self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block)
@@ -379,7 +381,7 @@ class Engine:
         for i, req in enumerate(reqs):
             p, t = req.params, tokens[i]
             stops = getattr(p, "stop_token_ids", None) or ()
-            if (p.stop_at_eos and t in self.eos_ids) or t in stops:
+            if (p.stop_at_eos and self.eos_id is not None and t == self.eos_id) or t in stops:
                 req.finish_reason = "stop"
                 done.append(req)
                 continue
@@ -458,7 +460,7 @@ class Engine:
             req.slot = s
             self.running.append(req)
             ids, start = req.prompt, 0
-            if pc.max_blocks > 0:
+            if self._prefix_cacheable(ids):
                 chain = pc.chain(ids, (len(ids) - 1) // bs)  # keep >= 1 token to compute logits from
                 for j, b in enumerate(pc.lookup(chain)):
                     self.k[:, s, :, j * bs:(j + 1) * bs] = b.k
@@ -479,51 +481,73 @@ class Engine:
         idx = torch.tensor([x + [0] * (T - len(x)) for x in news], device=dev)
         # every row starts at 0 with the same length: plain causal attention over the new keys
         uniform = not any(starts) and min(lens_l) == T
-        x = m.tok_emb(idx)
+        x = m.embed(idx)
         rope = None
         if m.pos_emb is not None:
             x = x + m.pos_emb(pos_c)
         else:
-            rope = (m.rope_cos[pos_c][:, None], m.rope_sin[pos_c][:, None])  # (n, 1, T, hd/2)
+            cos, sin = m.rope_at(pos_c, [s + t for s, t in zip(starts, lens_l)])
+            rope = (cos[:, None], sin[:, None])  # (n, 1, T, hd/2)
         L = int((st + lens).max())
-        mask = None
+        masks: dict[int | None, torch.Tensor | None] = {None: None}  # keep-mask per sliding window
         if not uniform:
-            mask = (torch.arange(L, device=dev)[None, None, :] <= pos[:, :, None]).view(n, 1, T, L)
+            masks[None] = (torch.arange(L, device=dev)[None, None, :] <= pos[:, :, None]).view(n, 1, T, L)
+        for w in {b.attn.window for b in m.blocks} - {None}:
+            if uniform:
+                masks[w] = causal_mask(T, T, dev, w) if T > w else None
+            else:
+                masks[w] = masks[None] & (torch.arange(L, device=dev)[None, None, :] > pos[:, :, None] - w
+                                          ).view(n, 1, T, L)
         rows_flat = (s0 + torch.arange(n, device=dev))[:, None].expand(n, T)[valid]
         pos_flat = pos[valid]
-        H, Hkv, hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        H, hd = cfg.n_head, cfg.head_dim
         for i, block in enumerate(m.blocks):
             attn = block.attn
-            h = block.norm1(x)
-            q, k, v = attn.qkv(h).split((H * hd, Hkv * hd, Hkv * hd), dim=2)
-            q = q.view(n, T, H, hd).transpose(1, 2)  # (n, H, T, hd)
-            k = k.view(n, T, Hkv, hd).transpose(1, 2)
-            v = v.view(n, T, Hkv, hd).transpose(1, 2)
-            if rope is not None:
-                q = apply_rope(q, *rope)
-                k = apply_rope(k, *rope)
+            q, k, v = attn.project_qkv(block.norm1(x), rope)  # (n, H, T, hd), (n, H_kv, T, hd) x 2
             kc, vc = self.k[i], self.v[i]  # (max_batch, H_kv, max_len, hd)
             kc[rows_flat, :, pos_flat] = k.transpose(1, 2)[valid]
             vc[rows_flat, :, pos_flat] = v.transpose(1, 2)[valid]
+            mask = masks[attn.window]
             if uniform:
-                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scale,
-                                                   enable_gqa=Hkv != H)
+                y = attn.attend(q, k, v, mask=mask, is_causal=mask is None)
             else:
-                y = F.scaled_dot_product_attention(q, kc[s0:s0 + n, :, :L], vc[s0:s0 + n, :, :L], attn_mask=mask,
-                                                   scale=attn.scale, enable_gqa=Hkv != H)
-            x = x + attn.proj(y.transpose(1, 2).reshape(n, T, H * hd))
-            x = x + block.mlp(block.norm2(x))
+                y = attn.attend(q, kc[s0:s0 + n, :, :L], vc[s0:s0 + n, :, :L], mask=mask)
+            x = block.attn_residual(x, attn.proj(y.transpose(1, 2).reshape(n, T, H * hd)))
+            x = block.mlp_residual(x)
         for req in reqs:
             req.length = len(req.prompt)
         self.prefill_tokens += sum(lens_l)
         if pc.max_blocks > 0:
             for req in reqs:
                 s, ids = req.slot, req.prompt
+                if not self._prefix_cacheable(ids):
+                    continue
                 full = pc.chain(ids, len(ids) // bs)
                 pc.insert(full, lambda j, s=s: (self.k[:, s, :, j * bs:(j + 1) * bs].clone(),
                                                 self.v[:, s, :, j * bs:(j + 1) * bs].clone()))
         last = x[torch.arange(n, device=dev), lens - 1]
-        return m.lm_head(m.norm_f(last))
+        return m.head(last)
+
+    def _prefix_cacheable(self, ids: Sequence[int]) -> bool:
+        """Whether a prompt's keys/values may come from / go to the prefix cache: not for a longrope model's
+        prompt beyond the original context, whose keys all use the long factors (and differ from the same
+        tokens' keys in a shorter prompt)."""
+        if self.prefix_cache.max_blocks <= 0:
+            return False
+        orig = self.model.rope_original_len
+        return orig is None or self.config.rope_scaling["rope_type"] != "longrope" or len(ids) <= orig
+
+    def _recompute_long_rope(self, req: Request) -> torch.Tensor:
+        """A longrope request passing the original context: recompute its slot's keys/values with the long
+        factors over its whole sequence (the model's own cached forward) and return its next-token logits."""
+        from llmkit.models.decoder import KVCache
+
+        ids = req.prompt + req.output  # the cache holds all but the last token
+        cache = KVCache(self.config, 1, len(ids), device=self.device, dtype=self.dtype)
+        logits, _ = self.model(torch.tensor([ids], device=self.device), cache=cache)
+        self.k[:, req.slot, :, :len(ids)] = cache.k[:, 0]
+        self.v[:, req.slot, :, :len(ids)] = cache.v[:, 0]
+        return logits[0, -1]
 
     def _decode(self) -> torch.Tensor:
         """One token for every running request at its own position. Returns logits (n, vocab).
@@ -537,33 +561,33 @@ class Engine:
         tokens = torch.tensor([r.last_token for r in self.running], device=dev)
         pos = torch.tensor([r.length for r in self.running], device=dev)
         L = int(max(r.length for r in self.running)) + 1
-        mask = (torch.arange(L, device=dev)[None, :] <= pos[:, None]).view(n, 1, 1, L)
+        keys = torch.arange(L, device=dev)[None, :]
+        masks = {None: (keys <= pos[:, None]).view(n, 1, 1, L)}  # keep-mask per sliding window
+        for w in {b.attn.window for b in m.blocks} - {None}:
+            masks[w] = masks[None] & (keys > pos[:, None] - w).view(n, 1, 1, L)
         rows = torch.arange(n, device=dev)
-        x = m.tok_emb(tokens)[:, None]
+        x = m.embed(tokens)[:, None]
         rope = None
         if m.pos_emb is not None:
             x = x + m.pos_emb(pos)[:, None]
         else:
-            rope = (m.rope_cos[pos][:, None, None], m.rope_sin[pos][:, None, None])  # (n, 1, 1, hd/2)
-        H, Hkv, hd = cfg.n_head, cfg.kv_heads, cfg.head_dim
+            cos, sin = m.rope_at(pos, [r.length + 1 for r in self.running])
+            rope = (cos[:, None, None], sin[:, None, None])  # (n, 1, 1, hd/2)
+        H = cfg.n_head
+        hd = cfg.head_dim
         for i, block in enumerate(m.blocks):
             attn = block.attn
-            h = block.norm1(x)
-            q, k, v = attn.qkv(h).split((H * hd, Hkv * hd, Hkv * hd), dim=2)
-            q = q.view(n, 1, H, hd).transpose(1, 2)  # (n, H, 1, hd)
-            k = k.view(n, Hkv, hd)
-            v = v.view(n, Hkv, hd)
-            if rope is not None:
-                q = apply_rope(q, *rope)
-                k = apply_rope(k[:, :, None], *rope)[:, :, 0]
+            q, k, v = attn.project_qkv(block.norm1(x), rope)  # (n, H, 1, hd), (n, H_kv, 1, hd) x 2
             kc, vc = self.k[i], self.v[i]  # (max_batch, H_kv, max_len, hd)
-            kc[rows, :, pos] = k
-            vc[rows, :, pos] = v
-            y = F.scaled_dot_product_attention(q, kc[:n, :, :L], vc[:n, :, :L], attn_mask=mask,
-                                               scale=attn.scale, enable_gqa=Hkv != H)
-            x = x + attn.proj(y.transpose(1, 2).reshape(n, 1, H * hd))
-            x = x + block.mlp(block.norm2(x))
-        for r in self.running:
+            kc[rows, :, pos] = k[:, :, 0]
+            vc[rows, :, pos] = v[:, :, 0]
+            y = attn.attend(q, kc[:n, :, :L], vc[:n, :, :L], mask=masks[attn.window])
+            x = block.attn_residual(x, attn.proj(y.transpose(1, 2).reshape(n, 1, H * hd)))
+            x = block.mlp_residual(x)
+        logits = m.head(x[:, 0])
+        for j, r in enumerate(self.running):
+            if m.long_rope_crossing(r.length, 1):
+                logits[j] = self._recompute_long_rope(r)
             r.length += 1
         self.decode_steps += 1
-        return m.lm_head(m.norm_f(x[:, 0]))
+        return logits
