@@ -411,3 +411,37 @@ def test_imported_model_keeps_its_tokenizer_template_and_stops_at_every_eos(tmp_
     back = transformers.AutoTokenizer.from_pretrained(out)
     assert back.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True) == render_chat(
         prompt, template, add_generation_prompt=True)
+
+
+def test_foreign_tokenizer_without_a_template_gets_the_plain_one_with_its_own_eos(tmp_path, bases):
+    """A base model's tokenizer (GPT-2 style: one <|endoftext|> token, names in special_tokens_map.json only,
+    no chat template): fine-tuning falls back to llmkit's plain-text template ended by that token, and storing
+    it names no token the vocabulary lacks."""
+    d = tmp_path / "base"
+    d.mkdir()
+    backend = HFTokenizer.from_str(bases["bytelevel"])
+    backend.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)])
+    backend.save(str(d / "tokenizer.json"))
+    (d / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}))
+    tok = Tokenizer.load(d)
+    eot = tok.token_to_id("<|endoftext|>")
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.eos_ids) == (eot, eot, eot, (eot,))
+    assert not has_chat_template(d)
+    with pytest.warns(UserWarning, match="falling back"):
+        template = chat_template_for(tok)
+    assert (template.bos, template.end) == ("<|endoftext|>", "<|endoftext|>")
+    ids, mask = encode_chat(tok, TURNS, template)
+    text = render_chat(TURNS, template)
+    assert mask_texts(text, tok.backend.encode(text, add_special_tokens=False).offsets, mask) == [
+        "4.<|endoftext|>", "四。<|endoftext|>"]
+    assert template.stop_token_ids(tok) == [eot]
+    out = tmp_path / "sft"
+    tok.save(out)
+    save_chat_template(out, template)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["eos_token"] == "<|endoftext|>" and "pad_token" not in cfg  # no <|pad|> the vocabulary lacks
+    assert load_chat_template(out) == template
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    assert len(hf) == tok.vocab_size
+    assert hf.apply_chat_template(TURNS, tokenize=False) == text

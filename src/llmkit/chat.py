@@ -584,13 +584,24 @@ def save_chat_template(directory: str | Path, template: ChatTemplate | JinjaChat
     from llmkit.tokenizer import SPECIAL_TOKENS
 
     cfg.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    vocab = _vocabulary(d)
     for name, token in SPECIAL_TOKENS.items():
-        cfg.setdefault(f"{name}_token", token)
+        if vocab is None or token in vocab:  # never name a token the tokenizer lacks: HF would add it
+            cfg.setdefault(f"{name}_token", token)
     # llmkit decodes byte-exactly; HF's default clean-up would rewrite " ." -> "."
     cfg.setdefault("clean_up_tokenization_spaces", False)
     cfg["chat_template"] = template.to_jinja()
     _atomic_write(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     return path
+
+
+def _vocabulary(d: Path) -> set[str] | None:
+    """The token strings of ``d/tokenizer.json`` (None when there is none)."""
+    if not (d / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return set(HFTokenizer.from_file(str(d / "tokenizer.json")).get_vocab(with_added_tokens=True))
 
 
 def _read_config(cfg_path: Path) -> dict[str, Any]:

@@ -268,8 +268,11 @@ class Tokenizer:
         config = _read_json(d / TOKENIZER_CONFIG_FILE) if (d / TOKENIZER_CONFIG_FILE).is_file() else {}
         if (d / "chat_template.jinja").is_file():  # transformers >= 4.47 stores the template on its own
             config["chat_template"] = (d / "chat_template.jinja").read_text(encoding="utf-8")
-        names = dict(_read_json(d / "special_tokens_map.json")) if (d / "special_tokens_map.json").is_file() else {}
-        names.update({k: v for k, v in config.items() if k.endswith("_token")})
+        if (d / "special_tokens_map.json").is_file():  # older HF dirs name the special tokens here
+            for k, v in _read_json(d / "special_tokens_map.json").items():
+                if k.endswith("_token"):
+                    config.setdefault(k, v)
+        names = {k: v for k, v in config.items() if k.endswith("_token")}
         special: dict[str, str | None] | None = None
         if any(f"{n}_token" in names for n in SPECIAL_TOKENS):
             special = {n: _token_text(names.get(f"{n}_token")) for n in SPECIAL_TOKENS}
