@@ -174,7 +174,7 @@ def _generate(args) -> None:
     model, tok, template = load_for_inference(args.model, args.adapter, args.device, args.dtype)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=False)
-    stop = {tok.eos_id}
+    stop = set(tok.eos_ids)  # every end-of-sequence id the model declares (generation_config's list too)
     if template is not None and not args.raw:  # an instruction-tuned model: the prompt is a user turn
         ids, _ = encode_chat(tok, [{"role": "user", "content": args.prompt}], template, add_generation_prompt=True)
         stop |= set(template.stop_token_ids(tok))
