@@ -302,3 +302,20 @@ def test_llmkit_options_export_to_the_architecture_that_has_them(tmp_path, kw, a
     back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
     assert type(back).__name__ == arch
     assert max_diff(model, back, torch.randint(0, VOCAB, (2, 20))) <= 1e-4
+
+
+def test_model_info_sizes_the_new_options():
+    from llmkit.models.info import model_info
+
+    cfg = DecoderConfig(vocab_size=VOCAB, block_size=32, n_layer=2, d_model=64, n_head=4, n_kv_head=2, head_dim=32,
+                        positions="rope", norm="rmsnorm", activation="geglu_tanh", qk_norm=True, post_norms=True,
+                        sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    info = model_info(cfg, batch_size=2, seq_len=32)
+    model = Decoder(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert info["parameters"]["total"] == n
+    # q/k/v to 4 + 2 + 2 heads of 32, output from 4 x 32, q/k norms of 32: per layer
+    assert info["parameters"]["attention"] == 2 * (64 * 8 * 32 + 4 * 32 * 64 + 2 * 32)
+    assert info["parameters"]["norms"] == 2 * 4 * 64 + 64  # norm1, norm2 and the two post-norms; final norm
+    assert info["memory_bytes"]["kv_cache"] == 2 * 2 * 2 * 32 * 2 * 32 * 2  # k+v, layers, batch, seq, kv heads, hd, bf16
+    assert info["flops_per_token"] == 6 * n + 12 * 128 * (8 + 32)  # the sliding layer attends to 8 keys

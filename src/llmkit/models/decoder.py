@@ -445,7 +445,11 @@ class Decoder(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6N + 12 * n_layer * d_model * T (PaLM, appendix B)."""
+        """Training FLOPs per token (forward + backward): 6N + 12 * n_layer * d_attn * T (PaLM, appendix B),
+        d_attn = n_head * head_dim (= d_model unless head_dim is set); a sliding-window layer attends to at
+        most `sliding_window` keys, so it counts min(T, window)."""
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.num_params() + 12 * c.n_layer * c.d_model * T
+        d_attn = c.n_head * c.head_dim
+        keys = sum(min(T, c.layer_window(i) or T) for i in range(c.n_layer))
+        return 6 * self.num_params() + 12 * d_attn * keys

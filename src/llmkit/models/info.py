@@ -73,6 +73,10 @@ def model_info(config, batch_size: int = 1, seq_len: int | None = None,
     }
     memory["training_total"] = sum(memory[k] for k in ("weights_fp32", "gradients_fp32", "adamw_states",
                                                         "activations"))
+    if config.FAMILY == "decoder":
+        # inference: keys and values of every layer for batch x seq_len tokens at activation_bytes each; only
+        # the n_kv_head key/value heads are stored (GQA), each of head_dim
+        memory["kv_cache"] = 2 * config.n_layer * b * s * config.kv_heads * config.head_dim * activation_bytes
     return {
         "family": config.FAMILY,
         "config": asdict(config),
