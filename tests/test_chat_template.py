@@ -445,3 +445,38 @@ def test_foreign_tokenizer_without_a_template_gets_the_plain_one_with_its_own_eo
     hf = transformers.AutoTokenizer.from_pretrained(out)
     assert len(hf) == tok.vocab_size
     assert hf.apply_chat_template(TURNS, tokenize=False) == text
+
+
+def test_lora_finetune_of_a_model_with_its_own_template(tmp_path, bases):
+    """llmkit finetune on a base whose tokenizer carries a Llama 3 style template: the adapter dir stores that
+    template where transformers reads it, and inference through the adapter uses it and the eos list."""
+    import torch
+
+    from llmkit.config import load_config
+    from llmkit.finetune.sft import SFTConfig, finetune_sft
+    from llmkit.infer.load import load_for_inference
+    from llmkit.models.decoder import Decoder, DecoderConfig
+    from llmkit.models.io import save_model
+
+    src = write_model_dir(tmp_path / "tok", "llama3", bases)
+    tok = Tokenizer.load(src)
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=tok.vocab_size, block_size=192, n_layer=1, d_model=32, n_head=2,
+                                  positions="rope", norm="rmsnorm", activation="swiglu"))
+    save_model(model, tmp_path / "base", tok, generation_config={"eos_token_id": list(tok.eos_ids)})
+    overrides = {
+        "out_dir": str(tmp_path / "sft"), "base_model": str(tmp_path / "base"), "method": "lora",
+        "data.paths": f"[{shared_file('instruct/alpaca_en_demo.json')}]", "data.eval_max": 4,
+        "data.mix_pretrain": 0.0, "train.batch_size": 4, "train.max_steps": 3, "train.decay_steps": 3,
+        "train.warmup_steps": 1, "train.eval_interval": 3, "train.log_interval": 1, "train.checkpoint_interval": 3,
+        "train.progress": False, "eval.answers": 1, "eval.samples": 1, "eval.max_new_tokens": 4,
+        "eval.loss_batches": 1, "track.enabled": False}
+    result = finetune_sft(load_config(SFTConfig, None, [f"{k}={v}" for k, v in overrides.items()]))
+    final = Path(result["final"])
+    template = load_chat_template(src)
+    assert not (final / "chat_template.json").exists()
+    assert json.loads((final / "tokenizer_config.json").read_text())["chat_template"] == template.source
+    _, tok2, template2 = load_for_inference(tmp_path / "base", adapter=final)
+    assert template2 == template and tok2.eos_ids == tok.eos_ids
+    hf = transformers.AutoTokenizer.from_pretrained(final)
+    assert hf.apply_chat_template(TURNS, tokenize=False) == render_chat(TURNS, template2)
