@@ -297,3 +297,97 @@ def test_prefill_groups_bound_padding_and_keep_every_request():
         assert len(g) * max(len(r.prompt) for r in g) <= 1.25 * real
     assert len(groups) < len(reqs)  # similar lengths still share a forward
     assert [[len(r.prompt) for r in g] for g in groups] == [[127, 125, 120, 64], [40, 38, 37]]
+
+
+# -- failures stay with the request that caused them ------------------------------------------------
+
+def test_failed_multi_group_prefill_requeues_and_cancel_is_defensive():
+    """A prefill that fails in its second length group: the requests it had taken off the queue go back
+    (cancel used to call waiting.remove() on them and raise ValueError, killing the server's engine thread),
+    and after the failure the engine still produces the reference outputs."""
+    model = make_model("gpt2")
+    eng = Engine(model, max_batch=4, prefix_cache_tokens=0)
+    ps = prompts((60, 3, 4))  # 60 vs 3-4 tokens: two padding groups
+    ids = [eng.add_request(p, GREEDY) for p in ps]
+    real_prefill, calls = eng._prefill_batch, []
+
+    def failing_second_group(group):
+        calls.append(len(group))
+        if len(calls) == 2:
+            raise RuntimeError("device error")
+        return real_prefill(group)
+
+    eng._prefill_batch = failing_second_group
+    with pytest.raises(RuntimeError):
+        eng.step()
+    assert len(calls) == 2
+    # the first group's request is running, the other two are back in the queue, in order
+    assert [r.request_id for r in eng.running] == [ids[0]]
+    assert [r.request_id for r in eng.waiting] == ids[1:]
+    assert all(r.slot == -1 and r.length == 0 for r in eng.waiting)
+    eng._prefill_batch = real_prefill
+    eng.run()
+    for rid, p in zip(ids, ps):
+        assert eng.requests[rid].output == list(stream_tokens(model, p, GREEDY))
+    # cancel: finished, unknown and popped ids are no-ops; a request in neither queue nor batch is marked
+    eng.cancel(ids[0])
+    assert eng.requests[ids[0]].finish_reason == "length"
+    eng.pop_finished()
+    eng.cancel(ids[0])
+    eng.cancel("no-such-request")
+    rid = eng.add_request(ps[1], GREEDY)
+    eng.waiting.clear()  # as if a failed step had dropped it
+    eng.cancel(rid)
+    assert eng.requests[rid].finish_reason == "cancelled" and not eng.has_unfinished()
+
+
+def test_hostile_sampling_row_fails_alone_and_the_batch_goes_on():
+    """repetition_penalty 1e-45 divides positive logits into +inf (softmax: NaN); torch.multinomial would
+    raise for the whole batch. Only that request ends, with finish_reason 'error'; the others are
+    untouched (same tokens as alone, full length)."""
+    model = make_model("gpt2")
+    eng = Engine(model, max_batch=4, prefix_cache_tokens=0)
+    ps = prompts((8, 9, 10))
+    long = RequestParams(max_new_tokens=40, temperature=0, stop_at_eos=False)
+    sampled = RequestParams(max_new_tokens=40, temperature=0.8, seed=3, stop_at_eos=False)
+    hostile = RequestParams(max_new_tokens=40, temperature=1.0, repetition_penalty=1e-45, stop_at_eos=False)
+    a = eng.add_request(ps[0], long)
+    b = eng.add_request(ps[1], sampled)
+    h = eng.add_request(ps[2], hostile)
+    eng.run()
+    assert eng.requests[h].finish_reason == "error" and "NaN" in eng.requests[h].error
+    assert eng.requests[h].output == []
+    assert eng.requests[a].output == list(stream_tokens(model, ps[0], long))
+    alone = Engine(model, max_batch=1, prefix_cache_tokens=0)
+    assert eng.requests[b].output == alone.generate([ps[1]], sampled)[0]
+    assert len(eng.requests[a].output) == len(eng.requests[b].output) == 40
+    # NaN logits from the model itself (any cause) fail the row on the greedy fast path too
+    eng2 = Engine(model, max_batch=2, prefix_cache_tokens=0)
+    x = eng2.add_request(ps[0], GREEDY)
+    y = eng2.add_request(ps[1], GREEDY)
+    eng2.step()
+    real_decode = eng2._decode
+
+    def nan_in_row_0():
+        logits = real_decode()
+        logits[0] = float("nan")
+        return logits
+
+    eng2._decode = nan_in_row_0
+    eng2.step()
+    eng2._decode = real_decode
+    eng2.run()
+    failed = {rid for rid in (x, y) if eng2.requests[rid].finish_reason == "error"}
+    assert len(failed) == 1
+    ok = ({x, y} - failed).pop()
+    assert eng2.requests[ok].output == list(stream_tokens(model, ps[0 if ok == x else 1], GREEDY))
+
+
+def test_tiny_temperature_is_greedy_and_huge_top_k_is_off():
+    model = make_model("gpt2")
+    p = prompts((7,))[0]
+    want = list(stream_tokens(model, p, GREEDY))
+    eng = Engine(model, max_batch=2, prefix_cache_tokens=0)
+    tiny = RequestParams(max_new_tokens=12, temperature=1e-40, stop_at_eos=False)
+    huge_k = RequestParams(max_new_tokens=12, temperature=1e-30, top_k=2 ** 63, stop_at_eos=False)
+    assert eng.generate([p, p], [tiny, huge_k]) == [want, want]

@@ -49,8 +49,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmkit.infer.generate import SamplingParams
-from llmkit.infer.sampling import BatchSampling, process_logits, sample_batch, token_counts, top_logprobs
+from llmkit.infer.generate import SamplingParams, eos_set
+from llmkit.infer.sampling import (
+    BatchSampling,
+    invalid_rows,
+    process_logits,
+    sample_batch,
+    token_counts,
+    top_logprobs,
+)
 from llmkit.models.decoder import Decoder
 from llmkit.models.layers import causal_mask
 from llmkit.models.layout import column_major_linears
@@ -102,7 +109,10 @@ class Request:
     last_token: int = -1
     finished: bool = False
     finish_reason: str | None = None
-    """'length', 'stop' (EOS or a stop id) or 'cancelled'."""
+    """'length', 'stop' (EOS or a stop id), 'cancelled', or 'error' (see `error`)."""
+    error: str | None = None
+    """With finish_reason 'error': why (e.g. its sampling settings turned the logits into NaN or inf). Only
+    this request ends; the others in the batch go on."""
     cached_tokens: int = 0
     """Prompt tokens whose keys/values came from the prefix cache."""
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
@@ -193,7 +203,8 @@ class Engine:
     """Continuous-batching generation over an llmkit `Decoder`.
 
     model: a plain `Decoder` (GPT-2 or Llama style, any n_kv_head); prefix-tuned models are refused.
-    tokenizer: optional, for its `eos_id` (or pass `eos_id`) and `decode` (stop strings).
+    tokenizer: optional, for its end-of-sequence ids (`eos_ids`: every one the model declares; or pass `eos_id`,
+    one id or a list) and `decode` (stop strings).
     max_batch: cache slots = most requests decoding together; later requests wait in a queue.
     max_len: cache positions per slot (prompt + new tokens); None -> the model's block_size.
     prefix_cache_tokens: prefix-cache budget in tokens (0 disables it); prefix_block: tokens per block.
@@ -206,7 +217,7 @@ class Engine:
     """
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
-                 prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | None = None,
+                 prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | Sequence[int] | None = None,
                  max_prefill_tokens: int = 8192, column_major: bool | None = None):
         if not isinstance(model, Decoder):
             raise TypeError(f"Engine serves llmkit decoder-only models (Decoder), not {type(model).__name__}; "
@@ -226,7 +237,10 @@ class Engine:
         shape = (cfg.n_layer, max_batch, cfg.kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        if eos_id is None:  # every end-of-sequence id the model declares (generation_config's list too)
+            eos_id = getattr(tokenizer, "eos_ids", None) or getattr(tokenizer, "eos_id", None)
+        self.eos_ids = eos_set(eos_id)
+        self.eos_id = eos_id if isinstance(eos_id, int) or eos_id is None else (list(eos_id) or [None])[0]
         self.tokenizer = tokenizer
         self.max_prefill_tokens = max_prefill_tokens
         self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block)
@@ -269,13 +283,14 @@ class Engine:
         return rid
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request now: it leaves the queue or the batch and its cache slot is free at once."""
-        req = self.requests[request_id]
-        if req.finished:
+        """Stop a request now: it leaves the queue or the batch and its cache slot is free at once.
+        Unknown ids (already popped) and finished requests are left alone."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
             return
         if req.slot >= 0:
             self._free(req)
-        else:
+        elif req in self.waiting:
             self.waiting.remove(req)
         req.finished, req.finish_reason = True, "cancelled"
 
@@ -317,10 +332,26 @@ class Engine:
                     break
                 batch.append(self.waiting.popleft())
                 longest = t
-            for group in padding_groups(batch):
-                logits = self._prefill_batch(group)  # (len(group), vocab)
-                self._sample_all(group, logits, emitted)
+            try:
+                for group in padding_groups(batch):
+                    logits = self._prefill_batch(group)  # (len(group), vocab)
+                    self._sample_all(group, logits, emitted)
+            except BaseException:
+                self._requeue_unstarted(batch)
+                raise
         return emitted
+
+    def _requeue_unstarted(self, batch: list[Request]) -> None:
+        """After a failed prefill: the requests of `batch` that got no first token leave their slots (if
+        they took one) and go back to the front of the queue, in order. Without this they would be in
+        neither `waiting` nor `running`, so `cancel` could not find them and the next decode step would
+        read a slot holding no token."""
+        unstarted = [r for r in batch if not r.finished and r.last_token < 0]
+        for req in sorted((r for r in unstarted if r.slot >= 0), key=lambda r: -r.slot):
+            self._free(req)
+        for req in reversed(unstarted):
+            req.length, req.cached_tokens = 0, 0
+            self.waiting.appendleft(req)
 
     def run(self) -> None:
         """Step until no request is waiting or running."""
@@ -364,6 +395,7 @@ class Engine:
         lp_rows = lp_vals = lp_ids = None
         if not penalties and not (sp.temperature > 0).any() and all(k is None for k in want_lp):
             tokens = logits.argmax(-1).tolist()  # all greedy, nothing to process: the fast path
+            bad = invalid_rows(logits).tolist()
         else:
             seen = counts = None
             if penalties:
@@ -372,16 +404,22 @@ class Engine:
                 if bool((sp.repetition_penalty != 1).any()):
                     seen = token_counts([r.prompt + r.output for r in reqs], V, logits.device) > 0
             proc = process_logits(logits, sp, seen, counts)
-            chosen = sample_batch(proc, sp, [r.generator for r in reqs])
-            tokens = chosen.tolist()
+            skip = invalid_rows(proc)  # NaN / inf rows: fail those requests, not the batch
+            chosen = sample_batch(proc, sp, [r.generator for r in reqs], skip=skip)
+            tokens, bad = chosen.tolist(), skip.tolist()
             if any(k is not None for k in want_lp):
                 c, v, i = top_logprobs(proc, chosen, max(k or 0 for k in want_lp))
                 lp_rows, lp_vals, lp_ids = c.tolist(), v.tolist(), i.tolist()
         done = []
         for i, req in enumerate(reqs):
             p, t = req.params, tokens[i]
+            if bad[i]:
+                req.finish_reason = "error"
+                req.error = "the logits became NaN or infinite under this request's sampling settings"
+                done.append(req)
+                continue
             stops = getattr(p, "stop_token_ids", None) or ()
-            if (p.stop_at_eos and self.eos_id is not None and t == self.eos_id) or t in stops:
+            if (p.stop_at_eos and t in self.eos_ids) or t in stops:
                 req.finish_reason = "stop"
                 done.append(req)
                 continue

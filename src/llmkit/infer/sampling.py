@@ -20,6 +20,19 @@ import torch
 
 _INF = float("inf")
 
+MIN_TEMPERATURE = 1e-5
+"""Temperatures in (0, MIN_TEMPERATURE) sample greedily (as vLLM does): the limit of T -> 0 is the argmax,
+and dividing logits by e.g. 1e-40 overflows float32 to inf (then softmax gives NaN)."""
+MAX_TOP_K = 2 ** 31 - 1
+"""top_k above this is off anyway (no vocabulary is that large); clamping keeps it inside an int64 tensor."""
+
+
+def invalid_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) bool: rows that are no probability distribution: any NaN or +inf, or no finite entry
+    (all -inf). Such a row cannot be sampled (`torch.multinomial` raises for the whole batch), so the engine
+    fails that row's request alone."""
+    return torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
+
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
                   min_p: float | None = None) -> torch.Tensor:
@@ -72,12 +85,20 @@ class BatchSampling:
 
     @classmethod
     def from_params(cls, params: Sequence, device=None) -> BatchSampling:
-        """From objects with `SamplingParams` attributes; the penalty/min_p attributes are optional."""
+        """From objects with `SamplingParams` attributes; the penalty/min_p attributes are optional.
+        Temperatures below `MIN_TEMPERATURE` become greedy (0); top_k is clamped to [0, MAX_TOP_K]."""
         def col(name, default, fn=float):
             vals = [getattr(p, name, None) for p in params]
             return torch.tensor([fn(default if v is None else v) for v in vals], device=device)
 
-        return cls(col("temperature", 1.0), col("top_k", 0, int), col("top_p", 1.0), col("min_p", 0.0),
+        def temperature(t) -> float:
+            return 0.0 if float(t) < MIN_TEMPERATURE else float(t)
+
+        def top_k(k) -> int:
+            return min(max(int(k), 0), MAX_TOP_K)
+
+        return cls(col("temperature", 1.0, temperature), col("top_k", 0, top_k), col("top_p", 1.0),
+                   col("min_p", 0.0),
                    col("repetition_penalty", 1.0), col("presence_penalty", 0.0), col("frequency_penalty", 0.0))
 
     @property
@@ -146,13 +167,17 @@ def process_logits(logits: torch.Tensor, s: BatchSampling, seen: torch.Tensor | 
     return logits / t[:, None]
 
 
-def sample_batch(logits: torch.Tensor, s: BatchSampling,
-                 generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+def sample_batch(logits: torch.Tensor, s: BatchSampling, generators: Sequence[torch.Generator | None],
+                 skip: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row from processed logits (`process_logits`): argmax for greedy rows, otherwise
     truncate per row and draw with that row's generator (so a seeded row's draws do not depend on the
-    batch: each row consumes its own generator exactly as `sample_next` would). (B, V) -> (B,) int64."""
+    batch: each row consumes its own generator exactly as `sample_next` would). (B, V) -> (B,) int64.
+    skip: optional (B,) bool of rows not to draw for (e.g. `invalid_rows`); their token is meaningless."""
     out = logits.argmax(-1)
-    rows = (s.temperature > 0).nonzero().flatten().tolist()
+    draw = s.temperature > 0
+    if skip is not None:
+        draw = draw & ~skip
+    rows = draw.nonzero().flatten().tolist()
     if not rows:
         return out
     idx = torch.tensor(rows, device=logits.device)
