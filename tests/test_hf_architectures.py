@@ -319,3 +319,17 @@ def test_model_info_sizes_the_new_options():
     assert info["parameters"]["norms"] == 2 * 4 * 64 + 64  # norm1, norm2 and the two post-norms; final norm
     assert info["memory_bytes"]["kv_cache"] == 2 * 2 * 2 * 32 * 2 * 32 * 2  # k+v, layers, batch, seq, kv heads, hd, bf16
     assert info["flops_per_token"] == 6 * n + 12 * 128 * (8 + 32)  # the sliding layer attends to 8 keys
+
+
+@pytest.mark.parametrize("option, off", [("attn_softcap", None), ("final_softcap", None), ("attn_scale", None),
+                                         ("scale_embeddings", False), ("sliding_window", None),
+                                         ("norm_unit_offset", False)])
+def test_each_gemma2_option_is_exercised_by_the_parity_config(option, off):
+    # Gemma 2 matches HF bit for bit here; make sure each option actually bites on the tiny config, so the
+    # parity test would catch it being wrong
+    model = import_hf_from(hf_model("gemma2"))
+    changed = Decoder(DecoderConfig(**{**model.config.__dict__, option: off}))
+    changed.load_state_dict(model.state_dict())
+    idx = torch.randint(0, VOCAB, (1, 30))
+    with torch.no_grad():
+        assert (model.eval()(idx)[0] - changed.eval()(idx)[0]).abs().max() > 1e-3
