@@ -362,7 +362,7 @@ def test_imported_model_keeps_its_tokenizer_template_and_stops_at_every_eos(tmp_
     n_vocab = HFTokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
     torch.manual_seed(0)
     hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=n_vocab, n_positions=64, n_embd=32, n_layer=1, n_head=2)).eval()
+        vocab_size=n_vocab, n_positions=256, n_embd=32, n_layer=1, n_head=2)).eval()
     hf_model.save_pretrained(src, safe_serialization=True)
     gen_path = src / "generation_config.json"
 
@@ -406,6 +406,19 @@ def test_imported_model_keeps_its_tokenizer_template_and_stops_at_every_eos(tmp_
     model, tok_a, template_a = load_for_inference(tmp_path / "m2", adapter=tmp_path / "adapter")
     assert set(tok_a.eos_ids) == set(tok.eos_ids) and template_a == template
     assert Engine(model, tok_a).generate([ids], RequestParams(max_new_tokens=24, temperature=0))[0] == full[:k]
+
+    # the server: /v1/chat/completions renders the model's template and stops at the declared eos
+    import httpx
+
+    from test_serve import running_server
+
+    with running_server(tmp_path / "m2", served_model_name="imported", max_batch=2) as (base_url, _, _):
+        r = httpx.post(f"{base_url}/v1/chat/completions", timeout=60, json={
+            "model": "imported", "messages": prompt, "max_tokens": 24, "temperature": 0}).json()
+    assert "usage" in r, r
+    assert r["usage"]["prompt_tokens"] == len(want_ids) and r["usage"]["completion_tokens"] == k
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert r["choices"][0]["message"]["content"] == tok.decode(full[:k], skip_special_tokens=True)
 
     out = export_hf(tmp_path / "m2", tmp_path / "back")
     back = transformers.AutoTokenizer.from_pretrained(out)
