@@ -4,13 +4,19 @@ Supported architectures (see docs/hf.md for the full name mapping):
 
 * ``GPT2LMHeadModel``: learned positions, LayerNorm, GELU (``gelu_new`` -> llmkit ``gelu_tanh``), biases,
   Conv1D weights (stored (in, out), transposed relative to `nn.Linear`).
-* ``LlamaForCausalLM`` (and ``MistralForCausalLM`` without a sliding window, imported as Llama): RoPE
-  (half-split pairing over the full head), RMSNorm, SwiGLU, grouped-query attention; q/k/v projections
-  are concatenated into llmkit's fused ``qkv``.
+* ``LlamaForCausalLM``: RoPE (half-split pairing over the full head; linear / dynamic / yarn / llama3 /
+  longrope scaling), RMSNorm, SwiGLU, grouped-query attention; q/k/v projections are concatenated into
+  llmkit's fused ``qkv``.
+* The Llama family, as the same `Decoder` with options (`DecoderConfig`): ``MistralForCausalLM`` (sliding
+  window), ``Qwen2ForCausalLM`` (q/k/v-only biases, windows on upper layers), ``Qwen3ForCausalLM`` (q/k
+  RMSNorm, explicit head_dim), ``Phi3ForCausalLM`` (fused qkv_proj / gate_up_proj split on import and fused
+  on export, longrope), ``Gemma2ForCausalLM`` (GeGLU, scaled embeddings, (1 + w) RMSNorm, pre and post
+  norms, soft-capping, query_pre_attn_scalar, alternating local / global attention).
 
+Import records the architecture in `DecoderConfig.hf_architecture` and export writes the same one back.
 Everything else is refused with a `ValueError` naming the config key that llmkit cannot reproduce exactly
-(rope scaling, sliding windows, partial rotary, Qwen2's q/k/v-only biases, ...). Neither function needs
-`transformers`: the HF files (config.json, safetensors) are read and written directly.
+(partial rotary, MoE architectures, unknown RoPE types, ...). Neither function needs `transformers`: the HF
+files (config.json, safetensors) are read and written directly.
 """
 
 from __future__ import annotations
@@ -354,7 +360,7 @@ def _import_decoder(src: Path, hf: dict[str, Any]) -> Decoder:
 def import_hf(src_dir: str | Path, out_dir: str | Path | None = None) -> torch.nn.Module:
     """Read a local Hugging Face model directory into an llmkit model (fp32, eval mode).
 
-    GPT-2 / Llama / Mistral become a `Decoder`, BERT an `Encoder` (or `EncoderClassifier`), T5 an
+    GPT-2 / Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 2 become a `Decoder`, BERT an `Encoder` (or `EncoderClassifier`), T5 an
     `EncoderDecoder`, chosen by config.json's `architectures`. `src_dir` holds config.json and the weights
     (model.safetensors, sharded safetensors with an index, or pytorch_model.bin). With `out_dir`, also writes
     an llmkit model directory there, with the model's own tokenizer: any HF ``tokenizer.json`` with its
@@ -600,8 +606,10 @@ def export_hf(model_dir_or_model: str | Path | torch.nn.Module, out_dir: str | P
     Encoders export as BERT (`BertForMaskedLM` / `BertForSequenceClassification`), encoder-decoders as
     `T5ForConditionalGeneration`; for decoders:
 
-    Learned positions + layernorm + gelu/gelu_tanh/relu export as ``GPT2LMHeadModel``; rope + rmsnorm +
-    swiglu as ``LlamaForCausalLM``; any other combination is refused with a `ValueError` naming the field.
+    Learned positions + layernorm + gelu/gelu_tanh/relu export as ``GPT2LMHeadModel``; rope + rmsnorm models
+    as their `hf_architecture` (the one they were imported from) or else the simplest Llama-family
+    architecture that has their options (`_hf_arch`); any option the target cannot express is refused with a
+    `ValueError` naming the field.
     Writes config.json, generation_config.json, model.safetensors (fp32) and, when the llmkit model dir
     has one, tokenizer.json. Load the result with ``AutoModelForCausalLM.from_pretrained(out_dir)``.
     """
