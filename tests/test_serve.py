@@ -57,13 +57,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric(base: str, name: str) -> float:
+    """One sample of the server's /metrics (0 if absent)."""
+    for ln in httpx.get(base + "/metrics").text.splitlines():
+        if ln.startswith(name + " "):
+            return float(ln.split(" ")[1])
+    return 0.0
+
+
 @contextlib.contextmanager
-def running_server(model_dir: Path, **cfg):
+def running_server(model_dir: Path, on_engine_failure=None, **cfg):
     """Yield (base url, app, server) of a real uvicorn server in a background thread."""
     import uvicorn
 
     port = _free_port()
-    app = create_app(ServeConfig(model=str(model_dir), port=port, **cfg))
+    app = create_app(ServeConfig(model=str(model_dir), port=port, **cfg), on_engine_failure=on_engine_failure)
     server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=10))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -85,9 +93,12 @@ def running_server(model_dir: Path, **cfg):
         thread.join(timeout=20)
 
 
-def slow_engine(app, delay: float) -> None:
-    """Make every engine step take `delay` more seconds, so requests stay in flight (test-only)."""
+def slow_engine(app, delay: float, no_eos: bool = False) -> None:
+    """Make every engine step take `delay` more seconds, so requests stay in flight (test-only); no_eos:
+    completions never end early (the random model's EOS is ignored)."""
     eng = app.state.runner.engine
+    if no_eos:
+        eng.eos_ids = set()
     step = eng.step
 
     def slow():
@@ -235,6 +246,17 @@ BAD = [
     ("/v1/completions", {"prompt": [1, 10 ** 9]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "x", "logprobs": 6}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "x", "stream": "yes"}, 400, "stream"),
+    # values that used to reach the sampler and make NaN / overflow, or a 500 before validation
+    ("/v1/completions", {"prompt": "x", "repetition_penalty": 1e-45}, 400, "repetition_penalty"),
+    ("/v1/completions", b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", 400, None),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+     "messages[0].content"),
+    ("/v1/completions", b'{"model": "\\ud800", "prompt": "x"}', 400, "model"),
+    ("/v1/completions", b'{"prompt": ["ok", "\\udfff"]}', 400, "prompt[1]"),
+    ("/v1/completions", b'{"prompt": "x", "\\ud800": 1}', 400, "<key>"),
+    # more engine requests than the queue holds can never be admitted: 400, not 429 forever
+    ("/v1/completions", {"prompt": ["a"] * 9, "n": 2}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["a"] * 65}, 400, "prompt"),
 ]
 
 
@@ -283,7 +305,7 @@ def test_unknown_route_and_body_limit(server):
 def test_queue_full_429_and_disconnect_cancels(model_dir):
     with running_server(model_dir, max_batch=1, max_queue=1) as (base, app, _):
         runner = app.state.runner
-        slow_engine(app, 0.01)
+        slow_engine(app, 0.01, no_eos=True)
         body = {"prompt": "to be", "max_tokens": 200, "stream": True}
         with httpx.Client(base_url=base, timeout=30) as ca, httpx.Client(base_url=base, timeout=30) as cb:
             with ca.stream("POST", "/v1/completions", json=body) as ra:
@@ -300,6 +322,8 @@ def test_queue_full_429_and_disconnect_cancels(model_dir):
             # ra closed mid-stream: cancelled, its slot freed at once
         assert wait_for(lambda: runner.stats()["running"] == 0 and runner.stats()["waiting"] == 0, 3)
         assert (first["id"] + "-0", "cancelled") in runner.finished_log
+        # both dropped streams count as cancelled (nobody reads their last event: the stream counts them)
+        assert metric(base, 'llmkit_request_success_total{finish_reason="cancelled"}') == 2
         # a non-streaming client that gives up (read timeout) is cancelled too
         n_cancelled = sum(1 for _, why in runner.finished_log if why == "cancelled")
         with pytest.raises(httpx.ReadTimeout):
@@ -345,9 +369,9 @@ def test_index_page(server):
 
 
 def test_graceful_shutdown_ends_in_flight_requests(model_dir):
-    with running_server(model_dir, shutdown_grace=0.5) as (base, app, server):
+    with running_server(model_dir, shutdown_grace=1.5) as (base, app, server):
         runner = app.state.runner
-        slow_engine(app, 0.02)
+        slow_engine(app, 0.02, no_eos=True)  # 200 tokens take 4 s: the grace period ends first
         result = {}
 
         def call():
@@ -356,23 +380,270 @@ def test_graceful_shutdown_ends_in_flight_requests(model_dir):
         t = threading.Thread(target=call)
         t.start()
         assert wait_for(lambda: runner.stats()["running"] == 1)
-        t0 = time.monotonic()
         server.handle_exit(signal.SIGTERM, None)  # what uvicorn does on SIGTERM
         assert runner.draining
-
-        async def in_process(method, path, **kw):  # the socket is closing: ask the app directly
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as c:
-                return await c.request(method, path, **kw)
-
-        assert asyncio.run(in_process("GET", "/health")).status_code == 503
-        r = asyncio.run(in_process("POST", "/v1/completions", json={"prompt": "to"}))
+        # during the grace period the listener stays open: new clients get 503, not "connection refused"
+        assert httpx.get(base + "/health", timeout=5).status_code == 503
+        r = httpx.post(base + "/v1/completions", json={"prompt": "to"}, timeout=5)
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
-        t.join(timeout=10)
+        t.join(timeout=20)
+        # cancelled by the shutdown: an honest 503, not a 200 with the non-OpenAI finish_reason "cancelled"
         r = result["r"]
-        assert r.status_code == 200
-        assert r.json()["choices"][0]["finish_reason"] == "cancelled"
-        assert time.monotonic() - t0 < 5
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down", r.text
+        assert wait_for(lambda: server.should_exit, 10)
         assert wait_for(lambda: not runner.alive, 10)
+
+
+def test_shutdown_ends_a_stream_with_an_error_chunk_and_no_done(model_dir):
+    with running_server(model_dir, shutdown_grace=0.3) as (base, app, server):
+        slow_engine(app, 0.02, no_eos=True)
+        with httpx.Client(base_url=base, timeout=30) as c, c.stream(
+                "POST", "/v1/completions", json={"prompt": "to", "max_tokens": 200, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(ln for ln in lines if ln.startswith("data: "))
+            server.handle_exit(signal.SIGTERM, None)
+            rest = [ln[6:] for ln in lines if ln.startswith("data: ")]
+        assert "[DONE]" not in rest
+        last = json.loads(rest[-1])
+        assert last["choices"][0]["finish_reason"] == "error" and last["error"]["code"] == "shutting_down"
+
+
+# -- HTTP hygiene ------------------------------------------------------------------------------------
+
+def test_no_host_reflecting_redirect_head_and_page_headers(server):
+    base = server[0]
+    r = httpx.post(base + "/v1/completions/", json={"prompt": "to"}, headers={"Host": "evil.example"})
+    assert r.status_code == 404 and "location" not in r.headers
+    assert httpx.head(base + "/health").status_code == 200
+    page = httpx.head(base + "/")
+    assert page.status_code == 200
+    assert page.headers["x-frame-options"] == "DENY" and page.headers["x-content-type-options"] == "nosniff"
+    csp = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "script-src 'sha256-" in csp and "unsafe-inline" not in \
+        csp.split("script-src")[1].split(";")[0]
+
+
+def test_unhandled_error_is_a_counted_generic_500(server, monkeypatch):
+    from llmkit.serve import protocol
+
+    def broken(body, ctx):
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(protocol, "parse_completion", broken)
+    before = metric(server[0], 'llmkit_http_requests_total{status="500"}')
+    r = httpx.post(server[0] + "/v1/completions", json={"prompt": "to"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "secret" not in r.text and "RuntimeError" not in r.text
+    assert metric(server[0], 'llmkit_http_requests_total{status="500"}') == before + 1
+
+
+def test_parsing_and_tokenizing_run_off_the_event_loop(server, monkeypatch):
+    """A 1 MB prompt list takes a while to tokenize: it must not block the loop every stream runs on."""
+    from llmkit.serve import protocol
+
+    threads = []
+    real = protocol.parse_completion
+
+    def recording(body, ctx):
+        threads.append(threading.current_thread())
+        return real(body, ctx)
+
+    monkeypatch.setattr(protocol, "parse_completion", recording)
+    server_thread = server[2]  # uvicorn's loop runs in the thread that runs server.run
+    assert httpx.post(server[0] + "/v1/completions", json={"prompt": "to", "max_tokens": 1}).status_code == 200
+    loop_threads = [t for t in threading.enumerate() if getattr(t, "_target", None) == server_thread.run]
+    assert loop_threads and threads and threads[0] not in loop_threads
+
+
+def test_api_key_challenge_and_utf8_key(model_dir):
+    with running_server(model_dir, api_key="ключ-🔑") as (base, _, _):
+        r = httpx.post(base + "/v1/completions", json={"prompt": "to"})
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
+        key = "Bearer ключ-🔑".encode()  # header bytes as a client sends them: UTF-8
+        ok = httpx.post(base + "/v1/completions", json={"prompt": "to", "max_tokens": 2},
+                        headers={"Authorization": key})
+        assert ok.status_code == 200
+        latin1 = httpx.post(base + "/v1/completions", json={"prompt": "to"},
+                            headers={"Authorization": "Bearer ключ-🔑".encode("utf-8").decode("latin-1")
+                                     .encode("utf-8")})
+        assert latin1.status_code == 401
+
+
+# -- one request must never hurt another --------------------------------------------------------------
+
+def _stream_tokens(base: str, body: dict) -> tuple[list[dict], bool]:
+    """(the data chunks of a streamed completion, whether it ended with [DONE])."""
+    chunks, done = [], False
+    with httpx.Client(timeout=60) as c, c.stream("POST", base + "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for ln in r.iter_lines():
+            if ln == "data: [DONE]":
+                done = True
+            elif ln.startswith("data: "):
+                chunks.append(json.loads(ln[6:]))
+    return chunks, done
+
+
+def test_hostile_requests_leave_an_unrelated_stream_whole(model_dir):
+    """While one stream runs, hostile requests (values that made NaN / overflow, the prompt list whose
+    failed prefill used to kill the engine thread) come and go; the stream still gets every token."""
+    with running_server(model_dir, max_batch=4, max_queue=16) as (base, app, _):
+        slow_engine(app, 0.005, no_eos=True)
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            s=_stream_tokens(base, {"prompt": "to be", "max_tokens": 120, "temperature": 0, "stream": True,
+                                    "stream_options": {"include_usage": True}})))
+        t.start()
+        assert wait_for(lambda: app.state.runner.stats()["running"] >= 1)
+        hostile = [
+            {"prompt": ["word " * 40, "hi"], "max_tokens": 5, "temperature": 1e-40},
+            {"prompt": "to", "max_tokens": 5, "repetition_penalty": 1e-45},
+            {"prompt": "to", "max_tokens": 5, "top_k": 2 ** 63, "temperature": 1},
+            {"prompt": "to", "max_tokens": 5, "temperature": 1e-40, "stream": True},
+        ]
+        statuses = [httpx.post(base + "/v1/completions", json=b, timeout=30).status_code for b in hostile]
+        assert statuses == [200, 400, 200, 200]
+        t.join(timeout=60)
+        chunks, done = result["s"]
+        assert done and chunks[-1]["usage"]["completion_tokens"] == 120
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+        assert app.state.runner.alive and httpx.get(base + "/health").status_code == 200
+
+
+def test_a_request_whose_logits_turn_nan_fails_alone(model_dir):
+    """If a request's logits become NaN anyway (a model fault on its input), only its stream ends, with an
+    error chunk (finish_reason "error", an error object, no [DONE], no exception text); a concurrent
+    stream completes with its full token count."""
+    with running_server(model_dir, max_batch=4) as (base, app, _):
+        eng = app.state.runner.engine
+        slow_engine(app, 0.005, no_eos=True)
+        poison = app.state.context.tokenizer.encode("whether")
+        real_decode = eng._decode
+
+        def nan_for_poison():
+            logits = real_decode()
+            for i, r in enumerate(eng.running):
+                if r.prompt == poison:
+                    logits[i] = float("nan")
+            return logits
+
+        eng._decode = nan_for_poison
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            s=_stream_tokens(base, {"prompt": "to be", "max_tokens": 60, "temperature": 0, "stream": True})))
+        t.start()
+        assert wait_for(lambda: app.state.runner.stats()["running"] >= 1)
+        bad, done = _stream_tokens(base, {"prompt": "whether", "max_tokens": 60, "stream": True})
+        assert not done
+        assert bad[-1]["choices"][0]["finish_reason"] == "error" and bad[-1]["error"]["type"] == "server_error"
+        assert "Traceback" not in json.dumps(bad[-1])
+        r = httpx.post(base + "/v1/completions", json={"prompt": "whether", "max_tokens": 5})
+        assert r.status_code == 500 and r.json()["error"]["message"]
+        t.join(timeout=60)
+        chunks, done = result["s"]
+        assert done and sum(len(c["choices"][0]["text"]) for c in chunks) > 0
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+        assert len(app.state.context.tokenizer.encode(text)) == 60  # char tokenizer: one token a character
+        assert httpx.get(base + "/health").status_code == 200
+
+
+def test_engine_failure_fails_every_request_refuses_new_ones_and_calls_exit(model_dir):
+    """An engine whose every step raises (a broken device): the requests get errors (no exception text),
+    after MAX_CONSECUTIVE_STEP_FAILURES the thread is declared dead, queued requests get an error instead
+    of hanging, /health and new requests answer 503, and the server's exit callback runs."""
+    from llmkit.serve.runner import MAX_CONSECUTIVE_STEP_FAILURES
+
+    died = []
+    with running_server(model_dir, max_batch=1, on_engine_failure=died.append) as (base, app, _):
+        runner = app.state.runner
+
+        def broken_step():
+            time.sleep(0.05)
+            raise RuntimeError("CUDA error: secret device detail")
+
+        runner.engine.step = broken_step
+        for _ in range(MAX_CONSECUTIVE_STEP_FAILURES - 1):
+            r = httpx.post(base + "/v1/completions", json={"prompt": "to", "max_tokens": 5}, timeout=30)
+            assert r.status_code == 500 and "secret" not in r.text and "CUDA" not in r.text
+        assert runner.alive and not died
+        chunks, done = _stream_tokens(base, {"prompt": "to", "max_tokens": 5, "stream": True})
+        assert not done and chunks[-1]["choices"][0]["finish_reason"] == "error"
+        assert wait_for(lambda: died, 10) and isinstance(died[0], RuntimeError)
+        assert not runner.alive and runner.dead
+        assert httpx.get(base + "/health").status_code == 503
+        r = httpx.post(base + "/v1/completions", json={"prompt": "to"}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_down"
+
+
+def test_engine_thread_death_delivers_errors_to_queued_requests(model_dir):
+    """An error outside a step (here: the engine's bookkeeping) ends the thread at once: the running and
+    the queued request both get an error rather than waiting forever."""
+    died = []
+    with running_server(model_dir, max_batch=1, on_engine_failure=died.append) as (base, app, _):
+        runner, eng = app.state.runner, app.state.runner.engine
+        slow_engine(app, 0.02, no_eos=True)
+        results = []
+
+        def call():
+            results.append(httpx.post(base + "/v1/completions", json={"prompt": "to", "max_tokens": 100},
+                                      timeout=30))
+
+        threads = [threading.Thread(target=call) for _ in range(2)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: runner.stats()["running"] == 1 and runner.stats()["waiting"] == 1)
+
+        def broken_pop():
+            raise KeyError("bookkeeping")
+
+        eng.pop_finished = broken_pop
+        for t in threads:
+            t.join(timeout=30)
+        assert [r.status_code for r in results] == [500, 500]
+        assert all(r.json()["error"]["message"] == "the inference engine stopped; the server is restarting"
+                   for r in results)
+        assert died and runner.dead
+
+
+def test_llmkit_serve_process_exits_nonzero_when_the_engine_dies(model_dir, tmp_path):
+    """The real CLI in a subprocess, with a step that always fails (patched by this test's launcher, not by
+    the product): after the failures the process exits with status 1 for its supervisor to restart."""
+    import subprocess
+    import sys
+
+    port = _free_port()
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import sys\n"
+        "from llmkit.infer.engine import Engine\n"
+        "def broken(self):\n"
+        "    raise RuntimeError('device lost')\n"
+        "Engine.step = broken\n"
+        "from llmkit.cli import main\n"
+        f"sys.exit(main(['serve', '--model', {str(model_dir)!r}, '--port', '{port}']))\n")
+    proc = subprocess.Popen([sys.executable, str(launcher)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: _health(base) == 200, 60), proc.stderr.read().decode()[-2000:]
+        from llmkit.serve.runner import MAX_CONSECUTIVE_STEP_FAILURES
+
+        for _ in range(MAX_CONSECUTIVE_STEP_FAILURES):
+            r = httpx.post(base + "/v1/completions", json={"prompt": "to", "max_tokens": 3}, timeout=30)
+            assert r.status_code == 500
+        assert proc.wait(timeout=30) == 1
+        assert b"engine thread died" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _health(base: str) -> int | None:
+    try:
+        return httpx.get(base + "/health", timeout=1).status_code
+    except httpx.TransportError:
+        return None
 
 
 # -- incremental UTF-8 decoding ---------------------------------------------------------------------

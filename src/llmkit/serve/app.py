@@ -1,21 +1,30 @@
 """The OpenAI-compatible HTTP server: `create_app(ServeConfig) -> FastAPI` and `serve(config)`.
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (OpenAI wire format, SSE
-streaming), GET /health (200 while the engine thread runs, 503 while shutting down), GET /metrics
-(Prometheus text), GET / (the web chat page in static/index.html).
+streaming), GET|HEAD /health (200 while the engine thread runs, 503 while shutting down or after the
+engine died), GET /metrics (Prometheus text), GET|HEAD / (the web chat page in static/index.html).
 
 Handlers only validate, submit to the `EngineRunner` and format what comes back: the engine lives in
-the runner's thread. A client that disconnects (streaming or not) has its engine requests cancelled at
-once, which frees their cache slots.
+the runner's thread, and parsing + tokenizing run in a worker thread so a large prompt list never stalls
+the event loop (and with it every other stream). A client that disconnects (streaming or not) has its
+engine requests cancelled at once, which frees their cache slots.
+
+Errors never carry exception text (that goes to the log). A stream that fails ends with a chunk whose
+finish_reason is "error" and which carries an OpenAI error object, and no ``data: [DONE]``. If the engine
+thread dies, every request gets an error, new ones 503, and `serve` exits with status 1.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import hmac
 import json
 import logging
 import os
+import re
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llmkit.serve import protocol
 from llmkit.serve.metrics import ServerMetrics
 from llmkit.serve.protocol import APIError, Context, IncrementalDecoder, ParsedRequest
-from llmkit.serve.runner import Draining, EngineRunner, QueueFull
+from llmkit.serve.runner import Draining, EngineDown, EngineRunner, QueueFull
 
 log = logging.getLogger(__name__)
 STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
@@ -70,8 +79,14 @@ def _error(e: APIError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
+INTERNAL_ERROR = APIError("internal server error", None, status=500, type="server_error")
+
+
 class _StatusCounter:
-    """Pure ASGI middleware counting responses by status (BaseHTTPMiddleware would wrap streaming)."""
+    """Pure ASGI middleware counting responses by status (BaseHTTPMiddleware would wrap streaming).
+
+    It also answers unhandled exceptions itself (a generic 500, the traceback logged): Starlette's own
+    last-resort handler sits outside every user middleware, so its 500s would go uncounted."""
 
     def __init__(self, app, metrics: ServerMetrics):
         self.app, self.metrics = app, metrics
@@ -79,13 +94,34 @@ class _StatusCounter:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        started = False
 
         async def send_counted(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.http.labels(str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, send_counted)
+        try:
+            await self.app(scope, receive, send_counted)
+        except Exception:  # noqa: BLE001
+            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            if started:  # mid-response (a stream): nothing valid can be sent any more
+                raise
+            await _error(INTERNAL_ERROR)(scope, receive, send_counted)
+
+
+def _index_headers(html: str) -> dict[str, str]:
+    """Security headers of the web page: no framing, no MIME sniffing, and a CSP that runs only the page's
+    own inline scripts (by hash) and talks only to this origin."""
+    hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(m.encode()).digest()).decode()}'"
+                      for m in re.findall(r"<script>(.*?)</script>", html, flags=re.S))
+    csp = (f"default-src 'none'; script-src {hashes or chr(39) + 'none' + chr(39)}; style-src 'unsafe-inline'; "
+           "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+           "frame-ancestors 'none'")
+    return {"X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Content-Security-Policy": csp,
+            "Referrer-Policy": "no-referrer"}
 
 
 def _default_model_name(model: str) -> str:
@@ -95,8 +131,11 @@ def _default_model_name(model: str) -> str:
     return Path(model).resolve().name
 
 
-def create_app(config: ServeConfig) -> FastAPI:
-    """Load the model and build the app; the engine thread starts with the app's lifespan."""
+def create_app(config: ServeConfig, on_engine_failure=None) -> FastAPI:
+    """Load the model and build the app; the engine thread starts with the app's lifespan.
+
+    on_engine_failure(exc): called from the engine thread if it dies (after every request got its
+    error); `serve` passes one that stops uvicorn so the process exits non-zero."""
     from llmkit.infer.engine import Engine
     from llmkit.infer.load import load_for_inference
 
@@ -108,7 +147,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                         prefix_cache_tokens=config.prefix_cache_tokens)
     except TypeError as e:  # an encoder or encoder-decoder: a clean CLI error, not a traceback
         raise ValueError(f"{config.model}: {e}") from None
-    runner = EngineRunner(engine, max_queue=config.max_queue)
+    runner = EngineRunner(engine, max_queue=config.max_queue, on_fatal=on_engine_failure)
     metrics = ServerMetrics()
     name = config.served_model_name or _default_model_name(str(config.model))
     ctx = Context(name, tok, max_len, template)
@@ -121,7 +160,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         yield
         await asyncio.to_thread(runner.stop, config.shutdown_grace)
 
-    app = FastAPI(title="llmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    # redirect_slashes off: Starlette's redirect of POST /v1/completions/ builds its Location from the
+    # client's Host header (an open redirect); an unknown path is a plain 404 instead.
+    app = FastAPI(title="llmkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.state.runner, app.state.metrics, app.state.config, app.state.context = runner, metrics, config, ctx
     app.add_middleware(_StatusCounter, metrics=metrics)
 
@@ -141,22 +183,22 @@ def create_app(config: ServeConfig) -> FastAPI:
         return _error(APIError(str(e.detail), None, status=e.status_code, code=None,
                                type="invalid_request_error" if e.status_code < 500 else "server_error"))
 
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, e: Exception):
-        log.exception("unhandled error")
-        return _error(APIError(f"internal error: {type(e).__name__}", None, status=500, type="server_error"))
-
     # -- request reading ------------------------------------------------------------------------------
-    def _auth(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        given = header[7:] if header[:7].lower() == "bearer " else ""
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise APIError("Invalid or missing API key: send 'Authorization: Bearer <key>'", None, status=401,
-                           code="invalid_api_key", type="authentication_error")
+    key_bytes = api_key.encode("utf-8") if api_key is not None else None
 
-    async def _body(request: Request) -> dict:
+    def _auth(request: Request) -> None:
+        if key_bytes is None:
+            return
+        # Header values are bytes on the wire; Starlette decodes them as Latin-1, which round-trips, so a
+        # UTF-8 key is compared as the bytes the client sent.
+        header = request.headers.get("authorization", "").encode("latin-1")
+        given = header[7:] if header[:7].lower() == b"bearer " else b""
+        if not hmac.compare_digest(given, key_bytes):
+            raise APIError("Invalid or missing API key: send 'Authorization: Bearer <key>'", None, status=401,
+                           code="invalid_api_key", type="authentication_error",
+                           headers={"WWW-Authenticate": "Bearer"})
+
+    async def _body(request: Request) -> bytes:
         _auth(request)
         limit = config.max_request_bytes
         too_big = APIError(f"request body exceeds {limit} bytes", None, status=413, code="request_too_large")
@@ -168,24 +210,33 @@ def create_app(config: ServeConfig) -> FastAPI:
             raw += chunk
             if len(raw) > limit:
                 raise too_big
-        return protocol.parse_json(bytes(raw))
+        return bytes(raw)
+
+    def _parse(raw: bytes, chat: bool) -> ParsedRequest:
+        """JSON -> validated, tokenized request (runs in a worker thread: a 1 MB prompt list takes a while)."""
+        body = protocol.parse_json(raw)
+        return protocol.parse_chat(body, ctx) if chat else protocol.parse_completion(body, ctx)
 
     # -- endpoints --------------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        if runner.draining or not runner.alive:
-            return JSONResponse({"status": "shutting_down" if runner.draining else "engine_down"}, 503)
+        if runner.dead or not runner.alive:
+            return JSONResponse({"status": "engine_down"}, 503)
+        if runner.draining:
+            return JSONResponse({"status": "shutting_down"}, 503)
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics_endpoint():
         return Response(metrics.render(runner.stats()), media_type=metrics.content_type)
 
-    @app.get("/")
+    page_headers = _index_headers(STATIC_INDEX.read_text(encoding="utf-8")) if STATIC_INDEX.is_file() else {}
+
+    @app.api_route("/", methods=["GET", "HEAD"])
     async def index():
         if not STATIC_INDEX.is_file():
             return _error(APIError("the web page is not installed", None, status=404, code="not_found"))
-        return FileResponse(STATIC_INDEX, media_type="text/html")
+        return FileResponse(STATIC_INDEX, media_type="text/html", headers=page_headers)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -195,19 +246,23 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _body(request)
-        return await _generate(request, protocol.parse_chat(body, ctx), chat=True)
+        raw = await _body(request)
+        return await _generate(request, await asyncio.to_thread(_parse, raw, True), chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _body(request)
-        return await _generate(request, protocol.parse_completion(body, ctx), chat=False)
+        raw = await _body(request)
+        return await _generate(request, await asyncio.to_thread(_parse, raw, False), chat=False)
 
     # -- generation ---------------------------------------------------------------------------------------
     async def _generate(request: Request, parsed: ParsedRequest, chat: bool):
         if runner.draining:
             raise APIError("the server is shutting down", None, status=503, code="shutting_down",
                            type="server_error")
+        if len(parsed.choices) > runner.max_queue:  # could never be admitted: not a "retry later"
+            param = "n" if len(parsed.prompts) == 1 else "prompt"
+            raise APIError(f"this request needs {len(parsed.choices)} generations (prompts x n); the server "
+                           f"queues at most {runner.max_queue}", param, code="too_many_generations")
         rid = protocol.new_id("chatcmpl" if chat else "cmpl")
         start = time.monotonic()
         queue: asyncio.Queue = asyncio.Queue()
@@ -221,6 +276,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         except Draining:
             raise APIError("the server is shutting down", None, status=503, code="shutting_down",
                            type="server_error") from None
+        except EngineDown:
+            raise APIError("the inference engine stopped; retry on another replica", None, status=503,
+                           code="engine_down", type="server_error") from None
         metrics.prompt_tokens.inc(sum(len(parsed.prompts[c.prompt_index]) for c in parsed.choices))
         gen = _Generation(parsed, tok, metrics, start, ids, runner, queue)
         if parsed.stream:
@@ -231,7 +289,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             await gen.collect()
         finally:
             watcher.cancel()
-        return gen.response(rid, name, chat)
+        return gen.response(rid, name, chat, shutting_down=runner.draining)
 
     return app
 
@@ -314,10 +372,17 @@ class _Generation:
             return protocol.chat_logprobs(self.tok, entries)
         return protocol.completion_logprobs(self.tok, entries, offset)
 
-    def response(self, rid: str, model: str, chat: bool):
+    def response(self, rid: str, model: str, chat: bool, shutting_down: bool = False):
+        """The JSON body of a non-streaming request, or an error response: 500 if a choice failed, 503 if
+        one was cancelled (by shutdown: its client is still waiting; "cancelled" is no OpenAI
+        finish_reason, and a truncated 200 would pass for a whole answer)."""
         errors = [c.error for c in self.choices if c.error is not None]
         if errors:
             return _error(APIError(errors[0], None, status=500, type="server_error"))
+        if any(c.info["finish_reason"] == "cancelled" for c in self.choices):
+            why = "the server shut down" if shutting_down else "the request was cancelled"
+            return _error(APIError(f"{why} before the request finished; retry", None, status=503,
+                                   code="shutting_down" if shutting_down else "cancelled", type="server_error"))
         out = []
         for i, c in enumerate(self.choices):
             info = c.info
@@ -349,6 +414,12 @@ class _Generation:
                 return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
             return {"index": i, "text": text or "", "logprobs": lp, "finish_reason": finish}
 
+        def error_end(i: int, err: APIError) -> str:
+            """The last event of a failed stream: choice i's finish chunk, finish_reason "error", with the
+            OpenAI error object beside the choices (no [DONE] follows: the reply is not whole)."""
+            fin = choice(i, None if chat else "", "error", None)
+            return chunk([fin], error=err.body()["error"])
+
         try:
             if chat:
                 for i in range(len(self.choices)):
@@ -359,12 +430,15 @@ class _Generation:
                 i, text = self._handle(ev)
                 c = self.choices[i]
                 if c.error is not None:
-                    err = APIError(c.error, None, status=500, type="server_error").body()
-                    yield f"data: {json.dumps(err)}\n\n"
-                    continue
+                    yield error_end(i, APIError(c.error, None, status=500, type="server_error"))
+                    return  # the finally cancels this request's other choices
                 if text or (c.info is not None and c.unsent_lp):
                     lp, c.unsent_lp = c.unsent_lp, []
                     yield chunk([choice(i, text, None, lp)])
+                if c.info is not None and c.info["finish_reason"] == "cancelled":  # by shutdown
+                    yield error_end(i, APIError("the server shut down before the request finished; retry",
+                                                None, status=503, code="shutting_down", type="server_error"))
+                    return
                 if c.info is not None:
                     yield chunk([choice(i, None if chat else "", c.info["finish_reason"], None)])
             if self.p.include_usage:
@@ -376,32 +450,65 @@ class _Generation:
             left = self.unfinished()
             if left:  # the client went away (Starlette cancelled this generator): free the slots now
                 self.runner.cancel(left)
+                # nobody reads the 'done' events of these any more: count them as cancelled here
+                self.metrics.requests.labels("cancelled").inc(len(left))
 
 
 def serve(config: ServeConfig) -> None:
-    """Run the server with uvicorn until SIGINT/SIGTERM, then shut down gracefully: /health and new
-    requests answer 503 at once, in-flight requests get `shutdown_grace` seconds and are then cancelled."""
+    """Run the server with uvicorn until SIGINT/SIGTERM, then shut down gracefully (`GracefulServer`):
+    /health and new requests answer 503 at once while the listener stays open, in-flight requests get
+    `shutdown_grace` seconds and are then cancelled.
+
+    If the engine thread dies, uvicorn is stopped and this raises SystemExit(1), so that a supervisor
+    (systemd, Kubernetes, the deploy script's restart loop) starts a fresh process."""
     import uvicorn
 
     if config.api_key is None:
         config.api_key = os.environ.get("LLMKIT_API_KEY") or None
-    app = create_app(config)
+    holder: dict = {}
+
+    def engine_failed(exc: BaseException) -> None:
+        log.critical("the engine thread died (%s); stopping the server", type(exc).__name__)
+        if "server" in holder:
+            holder["server"].should_exit = True  # uvicorn's main loop checks this every 0.1 s
+
+    app = create_app(config, on_engine_failure=engine_failed)
     server = GracefulServer(uvicorn.Config(app, host=config.host, port=config.port, log_level="info",
                                            timeout_graceful_shutdown=config.shutdown_grace + 5))
+    holder["server"] = server
     server.run()
+    if app.state.runner.dead:
+        raise SystemExit(1)
 
 
 try:
     import uvicorn as _uvicorn
 
     class GracefulServer(_uvicorn.Server):
-        """uvicorn.Server that starts draining the app's runner as soon as a shutdown signal arrives."""
+        """uvicorn.Server that drains the app's runner on the first SIGINT/SIGTERM before closing anything.
+
+        uvicorn's own shutdown closes the listening socket first, so clients arriving during the grace
+        period would get "connection refused". Here the first signal only starts draining (new requests and
+        /health answer 503, in-flight ones go on); uvicorn's shutdown starts once no request is in flight or
+        `shutdown_grace` seconds have passed (then the rest are cancelled). A second signal shuts down now.
+        """
+
+        _drainer: threading.Thread | None = None
 
         def handle_exit(self, sig, frame) -> None:
             app = self.config.app
             runner = getattr(getattr(app, "state", None), "runner", None)
-            if runner is not None:
-                runner.drain(app.state.config.shutdown_grace)
-            super().handle_exit(sig, frame)
+            if runner is None or self._drainer is not None or self.should_exit:
+                return super().handle_exit(sig, frame)
+            grace = app.state.config.shutdown_grace
+            runner.drain(grace)
+
+            def finish_then_exit():
+                if not runner.wait_idle(grace):
+                    runner.wait_idle(5.0)  # the drain timer cancels them at `grace`: let those answers go out
+                super(GracefulServer, self).handle_exit(sig, frame)
+
+            self._drainer = threading.Thread(target=finish_then_exit, name="llmkit-drain", daemon=True)
+            self._drainer.start()
 except ImportError:  # pragma: no cover - uvicorn is a dependency
     GracefulServer = None

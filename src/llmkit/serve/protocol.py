@@ -11,7 +11,13 @@ Policies (documented in docs/serve.md):
   Default: 16 for completions (OpenAI's default), the whole remaining context for chat.
 * A prompt of ``max_model_len`` tokens or more is refused (400 naming ``prompt`` / ``messages``) rather
   than silently cut from the left as the engine would.
-* ``top_k`` <= 0 (-1 as in vLLM) switches top-k off; temperature 0 is greedy.
+* ``top_k`` <= 0 (-1 as in vLLM) switches top-k off, as does any value >= the vocabulary size; temperature 0
+  is greedy, and so is a temperature below 1e-5 (`llmkit.infer.sampling.MIN_TEMPERATURE`; dividing logits
+  by 1e-40 would overflow). ``repetition_penalty`` is in [0.01, 10]: a smaller divisor overflows the
+  logits too.
+* A prompt list holds at most `MAX_PROMPTS` prompts. JSON that Python cannot hold (an integer literal of
+  more than 4,300 digits) and strings with lone UTF-16 surrogates (``"\ud800"``, not encodable as UTF-8)
+  are refused with 400.
 """
 
 from __future__ import annotations
@@ -27,6 +33,9 @@ from llmkit.infer.engine import RequestParams
 
 MAX_N = 8
 MAX_STOP = 4
+MAX_PROMPTS = 64
+"""Most prompts in one /v1/completions request (each is tokenized and becomes n engine requests)."""
+MIN_REPETITION_PENALTY = 0.01
 
 
 class APIError(Exception):
@@ -50,9 +59,43 @@ def parse_json(raw: bytes) -> dict:
         raise APIError(f"request body is not valid JSON: {e}", code="invalid_json") from None
     except RecursionError:  # e.g. 40 kB of [[[[...: Python's parser gives up before the size limit does
         raise APIError("request body is nested too deeply to parse", code="invalid_json") from None
+    except ValueError:  # an integer literal past Python's int_max_str_digits (4300 digits)
+        raise APIError("request body has a number too large to parse", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    bad = _surrogate_path(body)
+    if bad is not None:
+        raise APIError(f"'{bad}' contains a lone UTF-16 surrogate (not valid Unicode text)", bad,
+                       code="invalid_unicode")
     return body
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _surrogate_path(body) -> str | None:
+    """The dotted path of the first string (key or value) holding a lone surrogate such as "\ud800", else
+    None. JSON allows such escapes, but the text can be neither tokenized nor written back as UTF-8.
+    Iterative: the parsed body may be nested as deeply as the parser allows."""
+    stack: list[tuple[str, Any]] = [("", body)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if _has_surrogate(v):
+                return path or "body"
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                if _has_surrogate(k):
+                    return f"{path}.<key>" if path else "<key>"
+                stack.append((f"{path}.{k}" if path else k, x))
+        elif isinstance(v, list):
+            stack.extend((f"{path}[{i}]", x) for i, x in enumerate(v))
+    return None
 
 
 # -- field checkers --------------------------------------------------------------------------------
@@ -173,10 +216,12 @@ def _common(body: dict, ctx: Context, prompts: list[list[int]], prompt_param: st
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     top_k = _int(body, "top_k", -1, -1)
+    if top_k >= ctx.tokenizer.vocab_size:  # keeps every token: the same as off (and fits a tensor)
+        top_k = -1
     min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
     presence = _number(body, "presence_penalty", 0.0, -2.0, 2.0)
     frequency = _number(body, "frequency_penalty", 0.0, -2.0, 2.0)
-    repetition = _number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True)
+    repetition = _number(body, "repetition_penalty", 1.0, MIN_REPETITION_PENALTY, 10.0)
     n = _int(body, "n", 1, 1, MAX_N)
     seed = _int(body, "seed", None, -(2 ** 63), 2 ** 63 - 1)
     stream = _bool(body, "stream", False)
@@ -272,6 +317,9 @@ def parse_completion(body: dict, ctx: Context) -> ParsedRequest:
             isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
         prompts = [ids_of(prompt)]
     elif isinstance(prompt, list) and prompt:
+        if len(prompt) > MAX_PROMPTS:
+            raise APIError(f"'prompt' holds at most {MAX_PROMPTS} prompts, got {len(prompt)}", "prompt",
+                           code="invalid_value")
         prompts = [ids_of(p) for p in prompt]
     else:
         raise APIError("'prompt' must be a non-empty string or list", "prompt", code="invalid_type")

@@ -10,11 +10,18 @@ through `loop.call_soon_threadsafe`, as events:
   or None;
 * ``("done", index, info)``: info = {finish_reason ('stop' | 'length' | 'cancelled'), text (the reply cut
   before a stop string, or None), prompt_tokens, completion_tokens, cached_tokens};
-* ``("error", index, message)``.
+* ``("error", index, message)``: the message is safe to show a client (no exception text: that is logged).
 
 Admission is bounded: at most `max_queue` engine requests may wait for a cache slot (submitted, not yet
 running); more raise `QueueFull` (HTTP 429). Shutdown: `drain(grace)` stops admission (`Draining`, HTTP
 503) and cancels whatever is still running `grace` seconds later; `stop()` cancels the rest and joins.
+
+Failures, narrowest first: a request whose logits turn NaN/inf ends alone with an error (the engine's
+finish_reason 'error'); a failed engine step fails the requests it was running and the thread goes on;
+`MAX_CONSECUTIVE_STEP_FAILURES` failed steps in a row (a broken device, say) or any error outside a step
+end the thread. A dead thread never hangs a client: every queued and running request gets an error event,
+`submit` raises `EngineDown` (HTTP 503), and `on_fatal(exc)` is called so the server can exit non-zero and
+be restarted by its supervisor.
 """
 
 from __future__ import annotations
@@ -38,6 +45,17 @@ class Draining(Exception):
     """The runner is shutting down and takes no new requests."""
 
 
+class EngineDown(Exception):
+    """The engine thread has died; the runner takes no new requests."""
+
+
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+"""Engine steps failing back to back before the engine is declared dead (one failure is a request's or a
+transient problem; a run of them is a broken engine that only a restart can fix)."""
+STEP_FAILED = "internal error while generating; the request was not completed"
+ENGINE_DOWN = "the inference engine stopped; the server is restarting"
+
+
 @dataclass
 class _Sub:
     request_id: str
@@ -53,11 +71,15 @@ class EngineRunner:
 
     engine: the Engine (only this runner's thread calls it after `start`).
     max_queue: most engine requests waiting for a slot before `submit` raises `QueueFull`.
+    on_fatal: called once, from the engine thread, with the exception that ended the thread (after every
+    request got its error); default: nothing beyond the log.
     """
 
-    def __init__(self, engine, max_queue: int = 64):
+    def __init__(self, engine, max_queue: int = 64, on_fatal=None):
         self.engine = engine
         self.max_queue = max_queue
+        self.on_fatal = on_fatal
+        self._dead = False
         self._cond = threading.Condition()
         self._inbox: list[tuple[str, object]] = []  # ("submit", _Sub) | ("cancel", request_id)
         self._queued = 0  # submitted and not yet running (inbox + engine.waiting)
@@ -80,7 +102,12 @@ class EngineRunner:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._dead
+
+    @property
+    def dead(self) -> bool:
+        """True once the engine thread has failed (not after a clean `stop`)."""
+        return self._dead
 
     @property
     def draining(self) -> bool:
@@ -132,6 +159,8 @@ class EngineRunner:
         """
         loop = asyncio.get_running_loop()
         with self._cond:
+            if self._dead:
+                raise EngineDown(ENGINE_DOWN)
             if self._draining or self._stopping:
                 raise Draining("the server is shutting down")
             if self._queued + len(items) > self.max_queue:
@@ -183,7 +212,36 @@ class EngineRunner:
         self._emit(sub, ("token", sub.index, token, entry))
 
     def _loop(self) -> None:
+        try:
+            self._serve_requests()
+        except BaseException as e:  # noqa: BLE001 - whatever ends the thread must not leave clients hanging
+            self._die(e)
+
+    def _die(self, exc: BaseException) -> None:
+        """The engine thread is ending on `exc`: refuse new work, send an error to every request still
+        queued or running, then tell the server (`on_fatal`)."""
+        log.critical("engine thread died; failing every request", exc_info=exc)
+        self.error = exc
+        with self._cond:
+            self._dead = True
+            pending = [item for kind, item in self._inbox if kind == "submit"]
+            self._inbox = []
+            self._active.clear()
+            self._queued = 0
+            self._stats.update(running=0)
+            self._cond.notify_all()
+        for sub in pending + list(self._subs.values()):
+            self._emit(sub, ("error", sub.index, ENGINE_DOWN))
+        self._subs.clear()
+        if self.on_fatal is not None:
+            try:
+                self.on_fatal(exc)
+            except Exception:  # noqa: BLE001
+                log.exception("on_fatal callback failed")
+
+    def _serve_requests(self) -> None:
         eng = self.engine
+        failures = 0  # engine steps failed back to back
         while True:
             with self._cond:
                 while not self._inbox and not eng.has_unfinished() and not self._stopping:
@@ -199,14 +257,18 @@ class EngineRunner:
             if eng.has_unfinished():
                 try:
                     eng.step()
-                except Exception as e:  # a model failure: fail every request, keep serving
-                    log.exception("engine step failed")
+                    failures = 0
+                except Exception as e:  # a model failure: fail the requests in the engine, keep serving
+                    failures += 1
+                    log.exception("engine step failed (%d in a row)", failures)
                     self.error = e
                     for rid in list(eng.requests):
                         eng.cancel(rid)
                         sub = self._subs.pop(rid, None)
                         if sub is not None:
-                            self._emit(sub, ("error", sub.index, f"engine error: {e}"))
+                            self._emit(sub, ("error", sub.index, STEP_FAILED))
+                    if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                        raise RuntimeError(f"{failures} engine steps failed in a row") from e
             self._finish(eng.pop_finished())
         for rid in list(eng.requests):  # stopped with work left (should not happen after stop())
             eng.cancel(rid)
@@ -215,8 +277,9 @@ class EngineRunner:
     def _add(self, sub: _Sub) -> None:
         try:
             self.engine.add_request(sub.prompt, sub.params, sub.request_id, on_token=self._on_token)
-        except ValueError as e:
-            self._emit(sub, ("error", sub.index, str(e)))
+        except Exception:  # noqa: BLE001 - the request is refused, the engine is untouched
+            log.exception("engine refused request %s", sub.request_id)
+            self._emit(sub, ("error", sub.index, STEP_FAILED))
             with self._cond:
                 self._active.discard(sub.request_id)
             return
@@ -226,7 +289,10 @@ class EngineRunner:
         for req in done:
             sub = self._subs.pop(req.request_id, None)
             self.finished_log.append((req.request_id, req.finish_reason))
-            if sub is not None:
+            if sub is not None and req.finish_reason == "error":
+                log.warning("request %s failed alone: %s", req.request_id, req.error)
+                self._emit(sub, ("error", sub.index, f"generation failed: {req.error}"))
+            elif sub is not None:
                 self._emit(sub, ("done", sub.index, {
                     "finish_reason": req.finish_reason, "text": req.text, "prompt_tokens": len(req.prompt),
                     "completion_tokens": len(req.output), "cached_tokens": req.cached_tokens}))
