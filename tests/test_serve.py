@@ -4,7 +4,6 @@ slowed by wrapping the engine's `step` with a sleep (test-only)."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import re
@@ -464,7 +463,7 @@ def test_api_key_challenge_and_utf8_key(model_dir):
                         headers={"Authorization": key})
         assert ok.status_code == 200
         latin1 = httpx.post(base + "/v1/completions", json={"prompt": "to"},
-                            headers={"Authorization": "Bearer ключ-🔑".encode("utf-8").decode("latin-1")
+                            headers={"Authorization": "Bearer ключ-🔑".encode().decode("latin-1")
                                      .encode("utf-8")})
         assert latin1.status_code == 401
 
