@@ -271,6 +271,46 @@ def test_foreign_tokenizer_without_any_special_token_loads(tmp_path):
         tok.encode("a", add_eos=True)
 
 
+@pytest.mark.parametrize("kind", ["wordpiece", "unigram"])
+def test_foreign_wordpiece_and_unigram_tokenizers_load_as_transformers_loads_them(tmp_path, kind, corpus):
+    """A BERT-style WordPiece tokenizer (cls/sep, no bos/eos) and a T5-style Unigram one (eos, pad, no bos),
+    with their tokenizer_config.json: same ids and text as transformers, absent tokens are None."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if kind == "wordpiece":
+        specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        hf = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        hf.normalizer = normalizers.BertNormalizer(lowercase=True)
+        hf.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        hf.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=1500, special_tokens=specials, show_progress=False)
+        config = {"cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]", "unk_token": "[UNK]",
+                  "mask_token": "[MASK]"}
+    else:
+        specials = ["<pad>", "</s>", "<unk>"]
+        hf = tokenizers.Tokenizer(models.Unigram())
+        hf.pre_tokenizer = pre_tokenizers.Metaspace()
+        hf.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=4000, special_tokens=specials, unk_token="<unk>",
+                                          show_progress=False)
+        config = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    hf.train_from_iterator([t[:2000] for t in corpus[:200]], trainer=trainer)
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", **config}))
+    tok = Tokenizer.load(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.kind == kind and tok.vocab_size == len(ref)
+    assert tok.bos_id is None and tok.unk_id == ref.unk_token_id and tok.pad_id == ref.pad_token_id
+    assert tok.eos_id == ref.eos_token_id and tok.eos_ids == (() if tok.eos_id is None else (tok.eos_id,))
+    for text in ["Wherefore art thou Romeo?", "学而时习之，不亦说乎？", UNSEEN]:
+        assert tok.encode(text) == ref.encode(text, add_special_tokens=False)
+        assert tok.decode(tok.encode(text), skip_special_tokens=True) == ref.decode(
+            ref.encode(text, add_special_tokens=False), skip_special_tokens=True)
+
+
 # -- training entry points -------------------------------------------------------------------------
 
 

@@ -361,7 +361,8 @@ def _special_re(tokenizer) -> re.Pattern | None:
         return _special_res[tokenizer]
     except KeyError:
         pass
-    specials = sorted(tokenizer.special_tokens, key=len, reverse=True)
+    # whitespace-only special tokens (Gemma's runs of spaces / newlines) are ordinary text in messages
+    specials = sorted((t for t in tokenizer.special_tokens if t.strip()), key=len, reverse=True)
     pat = re.compile("|".join(map(re.escape, specials))) if specials else None
     _special_res[tokenizer] = pat
     return pat

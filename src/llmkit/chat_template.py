@@ -35,6 +35,8 @@ from datetime import datetime
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 __all__ = [
     "SPECIAL_TOKEN_VARIABLES",
     "ChatFormatError",
@@ -161,8 +163,6 @@ def _plain(value: Any) -> Any:
         return value
     if isinstance(value, str):
         return str.__str__(value)
-    if isinstance(value, bool):
-        return bool(value)
     if isinstance(value, int):
         return int.__int__(value)
     if isinstance(value, float):
@@ -173,7 +173,7 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, tuple):
         return tuple(_plain(v) for v in value)
-    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+    if isinstance(value, np.generic):  # numpy scalars: np.bool_(False) must stay falsy
         return _plain(value.item())
     if callable(getattr(value, "model_dump", None)):  # pydantic message objects
         return _plain(value.model_dump())
