@@ -345,7 +345,8 @@ class Decoder(nn.Module):
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
         """Token embeddings of idx (scaled by sqrt(d_model) with `scale_embeddings`), without positions."""
         x = self.tok_emb(idx)
-        return x if self.embed_scale is None else x * self.embed_scale
+        # the factor rounded to the weights' dtype first, as Gemma does (bf16: sqrt(3072) -> 55.5)
+        return x if self.embed_scale is None else x * torch.tensor(self.embed_scale, dtype=x.dtype)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Final norm, LM head and (with `final_softcap`) logit soft-capping: hidden states -> logits."""
