@@ -31,7 +31,8 @@ Design choices, and why:
   the data loader counts such records as malformed, the server can answer 400.
 * **Fallback for tokenizers without chat-role tokens** (e.g. a tokenizer imported from elsewhere that
   only has bos/eos/pad/unk): `chat_template_for` returns `PLAIN_CHAT_TEMPLATE`, whose role markers are
-  plain text (``"User:\\n"``) and whose end of turn is the always-present ``<|eos|>``. Content still
+  plain text (``"User:\\n"``) and whose end of turn is ``<|eos|>`` (a foreign tokenizer's own bos / eos
+  token in their place). Content still
   ends at a special token, and starts after a ``"\\n"`` that the byte-level pre-tokenizer always keeps
   apart from the non-space first character of stripped content, so the mask is still exact (checked on
   every encode: a token straddling a turn boundary raises instead of training on a wrong mask).
@@ -82,6 +83,7 @@ __all__ = [
     "encode_chats",
     "end_token_id",
     "has_chat_template",
+    "jinja_template_from_config",
     "load_chat_template",
     "render_chat",
     "save_chat_template",
