@@ -333,3 +333,44 @@ def test_each_gemma2_option_is_exercised_by_the_parity_config(option, off):
     idx = torch.randint(0, VOCAB, (1, 30))
     with torch.no_grad():
         assert (model.eval()(idx)[0] - changed.eval()(idx)[0]).abs().max() > 1e-3
+
+
+# config.json as checkpoints on the hub write it (transformers 4.x: rope_theta + rope_scaling with "type" or
+# "rope_type", Phi-3's top-level original_max_position_embeddings, no layer_types), at tiny sizes
+HUB_4X = {
+    "llama-3.2": dict(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=500000.0, head_dim=16,
+                      rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                    "original_max_position_embeddings": 16, "rope_type": "llama3"},
+                      tie_word_embeddings=True, attention_bias=False, mlp_bias=False, rms_norm_eps=1e-5),
+    "llama-2-linear": dict(architectures=["LlamaForCausalLM"], model_type="llama",
+                           rope_scaling={"type": "linear", "factor": 4.0}),
+    "qwen2.5": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", rope_theta=1000000.0,
+                    use_sliding_window=False, sliding_window=64, max_window_layers=21, tie_word_embeddings=True),
+    "phi-3-128k": dict(architectures=["Phi3ForCausalLM"], model_type="phi3", original_max_position_embeddings=16,
+                       rope_scaling={"type": "longrope", "long_factor": [1.0 + 0.5 * i for i in range(8)],
+                                     "short_factor": [1.0 + 0.05 * i for i in range(8)]}, sliding_window=60),
+    "gemma-2": dict(architectures=["Gemma2ForCausalLM"], model_type="gemma2", head_dim=32, query_pre_attn_scalar=32,
+                    hidden_activation="gelu_pytorch_tanh", sliding_window=8, final_logit_softcapping=30.0,
+                    attn_logit_softcapping=50.0, cache_implementation="hybrid"),
+    "mistral-7b-v0.1": dict(architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=8),
+}
+
+
+@pytest.mark.parametrize("name", HUB_4X)
+def test_hub_style_4x_config_files(name, tmp_path):
+    from safetensors.torch import save_file
+
+    d = write_config(tmp_path / "hf", **{**SMALL, "num_hidden_layers": 2, "transformers_version": "4.45.0",
+                                         **HUB_4X[name]})
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.from_pretrained(d)
+    hf = transformers.AutoModelForCausalLM.from_config(cfg)
+    randomize(hf)
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()
+               if not (cfg.tie_word_embeddings and k == "lm_head.weight")}, str(d / "model.safetensors"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, attn_implementation="eager").eval()
+    model = import_hf(d)
+    assert max_diff(model, hf, torch.randint(0, VOCAB, (2, T_LONG))) <= 1e-4
+    back = transformers.AutoModelForCausalLM.from_pretrained(export_hf(model, tmp_path / "back"))
+    assert type(back).__name__ == HUB_4X[name]["architectures"][0]
+    assert max_diff(model, back, torch.randint(0, VOCAB, (2, T_LONG))) <= 1e-4
