@@ -290,3 +290,25 @@ def test_char_tokenizer_round_trip_through_transformers(tmp_path, char):
     ids = hf.apply_chat_template(MULTI, tokenize=True, return_dict=False)
     assert list(ids) == encode_chat(char, MULTI)[0]
     assert np.array_equal(np.asarray(ids), np.asarray(char.encode(render_chat(MULTI))))
+
+
+@pytest.mark.parametrize("which", ["default", "plain"])
+def test_llmkit_template_as_jinja_renders_and_masks_the_same(which, bpe, plain_bpe, conversations):
+    """llmkit's template exported as Jinja (what tokenizer_config.json holds) and rendered by llmkit's own
+    Jinja renderer: same string, ids and mask (from its {% generation %} blocks) as the native path."""
+    from llmkit.chat import JinjaChatTemplate
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tok = bpe if which == "default" else plain_bpe
+        t = chat_template_for(tok, ChatTemplate(default_system="Réponds 简短 \"ok\"\n"))
+    jinja = JinjaChatTemplate(t.to_jinja())
+    assert jinja.has_generation_tags
+    sample = conversations[::10] + [MULTI, MULTI[1:2]]
+    for conv in sample:
+        for gen in (False, True):
+            assert render_chat(conv, jinja, add_generation_prompt=gen) == render_chat(conv, t, add_generation_prompt=gen)
+    native = encode_chats(tok, sample, t)
+    assert [(list(a), list(b)) for a, b in encode_chats(tok, sample, jinja)] == [(list(a), list(b)) for a, b in native]
+    with pytest.raises(ChatFormatError, match="^a system message must come first$"):
+        render_chat(MULTI[1:2] + MULTI[:1], jinja)
