@@ -142,8 +142,8 @@ def test_architecture_parity_both_directions_and_generation(name, tmp_path, figu
     figures[name] = {"import": d_import, "export": d_export}
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen2-sliding-upper-layers", "qwen3", "mistral-sliding-window",
-                                  "phi3-longrope-window", "gemma2"])
+@pytest.mark.parametrize("name", ["llama3", "llama-dynamic", "qwen2-sliding-upper-layers", "qwen3",
+                                  "mistral-sliding-window", "phi3-longrope-window", "gemma2"])
 def test_engine_greedy_equals_model_generate(name, tmp_path):
     hf = hf_model(name)
     hf.save_pretrained(tmp_path / "hf")
@@ -156,9 +156,9 @@ def test_engine_greedy_equals_model_generate(name, tmp_path):
     engine = Engine(model, max_batch=2, prefix_block=8)  # 2 slots: the third request joins a running batch
     got = engine.generate(prompts, RequestParams(max_new_tokens=n_new, temperature=0.0, stop_at_eos=False))
     assert got == expected
-    # prompts beyond a longrope model's original context (16 here) skip the prefix cache: their keys use the
-    # long factors throughout
-    assert (engine.stats()["prefix_hits"] > 0) == (name != "phi3-longrope-window")
+    # prompts beyond the original context (16 here) of a longrope / dynamic model skip the prefix cache:
+    # their keys use frequencies of their own length throughout
+    assert (engine.stats()["prefix_hits"] > 0) == (name not in ("phi3-longrope-window", "llama-dynamic"))
 
 
 def test_sliding_window_is_real():

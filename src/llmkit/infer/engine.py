@@ -37,7 +37,8 @@ embeddings), `Decoder.rope_at` (RoPE scaling, per row where it depends on the se
 `Attention.project_qkv` (q/k/v biases, q/k norm), `Attention.attend` (attention scale, soft-capping),
 `Block.attn_residual` / `mlp_residual` (post-norms) and `Decoder.head` (final soft-capping); a layer's
 sliding window narrows its keep-mask. A longrope model (Phi-3) recomputes a request's cache once it passes
-the original context, as HF's generate does, and its prompts beyond that context skip the prefix cache.
+the original context, as HF's generate does; prompts beyond the original context of a longrope or dynamic-NTK
+model skip the prefix cache.
 """
 
 from __future__ import annotations
@@ -567,13 +568,13 @@ class Engine:
         return m.head(last)
 
     def _prefix_cacheable(self, ids: Sequence[int]) -> bool:
-        """Whether a prompt's keys/values may come from / go to the prefix cache: not for a longrope model's
-        prompt beyond the original context, whose keys all use the long factors (and differ from the same
-        tokens' keys in a shorter prompt)."""
+        """Whether a prompt's keys/values may come from / go to the prefix cache: not for a prompt beyond the
+        original context of a model whose RoPE depends on the sequence length (longrope, dynamic NTK): its
+        keys all use frequencies of its own length, unlike the same tokens' keys in another prompt."""
         if self.prefix_cache.max_blocks <= 0:
             return False
         orig = self.model.rope_original_len
-        return orig is None or self.config.rope_scaling["rope_type"] != "longrope" or len(ids) <= orig
+        return orig is None or len(ids) <= orig
 
     def _recompute_long_rope(self, req: Request) -> torch.Tensor:
         """A longrope request passing the original context: recompute its slot's keys/values with the long
