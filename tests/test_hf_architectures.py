@@ -52,12 +52,14 @@ ARCHS = {
         **SMALL, sliding_window=12, original_max_position_embeddings=16, rope_parameters=rope(
             "longrope", short_factor=[1.0 + 0.1 * i for i in range(8)], long_factor=[1.0 + 0.5 * i for i in range(8)],
             original_max_position_embeddings=16)),
+    "gemma": lambda: transformers.GemmaConfig(**SMALL, head_dim=32),
     "gemma2": lambda: transformers.Gemma2Config(
         **SMALL, head_dim=32, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=5.0,
         final_logit_softcapping=4.0),
 }
 ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-              "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+              "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+              "gemma": "GemmaForCausalLM"}
 
 
 def randomize(model, std=0.15):
@@ -273,11 +275,13 @@ def test_unsupported_options_are_refused_naming_the_key(tmp_path, arch, extra, f
     (dict(hf_architecture="Phi3ForCausalLM", rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_scaling"),
     (dict(hf_architecture="Qwen2ForCausalLM", qk_norm=True), "qk_norm"),
     (dict(hf_architecture="LlamaForCausalLM", attn_softcap=50.0), "attn_softcap"),
+    (dict(hf_architecture="GemmaForCausalLM", activation="geglu_tanh", scale_embeddings=True,
+          norm_unit_offset=True, post_norms=True), "post_norms"),
     (dict(hf_architecture="FalconForCausalLM"), "hf_architecture"),
 ])
 def test_export_refuses_options_the_architecture_lacks(tmp_path, kw, field):
     model = Decoder(DecoderConfig(vocab_size=VOCAB, block_size=16, n_layer=2, d_model=64, n_head=4,
-                                  positions="rope", norm="rmsnorm", activation="swiglu", **kw))
+                                  positions="rope", norm="rmsnorm", **{"activation": "swiglu", **kw}))
     with pytest.raises(ValueError, match=f"^{field}"):
         export_hf(model, tmp_path / "hf")
 
@@ -286,6 +290,7 @@ def test_export_refuses_options_the_architecture_lacks(tmp_path, kw, field):
     (dict(qkv_bias=True), "Qwen2ForCausalLM"),
     (dict(qk_norm=True, head_dim=32), "Qwen3ForCausalLM"),
     (dict(sliding_window=6), "MistralForCausalLM"),
+    (dict(activation="geglu_tanh", scale_embeddings=True, norm_unit_offset=True, head_dim=32), "GemmaForCausalLM"),
     (dict(activation="geglu_tanh", scale_embeddings=True, norm_unit_offset=True, post_norms=True,
           attn_softcap=20.0, final_softcap=10.0, sliding_window=6,
           layer_types=["sliding_attention", "full_attention"]), "Gemma2ForCausalLM"),

@@ -10,8 +10,9 @@ Supported architectures (see docs/hf.md for the full name mapping):
 * The Llama family, as the same `Decoder` with options (`DecoderConfig`): ``MistralForCausalLM`` (sliding
   window), ``Qwen2ForCausalLM`` (q/k/v-only biases, windows on upper layers), ``Qwen3ForCausalLM`` (q/k
   RMSNorm, explicit head_dim), ``Phi3ForCausalLM`` (fused qkv_proj / gate_up_proj split on import and fused
-  on export, longrope), ``Gemma2ForCausalLM`` (GeGLU, scaled embeddings, (1 + w) RMSNorm, pre and post
-  norms, soft-capping, query_pre_attn_scalar, alternating local / global attention).
+  on export, longrope), ``GemmaForCausalLM`` (GeGLU, scaled embeddings, (1 + w) RMSNorm),
+  ``Gemma2ForCausalLM`` (Gemma plus pre and post norms, soft-capping, query_pre_attn_scalar, alternating
+  local / global attention).
 
 Import records the architecture in `DecoderConfig.hf_architecture` and export writes the same one back.
 Everything else is refused with a `ValueError` naming the config key that llmkit cannot reproduce exactly
@@ -37,7 +38,7 @@ from llmkit.models.layers import ROPE_SCALING_KEYS, ROPE_SCALING_TYPES
 __all__ = ["SUPPORTED_ARCHITECTURES", "export_hf", "import_hf"]
 
 SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM")
+                           "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM")
 
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
@@ -152,8 +153,8 @@ def _sliding(hf: dict[str, Any], arch: str, n_layer: int) -> tuple[int | None, l
     window = hf.get("sliding_window")
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not hf.get("use_sliding_window", False):
         window = None
-    if arch == "LlamaForCausalLM":
-        window = None  # Llama has no sliding window
+    if arch in ("LlamaForCausalLM", "GemmaForCausalLM"):
+        window = None  # no sliding window in these
     types = hf.get("layer_types")
     if window is None:
         return None, None
@@ -178,13 +179,16 @@ def _sliding(hf: dict[str, Any], arch: str, n_layer: int) -> tuple[int | None, l
 
 
 def _llama_config(hf: dict[str, Any], arch: str) -> DecoderConfig:
-    """Llama, Mistral, Qwen2, Qwen3, Phi-3 and Gemma 2: one RoPE + RMSNorm + gated-MLP decoder with options."""
-    gemma = arch == "Gemma2ForCausalLM"
-    act_key = "hidden_activation" if gemma and "hidden_activation" in hf else "hidden_act"
+    """Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma and Gemma 2: one RoPE + RMSNorm + gated-MLP decoder with
+    options."""
+    gemma = arch in ("GemmaForCausalLM", "Gemma2ForCausalLM")
+    act_key = "hidden_activation" if arch == "Gemma2ForCausalLM" and "hidden_activation" in hf else "hidden_act"
     act = hf.get(act_key, "gelu_pytorch_tanh" if gemma else "silu")
     allowed = ("gelu_pytorch_tanh", "gelu_new", "gelu") if gemma else ("silu",)
     if act not in allowed:
         raise ValueError(f"{act_key}: {act!r} is not supported for {arch} (supported: {', '.join(allowed)})")
+    if arch == "GemmaForCausalLM" and act == "gelu":
+        act = "gelu_pytorch_tanh"  # Gemma 1's legacy "gelu" means the tanh approximation (transformers does the same)
     d_model, n_head, n_layer = hf["hidden_size"], hf["num_attention_heads"], hf["num_hidden_layers"]
     head_dim = hf.get("head_dim") or d_model // n_head
     bias, qkv_bias = False, None
@@ -207,7 +211,9 @@ def _llama_config(hf: dict[str, Any], arch: str) -> DecoderConfig:
     extra: dict[str, Any] = {}
     if arch == "Qwen3ForCausalLM":
         extra["qk_norm"] = True
-    if gemma:
+    if arch == "GemmaForCausalLM":  # Gemma 1: scaled embeddings and (1 + w) RMSNorm, no Gemma 2 additions
+        extra.update(scale_embeddings=True, norm_unit_offset=True)
+    if arch == "Gemma2ForCausalLM":
         extra.update(scale_embeddings=True, norm_unit_offset=True, post_norms=True,
                      attn_scale=float(hf.get("query_pre_attn_scalar", 256)) ** -0.5,
                      attn_softcap=hf.get("attn_logit_softcapping", 50.0),
@@ -227,7 +233,7 @@ def _llama_config(hf: dict[str, Any], arch: str) -> DecoderConfig:
 
 _MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                "gemma2": "Gemma2ForCausalLM"}
+                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
 
 
 def hf_config_to_llmkit(hf: dict[str, Any]) -> tuple[str, DecoderConfig]:
@@ -360,7 +366,7 @@ def _import_decoder(src: Path, hf: dict[str, Any]) -> Decoder:
 def import_hf(src_dir: str | Path, out_dir: str | Path | None = None) -> torch.nn.Module:
     """Read a local Hugging Face model directory into an llmkit model (fp32, eval mode).
 
-    GPT-2 / Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma 2 become a `Decoder`, BERT an `Encoder` (or `EncoderClassifier`), T5 an
+    GPT-2 / Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma / Gemma 2 become a `Decoder`, BERT an `Encoder` (or `EncoderClassifier`), T5 an
     `EncoderDecoder`, chosen by config.json's `architectures`. `src_dir` holds config.json and the weights
     (model.safetensors, sharded safetensors with an index, or pytorch_model.bin). With `out_dir`, also writes
     an llmkit model directory there, with the model's own tokenizer: any HF ``tokenizer.json`` with its
@@ -411,6 +417,7 @@ def _refuse(field: str, value: Any, arch: str, why: str = "") -> None:
 
 _GEMMA_FIELDS = ("scale_embeddings", "norm_unit_offset", "post_norms", "attn_softcap", "final_softcap",
                  "attn_scale")
+_GEMMA2_ONLY = ("post_norms", "attn_softcap", "final_softcap", "attn_scale")
 
 
 def _hf_arch(cfg: DecoderConfig) -> str:
@@ -431,8 +438,11 @@ def _hf_arch(cfg: DecoderConfig) -> str:
         return "GPT2LMHeadModel"
     arch = cfg.hf_architecture
     if arch is None or arch == "GPT2LMHeadModel":
-        if any(getattr(cfg, f) not in (None, False) for f in _GEMMA_FIELDS) or cfg.activation.startswith("geglu"):
+        if any(getattr(cfg, f) not in (None, False) for f in _GEMMA2_ONLY) or cfg.layer_types is not None \
+                and cfg.activation.startswith("geglu"):
             arch = "Gemma2ForCausalLM"
+        elif any(getattr(cfg, f) for f in ("scale_embeddings", "norm_unit_offset")) or cfg.activation.startswith("geglu"):
+            arch = "GemmaForCausalLM"
         elif cfg.qk_norm:
             arch = "Qwen3ForCausalLM"
         elif cfg.qkv_bias and not cfg.bias:
@@ -453,8 +463,8 @@ def _check_exportable(cfg: DecoderConfig, arch: str) -> None:
     """Refuse, naming the field, any option `arch` cannot express."""
     if cfg.norm != "rmsnorm":
         _refuse("norm", cfg.norm, arch, "rope models export as Llama-family models, which use rmsnorm")
-    gemma = arch == "Gemma2ForCausalLM"
-    acts = ("geglu_tanh", "geglu") if gemma else ("swiglu",)
+    gemma = arch in ("GemmaForCausalLM", "Gemma2ForCausalLM")
+    acts = (("geglu_tanh", "geglu") if arch == "Gemma2ForCausalLM" else ("geglu_tanh",)) if gemma else ("swiglu",)
     if cfg.activation not in acts:
         _refuse("activation", cfg.activation, arch, f"supported: {', '.join(acts)}")
     qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
@@ -470,13 +480,15 @@ def _check_exportable(cfg: DecoderConfig, arch: str) -> None:
         _refuse("qk_norm", cfg.qk_norm, arch, "Qwen3 always has q/k norms, the others never")
     for name in _GEMMA_FIELDS:
         value = getattr(cfg, name)
-        if gemma and name in ("scale_embeddings", "norm_unit_offset", "post_norms") and not value:
-            _refuse(name, value, arch, "Gemma 2 always has it")
-        if not gemma and value not in (None, False):
-            _refuse(name, value, arch, "only Gemma2ForCausalLM has it")
+        required = ("scale_embeddings", "norm_unit_offset") + (("post_norms",) if arch == "Gemma2ForCausalLM" else ())
+        if gemma and name in required and not value:
+            _refuse(name, value, arch, "this architecture always has it")
+        if value not in (None, False) and not (arch == "Gemma2ForCausalLM" or gemma and name not in _GEMMA2_ONLY):
+            _refuse(name, value, arch, "only " + ("Gemma2ForCausalLM" if name in _GEMMA2_ONLY else
+                                                  "GemmaForCausalLM and Gemma2ForCausalLM") + " have it")
     if cfg.sliding_window is not None:
-        if arch == "LlamaForCausalLM":
-            _refuse("sliding_window", cfg.sliding_window, arch, "Llama has no sliding window (Mistral has)")
+        if arch in ("LlamaForCausalLM", "GemmaForCausalLM"):
+            _refuse("sliding_window", cfg.sliding_window, arch, "no sliding window in this architecture (Mistral has)")
         if cfg.layer_types is not None and arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
             _refuse("layer_types", cfg.layer_types, arch, "its sliding window covers every layer")
     kind = (cfg.rope_scaling or {}).get("rope_type")
@@ -569,7 +581,7 @@ def _hf_config(cfg: DecoderConfig, arch: str, gen: dict[str, Any]) -> dict[str, 
     }
     if arch == "LlamaForCausalLM":
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
-    elif arch in ("Qwen3ForCausalLM", "Gemma2ForCausalLM"):
+    elif arch in ("Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM"):
         out["attention_bias"] = False
     window = cfg.sliding_window
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
@@ -581,7 +593,7 @@ def _hf_config(cfg: DecoderConfig, arch: str, gen: dict[str, Any]) -> dict[str, 
         out.update(hidden_activation=out.pop("hidden_act"), sliding_window=window or cfg.block_size,
                    layer_types=types, query_pre_attn_scalar=_query_pre_attn_scalar(cfg),
                    attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
-    else:  # Mistral, Phi-3: one window for every layer (or none)
+    elif arch != "GemmaForCausalLM":  # Mistral, Phi-3: one window for every layer (or none)
         out["sliding_window"] = window
     if arch == "Phi3ForCausalLM":
         out.update(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, partial_rotary_factor=1.0)
