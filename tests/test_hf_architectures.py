@@ -52,6 +52,10 @@ ARCHS = {
         **SMALL, sliding_window=12, original_max_position_embeddings=16, rope_parameters=rope(
             "longrope", short_factor=[1.0 + 0.1 * i for i in range(8)], long_factor=[1.0 + 0.5 * i for i in range(8)],
             original_max_position_embeddings=16)),
+    "phi4-mini-partial-rotary": lambda: transformers.Phi3Config(
+        **SMALL, partial_rotary_factor=0.75, original_max_position_embeddings=16, rope_parameters=rope(
+            "longrope", short_factor=[1.0 + 0.1 * i for i in range(6)], long_factor=[1.0 + 0.5 * i for i in range(6)],
+            original_max_position_embeddings=16, partial_rotary_factor=0.75)),
     "gemma": lambda: transformers.GemmaConfig(**SMALL, head_dim=32),
     "gemma2": lambda: transformers.Gemma2Config(
         **SMALL, head_dim=32, query_pre_attn_scalar=24, sliding_window=8, attn_logit_softcapping=5.0,
@@ -59,7 +63,7 @@ ARCHS = {
 }
 ARCH_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
               "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-              "gemma": "GemmaForCausalLM"}
+              "gemma": "GemmaForCausalLM", "phi4": "Phi3ForCausalLM"}
 
 
 def randomize(model, std=0.15):
@@ -117,6 +121,7 @@ def test_architecture_parity_both_directions_and_generation(name, tmp_path, figu
         model = import_hf(tmp_path / "hf", tmp_path / "ours")
     arch = next(cls for prefix, cls in ARCH_CLASS.items() if name.startswith(prefix))
     assert model.config.hf_architecture == arch
+    assert model.config.rope_dim == (12 if "partial" in name else model.config.head_dim)
     torch.manual_seed(1)
     T = min(T_LONG, model.config.block_size)
     idx = torch.randint(0, VOCAB, (2, T))
@@ -145,7 +150,8 @@ def test_architecture_parity_both_directions_and_generation(name, tmp_path, figu
 
 
 @pytest.mark.parametrize("name", ["llama3", "llama-dynamic", "qwen2-sliding-upper-layers", "qwen3",
-                                  "mistral-sliding-window", "phi3-longrope-window", "gemma2"])
+                                  "mistral-sliding-window", "phi3-longrope-window", "phi4-mini-partial-rotary",
+                                  "gemma2"])
 def test_engine_greedy_equals_model_generate(name, tmp_path):
     hf = hf_model(name)
     hf.save_pretrained(tmp_path / "hf")
@@ -160,7 +166,8 @@ def test_engine_greedy_equals_model_generate(name, tmp_path):
     assert got == expected
     # prompts beyond the original context (16 here) of a longrope / dynamic model skip the prefix cache:
     # their keys use frequencies of their own length throughout
-    assert (engine.stats()["prefix_hits"] > 0) == (name not in ("phi3-longrope-window", "llama-dynamic"))
+    assert (engine.stats()["prefix_hits"] > 0) == (name not in ("phi3-longrope-window", "phi4-mini-partial-rotary",
+                                                                "llama-dynamic"))
 
 
 def test_sliding_window_is_real():
@@ -259,7 +266,7 @@ BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermed
      "layer_types"),
     ("MistralForCausalLM", dict(hidden_act="gelu"), "hidden_act"),
     ("Phi3ForCausalLM", dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 8}), "rope_scaling"),
-    ("Phi3ForCausalLM", dict(partial_rotary_factor=0.75), "partial_rotary_factor"),
+    ("LlamaForCausalLM", dict(partial_rotary_factor=0.75), "partial_rotary_factor"),
     ("LlamaForCausalLM", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
     ("Qwen2MoeForCausalLM", {}, "architectures"),
 ])

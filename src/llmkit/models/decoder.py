@@ -86,6 +86,10 @@ class DecoderConfig:
     qk_norm: bool = False
     """RMSNorm (eps `norm_eps`) over each head's queries and keys before RoPE, weights of size head_dim
     (Qwen3; Dehghani et al. 2023): keeps attention logits bounded."""
+    rotary_dim: int | None = None
+    """Partial rotary embeddings: only the first rotary_dim of each head's head_dim dimensions are rotated,
+    the rest carry no position (GPT-NeoX's rotary_pct; Phi-4-mini's partial_rotary_factor 0.75). None: the
+    whole head."""
     rope_scaling: dict[str, Any] | None = None
     """RoPE context extension, HF's `rope_parameters` minus rope_theta: {"rope_type": linear | dynamic |
     yarn | llama3 | longrope, ...its keys}; formulas in `llmkit.models.layers.rope_frequencies`. None: plain
@@ -138,6 +142,8 @@ class DecoderConfig:
             raise ValueError(f"n_kv_head: must be >= 1 and divide n_head={self.n_head}, got {self.n_kv_head}")
         if self.positions == "rope" and self.head_dim % 2:
             raise ValueError(f"n_head: rope needs an even head size, head_dim = {self.head_dim}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0):
+            raise ValueError(f"rotary_dim: must be even and in (0, head_dim={self.head_dim}], got {self.rotary_dim}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {self.dropout}")
         if self.rope_scaling is not None:
@@ -153,8 +159,8 @@ class DecoderConfig:
                 raise ValueError(f"rope_scaling.{missing[0]}: required for rope_type {kind!r}")
             if kind == "longrope":
                 for k in ("short_factor", "long_factor"):
-                    if len(self.rope_scaling[k]) != self.head_dim // 2:
-                        raise ValueError(f"rope_scaling.{k}: needs head_dim / 2 = {self.head_dim // 2} values, "
+                    if len(self.rope_scaling[k]) != self.rope_dim // 2:
+                        raise ValueError(f"rope_scaling.{k}: needs rotary dims / 2 = {self.rope_dim // 2} values, "
                                          f"got {len(self.rope_scaling[k])}")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window: must be >= 1, got {self.sliding_window}")
@@ -169,6 +175,11 @@ class DecoderConfig:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
         if (self.norm_unit_offset or self.qk_norm) and self.norm != "rmsnorm":
             raise ValueError(f"{'norm_unit_offset' if self.norm_unit_offset else 'qk_norm'}: needs norm: rmsnorm")
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions of each head that RoPE rotates: `rotary_dim`, or the whole head."""
+        return self.rotary_dim if self.rotary_dim is not None else self.head_dim
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of layer `layer` (None: full causal attention)."""
@@ -233,7 +244,7 @@ class Block(nn.Module):
         self.norm1 = norm()
         self.attn = Attention(c.d_model, c.n_head, c.kv_heads, c.bias, c.dropout, scale=c.attn_scale,
                               head_dim=c.head_dim, qkv_bias=c.qkv_bias, qk_norm_eps=c.norm_eps if c.qk_norm else None,
-                              softcap=c.attn_softcap, window=c.layer_window(layer))
+                              softcap=c.attn_softcap, window=c.layer_window(layer), rotary_dim=c.rotary_dim)
         self.norm2 = norm()
         self.mlp = FeedForward(c.d_model, c.d_ff, c.activation, c.bias, c.dropout)
         self.attn_out_norm = norm() if c.post_norms else None
@@ -293,14 +304,14 @@ class Decoder(nn.Module):
         dynamic NTK to frequencies computed per sequence length (`rope_at`).
         """
         c = self.config
-        cos, sin = rope_cache(c.block_size, c.head_dim, c.rope_base, c.rope_scaling)
+        cos, sin = rope_cache(c.block_size, c.rope_dim, c.rope_base, c.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         kind = (c.rope_scaling or {}).get("rope_type")
         self.rope_original_len = c.rope_scaling["original_max_position_embeddings"] \
             if kind in ("dynamic", "longrope") else None
         if kind == "longrope":
-            cos, sin = rope_cache(c.block_size, c.head_dim, c.rope_base, c.rope_scaling,
+            cos, sin = rope_cache(c.block_size, c.rope_dim, c.rope_base, c.rope_scaling,
                                   seq_len_for_scaling=self.rope_original_len + 1)
             self.register_buffer("rope_cos_long", cos, persistent=False)
             self.register_buffer("rope_sin_long", sin, persistent=False)
@@ -308,7 +319,7 @@ class Decoder(nn.Module):
     def rope_at(self, positions: torch.Tensor, seq_lens: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin (positions.shape + (head_dim/2,)) for the token positions of a forward pass.
 
-        `seq_lens` is the sequence length the pass reaches (last position + 1): one int, or one per row
+        Shape (..., rope_dim / 2). `seq_lens` is the sequence length the pass reaches (last position + 1): one int, or one per row
         (positions then (rows, ...)). Only dynamic NTK and longrope depend on it, and only past the original
         context, as in HF, where frequencies follow the longest position of each forward pass (keys already
         cached keep the frequencies they were rotated with).
@@ -329,7 +340,7 @@ class Decoder(nn.Module):
             if c.rope_scaling["rope_type"] == "longrope":
                 cos[where], sin[where] = self.rope_cos_long[positions[where]], self.rope_sin_long[positions[where]]
             else:  # dynamic NTK: frequencies for this sequence length
-                inv_freq, factor = rope_frequencies(c.head_dim, c.rope_base, c.rope_scaling, c.block_size, seq_len=n)
+                inv_freq, factor = rope_frequencies(c.rope_dim, c.rope_base, c.rope_scaling, c.block_size, seq_len=n)
                 cos[where], sin[where] = rope_angles(positions[where], inv_freq, factor)
         return cos, sin
 

@@ -80,8 +80,8 @@ def _load_one(path: Path, kind: str) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _rope(hf: dict[str, Any], arch: str) -> tuple[float, dict[str, Any] | None, int]:
-    """(rope_theta, llmkit rope_scaling or None, block_size) from either config format.
+def _rope(hf: dict[str, Any], arch: str) -> tuple[float, dict[str, Any] | None, int, float]:
+    """(rope_theta, llmkit rope_scaling or None, block_size, partial_rotary_factor) from either config format.
 
     transformers >= 5 writes `rope_parameters` ({rope_type, rope_theta, ...}); 4.x writes `rope_theta` and
     `rope_scaling` ({type or rope_type, ...}). The scaling keys are kept as HF names them, with the values HF
@@ -98,13 +98,15 @@ def _rope(hf: dict[str, Any], arch: str) -> tuple[float, dict[str, Any] | None, 
     src = dict(scaling) if scaling else dict(params or {})  # transformers 5 also prefers rope_scaling when given
     theta = float(src.get("rope_theta", (params or {}).get("rope_theta", hf.get("rope_theta", 10000.0))))
     partial = src.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    if partial is not None and partial != 1.0:
-        raise ValueError(f"partial_rotary_factor: {partial} is not supported (llmkit rotates the whole head)")
+    partial = 1.0 if partial is None else float(partial)
+    if partial != 1.0 and arch != "Phi3ForCausalLM":
+        raise ValueError(f"partial_rotary_factor: {partial} is not supported for {arch} (only Phi3ForCausalLM "
+                         "rotates part of each head)")
     kind = src.get("rope_type", src.get("type", "default"))
     if arch == "Phi3ForCausalLM" and kind in ("su", "yarn"):
         kind = "longrope"  # Phi-3's older names for LongRoPE, as transformers reads them
     if kind == "default":
-        return theta, None, block_size
+        return theta, None, block_size, partial
     if kind not in ROPE_SCALING_TYPES:
         raise ValueError(f"rope_scaling: rope_type {kind!r} is not supported "
                          f"(supported: default, {', '.join(ROPE_SCALING_TYPES)})")
@@ -121,7 +123,7 @@ def _rope(hf: dict[str, Any], arch: str) -> tuple[float, dict[str, Any] | None, 
     missing = [k for k in ROPE_SCALING_KEYS[kind] if out.get(k) is None]
     if missing:
         raise ValueError(f"rope_scaling: rope_type {kind!r} needs {missing[0]!r}")
-    return theta, out, block_size
+    return theta, out, block_size, partial
 
 
 def _gpt2_config(hf: dict[str, Any]) -> DecoderConfig:
@@ -206,9 +208,11 @@ def _llama_config(hf: dict[str, Any], arch: str) -> DecoderConfig:
     if hf.get("mlp_bias", False) and arch != "LlamaForCausalLM":
         raise ValueError(f"mlp_bias: true is not supported for {arch}")
     n_kv = hf.get("num_key_value_heads") or n_head
-    theta, scaling, block_size = _rope(hf, arch)
-    window, types = _sliding(hf, arch, n_layer)
     extra: dict[str, Any] = {}
+    theta, scaling, block_size, partial = _rope(hf, arch)
+    if partial != 1.0:  # HF: int(head_dim * partial_rotary_factor) dimensions rotate
+        extra["rotary_dim"] = int(head_dim * partial)
+    window, types = _sliding(hf, arch, n_layer)
     if arch == "Qwen3ForCausalLM":
         extra["qk_norm"] = True
     if arch == "GemmaForCausalLM":  # Gemma 1: scaled embeddings and (1 + w) RMSNorm, no Gemma 2 additions
@@ -430,7 +434,7 @@ def _hf_arch(cfg: DecoderConfig) -> str:
             _refuse("activation", cfg.activation, "GPT2LMHeadModel", f"supported: {sorted(_GPT2_ACT_OUT)}")
         if cfg.kv_heads != cfg.n_head:
             _refuse("n_kv_head", cfg.n_kv_head, "GPT2LMHeadModel", "GPT-2 has no grouped-query attention")
-        for name in ("qkv_bias", "qk_norm", "rope_scaling", "sliding_window", "head_dim") + _GEMMA_FIELDS:
+        for name in ("qkv_bias", "qk_norm", "rope_scaling", "sliding_window", "head_dim", "rotary_dim") + _GEMMA_FIELDS:
             value = getattr(cfg, name)
             if value not in (None, False) and not (name == "head_dim" and value * cfg.n_head == cfg.d_model) \
                     and not (name == "qkv_bias" and value == cfg.bias):
@@ -491,6 +495,8 @@ def _check_exportable(cfg: DecoderConfig, arch: str) -> None:
             _refuse("sliding_window", cfg.sliding_window, arch, "no sliding window in this architecture (Mistral has)")
         if cfg.layer_types is not None and arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
             _refuse("layer_types", cfg.layer_types, arch, "its sliding window covers every layer")
+    if cfg.rotary_dim not in (None, cfg.head_dim) and arch != "Phi3ForCausalLM":
+        _refuse("rotary_dim", cfg.rotary_dim, arch, "only Phi3ForCausalLM rotates part of each head")
     kind = (cfg.rope_scaling or {}).get("rope_type")
     if arch == "Phi3ForCausalLM" and kind not in (None, "longrope"):
         _refuse("rope_scaling", kind, arch, "Phi-3 takes longrope only")
@@ -596,7 +602,9 @@ def _hf_config(cfg: DecoderConfig, arch: str, gen: dict[str, Any]) -> dict[str, 
     elif arch != "GemmaForCausalLM":  # Mistral, Phi-3: one window for every layer (or none)
         out["sliding_window"] = window
     if arch == "Phi3ForCausalLM":
-        out.update(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, partial_rotary_factor=1.0)
+        partial = cfg.rope_dim / cfg.head_dim
+        out.update(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, partial_rotary_factor=partial)
+        out["rope_parameters"]["partial_rotary_factor"] = partial
         if kind == "longrope":
             out["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
     return out

@@ -253,12 +253,14 @@ class Attention(nn.Module):
             SDPA cannot do this, so such layers compute the scores explicitly.
         window: sliding-window attention (Beltagy et al. 2020 "Longformer"; Mistral 7B, Jiang et al. 2023):
             a query sees only the `window` most recent positions, itself included.
+        rotary_dim: rotate only the first rotary_dim dimensions of each head (partial rotary; `rope` then
+            holds rotary_dim / 2 frequencies); None: the whole head.
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int | None = None, bias: bool = False,
                  dropout: float = 0.0, cross: bool = False, scale: float | None = None,
                  head_dim: int | None = None, qkv_bias: bool | None = None, qk_norm_eps: float | None = None,
-                 softcap: float | None = None, window: int | None = None):
+                 softcap: float | None = None, window: int | None = None, rotary_dim: int | None = None):
         super().__init__()
         self.n_head = n_head
         self.n_kv_head = n_kv_head or n_head
@@ -266,6 +268,7 @@ class Attention(nn.Module):
         self.scale = scale
         self.softcap = softcap
         self.window = window
+        self.rotary_dim = rotary_dim if rotary_dim != self.head_dim else None
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         in_bias = bias if qkv_bias is None else qkv_bias
         if cross:
@@ -301,7 +304,12 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.rotary_dim is None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            else:
+                r = self.rotary_dim
+                q = torch.cat((apply_rope(q[..., :r], *rope), q[..., r:]), dim=-1)
+                k = torch.cat((apply_rope(k[..., :r], *rope), k[..., r:]), dim=-1)
         return q, k, v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
