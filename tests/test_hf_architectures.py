@@ -183,12 +183,19 @@ def test_sliding_window_is_real():
     idx = torch.randint(0, VOCAB, (1, 30))
     with torch.no_grad():
         a, b = model.eval()(idx)[0], full.eval()(idx)[0]
+        # the KV cache is a rolling buffer of 8 slots; feed it chunks (also one longer than the window, after
+        # it has wrapped) and single tokens
         cache = KVCache(model.config, 1)
-        stepwise = torch.cat([model(idx[:, :5], cache=cache)[0]] + [model(idx[:, t:t + 1], cache=cache)[0]
-                                                                   for t in range(5, 30)], dim=1)
+        assert cache.k.shape[3] == 8 and cache.max_len == model.config.block_size
+        chunks = [(0, 5), (5, 12)] + [(t, t + 1) for t in range(12, 20)] + [(20, 30)]
+        stepwise = torch.cat([model(idx[:, i:j], cache=cache)[0] for i, j in chunks], dim=1)
+        kept = KVCache(model.config, 1, rolling=False)
+        assert kept.k.shape[3] == model.config.block_size
+        in_place = torch.cat([model(idx[:, i:j], cache=kept)[0] for i, j in chunks], dim=1)
     diff = (a - b).abs().amax(-1)[0]
     assert diff[:8].max() < 1e-6 and diff[8:].min() > 1e-4  # position 8 is the first that cannot see key 0
     torch.testing.assert_close(stepwise, a, rtol=0, atol=1e-4)
+    torch.testing.assert_close(in_place, a, rtol=0, atol=1e-4)
 
 
 def import_hf_from(hf):

@@ -582,7 +582,7 @@ class Engine:
         from llmkit.models.decoder import KVCache
 
         ids = req.prompt + req.output  # the cache holds all but the last token
-        cache = KVCache(self.config, 1, len(ids), device=self.device, dtype=self.dtype)
+        cache = KVCache(self.config, 1, len(ids), device=self.device, dtype=self.dtype, rolling=False)
         logits, _ = self.model(torch.tensor([ids], device=self.device), cache=cache)
         self.k[:, req.slot, :, :len(ids)] = cache.k[:, 0]
         self.v[:, req.slot, :, :len(ids)] = cache.v[:, 0]

@@ -204,14 +204,27 @@ class KVCache:
     prefix-tuned model the first `prefix_len` slots hold the prefix (written by the model's first forward
     pass on an empty cache), so `max_len` must leave room for it (`Decoder.num_prefix_tokens`) and the
     token positions are `length - prefix_len`.
+
+    Rolling buffer: when every layer has the same sliding window W (Mistral; `layer_types` None) and
+    max_len > W, the cache keeps only W slots per layer, position p in slot p % W, as Mistral's reference
+    implementation does ("rotating buffer cache"): no query ever looks further back, so memory stays
+    O(W) however long the sequence grows (`rolling=False` keeps every position). `max_len` is still the
+    number of positions the cache can take.
     """
 
     def __init__(self, config: DecoderConfig, batch_size: int, max_len: int | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 rolling: bool = True):
         max_len = max_len or config.block_size
-        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.head_dim)
+        # (getattr: tensor-parallel inference sizes its shards' caches with a plain namespace of shapes)
+        window = getattr(config, "sliding_window", None) if getattr(config, "layer_types", None) is None else None
+        self.window = window if rolling and window is not None and max_len > window else None
+        """W when this is a rolling buffer of W slots, else None."""
+        slots = self.window or max_len
+        shape = (config.n_layer, batch_size, config.kv_heads, slots, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._max_len = max_len
         self.length = 0
         self.prefix_len = 0
         self.tokens: torch.Tensor | None = None
@@ -220,7 +233,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self._max_len
 
     def reset(self) -> None:
         self.length = 0
@@ -253,7 +266,9 @@ class Block(nn.Module):
     def forward(self, x, rope, cache: KVCache | None, layer: int, prefix=None):
         buffers = (cache.k[layer], cache.v[layer]) if cache is not None else None
         start = cache.length if cache is not None else 0
-        a = self.attn(self.norm1(x), causal=True, rope=rope, kv_buffers=buffers, start=start, prefix=prefix)
+        rolling = cache is not None and cache.window is not None
+        a = self.attn(self.norm1(x), causal=True, rope=rope, kv_buffers=buffers, start=start, prefix=prefix,
+                      rolling=rolling)
         return self.mlp_residual(self.attn_residual(x, a))
 
     def attn_residual(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:

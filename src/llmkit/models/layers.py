@@ -238,6 +238,8 @@ class Attention(nn.Module):
         kv_buffers: (k, v) caches of shape (B_max, n_kv_head, max_len, head_dim); the new keys/values are
             written at [start, start+T) and attention reads [0, start+T) (with a window, only the slots
             some query of x can still see).
+        rolling: kv_buffers is a rolling buffer of `window` slots, position p in slot p % window
+            (`KVCache` of a sliding-window model).
         prefix: (k, v) learned prefix keys/values (prefix tuning, `llmkit.models.prefix`), each of shape
             (1 or B, n_kv_head, P, head_dim), put in front of the keys/values of x (self-attention, after
             rope: the prefix carries no position) or of memory (cross-attention). `mask` must then cover
@@ -338,14 +340,16 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 kv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None, start: int = 0,
                 memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
-                prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                prefix: tuple[torch.Tensor, torch.Tensor] | None = None, rolling: bool = False) -> torch.Tensor:
         B, T, _ = x.shape
         if self.cross:
             q = self._heads(self.q(x), self.n_head)
             k, v = memory_kv if memory_kv is not None else self.project_kv(memory)
         else:
             q, k, v = self.project_qkv(x, rope)
-            if kv_buffers is not None:
+            if kv_buffers is not None and rolling:
+                k, v = self._rolling(kv_buffers, k, v, start)
+            elif kv_buffers is not None:
                 kb, vb = kv_buffers
                 kb[:B, :, start:start + T] = k
                 vb[:B, :, start:start + T] = v
@@ -376,6 +380,27 @@ class Attention(nn.Module):
                 y = self._softcapped(q, k, v, merge_masks(mask, cm), False, dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.proj(y))
+
+    def _rolling(self, kv_buffers, k: torch.Tensor, v: torch.Tensor, start: int):
+        """Keys/values to attend to from a rolling buffer of W = window slots (position p in slot p % W),
+        after writing the T new ones (positions start .. start+T-1): the W - 1 positions before `start` that
+        the first new query can still see, then the new ones. One new token (decoding) reads the slots in
+        place: all of them are in its window, and attention does not depend on the keys' order."""
+        kb, vb = kv_buffers
+        B, T, W = k.shape[0], k.shape[2], kb.shape[2]
+        if T == 1:
+            kb[:B, :, start % W] = k[:, :, 0]
+            vb[:B, :, start % W] = v[:, :, 0]
+            n = min(start + 1, W)
+            return kb[:B, :, :n], vb[:B, :, :n]
+        past = torch.arange(max(0, start - W + 1), start, device=k.device) % W
+        k_all = torch.cat((kb[:B, :, past], k), dim=2)
+        v_all = torch.cat((vb[:B, :, past], v), dim=2)
+        keep = min(T, W)  # only the last W new positions stay
+        slots = torch.arange(start + T - keep, start + T, device=k.device) % W
+        kb[:B, :, slots] = k[:, :, T - keep:]
+        vb[:B, :, slots] = v[:, :, T - keep:]
+        return k_all, v_all
 
     def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
         """(B, H_kv, T, hd) -> (B, H, T, hd): query head h reads key/value head h // (H / H_kv), as HF's
