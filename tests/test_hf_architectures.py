@@ -7,6 +7,7 @@ transformers as the same architecture with equal logits; and the continuous-batc
 batched prefill/decode over the model's layers) gives the model's own greedy tokens.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -338,6 +339,9 @@ def test_model_info_sizes_the_new_options():
     assert info["parameters"]["norms"] == 2 * 4 * 64 + 64  # norm1, norm2 and the two post-norms; final norm
     assert info["memory_bytes"]["kv_cache"] == 2 * 2 * 2 * 32 * 2 * 32 * 2  # k+v, layers, batch, seq, kv heads, hd, bf16
     assert info["flops_per_token"] == 6 * n + 12 * 128 * (8 + 32)  # the sliding layer attends to 8 keys
+    # every layer sliding: the cache is a rolling buffer of 8 positions
+    all_sliding = model_info(dataclasses.replace(cfg, layer_types=None), batch_size=2, seq_len=32)
+    assert all_sliding["memory_bytes"]["kv_cache"] == 2 * 2 * 2 * 8 * 2 * 32 * 2
 
 
 @pytest.mark.parametrize("option, off", [("attn_softcap", None), ("final_softcap", None), ("attn_scale", None),

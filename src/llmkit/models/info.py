@@ -75,8 +75,10 @@ def model_info(config, batch_size: int = 1, seq_len: int | None = None,
                                                         "activations"))
     if config.FAMILY == "decoder":
         # inference: keys and values of every layer for batch x seq_len tokens at activation_bytes each; only
-        # the n_kv_head key/value heads are stored (GQA), each of head_dim
-        memory["kv_cache"] = 2 * config.n_layer * b * s * config.kv_heads * config.head_dim * activation_bytes
+        # the n_kv_head key/value heads are stored (GQA), each of head_dim; a sliding window on every layer
+        # caps the positions kept (KVCache's rolling buffer)
+        slots = min(s, config.sliding_window) if config.sliding_window and config.layer_types is None else s
+        memory["kv_cache"] = 2 * config.n_layer * b * slots * config.kv_heads * config.head_dim * activation_bytes
     return {
         "family": config.FAMILY,
         "config": asdict(config),
