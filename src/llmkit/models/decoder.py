@@ -96,7 +96,8 @@ class DecoderConfig:
     RoPE."""
     sliding_window: int | None = None
     """Sliding-window attention (Mistral, Phi-3, Gemma 2): a token attends to itself and the window - 1
-    tokens before it, in the full pass and when decoding from the KV cache. None: full causal attention."""
+    tokens before it, in the full pass and when decoding from the KV cache (a rolling buffer of `window`
+    slots when every layer slides, see `KVCache`). None: full causal attention."""
     layer_types: list[str] | None = None
     """Per layer `sliding_attention` or `full_attention` (HF's `layer_types`; Gemma 2 alternates them,
     Qwen2 slides only above max_window_layers). None: every layer slides when `sliding_window` is set."""
