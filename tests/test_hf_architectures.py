@@ -309,7 +309,7 @@ def test_export_refuses_options_the_architecture_lacks(tmp_path, kw, field):
     (dict(activation="geglu_tanh", scale_embeddings=True, norm_unit_offset=True, post_norms=True,
           attn_softcap=20.0, final_softcap=10.0, sliding_window=6,
           layer_types=["sliding_attention", "full_attention"]), "Gemma2ForCausalLM"),
-    (dict(rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8}),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}),
      "LlamaForCausalLM"),
 ])
 def test_llmkit_options_export_to_the_architecture_that_has_them(tmp_path, kw, arch):
