@@ -23,9 +23,12 @@ Measured per N:
   server sends it) and completed requests/s, over the wall time of the level;
 * TTFT (request sent -> first content chunk) and end-to-end latency (-> ``data: [DONE]``), p50/p95/p99,
   of the completed requests;
-* accounting: ``sent == completed + rejected + errors + hung``. completed: 200 ending in
-  ``data: [DONE]``; rejected: 429 (its share is reported); errors: any other status or a stream that ends
-  without [DONE]; hung: no end within ``--timeout`` seconds. ``ok`` is true when no request was lost
+* accounting: ``sent == completed + rejected + errors + hung``. completed: 200, a finish chunk with
+  finish_reason "stop" or "length", the usage's completion_tokens matching it ("length": max_tokens, or
+  the context left after the prompt; "stop": 1..max_tokens), no error chunk, and ``data: [DONE]``;
+  rejected: 429 (its share is reported); errors: any other status, a stream carrying an error chunk (the
+  server ends a failed stream with finish_reason "error" and an error object), or one that ends without
+  all of the above; hung: no end within ``--timeout`` seconds. ``ok`` is true when no request was lost
   (errors == hung == 0).
 
 Prints one JSON object: the settings, the machine, the server's flags, and one entry per N.
@@ -128,7 +131,23 @@ def percentiles(xs: list[float]) -> dict:
     return {"p50": q(0.50), "p95": q(0.95), "p99": q(0.99), "mean": round(sum(s) / len(s), 4)}
 
 
-async def one_request(client: httpx.AsyncClient, url: str, body: dict, timeout_s: float) -> dict:
+def _expected_tokens_ok(finish_reason: str | None, completion_tokens: int | None, prompt_tokens: int | None,
+                        max_tokens: int, max_model_len: int | None) -> bool:
+    """Does a finished stream's usage match its finish_reason? "length": max_tokens, or the context left
+    after the prompt when max_tokens did not fit; "stop": between 0 and max_tokens (EOS or a stop string
+    may come first; the stop token itself is not counted)."""
+    if completion_tokens is None:
+        return False
+    if finish_reason == "length":
+        room = None if max_model_len is None or prompt_tokens is None else max_model_len - prompt_tokens
+        return completion_tokens == max_tokens or (room is not None and completion_tokens == room < max_tokens)
+    if finish_reason == "stop":
+        return 0 <= completion_tokens <= max_tokens
+    return False
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict, timeout_s: float,
+                      max_model_len: int | None = None) -> dict:
     t0 = time.perf_counter()
     rec: dict = {"status": None, "ttft": None, "latency": None, "tokens": 0, "outcome": "error", "retry_after": None}
 
@@ -140,24 +159,37 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, timeout_s
                 rec["outcome"] = "rejected" if r.status_code == 429 else "error"
                 rec["retry_after"] = r.headers.get("retry-after")
                 return
-            usage_tokens = None
+            usage, finish, error, done = None, None, None, False
             async for line in r.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    rec["outcome"] = "completed"
+                    done = True
                     break
                 chunk = json.loads(data)
+                if chunk.get("error"):
+                    error = chunk["error"]
                 if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
+                    usage = chunk["usage"]
                 for ch in chunk.get("choices") or []:
+                    finish = ch.get("finish_reason") or finish
                     if (ch.get("delta") or {}).get("content"):
                         if rec["ttft"] is None:
                             rec["ttft"] = time.perf_counter() - t0
                         rec["tokens"] += 1
-            if usage_tokens is not None:
-                rec["tokens"] = usage_tokens
+            if usage is not None:
+                rec["tokens"] = usage.get("completion_tokens")
+            rec["finish_reason"] = finish
+            if error is not None:
+                rec["detail"] = f"error chunk: {error.get('message')}"
+            elif not done:
+                rec["detail"] = "stream ended without [DONE]"
+            elif not _expected_tokens_ok(finish, (usage or {}).get("completion_tokens"),
+                                         (usage or {}).get("prompt_tokens"), body["max_tokens"], max_model_len):
+                rec["detail"] = f"finish_reason {finish!r} with usage {usage}"
+            else:
+                rec["outcome"] = "completed"
 
     try:
         await asyncio.wait_for(run(), timeout_s)
@@ -170,7 +202,8 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, timeout_s
 
 
 async def run_level(base_url: str, model_name: str, n_clients: int, per_client: int, max_tokens: int,
-                    prompts: list[str], timeout_s: float, api_key: str | None, retry_after_cap: float = 1.0) -> dict:
+                    prompts: list[str], timeout_s: float, api_key: str | None, retry_after_cap: float = 1.0,
+                    max_model_len: int | None = None) -> dict:
     url = base_url.rstrip("/") + "/v1/chat/completions"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=n_clients + 4, max_keepalive_connections=n_clients + 4)
@@ -183,7 +216,7 @@ async def run_level(base_url: str, model_name: str, n_clients: int, per_client: 
                 body = {"model": model_name, "messages": [{"role": "user", "content": prompt}],
                         "max_tokens": max_tokens, "temperature": 0, "stream": True,
                         "stream_options": {"include_usage": True}}
-                rec = await one_request(client, url, body, timeout_s)
+                rec = await one_request(client, url, body, timeout_s, max_model_len)
                 records.append(rec)
                 if rec["outcome"] == "rejected":
                     try:
@@ -197,7 +230,7 @@ async def run_level(base_url: str, model_name: str, n_clients: int, per_client: 
         wall = time.perf_counter() - t0
     done = [r for r in records if r["outcome"] == "completed"]
     counts = {k: sum(r["outcome"] == k for r in records) for k in ("completed", "rejected", "error", "hung")}
-    tokens = sum(r["tokens"] for r in done)
+    tokens = sum(r["tokens"] or 0 for r in done)
     statuses: dict[str, int] = {}
     for r in records:
         statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
@@ -305,12 +338,15 @@ def main(argv: list[str] | None = None) -> int:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
         models = httpx.get(base_url + "/v1/models", headers=headers, timeout=30).json()
         model_name = models["data"][0]["id"]
+        max_model_len = models["data"][0].get("max_model_len")  # to check a "length" finish's token count
         # warm-up: the first request pays for lazy initialisation
-        asyncio.run(run_level(base_url, model_name, 1, 1, 4, prompts, args.timeout, args.api_key))
+        asyncio.run(run_level(base_url, model_name, 1, 1, 4, prompts, args.timeout, args.api_key,
+                              max_model_len=max_model_len))
         results = []
         for n in levels:
             results.append(asyncio.run(run_level(base_url, model_name, n, args.requests_per_client, args.max_tokens,
-                                                 prompts, args.timeout, args.api_key, args.retry_after_cap)))
+                                                 prompts, args.timeout, args.api_key, args.retry_after_cap,
+                                                 max_model_len=max_model_len)))
         report = {
             "benchmark": "serve_load", "endpoint": "/v1/chat/completions (stream, greedy)",
             "settings": {"clients": levels, "requests_per_client": args.requests_per_client,
