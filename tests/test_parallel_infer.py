@@ -21,7 +21,7 @@ from llmkit.models.decoder import Decoder, DecoderConfig
 WORLD = 2
 TIMEOUT = 120  # seconds for the 2 processes; they take a few
 PROMPT = [3, 17, 5, 42, 8, 8, 21, 60, 1]
-STYLES = ("gpt2", "llama")
+STYLES = ("gpt2", "llama", "gemma2", "qwen3")
 MODES = ("tp", "pp")
 GREEDY = SamplingParams(max_new_tokens=16, temperature=0.0, top_p=None)
 SEEDED = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20, top_p=0.95, seed=1234)
@@ -32,9 +32,18 @@ def tiny(style: str) -> Decoder:
     if style == "gpt2":  # learned positions, LayerNorm with biases, tanh GELU, tied embeddings
         c = DecoderConfig(vocab_size=64, block_size=32, n_layer=2, d_model=32, n_head=4,
                           activation="gelu_tanh", bias=True)
-    else:  # Llama: RoPE, RMSNorm, SwiGLU, GQA 4 query / 2 kv heads, untied head, 3 layers (uneven 2-stage split)
+    elif style == "llama":  # RoPE, RMSNorm, SwiGLU, GQA 4 query / 2 kv heads, untied head, 3 layers (uneven split)
         c = DecoderConfig(vocab_size=64, block_size=32, n_layer=3, d_model=32, n_head=4, n_kv_head=2,
                           activation="swiglu", norm="rmsnorm", positions="rope", tie_embeddings=False)
+    elif style == "gemma2":  # GeGLU, scaled embeddings, (1+w) norms, post-norms, soft-caps, local/global layers
+        c = DecoderConfig(vocab_size=64, block_size=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=16,
+                          activation="geglu_tanh", norm="rmsnorm", positions="rope", scale_embeddings=True,
+                          norm_unit_offset=True, post_norms=True, attn_scale=0.25, attn_softcap=5.0,
+                          final_softcap=3.0, sliding_window=6, layer_types=["sliding_attention", "full_attention"])
+    else:  # qwen3: q/k RMSNorm, explicit head_dim, q/k/v biases, every layer sliding (window 8 < 25 tokens)
+        c = DecoderConfig(vocab_size=64, block_size=32, n_layer=2, d_model=32, n_head=4, n_kv_head=2, head_dim=12,
+                          activation="swiglu", norm="rmsnorm", positions="rope", qk_norm=True, qkv_bias=True,
+                          sliding_window=8)
     torch.manual_seed(0)
     model = Decoder(c)
     with torch.no_grad():
@@ -136,8 +145,16 @@ def test_pp_split_is_contiguous():
     model = tiny("llama")
     stages = [split_decoder_pp(model, r, 2) for r in range(2)]
     assert [s.layer_range for s in stages] == [(0, 1), (1, 3)]
-    assert stages[0].tok_emb is not None and stages[0].lm_head is None
-    assert stages[1].tok_emb is None and stages[1].lm_head is not None
+    assert stages[0].embed is not None and stages[0].head is None
+    assert stages[1].embed is None and stages[1].head is not None
+
+
+def test_pp_refuses_sequence_length_dependent_rope():
+    c = DecoderConfig(vocab_size=16, block_size=32, n_layer=2, d_model=16, n_head=2, positions="rope",
+                      norm="rmsnorm", rope_scaling={"rope_type": "dynamic", "factor": 2.0,
+                                                    "original_max_position_embeddings": 16})
+    with pytest.raises(ValueError, match="pipeline parallel does not support rope_scaling 'dynamic'"):
+        split_decoder_pp(Decoder(c), 0, 2)
 
 
 def test_cli_generate_parallel_under_torchrun_matches_one_process(tmp_path):

@@ -302,7 +302,7 @@ def _generate_parallel(args) -> None:
         ids = tok.encode(args.prompt)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
-    eos = template.stop_token_ids(tok)[0] if template is not None else tok.eos_id
+    eos = template.stop_token_ids(tok) if template is not None else tok.eos_ids
     new = parallel_generate(args.model, ids, params, mode=args.parallel, eos_id=eos, device=info.device)
     if info.is_main:
         prefix = "" if template is not None else args.prompt

@@ -21,13 +21,19 @@ from processes that have already called `init_process_group` (tests/test_paralle
 * `parallel_generate` runs on every rank and returns the same tokens everywhere: one rank samples (rank 0
   under tp; the last stage under pp, which is where the logits are) and broadcasts each token.
 
+Every decoder option (q/k norms, soft-capping, sliding windows, partial rotary, scaled embeddings, gated
+MLPs) travels with the shards: tensor parallel runs the model's own forward with sharded layers, pipeline
+parallel the model's own embedding, blocks and head.
+
 Not supported (refused): prefix-tuned models, int8-quantized models (their layers are not `nn.Linear`),
-and head / key-value head / d_ff counts that the world size does not divide.
+head / key-value head / d_ff counts that the world size does not divide, and under pipeline parallel the
+RoPE scalings whose frequencies depend on the sequence length (dynamic, longrope).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,10 +41,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from llmkit.infer.generate import SamplingParams
+from llmkit.infer.generate import SamplingParams, eos_set
 from llmkit.infer.sampling import sample_next
 from llmkit.models.decoder import Decoder, KVCache
-from llmkit.models.layers import Attention, FeedForward
+from llmkit.models.layers import GATED_ACTIVATIONS, Attention, FeedForward
 
 __all__ = ["TPDecoder", "PPStage", "shard_decoder_tp", "split_decoder_pp", "parallel_generate"]
 
@@ -94,7 +100,10 @@ def _shard_attention(attn: Attention, rank: int, world: int) -> Attention:
     kv_rows = torch.arange(rank * hkv * hd, (rank + 1) * hkv * hd)
     rows = torch.cat((q_rows, H * hd + kv_rows, H * hd + Hkv * hd + kv_rows)).to(attn.qkv.weight.device)
     d_model = attn.qkv.weight.shape[1]
-    local = Attention(d_model, h, hkv, bias=False, dropout=attn.dropout, scale=attn.scale, head_dim=hd)
+    # every per-head option travels with the heads (q/k norms are per head_dim, so replicated)
+    local = Attention(d_model, h, hkv, bias=False, dropout=attn.dropout, scale=attn.scale, head_dim=hd,
+                      softcap=attn.softcap, window=attn.window, rotary_dim=attn.rotary_dim)
+    local.q_norm, local.k_norm = attn.q_norm, attn.k_norm
     local.qkv = _linear(attn.qkv.weight[rows], attn.qkv.bias[rows] if attn.qkv.bias is not None else None)
     local.proj = _linear(attn.proj.weight[:, q_rows.to(attn.proj.weight.device)], None)  # row parallel
     return local.to(attn.qkv.weight.device).eval()
@@ -108,7 +117,7 @@ def _shard_mlp(mlp: FeedForward, rank: int, world: int) -> FeedForward:
     cols = slice(rank * n, (rank + 1) * n)
     local = FeedForward(d_model, n, mlp.activation, bias=False, dropout=mlp.dropout.p)
     local.up = _linear(mlp.up.weight[cols], mlp.up.bias[cols] if mlp.up.bias is not None else None)
-    if mlp.activation == "swiglu":
+    if mlp.activation in GATED_ACTIVATIONS:
         local.gate = _linear(mlp.gate.weight[cols], mlp.gate.bias[cols] if mlp.gate.bias is not None else None)
     local.down = _linear(mlp.down.weight[:, cols], None)  # row parallel: bias added after the all_reduce
     return local.to(mlp.up.weight.device).eval()
@@ -172,17 +181,22 @@ class PPStage(nn.Module):
             raise ValueError(f"pipeline parallel: {world} stages for {n} layers (at most one stage per layer)")
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world size {world}")
+        if model.rope_original_len is not None:
+            # its frequencies depend on the sequence length (and longrope recomputes the cache past the
+            # original context): tensor parallel runs the model's own forward and handles that
+            raise ValueError(f"pipeline parallel does not support rope_scaling "
+                             f"{model.config.rope_scaling['rope_type']!r}; use tensor parallel (--parallel tp)")
         bounds = [n * i // world for i in range(world + 1)]  # contiguous, sizes differ by at most one
         self.start, self.stop = bounds[rank], bounds[rank + 1]
         self.rank, self.world, self.group = rank, world, group
         self.config = model.config
         self.first, self.last = rank == 0, rank == world - 1
         self.blocks = nn.ModuleList(model.blocks[self.start:self.stop])
-        self.tok_emb = model.tok_emb if self.first else None
+        # the model's own embedding and head (embedding scale, final soft-capping), not copies of them
+        self.embed = model.embed if self.first else None
         self.pos_emb = model.pos_emb if self.first else None
         self.drop = model.drop
-        self.norm_f = model.norm_f if self.last else None
-        self.lm_head = model.lm_head if self.last else None
+        self.head = model.head if self.last else None
         if model.config.positions == "rope":
             self.register_buffer("rope_cos", model.rope_cos, persistent=False)
             self.register_buffer("rope_sin", model.rope_sin, persistent=False)
@@ -205,7 +219,7 @@ class PPStage(nn.Module):
         if cache is not None and pos + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {pos + T} needed")
         if self.first:
-            x = self.tok_emb(idx)
+            x = self.embed(idx)
             if self.pos_emb is not None:
                 x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))
             x = self.drop(x)
@@ -220,7 +234,7 @@ class PPStage(nn.Module):
         if not self.last:
             dist.send(x.contiguous(), dst=self._peer(self.rank + 1), group=self.group)
             return None
-        return self.lm_head(self.norm_f(x))
+        return self.head(x)
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         return _make_cache(self.config, self.stop - self.start, self.config.kv_heads, batch_size, max_len,
@@ -235,7 +249,8 @@ def split_decoder_pp(model: Decoder, rank: int, world: int, group=None) -> PPSta
 # --------------------------------------------------------------------------------------------- generation
 @torch.no_grad()
 def parallel_generate(model_dir_or_model: str | Path | Decoder, prompt_ids: list[int],
-                      params: SamplingParams | None = None, mode: str = "tp", eos_id: int | None = None,
+                      params: SamplingParams | None = None, mode: str = "tp",
+                      eos_id: int | Iterable[int] | None = None,
                       device: str | torch.device | None = None) -> list[int]:
     """New token ids for `prompt_ids`, decoded with tensor (`mode="tp"`) or pipeline (`"pp"`) parallelism
     across the ranks of the default process group. Collective: call it on every rank; every rank returns
@@ -268,6 +283,7 @@ def parallel_generate(model_dir_or_model: str | Path | Decoder, prompt_ids: list
 
         return list(stream_tokens(model, prompt_ids, params, eos_id=eos_id))
 
+    stops = eos_set(eos_id)
     box = [list(prompt_ids)]
     dist.broadcast_object_list(box, src=0)
     prompt_ids = box[0]
@@ -295,7 +311,7 @@ def parallel_generate(model_dir_or_model: str | Path | Decoder, prompt_ids: list
             token = token.to(torch.long).contiguous()
         dist.broadcast(token, src=sampler)
         t = int(token.item())
-        if params.stop_at_eos and eos_id is not None and t == eos_id:
+        if params.stop_at_eos and t in stops:
             break
         out.append(t)
         if cache.length >= cache.max_len:
