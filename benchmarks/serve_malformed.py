@@ -1,6 +1,7 @@
 """Malformed and hostile requests against a real `llmkit serve`: no 5xx, and it keeps serving after each.
 
     python benchmarks/serve_malformed.py                   # starts a server on a tiny random model
+    python benchmarks/serve_malformed.py --fuzz 2000 --fuzz-seconds 300   # a longer fuzz run
     python benchmarks/serve_malformed.py --url http://127.0.0.1:8000 --api-key KEY --max-request-bytes N
 
 Sends every case of `CASES` (invalid JSON, wrong types, out-of-range sampling values, a prompt longer than
@@ -16,19 +17,35 @@ set (so the 401 and 413 cases apply) on a 2-layer random model with a char token
 context. ``max_tokens: 10**9`` is expected to be accepted and clamped to the context left (200 with
 finish_reason "length"), as vLLM does; 400 is accepted as well.
 
-Importable: ``CASES`` and ``run_suite(base_url, api_key=None, max_request_bytes=...)`` (returns the report).
+Then a bounded fuzz run (``run_fuzz``; loopback servers only unless ``--fuzz-any-host``): ``--fuzz``
+random mutations of valid chat and completion requests (fields deleted, set to hostile values of every
+JSON type, nested, retyped; raw bytes truncated or spliced), fixed ``--fuzz-seed``, at most
+``--fuzz-seconds``, ``--fuzz-concurrency`` at a time, while a witness thread streams a valid greedy
+completion back to back. Figures: ``mutations`` sent, ``status_counts``, ``server_errors`` (5xx: must be
+0), ``hung`` (no complete answer within ``--timeout``: must be 0), ``broken_streams`` (a 200 stream that
+ended in an error chunk or without [DONE]: must be 0), and the witness: ``witness_runs``,
+``witness_unharmed`` (same text and completion token count as its run alone before the fuzz: must equal
+``witness_runs``). Any 5xx, hang, broken stream or harmed witness makes the exit status 1.
+
+Importable: ``CASES``, ``run_suite(base_url, api_key=None, max_request_bytes=...)`` and
+``run_fuzz(base_url, api_key=None, n=..., seed=..., max_seconds=...)`` (each returns its report).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import re
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,6 +126,29 @@ CASES: list[Case] = [
     Case("get_on_post_endpoint", None, method="GET", expect=(405,)),
     Case("put_on_models", None, method="PUT", path="/v1/models", expect=(405,)),
     Case("client_disconnects_mid_stream", chat(stream=True, max_tokens=64), expect=(200,), special="disconnect"),
+    # values that used to pass validation and make NaN / overflow in sampling (which failed every running
+    # request), or to kill the engine thread: now 400, or accepted and harmless
+    Case("temperature_1e-40", chat(temperature=1e-40), expect=(200,)),  # below 1e-5: greedy
+    Case("repetition_penalty_1e-45", chat(repetition_penalty=1e-45)),
+    Case("top_k_2_pow_63", chat(top_k=2 ** 63, temperature=1), expect=(200,)),  # >= vocabulary: off
+    Case("prompt_list_failed_prefill_killer", completion(prompt=["word " * 20, "hi"], max_tokens=5,
+                                                         temperature=1e-40), path="/v1/completions", expect=(200,)),
+    # 500s before: Python's int parser limit, lone surrogates
+    Case("max_tokens_5000_digits", b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], '
+                                   b'"max_tokens": ' + b"9" * 5000 + b"}"),
+    Case("surrogate_in_content", b'{"model": "{model}", "messages": [{"role": "user", "content": "\\ud800"}]}'),
+    Case("surrogate_in_model", b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}'),
+    Case("surrogate_in_prompt", b'{"model": "{model}", "prompt": "a\\udfffb", "max_tokens": 2}',
+         path="/v1/completions"),
+    Case("surrogate_in_key", b'{"model": "{model}", "prompt": "hi", "\\ud800": 1}', path="/v1/completions"),
+    # never admissible (prompts x n above the queue) is 400, not 429 forever; the prompt list is bounded
+    Case("prompts_x_n_over_queue", completion(prompt=["hi"] * 40, n=2), path="/v1/completions"),
+    Case("prompt_list_65", completion(prompt=["hi"] * 65), path="/v1/completions"),
+    # HTTP hygiene: no redirect that reflects the Host header; HEAD for probes
+    Case("trailing_slash_post_evil_host", chat(), path="/v1/chat/completions/",
+         headers={"Host": "evil.example"}, expect=(404,)),
+    Case("head_health", None, method="HEAD", path="/health", expect=(200,)),
+    Case("head_index", None, method="HEAD", path="/", expect=(200,)),
 ]
 
 
@@ -184,7 +224,11 @@ def run_suite(base_url: str, api_key: str | None = None, max_request_bytes: int 
                 else:
                     r = client.request(case.method, base_url + case.path, content=content, headers=headers)
                     row["status"] = r.status_code
-                    row["param"], row["message"] = _error_fields(r)
+                    row["param"], row["message"] = _error_fields(r) if case.method != "HEAD" else (None, None)
+                    location = r.headers.get("location")
+                    if location and urllib.parse.urlsplit(location).netloc not in ("", urllib.parse.urlsplit(
+                            base_url).netloc):
+                        failures.append(f"{case.kind}: redirects to another host ({location})")
                     if r.status_code == 200 and case.kind == "max_tokens_1e9":
                         ch = r.json()["choices"][0]
                         row["message"] = (f"accepted: finish_reason {ch.get('finish_reason')!r}, "
@@ -207,6 +251,167 @@ def run_suite(base_url: str, api_key: str | None = None, max_request_bytes: int 
             results[case.kind] = row
     return {"base_url": base_url, "n_cases": len(results), "cases": results, "failures": failures,
             "unexpected": unexpected, "ok": not failures}
+
+
+# -- fuzzing ----------------------------------------------------------------------------------------
+
+HOSTILE_VALUES: list[Any] = [
+    None, True, False, 0, 1, -1, 2, 7, 9, 65, 10 ** 9, 2 ** 31, 2 ** 63, -(2 ** 63) - 1, 10 ** 4000, 0.5, 1e-40,
+    1e-45, -1e-40, 1e308, -1e308, 3.0, -2.5, "", "hi", "\x00", "x" * 2000, "\u202e\u2066", "<|end|>",
+    "\ud800", "\udfff" * 3, "\U0001f600", [], [[]], [1, 2], [-1], ["a"] * 70, {}, {"a": {"b": []}},
+    [{"role": "user"}], [{"role": "user", "content": ["x"]}], [{"type": "text", "text": 5}],
+]
+FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+          "top_k", "min_p", "n", "seed", "stop", "stream", "stream_options", "logprobs", "top_logprobs",
+          "presence_penalty", "frequency_penalty", "repetition_penalty", "echo", "best_of", "user", "\ud800"]
+
+
+def _mutate(rng: random.Random, body: dict) -> dict | bytes:
+    """One random mutation of a valid request body: 1-3 field edits, sometimes a raw-bytes edit on top."""
+    body = json.loads(json.dumps(body))
+    for _ in range(rng.randint(1, 3)):
+        op = rng.random()
+        field_name = rng.choice(FIELDS)
+        if op < 0.15 and body:
+            body.pop(rng.choice(list(body)), None)
+        elif op < 0.75:
+            body[field_name] = rng.choice(HOSTILE_VALUES)
+        elif op < 0.85 and isinstance(body.get("messages"), list) and body["messages"]:
+            msg = body["messages"][0] if isinstance(body["messages"][0], dict) else {}
+            msg[rng.choice(["role", "content", "name", "\ud800"])] = rng.choice(HOSTILE_VALUES)
+            body["messages"][0] = msg
+        elif op < 0.92:
+            body[field_name] = [rng.choice(HOSTILE_VALUES) for _ in range(rng.randint(1, 4))]
+        else:
+            body[field_name] = {"nested": rng.choice(HOSTILE_VALUES)}
+    raw = json.dumps(body).encode()
+    r = rng.random()
+    if r < 0.05:
+        return raw[:rng.randint(0, len(raw))]  # truncated
+    if r < 0.10:
+        i = rng.randint(0, len(raw))
+        return raw[:i] + bytes([rng.randint(0, 255)]) + raw[i:]  # a stray byte
+    if r < 0.13:
+        return re.sub(rb"\d+", b"9" * 5000, raw, count=1)  # an integer literal past Python's digit limit
+    return body
+
+
+def _send(client: httpx.Client, base_url: str, path: str, body, headers: dict, timeout: float) -> dict:
+    """POST one (mutated) request and read the whole answer. -> {status, outcome}; outcome is "ok", "hung",
+    "broken_stream" (200 stream ending in an error chunk or without [DONE]) or "transport_error"."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    stream = isinstance(body, dict) and body.get("stream") is True
+    try:
+        with client.stream("POST", base_url + path, content=content, headers=headers, timeout=timeout) as r:
+            if r.status_code != 200 or not stream:
+                r.read()
+                return {"status": r.status_code, "outcome": "ok"}
+            last = None
+            for ln in r.iter_lines():
+                if ln.startswith("data: "):
+                    last = ln[6:]
+            ok = last == "[DONE]"
+            return {"status": 200, "outcome": "ok" if ok else "broken_stream", "last": None if ok else last}
+    except httpx.TimeoutException:
+        return {"status": None, "outcome": "hung"}
+    except httpx.HTTPError as e:
+        return {"status": None, "outcome": "transport_error", "detail": f"{type(e).__name__}: {e}"}
+
+
+def _witness(client: httpx.Client, base_url: str, model: str, headers: dict, timeout: float) -> tuple[str, int]:
+    """A valid greedy streaming completion: (its text, its completion tokens from the usage chunk)."""
+    body = {"model": model, "prompt": "hello world", "max_tokens": 48, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    text, tokens, done = "", -1, False
+    with client.stream("POST", base_url + "/v1/completions", json=body, headers=headers, timeout=timeout) as r:
+        if r.status_code != 200:
+            return f"status {r.status_code}", -1
+        for ln in r.iter_lines():
+            if ln == "data: [DONE]":
+                done = True
+            elif ln.startswith("data: "):
+                ch = json.loads(ln[6:])
+                if ch.get("choices"):
+                    text += ch["choices"][0].get("text") or ""
+                    if ch["choices"][0].get("finish_reason") not in (None, "stop", "length"):
+                        return "finish_reason " + str(ch["choices"][0]["finish_reason"]), -1
+                if ch.get("usage"):
+                    tokens = ch["usage"]["completion_tokens"]
+    return (text, tokens) if done else ("no [DONE]", -1)
+
+
+def run_fuzz(base_url: str, api_key: str | None = None, n: int = 500, seed: int = 0, max_seconds: float = 120.0,
+             concurrency: int = 4, timeout: float = 30.0, allow_remote: bool = False) -> dict:
+    """Send up to `n` mutated requests (seeded, at most `max_seconds`) while a witness stream runs; the
+    report described in the module doc."""
+    host = urllib.parse.urlsplit(base_url).hostname
+    if not allow_remote and host not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError(f"fuzzing {host}: only loopback servers unless allow_remote (--fuzz-any-host)")
+    base_url = base_url.rstrip("/")
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    rng = random.Random(seed)
+    with httpx.Client(timeout=timeout) as c:
+        model = c.get(base_url + "/v1/models", headers=headers).json()["data"][0]["id"]
+        baseline = _witness(c, base_url, model, headers, timeout)
+    seeds = [(chat(max_tokens=8), "/v1/chat/completions"), (completion(max_tokens=8), "/v1/completions"),
+             (chat(max_tokens=8, stream=True), "/v1/chat/completions"),
+             (completion(prompt=["hello", "world"], n=2, max_tokens=8, stream=True), "/v1/completions")]
+    jobs = []
+    for _ in range(n):
+        body, path = rng.choice(seeds)
+        body = json.loads(json.dumps(body).replace(json.dumps(MODEL), json.dumps(model)))
+        if rng.random() < 0.1:  # sometimes the wrong endpoint for the shape
+            path = "/v1/completions" if path.endswith("chat/completions") else "/v1/chat/completions"
+        jobs.append((path, _mutate(rng, body)))
+
+    stop = threading.Event()
+    witness = {"runs": 0, "unharmed": 0, "harmed": []}
+
+    def witness_loop():
+        with httpx.Client(timeout=timeout) as wc:
+            while not stop.is_set():
+                got = _witness(wc, base_url, model, headers, timeout)
+                witness["runs"] += 1
+                if got == baseline:
+                    witness["unharmed"] += 1
+                else:
+                    witness["harmed"].append(str(got)[:200])
+
+    results: list[dict] = []
+    start = time.monotonic()
+    wt = threading.Thread(target=witness_loop, daemon=True)
+    wt.start()
+    with httpx.Client(timeout=timeout, limits=httpx.Limits(max_connections=concurrency)) as client, \
+            ThreadPoolExecutor(concurrency) as pool:
+        def one(job):
+            if time.monotonic() - start > max_seconds:
+                return None
+            path, body = job
+            return {**_send(client, base_url, path, body, headers, timeout), "path": path,
+                    "body": (body if isinstance(body, bytes) else json.dumps(body).encode())[:300]}
+
+        results = [r for r in pool.map(one, jobs) if r is not None]
+    stop.set()
+    wt.join(timeout=timeout + 5)
+    elapsed = time.monotonic() - start
+    statuses: dict[str, int] = {}
+    for r in results:
+        statuses[str(r["status"])] = statuses.get(str(r["status"]), 0) + 1
+    bad = [r for r in results if (r["status"] or 0) >= 500 or r["outcome"] != "ok"]
+    report = {
+        "mutations": len(results), "seed": seed, "seconds": round(elapsed, 1), "status_counts": statuses,
+        "server_errors": sum(1 for r in results if (r["status"] or 0) >= 500),
+        "hung": sum(1 for r in results if r["outcome"] == "hung"),
+        "broken_streams": sum(1 for r in results if r["outcome"] == "broken_stream"),
+        "transport_errors": sum(1 for r in results if r["outcome"] == "transport_error"),
+        "witness_tokens": baseline[1], "witness_runs": witness["runs"], "witness_unharmed": witness["unharmed"],
+        "witness_harmed_samples": witness["harmed"][:3],
+        "failure_samples": [{k: (v.decode("utf-8", "replace") if isinstance(v, bytes) else v)
+                             for k, v in r.items()} for r in bad[:5]],
+    }
+    report["ok"] = (not bad and baseline[1] > 0 and witness["runs"] > 0
+                    and witness["unharmed"] == witness["runs"])
+    return report
 
 
 def _free_port() -> int:
@@ -240,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--api-key", default=None, help="the server's API key (enables the 401 cases)")
     ap.add_argument("--max-request-bytes", type=int, default=1 << 20,
                     help="the server's body limit: the oversized case sends twice as much")
+    ap.add_argument("--fuzz", type=int, default=500, help="mutated requests to send (0: no fuzz run)")
+    ap.add_argument("--fuzz-seed", type=int, default=0)
+    ap.add_argument("--fuzz-seconds", type=float, default=120.0, help="the fuzz run stops sending after this")
+    ap.add_argument("--fuzz-concurrency", type=int, default=4)
+    ap.add_argument("--fuzz-any-host", action="store_true", help="allow fuzzing a non-loopback --url")
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds before a request counts as hung")
     args = ap.parse_args(argv)
     proc = None
     tmp = tempfile.TemporaryDirectory(prefix="llmkit-serve-malformed-")
@@ -266,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
                 except OSError:
                     time.sleep(0.2)
         report = run_suite(url, key, limit)
+        if args.fuzz > 0:
+            report["fuzz"] = run_fuzz(url, key, n=args.fuzz, seed=args.fuzz_seed, max_seconds=args.fuzz_seconds,
+                                      concurrency=args.fuzz_concurrency, timeout=args.timeout,
+                                      allow_remote=args.fuzz_any_host)
+            report["ok"] = report["ok"] and report["fuzz"]["ok"]
         print(json.dumps(report, indent=1))
         return 0 if report["ok"] else 1
     finally:

@@ -645,6 +645,37 @@ def _health(base: str) -> int | None:
         return None
 
 
+# -- the malformed suite and a fuzz run (benchmarks/serve_malformed.py) ---------------------------------
+
+def _malformed_module():
+    import importlib.util
+    import sys
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_malformed.py"
+    spec = importlib.util.spec_from_file_location("serve_malformed", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_malformed_suite_and_fuzz_no_5xx_no_hang_witness_unharmed(model_dir):
+    mod = _malformed_module()
+    with running_server(model_dir, api_key="sk-test", max_request_bytes=65536, max_queue=16) as (base, app, _):
+        report = mod.run_suite(base, "sk-test", 65536)
+        assert report["failures"] == [] and report["unexpected"] == [], report
+        assert report["n_cases"] == len(mod.CASES) and all(
+            row.get("server_still_serving") for row in report["cases"].values())
+        fuzz = mod.run_fuzz(base, "sk-test", n=200, seed=0, max_seconds=120, concurrency=4, timeout=30)
+        assert fuzz["mutations"] == 200
+        assert fuzz["server_errors"] == 0 and fuzz["hung"] == 0 and fuzz["broken_streams"] == 0, fuzz
+        assert fuzz["witness_runs"] >= 1 and fuzz["witness_unharmed"] == fuzz["witness_runs"], fuzz
+        assert fuzz["witness_tokens"] > 0 and fuzz["ok"]
+        assert app.state.runner.alive
+    with pytest.raises(ValueError):  # never aimed at someone else's server by accident
+        mod.run_fuzz("http://example.com", n=1)
+
+
 # -- incremental UTF-8 decoding ---------------------------------------------------------------------
 
 def test_incremental_decode_never_splits_chinese_characters():
