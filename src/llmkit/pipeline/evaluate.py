@@ -62,14 +62,17 @@ def answers(model, tok, template, prompts: list[str], max_new_tokens: int, sampl
     from llmkit.infer.engine import Engine, RequestParams
 
     stops = tuple(template.stop_token_ids(tok)) if template is not None else ()
-    engine = Engine(model, tok, max_batch=min(16, max(1, len(prompts))), prefix_cache_tokens=0)
+    ids = [_prompt_ids(tok, template, p) for p in prompts]
+    # KV slots sized to these requests, not to the model's context (32k+ for imported models)
+    engine = Engine(model, tok, max_batch=min(16, max(1, len(prompts))), prefix_cache_tokens=0,
+                    max_len=max(map(len, ids), default=1) + max_new_tokens)
     if sampling is None:
         params = RequestParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stops)
     else:
         params = [RequestParams(max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
                                 repetition_penalty=sampling.repetition_penalty, seed=sampling.seed + i,
                                 stop_token_ids=stops) for i in range(len(prompts))]
-    outs = engine.generate([_prompt_ids(tok, template, p) for p in prompts], params)
+    outs = engine.generate(ids, params)
     return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
 
 
@@ -82,8 +85,9 @@ def load_run(model, tok, template, prompts: list[str], requests: int, concurrenc
     from llmkit.infer.engine import Engine, RequestParams
 
     stops = tuple(template.stop_token_ids(tok)) if template is not None else ()
-    engine = Engine(model, tok, max_batch=concurrency, prefix_cache_tokens=0)
     ids = [_prompt_ids(tok, template, p) for p in prompts]
+    engine = Engine(model, tok, max_batch=concurrency, prefix_cache_tokens=0,
+                    max_len=max(map(len, ids), default=1) + max_new_tokens)
     times: dict[str, list[float]] = {}
 
     def on_token(rid: str, _token: int) -> None:
