@@ -27,7 +27,12 @@ ended in an error chunk or without [DONE]: must be 0), and the witness: ``witnes
 ``witness_unharmed`` (same text and completion token count as its run alone before the fuzz: must equal
 ``witness_runs``). Any 5xx, hang, broken stream or harmed witness makes the exit status 1.
 
-Importable: ``CASES``, ``run_suite(base_url, api_key=None, max_request_bytes=...)`` and
+Last, ``stall``: how long a 1 MB prompt list (64 prompts, each too long for the context, so it ends in a
+400 after tokenizing) stalls other streams: a witness streams back to back while the big request is
+parsed; ``max_gap_during_s`` is the longest pause between two of its chunks while the big request ran,
+``max_gap_alone_s`` the same over as long a window before it (needs the server's body limit >= 1 MB).
+
+Importable: ``CASES``, ``run_stall(base_url)``, ``run_suite(base_url, api_key=None, max_request_bytes=...)`` and
 ``run_fuzz(base_url, api_key=None, n=..., seed=..., max_seconds=...)`` (each returns its report).
 """
 
@@ -414,6 +419,43 @@ def run_fuzz(base_url: str, api_key: str | None = None, n: int = 500, seed: int 
     return report
 
 
+def run_stall(base_url: str, api_key: str | None = None, prompts: int = 64, chars: int = 15_000) -> dict:
+    """Longest pause of back-to-back witness streams while a `prompts` x `chars` prompt list is parsed."""
+    base_url = base_url.rstrip("/")
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    big = json.dumps({"prompt": ["hello world "[i % 12] * chars for i in range(prompts)], "max_tokens": 1})
+    stamps: list[float] = []
+    stop = threading.Event()
+
+    def witness():
+        body = {"prompt": "hello", "max_tokens": 48, "temperature": 0, "stream": True}
+        with httpx.Client(timeout=60) as c:
+            while not stop.is_set():
+                with c.stream("POST", base_url + "/v1/completions", json=body, headers=headers) as r:
+                    for ln in r.iter_lines():
+                        if ln.startswith("data: "):
+                            stamps.append(time.perf_counter())
+
+    t = threading.Thread(target=witness, daemon=True)
+    t.start()
+    time.sleep(1.0)
+    with httpx.Client(timeout=120) as c:
+        t0 = time.perf_counter()
+        r = c.post(base_url + "/v1/completions", content=big.encode(), headers=headers)
+        t1 = time.perf_counter()
+    time.sleep(0.2)
+    stop.set()
+    t.join(timeout=60)
+
+    def max_gap(lo: float, hi: float) -> float:
+        gaps = [b - a for a, b in zip(stamps, stamps[1:]) if b >= lo and a <= hi]
+        return round(max(gaps), 4) if gaps else float("nan")
+
+    return {"body_bytes": len(big), "status": r.status_code, "big_request_s": round(t1 - t0, 3),
+            "max_gap_during_s": max_gap(t0, t1), "max_gap_alone_s": max_gap(t0 - (t1 - t0), t0),
+            "witness_chunks": len(stamps)}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -457,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         url, key, limit = args.url, args.api_key, args.max_request_bytes
         if url is None:
-            key, limit = "sk-malformed-test", 65536
+            key, limit = "sk-malformed-test", 1 << 20
             port = _free_port()
             model = _tiny_model(Path(tmp.name) / "model")
             log_path = Path(tmp.name) / "server.log"
@@ -482,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                                       concurrency=args.fuzz_concurrency, timeout=args.timeout,
                                       allow_remote=args.fuzz_any_host)
             report["ok"] = report["ok"] and report["fuzz"]["ok"]
+        if limit >= 1 << 20:
+            report["stall"] = run_stall(url, key)
         print(json.dumps(report, indent=1))
         return 0 if report["ok"] else 1
     finally:

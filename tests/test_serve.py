@@ -454,6 +454,31 @@ def test_parsing_and_tokenizing_run_off_the_event_loop(server, monkeypatch):
     assert loop_threads and threads and threads[0] not in loop_threads
 
 
+def test_prompt_list_is_tokenized_in_one_batch_call(loaded):
+    """One encode_batch call (the Rust encoder drops the GIL) instead of an encode per prompt (which holds
+    it and stalls the engine thread at every torch call: measured by serve_malformed.py's stall figure)."""
+    from llmkit.serve import protocol
+
+    _, tok, template = loaded
+    calls = []
+
+    class CountingTok:
+        vocab_size = tok.vocab_size
+
+        def encode(self, text):
+            calls.append("encode")
+            return tok.encode(text)
+
+        def encode_batch(self, texts):
+            calls.append(("batch", len(texts)))
+            return tok.encode_batch(texts)
+
+    ctx = protocol.Context("tiny", CountingTok(), 256, template)
+    parsed = protocol.parse_completion({"prompt": ["to be", [3, 4], "or not"], "max_tokens": 2}, ctx)
+    assert calls == [("batch", 2)]
+    assert parsed.prompts == [tok.encode("to be"), [3, 4], tok.encode("or not")]
+
+
 def test_api_key_challenge_and_utf8_key(model_dir):
     with running_server(model_dir, api_key="ключ-🔑") as (base, _, _):
         r = httpx.post(base + "/v1/completions", json={"prompt": "to"})

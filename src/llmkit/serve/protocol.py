@@ -294,6 +294,16 @@ def parse_chat(body: dict, ctx: Context) -> ParsedRequest:
     return _common(body, ctx, [ids], "messages", None, (top or 0) if lp else None, stop_ids)
 
 
+def _encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text. `encode_batch` where the tokenizer has it: the Rust encoder then runs
+    without holding the GIL, while one `encode` per text holds it and, on a long prompt list, makes the
+    engine thread wait for it at every torch call (other streams stall for the whole tokenization)."""
+    batch = getattr(tokenizer, "encode_batch", None)
+    if batch is not None:
+        return batch(texts)
+    return [tokenizer.encode(t) for t in texts]
+
+
 def parse_completion(body: dict, ctx: Context) -> ParsedRequest:
     """Validate a /v1/completions body. prompt: a string, a list of strings (one prompt each), a list of
     token ids, or a list of token-id lists."""
@@ -305,7 +315,7 @@ def parse_completion(body: dict, ctx: Context) -> ParsedRequest:
 
     def ids_of(x) -> list[int]:
         if isinstance(x, str):
-            return ctx.tokenizer.encode(x)
+            return _encode_texts(ctx.tokenizer, [x])[0]
         if isinstance(x, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in x):
             if any(t < 0 or t >= V for t in x):
                 raise APIError(f"'prompt' has a token id outside [0, {V})", "prompt", code="invalid_value")
@@ -320,7 +330,9 @@ def parse_completion(body: dict, ctx: Context) -> ParsedRequest:
         if len(prompt) > MAX_PROMPTS:
             raise APIError(f"'prompt' holds at most {MAX_PROMPTS} prompts, got {len(prompt)}", "prompt",
                            code="invalid_value")
-        prompts = [ids_of(p) for p in prompt]
+        texts = [p for p in prompt if isinstance(p, str)]
+        encoded = iter(_encode_texts(ctx.tokenizer, texts)) if texts else iter(())
+        prompts = [next(encoded) if isinstance(p, str) else ids_of(p) for p in prompt]
     else:
         raise APIError("'prompt' must be a non-empty string or list", "prompt", code="invalid_type")
     lp = _int(body, "logprobs", None, 0, 5)
