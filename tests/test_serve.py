@@ -436,6 +436,18 @@ def test_unhandled_error_is_a_counted_generic_500(server, monkeypatch):
     assert metric(server[0], 'llmkit_http_requests_total{status="500"}') == before + 1
 
 
+def test_a_bug_while_streaming_ends_the_stream_as_failed(server, monkeypatch):
+    from llmkit.serve import protocol
+
+    def broken(*a, **k):
+        raise RuntimeError("secret formatting bug")
+
+    monkeypatch.setattr(protocol, "completion_logprobs", broken)
+    chunks, done = _stream_tokens(server[0], {"prompt": "to", "max_tokens": 5, "logprobs": 1, "stream": True})
+    assert not done and chunks[-1]["choices"][0]["finish_reason"] == "error"
+    assert chunks[-1]["error"]["message"] == "internal server error" and "secret" not in json.dumps(chunks)
+
+
 def test_parsing_and_tokenizing_run_off_the_event_loop(server, monkeypatch):
     """A 1 MB prompt list takes a while to tokenize: it must not block the loop every stream runs on."""
     from llmkit.serve import protocol
@@ -563,6 +575,7 @@ def test_a_request_whose_logits_turn_nan_fails_alone(model_dir):
         assert "Traceback" not in json.dumps(bad[-1])
         r = httpx.post(base + "/v1/completions", json={"prompt": "whether", "max_tokens": 5})
         assert r.status_code == 500 and r.json()["error"]["message"]
+        assert metric(base, 'llmkit_request_success_total{finish_reason="error"}') == 2
         t.join(timeout=60)
         chunks, done = result["s"]
         assert done and sum(len(c["choices"][0]["text"]) for c in chunks) > 0

@@ -344,6 +344,7 @@ class _Generation:
         self.pending -= 1
         if kind == "error":
             c.error = ev[2]
+            self.metrics.requests.labels("error").inc()
             return index, ""
         c.info = info = ev[2]
         n = info["completion_tokens"]
@@ -446,6 +447,9 @@ class _Generation:
                         "usage": self._usage()}
                 yield f"data: {json.dumps(last)}\n\n"
             yield "data: [DONE]\n\n"
+        except Exception:  # noqa: BLE001 - a bug while formatting: end the stream as failed, not cut off
+            log.exception("stream %s failed", rid)
+            yield error_end(0, INTERNAL_ERROR)
         finally:
             left = self.unfinished()
             if left:  # the client went away (Starlette cancelled this generator): free the slots now

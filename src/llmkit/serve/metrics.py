@@ -5,8 +5,8 @@ Histograms (seconds): time_to_first_token_seconds (request received -> first tok
 seconds (mean gap between later tokens, one observation per request), e2e_request_latency_seconds.
 Gauges (set from `EngineRunner.stats()` at each scrape): num_requests_waiting, num_requests_running,
 kv_cache_usage_ratio (cache slots used / max_batch), prefix_cache_hit_rate (block hits / lookups).
-Counters: prompt_tokens_total, generation_tokens_total, request_success_total{finish_reason},
-http_requests_total{status}.
+Counters: prompt_tokens_total, generation_tokens_total, request_success_total{finish_reason} (stop,
+length, cancelled, error), http_requests_total{status} (every response, unhandled 500s included).
 """
 
 from __future__ import annotations
