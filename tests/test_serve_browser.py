@@ -24,6 +24,16 @@ MSG2 = "Tell me <b>more</b> & 你好 🚀"
 TIMEOUT_MS = 15_000
 
 
+def _wait_until(page, expression: str, timeout_s: float = 30.0) -> None:
+    """Poll a JS expression through page.evaluate until it is truthy. Playwright's wait_for_function
+    evaluates a string inside the page, which the chat page's Content-Security-Policy (no 'unsafe-eval')
+    rightly forbids; page.evaluate runs through the DevTools protocol instead."""
+    deadline = time.monotonic() + timeout_s
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for: {expression}")
+        time.sleep(0.05)
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -166,7 +176,7 @@ def test_chat_page_in_chromium(live, sync_playwright, tmp_path):
             page.get_by_label("Bearer key").fill(API_KEY)
             page.get_by_label("Remember in this browser").check()
             page.get_by_test_id("refresh-models").click()
-            page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+            _wait_until(page, "document.querySelectorAll('#model option').length > 0")
             assert page.locator("#model option").evaluate_all("os => os.map(o => o.value)") == model_ids
             assert error.is_hidden()
             assert page.evaluate("localStorage.getItem('llmkit.apiKey')") == API_KEY
@@ -179,7 +189,7 @@ def test_chat_page_in_chromium(live, sync_playwright, tmp_path):
             prompt.press("Enter")
             want1 = _reference(client, [{"role": "user", "content": MSG1}], **greedy)
             assert want1, "the tiny model's greedy reply is empty: pick another seed/message"
-            page.wait_for_function("document.querySelector('[data-testid=usage]').textContent.includes('tokens')")
+            _wait_until(page, "document.querySelector('[data-testid=usage]').textContent.includes('tokens')")
             assert assistant.nth(0).text_content() == want1
             assert prompt.input_value() == "" and send_btn.is_enabled() and stop_btn.is_disabled()
             usage = page.get_by_test_id("usage").text_content()
@@ -195,7 +205,7 @@ def test_chat_page_in_chromium(live, sync_playwright, tmp_path):
             history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": MSG1},
                        {"role": "assistant", "content": want1}, {"role": "user", "content": MSG2}]
             want2 = _reference(client, history, **greedy)
-            page.wait_for_function("document.querySelectorAll('[data-testid=msg-assistant]').length == 2"
+            _wait_until(page, "document.querySelectorAll('[data-testid=msg-assistant]').length == 2"
                                    " && !document.querySelector('.msg.streaming')")
             assert user.nth(1).text_content() == MSG2  # shown as text, not parsed as HTML
             assert assistant.nth(1).text_content() == want2
@@ -226,7 +236,7 @@ def test_chat_page_in_chromium(live, sync_playwright, tmp_path):
             assert user.count() == 0
             prompt.fill(MSG2)
             prompt.press("Enter")
-            page.wait_for_function("document.querySelectorAll('[data-testid=msg-assistant]').length == 1"
+            _wait_until(page, "document.querySelectorAll('[data-testid=msg-assistant]').length == 1"
                                    " && !document.querySelector('.msg.streaming')")
             assert assistant.nth(0).text_content() == want2
 
@@ -235,7 +245,7 @@ def test_chat_page_in_chromium(live, sync_playwright, tmp_path):
             page.get_by_label("Max tokens").fill("4000")
             prompt.fill(MSG1)
             prompt.press("Enter")
-            page.wait_for_function(
+            _wait_until(page, 
                 "(document.querySelector('[data-testid=assistant-text]') || {}).textContent?.length > 5")
             stop_btn.click()
             page.locator('[data-testid="msg-assistant"][data-stopped="true"]').wait_for()
@@ -250,7 +260,7 @@ def test_chat_page_in_chromium(live, sync_playwright, tmp_path):
             page.get_by_label("Max tokens").fill(str(greedy["max_tokens"]))
             prompt.fill(MSG1)
             prompt.press("Enter")
-            page.wait_for_function("document.querySelectorAll('[data-testid=msg-assistant]').length == 2"
+            _wait_until(page, "document.querySelectorAll('[data-testid=msg-assistant]').length == 2"
                                    " && !document.querySelector('.msg.streaming')")
             assert error.is_hidden() and len(assistant.nth(1).text_content()) > 0
             assert page_errors == []
@@ -262,7 +272,7 @@ def test_chat_page_in_chromium(live, sync_playwright, tmp_path):
             prompt.press("Enter")
             r = client.post("/v1/completions", json={"prompt": "Once upon a time", **greedy})
             assert r.status_code == 200, r.text
-            page.wait_for_function("document.querySelectorAll('[data-testid=msg-assistant]').length == 1"
+            _wait_until(page, "document.querySelectorAll('[data-testid=msg-assistant]').length == 1"
                                    " && !document.querySelector('.msg.streaming')")
             assert assistant.nth(0).text_content() == r.json()["choices"][0]["text"]
             page.get_by_label("Mode", exact=True).select_option("chat")
@@ -280,7 +290,7 @@ def test_chat_page_in_chromium(live, sync_playwright, tmp_path):
             page.get_by_label("Temperature").fill("0")
             page.get_by_label("Bearer key").fill("wrong-key")
             prompt.press("Enter")
-            page.wait_for_function("document.querySelector('[data-testid=error]').textContent.includes('401')")
+            _wait_until(page, "document.querySelector('[data-testid=error]').textContent.includes('401')")
             assert send_btn.is_enabled()
 
             # 8. A busy server (429 + Retry-After, OpenAI error body) is shown with the retry hint.
@@ -290,7 +300,7 @@ def test_chat_page_in_chromium(live, sync_playwright, tmp_path):
                                            "param": None, "code": None}})))
             page.get_by_label("Bearer key").fill(API_KEY)
             prompt.press("Enter")
-            page.wait_for_function("document.querySelector('[data-testid=error]').textContent.includes('429')")
+            _wait_until(page, "document.querySelector('[data-testid=error]').textContent.includes('429')")
             assert "server busy: 4 requests queued" in error.text_content() and "7 s" in error.text_content()
             page.unroute("**/v1/chat/completions")
             assert page_errors == []

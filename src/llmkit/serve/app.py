@@ -117,9 +117,7 @@ def _index_headers(html: str) -> dict[str, str]:
     own inline scripts (by hash) and talks only to this origin."""
     hashes = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(m.encode()).digest()).decode()}'"
                       for m in re.findall(r"<script>(.*?)</script>", html, flags=re.S))
-    # 'unsafe-eval': the page itself never evaluates strings, but browser automation does (Playwright's
-    # wait_for_function, used by tests/test_serve_browser.py); injected inline scripts stay blocked.
-    csp = (f"default-src 'none'; script-src {hashes or chr(39) + 'none' + chr(39)} 'unsafe-eval'; "
+    csp = (f"default-src 'none'; script-src {hashes or chr(39) + 'none' + chr(39)}; "
            "style-src 'unsafe-inline'; "
            "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
            "frame-ancestors 'none'")
