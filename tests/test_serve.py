@@ -734,3 +734,20 @@ def test_incremental_decode_never_splits_chinese_characters():
     dec = IncrementalDecoder(tok, stop=["不亦乐"])
     out = "".join(dec.push(i) for i in tok.encode("有朋，不亦"))
     assert out == "有朋，" and dec.finish("有朋，") == ""
+
+
+def test_context_shrinks_to_the_kv_cache_budget_and_an_explicit_one_that_does_not_fit_is_refused(loaded):
+    from llmkit.serve.app import context_length
+
+    model = loaded[0]
+    c = model.config  # 2 layers, 2 heads of 16, block 256, fp32: 2 * 2 * 2 * 16 * 4 = 512 bytes a token
+    per_token = 2 * c.n_layer * c.kv_heads * c.head_dim * 4
+    assert per_token == 512
+    assert context_length(model, ServeConfig(model="m", max_batch=4)) == 256  # 2 GiB: the whole block
+    budget = 4 * 100 * per_token / 2**30  # room for 4 requests of 100 tokens
+    assert context_length(model, ServeConfig(model="m", max_batch=4, kv_cache_gb=budget)) == 100
+    assert context_length(model, ServeConfig(model="m", max_batch=4, max_model_len=64, kv_cache_gb=budget)) == 64
+    with pytest.raises(ValueError, match=r"max_model_len=200: 4 requests x 200 tokens .* kv_cache_gb"):
+        context_length(model, ServeConfig(model="m", max_batch=4, max_model_len=200, kv_cache_gb=budget))
+    with pytest.raises(ValueError, match="max_model_len=256"):  # not even 16 tokens fit
+        context_length(model, ServeConfig(model="m", max_batch=4, kv_cache_gb=4 * 8 * per_token / 2**30))

@@ -316,7 +316,7 @@ def _serve(args) -> None:
     serve(ServeConfig(model=args.model, adapter=args.adapter, served_model_name=args.served_model_name,
                       host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LLMKIT_API_KEY"),
                       max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
-                      prefix_cache_tokens=args.prefix_cache_tokens, max_request_bytes=args.max_request_bytes,
+                      kv_cache_gb=args.kv_cache_gb, prefix_cache_tokens=args.prefix_cache_tokens, max_request_bytes=args.max_request_bytes,
                       shutdown_grace=args.shutdown_grace, device=args.device, dtype=args.dtype))
 
 
@@ -499,7 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: $LLMKIT_API_KEY; none: open)")
     sv.add_argument("--max-batch", type=int, default=16, help="requests decoding together (KV cache slots)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get HTTP 429")
-    sv.add_argument("--max-model-len", type=int, default=None, help="context length (default: block_size)")
+    sv.add_argument("--max-model-len", type=int, default=None,
+                    help="context length (default: block_size, or less where --max-batch of them would not fit "
+                    "in --kv-cache-gb)")
+    sv.add_argument("--kv-cache-gb", type=float, default=2.0, help="memory the KV cache may take, GiB")
     sv.add_argument("--prefix-cache-tokens", type=int, default=4096)
     sv.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get HTTP 413")
     sv.add_argument("--shutdown-grace", type=float, default=10.0,

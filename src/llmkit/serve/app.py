@@ -63,7 +63,11 @@ class ServeConfig:
     max_queue: int = 64
     """Most requests waiting for a slot; more get HTTP 429."""
     max_model_len: int | None = None
-    """Context length (prompt + completion) in tokens; default and upper bound: the model's block_size."""
+    """Context length (prompt + completion) in tokens; upper bound: the model's block_size. Default: the
+    block_size, or less where max_batch such contexts would not fit in `kv_cache_gb`."""
+    kv_cache_gb: float = 2.0
+    """Memory the KV cache may take, GiB: max_batch x max_model_len positions are reserved up front, so
+    an imported model's 32k-128k context would otherwise ask for tens of GiB."""
     prefix_cache_tokens: int = 4096
     max_request_bytes: int = 1 << 20
     """Largest accepted request body (HTTP 413 above)."""
@@ -132,6 +136,28 @@ def _default_model_name(model: str) -> str:
     return Path(model).resolve().name
 
 
+def context_length(model, config: ServeConfig) -> int:
+    """The served context (tokens per request): `max_model_len` or the model's block_size, capped so that
+    `max_batch` requests' keys and values fit in `kv_cache_gb`. An explicit `max_model_len` that does not
+    fit is refused with the figures, rather than silently shortened."""
+    c = model.config
+    block = c.block_size
+    dtype = next(model.parameters()).dtype  # the Engine's KV cache takes the weights' float dtype
+    per_token = 2 * c.n_layer * c.kv_heads * c.head_dim * dtype.itemsize  # keys + values, bytes
+    fits = int(config.kv_cache_gb * 2**30) // (config.max_batch * per_token)
+    wanted = min(config.max_model_len or block, block)
+    if wanted <= fits:
+        return wanted
+    if config.max_model_len is not None or fits < 16:
+        need = config.max_batch * wanted * per_token / 2**30
+        raise ValueError(f"max_model_len={wanted}: {config.max_batch} requests x {wanted} tokens of KV cache need "
+                         f"{need:.2f} GiB, more than kv_cache_gb={config.kv_cache_gb}; lower --max-model-len or "
+                         f"--max-batch, or raise --kv-cache-gb")
+    log.info("context %d tokens (of the model's %d): %d requests x %d tokens of KV cache fit in %.2f GiB "
+             "(--kv-cache-gb)", fits, block, config.max_batch, fits, config.kv_cache_gb)
+    return fits
+
+
 def create_app(config: ServeConfig, on_engine_failure=None) -> FastAPI:
     """Load the model and build the app; the engine thread starts with the app's lifespan.
 
@@ -141,8 +167,7 @@ def create_app(config: ServeConfig, on_engine_failure=None) -> FastAPI:
     from llmkit.infer.load import load_for_inference
 
     model, tok, template = load_for_inference(config.model, config.adapter, config.device, config.dtype)
-    block = model.config.block_size
-    max_len = min(config.max_model_len or block, block)
+    max_len = context_length(model, config)
     try:
         engine = Engine(model, tok, max_batch=config.max_batch, max_len=max_len,
                         prefix_cache_tokens=config.prefix_cache_tokens)
