@@ -357,14 +357,22 @@ def _build(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> Decoder:
     return model.eval()
 
 
-def _import_decoder(src: Path, hf: dict[str, Any]) -> Decoder:
+def decoder_from_hf(hf: dict[str, Any], weights: dict[str, torch.Tensor]) -> Decoder:
+    """The llmkit Decoder of a HF config.json dict and its HF-named tensors (any float dtype; fp32 result).
+    Other checkpoint formats (GGUF) come in through here, so they share the architecture mapping."""
     arch, cfg = hf_config_to_llmkit(hf)
-    weights = read_hf_weights(src)
     try:
         state = _gpt2_to_llmkit(weights, cfg) if arch == "GPT2LMHeadModel" else _llama_to_llmkit(weights, cfg, arch)
     except KeyError as e:
-        raise ValueError(f"{src}: {arch} checkpoint lacks tensor {e.args[0]!r}") from None
+        raise ValueError(f"{arch} checkpoint lacks tensor {e.args[0]!r}") from None
     return _build(cfg, state)
+
+
+def _import_decoder(src: Path, hf: dict[str, Any]) -> Decoder:
+    try:
+        return decoder_from_hf(hf, read_hf_weights(src))
+    except ValueError as e:
+        raise ValueError(f"{src}: {e}") from None
 
 
 def import_hf(src_dir: str | Path, out_dir: str | Path | None = None) -> torch.nn.Module:
