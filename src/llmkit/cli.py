@@ -164,6 +164,19 @@ def _export_hf(args) -> None:
     print(json.dumps({"hf_model": str(export_hf(_model_path(args.model), args.out))}))
 
 
+def _import_gguf(args) -> None:
+    from llmkit.models.gguf import import_gguf
+
+    model = import_gguf(args.from_file, args.out)
+    print(json.dumps({"model": args.out, "n_params": model.num_params(non_embedding=False)}))
+
+
+def _export_gguf(args) -> None:
+    from llmkit.models.gguf import export_gguf
+
+    print(json.dumps({"gguf": str(export_gguf(_model_path(args.model), args.out, args.type))}))
+
+
 def _generate(args) -> None:
     from llmkit.chat import encode_chat
     from llmkit.infer.generate import SamplingParams, stream_tokens
@@ -412,15 +425,25 @@ def build_parser() -> argparse.ArgumentParser:
     mi.set_defaults(func=_model_info)
 
     im = sub.add_parser("import", help="bring checkpoints from other tools").add_subparsers(dest="action", required=True)
-    ih = im.add_parser("hf", help="a local Hugging Face model directory (GPT-2, Llama, Mistral)")
+    ih = im.add_parser("hf", help="a local Hugging Face model directory (GPT-2, Llama, Mistral, Qwen2/3, Phi-3, "
+                       "Gemma 1/2, BERT, T5)")
     ih.add_argument("--from", dest="from_dir", required=True)
     ih.add_argument("--out", required=True)
     ih.set_defaults(func=_import_hf)
+    ig = im.add_parser("gguf", help="a GGUF file (llama.cpp / Ollama): llama, qwen2, qwen3; dequantized to fp32")
+    ig.add_argument("--from", dest="from_file", required=True)
+    ig.add_argument("--out", required=True)
+    ig.set_defaults(func=_import_gguf)
     ex = sub.add_parser("export", help="write models for other tools").add_subparsers(dest="action", required=True)
     eh = ex.add_parser("hf", help="a Hugging Face directory loadable with from_pretrained")
     eh.add_argument("--model", required=True)
     eh.add_argument("--out", required=True)
     eh.set_defaults(func=_export_hf)
+    eg = ex.add_parser("gguf", help="a GGUF file llama.cpp and Ollama load")
+    eg.add_argument("--model", required=True)
+    eg.add_argument("--out", required=True)
+    eg.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0", "q4_0"])
+    eg.set_defaults(func=_export_gguf)
 
     pl = sub.add_parser("pipeline", help="the whole lifecycle: data -> tokenizer -> pretrain -> SFT -> int8 -> "
                         "eval -> registered model").add_subparsers(dest="action", required=True)

@@ -332,7 +332,8 @@ def _gguf_name(name: str, to_gguf: dict[str, str], layer_to_gguf: dict[str, str]
 def _encode(w: np.ndarray, type: str):
     """(data, GGML type) for one tensor: 2-D weights in `type` (when their rows split into whole blocks),
     everything else F32, as llama.cpp's converter does."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
     if w.ndim < 2 or type == "f32":
