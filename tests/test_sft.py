@@ -173,3 +173,25 @@ def test_seq2seq_batches_split_prompt_and_answer():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [7, 8, 9]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 1]]
     assert batch["labels"].tolist() == [[4, 5, 6, -100], [10, 11, 12, 13]]
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_baseline_answers_are_the_base_models_and_survive_a_resume(base, tmp_path, method):
+    from llmkit.chat import load_chat_template
+    from llmkit.finetune.sft import answer
+    from llmkit.models.io import load_model
+    from llmkit.tokenizer import Tokenizer
+
+    extra = {"eval.baseline": True, "train.max_steps": 2}
+    finetune_sft(_cfg(base, tmp_path / "run", method, **extra))
+    baseline = json.loads((tmp_path / "run" / "baseline.json").read_text())
+    plain, tok = load_model(base / "model"), Tokenizer.load(base / "model")
+    template = load_chat_template(base / "model")
+    for row in baseline["answers"]:
+        want = answer(plain, tok, template, [{"role": "user", "content": row["prompt"]}], 8, 0.0, None)
+        assert row["answer"] == want  # untrained: the base model's own greedy answer, adapter or not
+    (tmp_path / "run" / "baseline.json").write_text(json.dumps({**baseline, "rouge_l": -1.0}))
+    finetune_sft(_cfg(base, tmp_path / "run", method, **{**extra, "train.max_steps": 4}), resume=True)
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["baseline"]["rouge_l"] == -1.0  # read back, not recomputed from the trained model
+    assert results["baseline"]["answers"] == baseline["answers"]

@@ -90,6 +90,9 @@ class SFTEvalConfig:
     top_p: float = 0.9
     loss_batches: int | None = None
     """Held-out batches for the eval loss; None = all held-out examples."""
+    baseline: bool = False
+    """Also answer the same held-out prompts with the base model before training (results.json "baseline",
+    kept in baseline.json across a resume): the before / after comparison."""
 
 
 @dataclass
@@ -293,6 +296,31 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict:
         return _finetune(cfg, resume, tracker)
 
 
+def baseline_eval(model, tokenizer, template, eval_convs: list, cfg: SFTEvalConfig, out: Path, step: int
+                  ) -> dict | None:
+    """`generation_eval` of the untrained model (a fresh LoRA adds zero; a prefix is detached meanwhile),
+    written to out/baseline.json once and read back on resume; None when disabled or resumed without one."""
+    path = out / "baseline.json"
+    if not cfg.baseline:
+        return None
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    if step > 0:
+        return None
+    prefix = getattr(model, "prefix", None)
+    if prefix is not None:
+        model.prefix = None
+    try:
+        result = generation_eval(model, tokenizer, template, eval_convs, cfg)
+    finally:
+        if prefix is not None:
+            model.prefix = prefix
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return result
+
+
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -372,6 +400,11 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
              cfg.method, n_trainable, n_total, 100 * n_trainable / n_total, len(data.train), len(data.eval),
              100 * cfg.data.mix_pretrain)
 
+    baseline = baseline_eval(model, tokenizer, template, data.eval_conversations, cfg.eval, out, step)
+    if baseline is not None:
+        tracker.log_metrics({"baseline_exact_match": baseline["exact_match"],
+                             "baseline_rouge_l": baseline["rouge_l"]}, 0)
+
     def write_checkpoint() -> None:
         save_checkpoint(ckpt_root, step, trainable_state(model),
                         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
@@ -450,6 +483,8 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
                    "trainable_share": n_trainable / n_total, **last_eval,
                    "exact_match": gen["exact_match"], "rouge_l": gen["rouge_l"],
                    "answers": gen["answers"], "samples": gen["samples"]}
+        if baseline is not None:
+            results["baseline"] = baseline
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         tracker.log_metrics({"exact_match": gen["exact_match"], "rouge_l": gen["rouge_l"]}, step)
         tracker.log_artifact(out / RESULTS_FILE)
