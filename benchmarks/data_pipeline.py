@@ -4,8 +4,9 @@
     python benchmarks/data_pipeline.py --scale 20      # also 20 copies of it: peak memory must stay flat
 
 Runs `llmkit data run` in-process with one worker (so MB/s is per core and peak RSS is the whole job),
-then signs the same surviving documents with datasketch's `MinHash.update_batch` (word 5-grams, the same
-permutation count) as the reference for the dedup step. Prints one JSON object.
+then signs the same surviving English documents with datasketch's fast path, `MinHash.bulk` (one MinHash's
+permutations shared by every document; the same word 5-grams of llmkit's tokens, the same permutation count)
+as the reference for the dedup step, best of 3 each. Prints one JSON object.
 Scaled copies get a per-copy marker word in every document, so exact dedup does not remove them before the
 later phases; near-dedup still clusters them, which is the realistic worst case for its global phase.
 """
@@ -102,7 +103,7 @@ def datasketch_reference(out: Path, num_perm: int) -> dict:
 
     from datasketch import MinHash
 
-    from llmkit.data.dedup import MinHasher
+    from llmkit.data.dedup import TOKEN_PATTERN, MinHasher
 
     texts, langs = [], []
     for f in sorted((out / "work" / "read").glob("*.docs.jsonl.gz")):
@@ -113,19 +114,26 @@ def datasketch_reference(out: Path, num_perm: int) -> dict:
                 langs.append(d.get("lang") or "und")
     en = [t for t, lang in zip(texts, langs) if lang == "en"]
     mb = sum(len(t.encode()) for t in en) / 1e6
-    t = time.perf_counter()
-    for text in en:
-        words = text.split()
-        shingles = [" ".join(words[i:i + 5]).encode() for i in range(max(1, len(words) - 4))]
-        m = MinHash(num_perm=num_perm)
-        m.update_batch(shingles)
-    ref = time.perf_counter() - t
+
+    def shingles(text: str) -> list[bytes]:
+        tok = TOKEN_PATTERN.findall(text.lower())
+        return [" ".join(tok[i:i + 5]).encode() for i in range(max(1, len(tok) - 4))] if tok else []
+
+    def best_of_3(fn) -> float:
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    ref = best_of_3(lambda: MinHash.bulk((shingles(t) for t in en), num_perm=num_perm))
     hasher = MinHasher(num_perm, 1, {"en": 5})
-    t = time.perf_counter()
-    hasher.signatures(en, ["en"] * len(en))
-    ours = time.perf_counter() - t
-    return {"en_mb": round(mb, 3), "num_perm": num_perm, "datasketch_mb_s": round(mb / ref, 3),
-            "llmkit_mb_s": round(mb / ours, 3), "speedup": round(ref / ours, 2)}
+    hasher.signatures(en[:2], ["en"] * 2)
+    ours = best_of_3(lambda: hasher.signatures(en, ["en"] * len(en)))
+    return {"en_mb": round(mb, 3), "num_perm": num_perm, "datasketch_bulk_mb_s": round(mb / ref, 3),
+            "llmkit_mb_s": round(mb / ours, 3), "ratio_llmkit_vs_datasketch_bulk": round(ref / ours, 2),
+            "both_include": "tokenizing and shingling the text"}
 
 
 def peak_rss_mb() -> float:
