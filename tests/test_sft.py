@@ -195,3 +195,16 @@ def test_baseline_answers_are_the_base_models_and_survive_a_resume(base, tmp_pat
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["baseline"]["rouge_l"] == -1.0  # read back, not recomputed from the trained model
     assert results["baseline"]["answers"] == baseline["answers"]
+
+
+def test_rows_are_as_wide_as_the_longest_example_not_the_models_context(base, tmp_path):
+    from llmkit.models.decoder import Decoder, DecoderConfig
+    from llmkit.models.io import load_model, save_model
+    from llmkit.tokenizer import Tokenizer
+
+    small = load_model(base / "model")
+    wide = Decoder(DecoderConfig(**{**small.config.__dict__, "block_size": 4096}))  # an imported model's context
+    save_model(wide, tmp_path / "wide", Tokenizer.load(base / "model"))
+    cfg = _cfg(base, tmp_path / "run", "lora", **{"base_model": str(tmp_path / "wide"), "data.max_len": 48,
+                                                   "data.mix_pretrain": 0.0, "train.max_steps": 1})
+    assert finetune_sft(cfg)["batch_width"] <= 47

@@ -346,9 +346,12 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
     model, base_params, adapter_params = prepare_model(cfg, device)
     block = model.config.block_size
     data = build_sft_data(cfg.data, tokenizer, template, block)
+    # rows as wide as the longest example needs (inputs are ids[:-1]), not the model's context: an imported
+    # model's 8k-128k block would make every row that wide, nearly all of it padding
+    width = min(block, max(1, max(len(e.ids) for e in [*data.train, *data.eval]) - 1))
     pretrain_tokens = open_pretrain_tokens(cfg.data, tokenizer) if cfg.data.mix_pretrain > 0 else None
-    batches = MixedBatches(data, pretrain_tokens, t_cfg.batch_size, block, cfg.data.mix_pretrain, cfg.data.seed)
-    held_out = eval_batches(data, t_cfg.batch_size, block)
+    batches = MixedBatches(data, pretrain_tokens, t_cfg.batch_size, width, cfg.data.mix_pretrain, cfg.data.seed)
+    held_out = eval_batches(data, t_cfg.batch_size, width)
     if cfg.eval.loss_batches is not None:
         held_out = held_out[:cfg.eval.loss_batches]
     lr_ratio = {"full": 1.0, "lora": cfg.lora.lr_ratio, "prefix": cfg.prefix.lr_ratio}[cfg.method]
@@ -491,7 +494,8 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
         save_finetuned(model, cfg, tokenizer, template, final_dir)
         tracker.log_artifact(final_dir, "adapter" if cfg.method != "full" else "model")
     tracker.end("KILLED" if stopped else "FINISHED")
-    return {"step": step, "stopped_by_signal": stopped, "method": cfg.method, "n_trainable": n_trainable,
+    return {"step": step, "stopped_by_signal": stopped, "method": cfg.method, "batch_width": width,
+            "n_trainable": n_trainable,
             "trainable_share": n_trainable / n_total, "eval_loss": last_eval.get("eval_loss"),
             "exact_match": results.get("exact_match"), "rouge_l": results.get("rouge_l"),
             "final": str(final_dir) if not stopped else None, "tracking_run_id": run_id, "history": history}
