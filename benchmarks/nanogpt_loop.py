@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from llmkit.models import Decoder, DecoderConfig
+from llmkit.train.trainer import TokenRate
 
 
 def train_nanogpt_style(data_dir, dtype: str, vocab_size: int, n_layer=4, n_head=4, n_embd=128, block_size=64,
@@ -67,7 +68,8 @@ def train_nanogpt_style(data_dir, dtype: str, vocab_size: int, n_layer=4, n_head
         return out
 
     x, y = get_batch("train")
-    iter_num, train_time, eval_time, last = 0, 0.0, 0.0, {}
+    iter_num, eval_time, last = 0, 0.0, {}
+    rate = TokenRate()  # the trainer's estimator: total tokens / total seconds of the timed steps
     t_start = time.perf_counter()
     while True:
         for group in optimizer.param_groups:
@@ -86,9 +88,9 @@ def train_nanogpt_style(data_dir, dtype: str, vocab_size: int, n_layer=4, n_head
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         loss.item()
-        train_time += time.perf_counter() - t0
+        rate.add(batch_size * block_size, time.perf_counter() - t0)
         iter_num += 1
     wall = time.perf_counter() - t_start
-    return {"model": model, "steps": iter_num, "train_s": train_time, "eval_s": eval_time, "wall_s": wall,
-            "tokens_per_s": iter_num * batch_size * block_size / train_time,
-            "ms_per_step": 1000 * train_time / iter_num, "val_loss_sampled": last["val"], "train_loss_sampled": last["train"]}
+    return {"model": model, "steps": iter_num, "train_s": rate.seconds, "eval_s": eval_time, "wall_s": wall,
+            "tokens_per_s": rate.per_s,
+            "ms_per_step": 1000 * rate.seconds / iter_num, "val_loss_sampled": last["val"], "train_loss_sampled": last["train"]}

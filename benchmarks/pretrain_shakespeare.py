@@ -3,7 +3,8 @@
 Both train nanoGPT's CPU config (n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
 2000 iterations, lr 1e-3 -> 1e-4, dropout 0) on the same tokenized data in the same process, one
 after the other, `--repeats` times each, alternating so machine noise hits both alike. Prints one
-JSON object: tokens/s of each (training steps only, evaluation excluded), the ratio, and the final
+JSON object: tokens/s of each (one estimator for both, `llmkit.train.trainer.TokenRate`: total tokens / total
+seconds of the timed training steps, evaluation excluded), the ratio, and the final
 validation loss of each, measured exactly on every token of the validation split.
 
     python benchmarks/pretrain_shakespeare.py [--text data/samples/en/tinyshakespeare.txt] [--repeats 3]

@@ -41,6 +41,25 @@ from llmkit.train.schedule import warmup_cosine
 log = logging.getLogger(__name__)
 
 
+class TokenRate:
+    """The one tokens/s estimator of the trainer's logs and summary and of the benchmarks' reference loops:
+    total tokens / total wall seconds over the measured window (the timed training steps; evaluation and
+    checkpoint writing are outside it). Not a mean of per-interval rates, which would weigh a short fast
+    interval like a long slow one."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    @property
+    def per_s(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+
 @dataclass
 class DataConfig:
     inputs: list[str] = field(default_factory=list)
@@ -392,8 +411,7 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
     model.train()
     stopped = False
     last_eval: dict = {}
-    window_tokens, window_time = 0, 0.0
-    summary_tps = []
+    window, measured = TokenRate(), TokenRate()  # this log interval; every step this run timed
     with StopSignal() as stop:
         while step < t_cfg.max_steps:
             t0 = time.perf_counter()
@@ -415,22 +433,22 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1
-            window_time += time.perf_counter() - t0
-            window_tokens += tokens_per_step
+            dt = time.perf_counter() - t0
+            window.add(tokens_per_step, dt)
+            measured.add(tokens_per_step, dt)
 
             if step % t_cfg.log_interval == 0 or step == t_cfg.max_steps:
                 loss_value = loss.item()  # the last micro-batch's loss (one sync per log interval)
-                tps = window_tokens / window_time
+                tps = window.per_s
                 row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tps}
                 if peak:
                     row["mfu"] = flops_per_token * tps / info.world_size / peak
-                summary_tps.append(tps)
                 record(row)
                 if info.is_main:
                     tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
                     if progress is not None:
                         progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
-                window_tokens, window_time = 0, 0.0
+                window = TokenRate()
             if step % t_cfg.eval_interval == 0 or step == t_cfg.max_steps:
                 last_eval = run_eval()
                 record({"step": step, **last_eval})
@@ -475,7 +493,7 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
         "train_loss": last_eval.get("train_loss"),
         "val_loss": last_eval.get("val_loss"),
         "val_bpb": last_eval.get("val_bpb"),
-        "tokens_per_s": sum(summary_tps) / len(summary_tps) if summary_tps else None,
+        "tokens_per_s": measured.per_s,
         "n_params": raw_model.num_params(),
         "out_dir": str(out),
         "final_model": str(final_dir) if not stopped else None,
