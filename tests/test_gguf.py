@@ -112,7 +112,7 @@ def test_export_then_import_round_trip(style, kind, tol, bpe, tmp_path):
     path = export_gguf(src, tmp_path / f"{style}.gguf", kind)
     meta = read_gguf_metadata(path)
     assert meta["general.architecture"] == style
-    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt2"
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
     types = {t.name: gguf.GGMLQuantizationType(t.tensor_type).name for t in gguf.GGUFReader(str(path)).tensors}
     assert types["blk.0.attn_q.weight"] == kind.upper() and types["blk.0.attn_norm.weight"] == "F32"
     ids = torch.tensor([bpe.encode(TEXTS[0] + TEXTS[1])[:40]])
@@ -228,3 +228,126 @@ def test_cli_import_and_export(bpe, tmp_path, capsys):
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert lines[0]["gguf"].endswith("q.gguf") and lines[1]["n_params"] == load_model(src).num_params(False)
     assert main(["import", "gguf", "--from", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")]) == 2
+
+
+# -- dequantization against an independent reference ------------------------------------------------------
+
+
+def _f16(b: np.ndarray) -> float:
+    return float(b[:2].copy().view(np.float16)[0])
+
+
+def _scale_min_k4(j: int, q: np.ndarray) -> tuple[int, int]:  # ggml-quants.c get_scale_min_k4
+    if j < 4:
+        return int(q[j]) & 63, int(q[j + 4]) & 63
+    return (int(q[j + 4]) & 0xF) | ((int(q[j - 4]) >> 6) << 4), (int(q[j + 4]) >> 4) | ((int(q[j]) >> 6) << 4)
+
+
+def _ref_block(kind: str, b: np.ndarray) -> list[float]:
+    """One block dequantized as llama.cpp's scalar `dequantize_row_*` (ggml-quants.c) does, value by value."""
+    y: list[float] = []
+    if kind == "BF16":  # the upper half of an fp32
+        return [float(np.uint32(int(b[:2].view(np.uint16)[0]) << 16).view(np.float32))]
+    if kind == "Q8_0":
+        d = _f16(b)
+        return [d * float(v) for v in b[2:34].view(np.int8)]
+    if kind in ("Q4_0", "Q4_1"):
+        d = _f16(b)
+        m, qs = (_f16(b[2:]), b[4:20]) if kind == "Q4_1" else (-8.0 * d, b[2:18])
+        return [(int(q) & 0xF) * d + m for q in qs] + [(int(q) >> 4) * d + m for q in qs]
+    if kind in ("Q4_K", "Q5_K"):
+        d, dmin, sc = _f16(b), _f16(b[2:]), b[4:16]
+        qh, ql = (b[16:48], b[48:176]) if kind == "Q5_K" else (None, b[16:144])
+        u1, u2 = 1, 2
+        for j, is_ in zip(range(0, 256, 64), range(0, 8, 2)):
+            (s1, m1), (s2, m2) = _scale_min_k4(is_, sc), _scale_min_k4(is_ + 1, sc)
+            q = ql[j // 2: j // 2 + 32]
+            hi1 = [16 if qh is not None and int(h) & u1 else 0 for h in (qh if qh is not None else q)]
+            hi2 = [16 if qh is not None and int(h) & u2 else 0 for h in (qh if qh is not None else q)]
+            y += [d * s1 * ((int(v) & 0xF) + h) - dmin * m1 for v, h in zip(q, hi1)]
+            y += [d * s2 * ((int(v) >> 4) + h) - dmin * m2 for v, h in zip(q, hi2)]
+            u1, u2 = u1 << 2, u2 << 2
+        return y
+    if kind == "Q6_K":
+        ql, qh, sc, d = b[:128], b[128:192], b[192:208].view(np.int8), _f16(b[208:])
+        out = [0.0] * 256
+        for n in range(2):
+            L, H, S = ql[64 * n:], qh[32 * n:], sc[8 * n:]
+            for i in range(32):
+                s = i // 16
+                q1 = ((int(L[i]) & 0xF) | (((int(H[i]) >> 0) & 3) << 4)) - 32
+                q2 = ((int(L[i + 32]) & 0xF) | (((int(H[i]) >> 2) & 3) << 4)) - 32
+                q3 = ((int(L[i]) >> 4) | (((int(H[i]) >> 4) & 3) << 4)) - 32
+                q4 = ((int(L[i + 32]) >> 4) | (((int(H[i]) >> 6) & 3) << 4)) - 32
+                for k, (q, o) in enumerate(((q1, 0), (q2, 32), (q3, 64), (q4, 96))):
+                    out[128 * n + i + o] = d * float(S[s + 2 * k]) * q
+        return out
+    raise AssertionError(kind)
+
+
+# byte offsets of the fp16 scale fields of each block layout (set to finite values; the rest is random)
+_HALF_FIELDS = {"BF16": [], "Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
+
+
+@pytest.mark.parametrize("kind", list(_HALF_FIELDS))
+def test_dequantization_matches_llama_cpp_reference(kind, tmp_path):
+    """Random blocks of each quantization type, written to a GGUF file, read back by the importer's
+    dequantization and compared with a value-by-value port of llama.cpp's scalar reference code."""
+    from llmkit.models.gguf import _dequantize
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, blocks = 3, 2
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, size=(rows, blocks, size), dtype=np.uint8)
+    if kind == "BF16":  # finite values only
+        raw = (rng.normal(size=(rows, blocks, 1)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        raw = raw.view(np.uint8)
+    for off in _HALF_FIELDS[kind]:
+        raw[..., off:off + 2] = rng.uniform(-0.1, 0.1, size=(rows, blocks, 1)).astype(np.float16).view(np.uint8)
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    w.add_tensor("t.weight", raw.reshape(rows, blocks * size), raw_dtype=qtype)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    tensor = gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors[0]
+    got = _dequantize(tensor)
+    want = torch.tensor([[v for j in range(blocks) for v in _ref_block(kind, raw[r, j])] for r in range(rows)])
+    assert got.shape == (rows, blocks * block) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_padded_vocabulary_keeps_every_row(bpe, tmp_path):
+    """More embedding rows than tokens (vocabularies padded for speed): export writes a placeholder token per
+    extra row, as llama.cpp's converter does, and import keeps every row and logit column."""
+    torch.manual_seed(0)
+    cfg = DecoderConfig(vocab_size=bpe.vocab_size + 13, block_size=64, n_layer=1, d_model=64, n_head=4, n_kv_head=2,
+                        activation="swiglu", norm="rmsnorm", positions="rope", tie_embeddings=False)
+    src = save_model(Decoder(cfg).eval(), tmp_path / "padded", tokenizer=bpe)
+    path = export_gguf(src, tmp_path / "padded.gguf", "f32")
+    tokens = read_gguf_metadata(path)["tokenizer.ggml.tokens"]
+    assert len(tokens) == cfg.vocab_size and tokens[-1] == f"[PAD{cfg.vocab_size - 1}]"
+    back = import_gguf(path, tmp_path / "back").eval()
+    assert back.config.vocab_size == cfg.vocab_size
+    ids = torch.tensor([bpe.encode(TEXTS[0])[:24]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids)[0], load_model(src).eval()(ids)[0], rtol=0, atol=1e-5)
+    assert Tokenizer.load(tmp_path / "back").encode(TEXTS[0]) == bpe.encode(TEXTS[0])
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+def test_llama_cpp_reads_our_export(style, bpe, tmp_path):
+    """llama.cpp itself (llama-cpp-python, `make bench-env`) loads the exported file: its tokenizer splits text
+    as ours does and its logits equal llmkit's (its KV cache is fp16, hence the tolerance). For llama the q/k
+    rows are permuted in the file, for qwen2/qwen3 not: a wrong choice either way changes these logits."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is built by make bench-env")
+    src = _tiny(style, bpe, tmp_path, tied=style != "qwen2")
+    path = export_gguf(src, tmp_path / f"{style}.gguf", "f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    for text in TEXTS[:2]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == bpe.encode(text), text
+    ids = bpe.encode(TEXTS[0] + TEXTS[1])[:40]
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[: len(ids)]), dtype=torch.float32)
+    with torch.no_grad():
+        ours = load_model(src).eval()(torch.tensor([ids]))[0][0]
+    assert (ours - theirs).abs().max().item() <= 1e-3  # measured: 1.1e-4 (llama), 9e-5 (qwen2), 1.4e-4 (qwen3)
+    assert ours.argmax(-1).tolist() == theirs.argmax(-1).tolist()

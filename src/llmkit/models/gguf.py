@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from llmkit.models.decoder import Decoder
-from llmkit.models.gguf_tokenizer import build_tokenizer, gguf_tokenizer_metadata
+from llmkit.models.gguf_tokenizer import UNUSED, build_tokenizer, gguf_tokenizer_metadata
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "EXPORT_TYPES", "read_gguf_metadata", "import_gguf", "export_gguf"]
 
@@ -259,6 +259,13 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, type: str = "f16") 
     tok_config = json.loads((src / "tokenizer_config.json").read_text()) \
         if (src / "tokenizer_config.json").is_file() else {}
     tok_meta = gguf_tokenizer_metadata((src / "tokenizer.json").read_text(encoding="utf-8"), tok_config)
+    n_tokens = len(tok_meta["tokenizer.ggml.tokens"])
+    if n_tokens > cfg.vocab_size:
+        raise ValueError(f"vocab_size: {cfg.vocab_size} embedding rows for {n_tokens} tokenizer tokens")
+    # a padded vocabulary (more embedding rows than tokens): llama.cpp wants one token per row, so the extra
+    # rows get unused placeholder tokens, as its converter writes them
+    tok_meta["tokenizer.ggml.tokens"] += [f"[PAD{i}]" for i in range(n_tokens, cfg.vocab_size)]
+    tok_meta["tokenizer.ggml.token_type"] += [UNUSED] * (cfg.vocab_size - n_tokens)
     gen = load_generation_config(src)
     for key, name in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
         value = gen.get(key)

@@ -44,7 +44,8 @@ def _split(pattern: str) -> pre_tokenizers.PreTokenizer:
 # pre-tokenizer name -> (pre-tokenizer, normalizer or None, BPE ignore_merges)
 BPE_PRE_TOKENIZERS = {
     "default": lambda: (_byte_level(True), None, False),  # GPT-2's own expression
-    "gpt2": lambda: (_byte_level(True), None, False),
+    "gpt-2": lambda: (_byte_level(True), None, False),  # llama.cpp's name for it (export writes this one)
+    "gpt2": lambda: (_byte_level(True), None, False),  # read for tolerance; llama.cpp itself rejects it
     "smollm": lambda: (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level(True)]),
                        None, False),
     "llama-bpe": lambda: (_split(_LLAMA3_SPLIT), None, True),
@@ -182,7 +183,7 @@ def _pre_name(pre: dict | None, norm: dict | None) -> str:
 
     steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre] if pre else []
     if len(steps) == 1 and byte_level(steps[0], True) and norm is None:
-        return "gpt2"
+        return "gpt-2"
     if len(steps) == 2 and steps[0].get("type") == "Digits" and steps[0].get("individual_digits") \
             and byte_level(steps[1], True) and norm is None:
         return "smollm"
