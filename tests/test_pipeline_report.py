@@ -100,7 +100,7 @@ def _sft(root: Path, out: Path) -> dict:
                  "data.eval_max": 4, "data.mix_pretrain": 0, "train.batch_size": 4, "train.max_steps": 6, "train.decay_steps": 6,
                  "train.warmup_steps": 1, "train.eval_interval": 3, "train.log_interval": 1,
                  "train.checkpoint_interval": 100, "train.progress": False, "eval.answers": 2, "eval.samples": 1,
-                 "eval.max_new_tokens": 6, "eval.loss_batches": 1, "track.enabled": False}
+                 "eval.max_new_tokens": 6, "eval.loss_batches": 1, "eval.baseline": True, "track.enabled": False}
     return finetune_sft(load_config(SFTConfig, None, [f"{k}={v}" for k, v in overrides.items()]))
 
 
@@ -206,6 +206,9 @@ def test_sections_show_the_real_stage_outputs(run_dir, report):
     results = json.loads((run_dir / "sft" / "results.json").read_text())
     answer = results["answers"][0]["answer"]
     assert escape(answer) in _section(text, "finetune")
+    before = {a["prompt"]: a["answer"] for a in results["baseline"]["answers"]}[results["answers"][0]["prompt"]]
+    assert "answer before training</div><pre>" + escape(before) in _section(text, "finetune")
+    assert "before training (base model)" in _section(text, "finetune")
     training = _rows(_section(text, "training"))
     assert [r[0] for r in training[1:]] == ["pretrain", "sft"]
     for row, stage in zip(training[1:], ["pretrain", "sft"]):

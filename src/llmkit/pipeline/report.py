@@ -426,17 +426,27 @@ def finetune_section(results: dict | None, ev: dict | None, n_answers: int = 3) 
                      f" ({_fmt(100 * (_num(src.get('trainable_share')) or 0), '.3g')}%)")
     if fin.get("n") is not None:
         facts.append(f"graded prompts: {fin['n']}")
-    answers = "".join(_answer_card(a) for a in (src.get("answers") or [])[:n_answers])
+    base = src.get("baseline") or {}
+    if base:  # the base model's answers to the same prompts, before training (sft eval.baseline)
+        info += _table(["before training (base model)", "exact match", "ROUGE-L"],
+                       [["fp32", _fmt(_num(base.get("exact_match"))), _fmt(_num(base.get("rouge_l")))]])
+        for key in ("exact_match", "rouge_l"):
+            if _num(base.get(key)) is not None:
+                sec.metrics[f"report.baseline_{key}"] = _num(base[key])
+    before = {a.get("prompt"): a.get("answer") for a in base.get("answers") or []}
+    answers = "".join(_answer_card(a, before.get(a.get("prompt"))) for a in (src.get("answers") or [])[:n_answers])
     sec.body = (_img("finetune_accuracy.png", sec.plots["finetune_accuracy.png"], "exact match and ROUGE-L")
                 + info + (f"<p>{_esc('; '.join(facts))}</p>" if facts else "")
                 + ("<h3>Graded answers</h3>" + answers if answers else ""))
     return sec
 
 
-def _answer_card(a: dict) -> str:
+def _answer_card(a: dict, before: str | None = None) -> str:
     score = f"exact match {_fmt(a.get('exact_match'))}, ROUGE-L {_fmt(a.get('rouge_l'))}"
+    earlier = ('<div class="lbl">answer before training</div><pre>' + _esc(before) + "</pre>"
+               if before is not None else "")
     return ('<div class="card"><div class="lbl">prompt</div><pre>' + _esc(a.get("prompt", "")) + "</pre>"
-            '<div class="lbl">reference</div><pre>' + _esc(a.get("reference", "")) + "</pre>"
+            '<div class="lbl">reference</div><pre>' + _esc(a.get("reference", "")) + "</pre>" + earlier +
             '<div class="lbl">answer</div><pre>' + _esc(a.get("answer", "")) + "</pre>"
             f'<div class="score">{score}</div></div>')
 
