@@ -1,13 +1,21 @@
 """llmkit `Engine` vs Hugging Face `generate` on the same weights; continuous batching; prefix-cache TTFT.
 
-    python benchmarks/engine_vs_hf.py            # prints one JSON object (~2-3 minutes on 2 CPU cores)
-    python benchmarks/engine_vs_hf.py --quick    # smaller model/sizes, for a smoke run
+    python benchmarks/engine_vs_hf.py                # prints one JSON object (~6-8 minutes on 2 CPU cores)
+    python benchmarks/engine_vs_hf.py --rounds 5     # more rounds per batch (default 3)
+    python benchmarks/engine_vs_hf.py --quick        # smaller model/sizes, for a smoke run
 
 A randomly initialised GPT-2-small shape (d 768, 12 layers, 12 heads, vocab 50257, block 1024, fp32) is
 exported with `llmkit.models.hf.export_hf` and loaded with `AutoModelForCausalLM`, so both sides hold the
 same weights. Measured in one process:
 * `generate`: greedy, 128-token random prompts, 64 new tokens, batch 1 / 8 / 32: HF `generate` vs
-  `Engine.generate` (new tokens/s, including prefill), their ratio, and whether the greedy tokens agree;
+  `Engine.generate` (new tokens/s, including prefill), their ratio, and whether the greedy tokens agree.
+  Each batch runs --rounds rounds (>= 3) with the order alternating (round 0 engine first, round 1 HF
+  first, ...); every round is reported, and the headline figures are medians over the rounds (the ratio is
+  the median of the per-round ratios). The INT8 engine and the row-major engine get the same rounds;
+* output head at batch 1: `F.linear` of one token through the model's (50257 x 768) head weight (a random
+  one of that shape under --quick) stored
+  row-major (nn.Linear's layout) vs column-major (the engine's), median ms of 50 calls per round, the two
+  layouts alternating first per round;
 * continuous batching: 16 requests (prompts of 32..128 tokens, 32 new tokens each) submitted together
   vs one at a time through the same engine: total new tokens/s;
 * prefix cache: time to first token for a 512-token shared prefix + 16 fresh tokens, warm (prefix
@@ -16,6 +24,7 @@ same weights. Measured in one process:
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -39,7 +48,13 @@ def main() -> None:
     from llmkit.models.decoder import Decoder, DecoderConfig
     from llmkit.models.hf import export_hf
 
-    quick = "--quick" in sys.argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="4 layers, d 256, batches 1/8 only")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per batch, order alternating (>= 3)")
+    args = ap.parse_args()
+    if args.rounds < 3:
+        sys.exit("--rounds must be >= 3")
+    quick, rounds = args.quick, args.rounds
     cfg = QUICK if quick else FULL
     batches = (1, 8) if quick else (1, 8, 32)
     prompt_len, new = 128, 64
@@ -71,24 +86,72 @@ def main() -> None:
     row_major.generate(warm[:1], RequestParams(max_new_tokens=4, temperature=0, stop_at_eos=False))
     hf.generate(torch.tensor(warm), max_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
     engine.generate(warm, RequestParams(max_new_tokens=4, temperature=0, stop_at_eos=False))
+    def timed(fn) -> tuple[float, list]:
+        t = time.perf_counter()
+        res = fn()
+        return time.perf_counter() - t, res
+
     for b in batches:
         prompts = rand_prompts(b, prompt_len, V, b)
-        t = time.perf_counter()
-        hf_out = hf_generate(prompts)
-        t_hf = time.perf_counter() - t
-        t = time.perf_counter()
-        ours = engine.generate(prompts, greedy)
-        t_ours = time.perf_counter() - t
-        same = sum(a == h for a, h in zip(ours, hf_out))
+        per_round = []
+        for r in range(rounds):
+            order = ["hf", "engine"] if r % 2 else ["engine", "hf"]
+            if b == 1:
+                order.append("engine_row_major")
+            sec, res = {}, {}
+            for who in order:
+                fn = {"hf": lambda p=prompts: hf_generate(p), "engine": lambda p=prompts: engine.generate(p, greedy),
+                      "engine_row_major": lambda p=prompts: row_major.generate(p, greedy)}[who]
+                sec[who], res[who] = timed(fn)
+            same = sum(a == h for a, h in zip(res["engine"], res["hf"]))
+            row = {"order": "/".join(order), "hf_tok_s": round(b * new / sec["hf"], 1),
+                   "engine_tok_s": round(b * new / sec["engine"], 1), "ratio": round(sec["hf"] / sec["engine"], 3),
+                   "identical_sequences": f"{same}/{b}"}
+            if b == 1:
+                row["engine_row_major_tok_s"] = round(new / sec["engine_row_major"], 1)
+                row["column_major_speedup"] = round(sec["engine_row_major"] / sec["engine"], 3)
+            per_round.append(row)
+
+        def med(key, per_round=per_round):
+            return round(statistics.median(x[key] for x in per_round), 2)
+
         out["generate"][f"batch_{b}"] = {
-            "hf_tok_s": round(b * new / t_hf, 1), "engine_tok_s": round(b * new / t_ours, 1),
-            "ratio": round(t_hf / t_ours, 2), "identical_sequences": f"{same}/{b}"}
+            "hf_tok_s": med("hf_tok_s"), "engine_tok_s": med("engine_tok_s"), "ratio": med("ratio"),
+            "ratio_range": [min(x["ratio"] for x in per_round), max(x["ratio"] for x in per_round)],
+            "identical_sequences": per_round[0]["identical_sequences"]
+            if len({x["identical_sequences"] for x in per_round}) == 1 else [x["identical_sequences"] for x in per_round],
+            "rounds": per_round}
         if b == 1:
+            out["generate"]["batch_1"].update({"engine_row_major_tok_s": med("engine_row_major_tok_s"),
+                                               "column_major_speedup": med("column_major_speedup")})
+
+    # the output head alone at batch 1: one token through the (vocab x d) weight, row- vs column-major
+    # (vocab, d) in nn.Linear's layout; under --quick a random head of the full GPT-2-small shape, so this
+    # figure is always for the (50257 x 768) head
+    w_row = (torch.randn(FULL["vocab_size"], FULL["d_model"]) if quick
+             else model.lm_head.weight.detach().contiguous())
+    w_col = w_row.t().contiguous().t()
+    x1 = torch.randn(1, w_row.shape[1])
+    head = {"row_major": [], "column_major": []}
+
+    def head_ms(w) -> float:
+        for _ in range(5):
+            torch.nn.functional.linear(x1, w)
+        times = []
+        for _ in range(50):
             t = time.perf_counter()
-            row_major.generate(prompts, greedy)
-            t_rm = time.perf_counter() - t
-            out["generate"]["batch_1"].update({"engine_row_major_tok_s": round(new / t_rm, 1),
-                                               "column_major_speedup": round(t_rm / t_ours, 2)})
+            torch.nn.functional.linear(x1, w)
+            times.append(time.perf_counter() - t)
+        return 1e3 * statistics.median(times)
+
+    for r in range(rounds):
+        for name in (["row_major", "column_major"] if r % 2 == 0 else ["column_major", "row_major"]):
+            head[name].append(round(head_ms(w_row if name == "row_major" else w_col), 3))
+    out["output_head_batch1"] = {
+        "shape": list(w_row.shape), "row_major_ms": round(statistics.median(head["row_major"]), 2),
+        "column_major_ms": round(statistics.median(head["column_major"]), 2),
+        "speedup": round(statistics.median(head["row_major"]) / statistics.median(head["column_major"]), 2),
+        "rounds_ms": head}
 
     # batch 1 against the memory wall: every decoded token reads every weight once
     bandwidth = measure_read_bandwidth()  # 256 MB of fp32, far beyond the caches
@@ -122,15 +185,17 @@ def main() -> None:
     out["generate_int8"] = {}
     for b in (batches[0], batches[-1]):
         prompts = rand_prompts(b, prompt_len, V, b)
-        t = time.perf_counter()
-        ours = engine8.generate(prompts, greedy)
-        t_ours = time.perf_counter() - t
+        tok_s = []
+        for _ in range(rounds):
+            t_ours, _ = timed(lambda p=prompts: engine8.generate(p, greedy))
+            tok_s.append(round(b * new / t_ours, 1))
         fp32 = out["generate"][f"batch_{b}"]
-        tok_s = b * new / t_ours
+        med8 = statistics.median(tok_s)
         out["generate_int8"][f"batch_{b}"] = {
-            "engine_int8_tok_s": round(tok_s, 1), "hf_fp32_tok_s": fp32["hf_tok_s"],
-            "ratio_vs_hf_fp32": round(tok_s / fp32["hf_tok_s"], 2),
-            "ratio_vs_engine_fp32": round(tok_s / fp32["engine_tok_s"], 2)}
+            "engine_int8_tok_s": round(med8, 1), "rounds_tok_s": tok_s, "hf_fp32_tok_s": fp32["hf_tok_s"],
+            "ratio_vs_hf_fp32": round(med8 / fp32["hf_tok_s"], 2),
+            "ratio_vs_engine_fp32": round(med8 / fp32["engine_tok_s"], 2),
+            "note": "medians of separate rounds (INT8 rounds run after the fp32 ones)"}
 
     # continuous batching: 16 concurrent requests vs one at a time
     n_req, cb_new = 16, 32
@@ -187,6 +252,7 @@ def main() -> None:
         "prefill_tokens_per_warm_request": warm_prefill,
         "block_hits": st["prefix_hits"], "block_misses": st["prefix_misses"], "same_first_token": agree}
     out["seconds"] = round(time.perf_counter() - t_start, 1)
+    out["rounds"] = rounds
     if quick:
         out["note"] = "--quick: 4 layers, d 256, batches 1/8 only"
     print(json.dumps(out, indent=2))
