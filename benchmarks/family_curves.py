@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from llmkit.config import load_config
@@ -80,7 +82,13 @@ def main() -> None:
                                "n_params": summary["n_params"], "tokens_per_s": round(summary["tokens_per_s"]),
                                "curve": curve}
             print(json.dumps({family: results[family]}), file=sys.stderr)
+    # what a model that knows character frequencies only reaches (the masked-LM plateau sits just below it)
+    counts = Counter(text.read_text(encoding="utf-8"))
+    total = sum(counts.values())
+    unigram_nats = -sum(c / total * math.log(c / total) for c in counts.values())
     print(json.dumps({"benchmark": "family_curves", "steps": args.steps, "families": results,
+                      "vocab_size": tok.vocab_size, "ln_vocab": round(math.log(tok.vocab_size), 3),
+                      "unigram_entropy_nats": round(unigram_nats, 3),
                       "encdec_vs_decoder_params": param_comparison()}, indent=2))
 
 
