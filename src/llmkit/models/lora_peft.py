@@ -61,6 +61,14 @@ class _HFLayout:
     heads: list[str]  # further HF Linear / Conv1D modules (never adapted), so target names stay exact
     # modules_to_save: llmkit module -> (HF module, {llmkit param: HF tensor})
     saved: dict[str, tuple[str, dict[str, str]]]
+    # HF modules that fuse several llmkit Linears (Phi-3's gate_up_proj = [gate; up]): HF module -> its rows,
+    # and (llmkit path, HF module) -> the HF row where that Linear's rows start
+    fused_rows: dict[str, int] = None
+    offsets: dict[tuple[str, str], int] = None
+
+    def __post_init__(self) -> None:
+        self.fused_rows = self.fused_rows or {}
+        self.offsets = self.offsets or {}
 
     def all_hf_linears(self) -> list[str]:
         return [hf for parts in self.linears.values() for hf, _, _ in parts] + self.heads
@@ -92,6 +100,9 @@ def _hf_layout(model: nn.Module) -> _HFLayout:
     lin: dict[str, list[tuple[str, int, int]]] = {}
     if isinstance(model, Decoder):
         gpt2 = model.config.positions == "learned"
+        arch = "GPT2LMHeadModel" if gpt2 else _decoder_arch(model)
+        fused_rows: dict[str, int] = {}
+        offsets: dict[tuple[str, str], int] = {}
         for i, blk in enumerate(model.blocks):
             b = f"blocks.{i}."
             if gpt2:
@@ -101,12 +112,24 @@ def _hf_layout(model: nn.Module) -> _HFLayout:
                 lin[b + "attn.proj"] = [(h + "attn.c_proj", 0, _linear(blk.attn.proj).out_features)]
                 _mlp_names(lin, blk.mlp, b + "mlp", {"gate": h + "mlp.c_gate", "up": h + "mlp.c_fc",
                                                      "down": h + "mlp.c_proj"})
+            elif arch == "Phi3ForCausalLM" and hasattr(blk.mlp, "gate"):
+                # Phi-3 keeps q, k, v in one qkv_proj (rows [q; k; v], as llmkit's qkv) and gate and up in one
+                # gate_up_proj (rows [gate; up]): an adapter on gate and up is written as the exact adapter of
+                # rank r_gate + r_up on gate_up_proj with A = [A_gate; A_up] and block-diagonal B
+                h = f"model.layers.{i}."
+                lin[b + "attn.qkv"] = [(h + "self_attn.qkv_proj", 0, _linear(blk.attn.qkv).out_features)]
+                lin[b + "attn.proj"] = [(h + "self_attn.o_proj", 0, _linear(blk.attn.proj).out_features)]
+                g, u = _linear(blk.mlp.gate).out_features, _linear(blk.mlp.up).out_features
+                gu = h + "mlp.gate_up_proj"
+                lin[b + "mlp.gate"], lin[b + "mlp.up"] = [(gu, 0, g)], [(gu, 0, u)]
+                fused_rows[gu] = g + u
+                offsets[(b + "mlp.gate", gu)], offsets[(b + "mlp.up", gu)] = 0, g
+                lin[b + "mlp.down"] = [(h + "mlp.down_proj", 0, _linear(blk.mlp.down).out_features)]
             else:
                 h = f"model.layers.{i}."
                 _attn_names(lin, blk.attn, b + "attn", *(h + f"self_attn.{p}_proj" for p in "qkvo"))
                 _mlp_names(lin, blk.mlp, b + "mlp", {a: h + f"mlp.{a}_proj" for a in ("gate", "up", "down")})
-        return _HFLayout("GPT2LMHeadModel" if gpt2 else "LlamaForCausalLM", "CAUSAL_LM", gpt2, lin,
-                         ["lm_head"], {})
+        return _HFLayout(arch, "CAUSAL_LM", gpt2, lin, ["lm_head"], {}, fused_rows, offsets)
     if isinstance(model, (Encoder, EncoderClassifier)):
         enc, p = (model.encoder, "encoder.") if isinstance(model, EncoderClassifier) else (model, "")
         for i, blk in enumerate(enc.blocks):
@@ -141,6 +164,17 @@ def _hf_layout(model: nn.Module) -> _HFLayout:
                 _mlp_names(lin, blk.mlp, b + "mlp", {a: ff + n for a, n in mlp_hf.items()})
         return _HFLayout("T5ForConditionalGeneration", "SEQ_2_SEQ_LM", False, lin, ["lm_head"], {})
     raise TypeError(f"LoRA save/load knows the llmkit families, not {type(model).__name__}")
+
+
+def _decoder_arch(model: Decoder) -> str:
+    """The HF architecture `export_hf` writes for a rope decoder (Llama, Qwen2, Phi-3, Gemma 2, ...); a
+    combination it refuses keeps Llama's names, so llmkit still reloads the adapter."""
+    from llmkit.models.hf import _hf_arch
+
+    try:
+        return _hf_arch(model.config)
+    except ValueError:
+        return "LlamaForCausalLM"
 
 
 def _suffixes(selected: list[str], universe: list[str]) -> list[str]:
@@ -195,6 +229,9 @@ def save_lora(model: nn.Module, out_dir: str | Path, base_model: str | None = No
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     slice_meta: dict[str, list] = {}
+    # per HF module: [(row offset in the HF module, rows, [(slice, lo, hi, A, B, scale)])] from every llmkit
+    # Linear it covers (two for Phi-3's gate_up_proj, one otherwise)
+    blocks: dict[str, list] = {}
     for path, m in mods:
         if m.merged:
             raise ValueError(f"{path}: adapter is merged into the base weight; unmerge_lora before saving")
@@ -205,26 +242,35 @@ def save_lora(model: nn.Module, out_dir: str | Path, base_model: str | None = No
             for n, s, e in parts:
                 if not ((hs <= s and e <= he) or (s <= hs and he <= e)):
                     raise ValueError(f"{path}: slice {n!r} rows [{s}, {e}) straddle {hf} rows [{hs}, {he})")
-            ref = m.scaling[parts[0][0]]
-            a_list, meta = [], []
-            col = 0
-            b_hf = torch.zeros(he - hs, sum(m.lora_A[n].shape[0] for n, _, _ in parts))
+            off = layout.offsets.get((path, hf), 0)
+            pieces = []
             for n, s, e in parts:
                 a, b = m.lora_A[n].detach().float().cpu(), m.lora_B[n].detach().float().cpu()
-                rank = a.shape[0]
                 lo, hi = max(s, hs), min(e, he)
-                # PEFT has one scale per module: fold any other slice's scale into its B
-                b_hf[lo - hs:hi - hs, col:col + rank] = b[lo - s:hi - s] * (m.scaling[n] / ref)
-                a_list.append(a)
-                meta.append([n, lo - hs, hi - hs, rank])
-                col += rank
-            r_hf = col
-            tensors[f"{_PEFT_PREFIX}{hf}.lora_A.weight"] = torch.cat(a_list).contiguous()
-            tensors[f"{_PEFT_PREFIX}{hf}.lora_B.weight"] = b_hf.contiguous()
-            ranks[hf] = r_hf
-            # alpha_hf / r_hf (or / sqrt(r_hf)) must equal our scale
-            alphas[hf] = ref * (math.sqrt(r_hf) if cfg.rslora else r_hf)
-            slice_meta[hf] = meta
+                pieces.append((n, lo - hs + off, hi - hs + off, a, b[lo - s:hi - s], m.scaling[n], path))
+            blocks.setdefault(hf, []).extend(pieces)
+    for hf, pieces in blocks.items():
+        if hf in layout.fused_rows:
+            rows = layout.fused_rows[hf]
+        else:  # one llmkit Linear: the HF module has exactly the rows mapped to it
+            rows = next(he - hs for h2, hs, he in layout.linears[pieces[0][6]] if h2 == hf)
+        ref = pieces[0][5]
+        r_hf = sum(p[3].shape[0] for p in pieces)
+        b_hf = torch.zeros(rows, r_hf)
+        a_list, meta, col = [], [], 0
+        for n, lo, hi, a, b, scale, path in pieces:
+            rank = a.shape[0]
+            # PEFT has one scale per module: fold any other slice's scale into its B
+            b_hf[lo:hi, col:col + rank] = b * (scale / ref)
+            a_list.append(a)
+            meta.append([n, lo, hi, rank] + ([path] if hf in layout.fused_rows else []))
+            col += rank
+        tensors[f"{_PEFT_PREFIX}{hf}.lora_A.weight"] = torch.cat(a_list).contiguous()
+        tensors[f"{_PEFT_PREFIX}{hf}.lora_B.weight"] = b_hf.contiguous()
+        ranks[hf] = r_hf
+        # alpha_hf / r_hf (or / sqrt(r_hf)) must equal our scale
+        alphas[hf] = ref * (math.sqrt(r_hf) if cfg.rslora else r_hf)
+        slice_meta[hf] = meta
     for name in cfg.modules_to_save or []:
         hf_mod, names = layout.saved[name]
         mod = model.get_submodule(name)
@@ -325,7 +371,10 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
     r0, alpha0 = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     rslora = bool(config.get("use_rslora", False))
     alpha_pattern = config.get("alpha_pattern") or {}  # ranks come from the tensors' shapes
-    hf_to_llmkit = {hf: (path, hs, he) for path, parts in layout.linears.items() for hf, hs, he in parts}
+    hf_to_llmkit: dict[str, list[tuple[str, int, int, int]]] = {}
+    for path, parts in layout.linears.items():
+        for hf, hs, he in parts:
+            hf_to_llmkit.setdefault(hf, []).append((path, hs, he, layout.offsets.get((path, hf), 0)))
     saved_keys = {_PEFT_PREFIX + hf_key: (mod, pname) for mod, (_, names) in layout.saved.items()
                   for pname, hf_key in names.items()}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -357,13 +406,20 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{adapter_dir}: {hf} lacks lora_{'A' if 'A' not in ab else 'B'}")
         a, b = ab["A"].float(), ab["B"].float()
-        path, hs, he = hf_to_llmkit[hf]
+        alpha = _pattern_value(alpha_pattern, hf, alpha0)
+        if hf in layout.fused_rows:  # several llmkit Linears in one HF module (Phi-3's gate_up_proj)
+            for name, path, start, end, a_part, b_part in _split_fused(
+                    adapter_dir, hf, hf_to_llmkit[hf], layout.fused_rows[hf], meta.get("slices", {}).get(hf),
+                    a, b, sites, model):
+                scale = alpha / (math.sqrt(a.shape[0]) if rslora else a.shape[0])
+                pieces.setdefault(path, []).append((name, start, end, a_part, b_part, scale))
+            continue
+        path, hs, he, _ = hf_to_llmkit[hf][0]
         lin = _linear(model.get_submodule(path))
         r_hf = a.shape[0]
         if a.shape != (r_hf, lin.in_features) or b.shape != (he - hs, r_hf):
             raise ValueError(f"{adapter_dir}: {hf} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
                              f"this model needs A ({r_hf}, {lin.in_features}), B ({he - hs}, {r_hf})")
-        alpha = _pattern_value(alpha_pattern, hf, alpha0)
         scale = alpha / (math.sqrt(r_hf) if rslora else r_hf)
         for name, lo, hi, a_part, b_part in _split(meta.get("slices", {}).get(hf), a, b, sites, path, hs, he):
             pieces.setdefault(path, []).append((name, hs + lo, hs + hi, a_part, b_part, scale))
@@ -418,7 +474,9 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
 
 def _embed_name(layout: _HFLayout) -> str:
     """The HF module PEFT's trainable_token_indices target by default: the input embedding."""
-    names = {"GPT2LMHeadModel": "transformer.wte", "LlamaForCausalLM": "model.embed_tokens"}
+    names = {"GPT2LMHeadModel": "transformer.wte"}
+    if layout.arch.endswith("ForCausalLM"):  # Llama, Mistral, Qwen2/3, Phi-3, Gemma (2)
+        names[layout.arch] = "model.embed_tokens"
     if layout.arch not in names:
         raise ValueError(f"trainable tokens are supported on decoders, not {layout.arch}")
     return names[layout.arch]
@@ -447,6 +505,42 @@ def _split(meta_slices, a: torch.Tensor, b: torch.Tensor, sites: dict, path: str
     if name is None:
         raise ValueError(f"{path}: rows [{hs}, {he}) are not an adaptable slice")
     return [(name, 0, he - hs, a, b)]
+
+
+def _split_fused(adapter_dir, hf: str, targets: list, rows: int, meta_slices, a: torch.Tensor, b: torch.Tensor,
+                 sites: dict, model: nn.Module):
+    """One HF module that fuses several llmkit Linears (Phi-3's gate_up_proj) -> pieces
+    [(slice, llmkit path, first row, end row, A, B)]: back into the slices save_lora wrote (from its
+    metadata, when B is zero outside their blocks), otherwise each Linear gets the whole A and its rows of B
+    (the same function, at the module's rank)."""
+    r_hf = a.shape[0]
+    for path, _, _, _ in targets:
+        lin = _linear(model.get_submodule(path))
+        if a.shape != (r_hf, lin.in_features) or b.shape != (rows, r_hf):
+            raise ValueError(f"{adapter_dir}: {hf} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
+                             f"this model needs A ({r_hf}, {lin.in_features}), B ({rows}, {r_hf})")
+    where = {path: (hs, he, off) for path, hs, he, off in targets}
+    if meta_slices and all(len(m) == 5 and m[4] in where for m in meta_slices) \
+            and sum(m[3] for m in meta_slices) == r_hf:
+        out, col = [], 0
+        mask = torch.zeros_like(b, dtype=torch.bool)
+        for name, lo, hi, rank, path in meta_slices:
+            hs, he, off = where[path]
+            if not off <= lo < hi <= off + he - hs:
+                break
+            mask[lo:hi, col:col + rank] = True
+            out.append((name, path, hs + lo - off, hs + hi - off, a[col:col + rank], b[lo:hi, col:col + rank]))
+            col += rank
+        else:
+            if not torch.count_nonzero(b[~mask]):
+                return out
+    out = []
+    for path, hs, he, off in targets:
+        name = sites.get((path, hs, he))
+        if name is None:
+            raise ValueError(f"{path}: rows [{hs}, {he}) are not an adaptable slice")
+        out.append((name, path, hs, he, a, b[off:off + he - hs]))
+    return out
 
 
 def _assemble(path: str, pieces: list, sites: dict) -> dict[str, tuple]:
