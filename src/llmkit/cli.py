@@ -193,7 +193,7 @@ def _generate(args) -> None:
         stop |= set(template.stop_token_ids(tok))
     else:
         sys.stdout.write(args.prompt)
-        ids = tok.encode(args.prompt)
+        ids = tok.encode(args.prompt, add_bos=tok.add_bos_token)  # bos where the model declares it
     if model.config.FAMILY == "encdec":  # the encoder reads the prompt, the decoder writes the reply
         import torch
 
@@ -207,7 +207,7 @@ def _generate(args) -> None:
         return
     new: list[int] = []
     printed = ""
-    for t in stream_tokens(model, ids, params):
+    for t in stream_tokens(model, ids, params, vocab_limit=len(tok)):  # never a padded embedding row
         if t in stop:
             break
         new.append(t)
@@ -312,7 +312,7 @@ def _generate_parallel(args) -> None:
     if template is not None:
         ids, _ = encode_chat(tok, [{"role": "user", "content": args.prompt}], template, add_generation_prompt=True)
     else:
-        ids = tok.encode(args.prompt)
+        ids = tok.encode(args.prompt, add_bos=tok.add_bos_token)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     eos = template.stop_token_ids(tok) if template is not None else tok.eos_ids

@@ -117,6 +117,12 @@ class Tokenizer:
         self.unk_id: int | None = ids["unk"]
         self.pad_id: int = ids["pad"] if ids["pad"] is not None else (ids["eos"] if ids["eos"] is not None else 0)
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        self.add_bos_token: bool = self.bos_id is not None and _declares_bos(backend, self.bos_token, self.config)
+        """Whether the model's raw text starts with bos, as it declares (tokenizer.json's TemplateProcessing
+        post-processor or tokenizer_config's ``add_bos_token``; llama.cpp's ``tokenizer.ggml.add_bos_token``):
+        True for Llama / Gemma-style tokenizers, False for Qwen / GPT-2-style ones and llmkit's own. `encode`
+        never adds bos by itself; raw-text callers (generation, perplexity) pass ``add_bos=tok.add_bos_token``,
+        chat prompts do not (templates write their own bos)."""
         self.eos_ids: tuple[int, ...] = ()
         self.add_eos_ids(([ids["eos"]] if ids["eos"] is not None else []) + list(eos_ids))
 
@@ -293,6 +299,27 @@ class Tokenizer:
             json.loads(self.backend.to_str()), sort_keys=True, ensure_ascii=False, separators=(",", ":")
         )
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _declares_bos(backend: HFTokenizer, bos_token: str | None, config: dict[str, Any]) -> bool:
+    """True when the tokenizer adds bos to a single text as transformers' ``tokenizer(text)`` does: its
+    post-processor's single template (possibly inside a Sequence) starts with the bos token; without a
+    template, tokenizer_config's ``add_bos_token``."""
+    post = backend.post_processor
+    if post is not None:
+        try:
+            state = json.loads(post.__getstate__())
+        except Exception:  # a processor that cannot describe itself: fall back to the config
+            state = {}
+        stack = [state]
+        while stack:
+            node = stack.pop()
+            if node.get("type") == "Sequence":
+                stack.extend(node.get("processors", []))
+            elif node.get("type") == "TemplateProcessing":
+                first = (node.get("single") or [{}])[0]
+                return "SpecialToken" in first and first["SpecialToken"].get("id") == bos_token
+    return config.get("add_bos_token") is True
 
 
 def _read_json(path: Path) -> dict[str, Any]:

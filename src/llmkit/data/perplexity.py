@@ -75,8 +75,8 @@ class LlmkitScorer:
     """Token perplexity of texts under an llmkit decoder checkpoint directory.
 
     A text is scored as the model saw documents in pretraining (`prepare_tokens` appends EOS after
-    every document): the context starts with EOS, and the text's tokens plus a closing EOS are
-    predicted. Texts longer than `block_size` use sliding windows (stride block_size // 2, as in the
+    every document): the context starts with EOS (with bos for an imported model whose tokenizer adds bos,
+    `Tokenizer.add_bos_token`), and the text's tokens plus a closing EOS are predicted. Texts longer than `block_size` use sliding windows (stride block_size // 2, as in the
     HF perplexity guide): every token is predicted exactly once, with at least block_size // 2 tokens
     of context after the first window. Windows of all texts are batched `batch_size` at a time,
     right-padded (causal attention: padding never influences real positions) and masked out of the loss.
@@ -128,13 +128,18 @@ class LlmkitScorer:
         import torch
         import torch.nn.functional as F
 
-        eos = self.tokenizer.eos_id
-        encoded = self.tokenizer.encode_batch(list(texts)) if len(texts) else []
+        tok = self.tokenizer
+        eos = tok.eos_id if tok.eos_id is not None else tok.pad_id
+        # the context starts as the model's documents start: with bos where the model declares it (Llama /
+        # Gemma-style tokenizers, as transformers' tokenizer(text) encodes), else with EOS (llmkit's
+        # pretraining, which closes every document with EOS)
+        first_id = tok.bos_id if tok.add_bos_token else eos
+        encoded = tok.encode_batch(list(texts)) if len(texts) else []
         seqs, jobs = [], []
         for i, ids in enumerate(encoded):
             if self.max_tokens is not None:
                 ids = ids[:self.max_tokens]
-            x = np.asarray([eos, *ids, eos], dtype=np.int64)
+            x = np.asarray([first_id, *ids, eos], dtype=np.int64)
             seqs.append(x)
             for start, end, first in self._windows(len(ids)):
                 jobs.append((i, start, end, first))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.infer.sampling import sample_next
+from llmkit.infer.sampling import mask_padded_vocab, sample_next
 from llmkit.models.decoder import Decoder, KVCache
 
 
@@ -34,12 +34,14 @@ def eos_set(eos_id: int | Iterable[int] | None) -> frozenset[int]:
 
 @torch.no_grad()
 def stream_tokens(model: Decoder, prompt_ids: list[int], params: SamplingParams,
-                  eos_id: int | Iterable[int] | None = None) -> Iterator[int]:
+                  eos_id: int | Iterable[int] | None = None, vocab_limit: int | None = None) -> Iterator[int]:
     """Yield new token ids one at a time until max_new_tokens, EOS or the context length.
 
     `eos_id`: one id or several (every end-of-sequence id the model declares); with ``params.stop_at_eos``
     generation ends at any of them, which is not yielded. The prompt is cut to its last block_size - 1
     tokens if longer. Each step feeds only the newest token, reading all earlier keys/values from the cache.
+    `vocab_limit`: the tokenizer's size (``len(tokenizer)``); ids at or above it (rows of a padded embedding,
+    no token) are never produced.
     """
     stops = eos_set(eos_id)
     device = next(model.parameters()).device
@@ -57,7 +59,7 @@ def stream_tokens(model: Decoder, prompt_ids: list[int], params: SamplingParams,
                     dtype=next(model.parameters()).dtype)
     logits, _ = model(torch.tensor([ids], device=device), cache=cache)
     for _ in range(budget):
-        token = sample_next(logits[:, -1, :], params.temperature, params.top_k, params.top_p, gen)
+        token = sample_next(mask_padded_vocab(logits[:, -1, :], vocab_limit), params.temperature, params.top_k, params.top_p, gen)
         t = int(token.item())
         if params.stop_at_eos and t in stops:
             return
@@ -68,10 +70,15 @@ def stream_tokens(model: Decoder, prompt_ids: list[int], params: SamplingParams,
 
 
 def generate(model: Decoder, tokenizer, prompt: str, params: SamplingParams | None = None,
-             add_bos: bool = False) -> str:
-    """Complete `prompt` and return only the new text; stops at any of the tokenizer's `eos_ids`."""
+             add_bos: bool | None = None) -> str:
+    """Complete `prompt` and return only the new text; stops at any of the tokenizer's `eos_ids`.
+
+    `add_bos`: None starts the prompt with bos where the model declares it (`Tokenizer.add_bos_token`, as
+    transformers' ``tokenizer(prompt)`` does). Ids past the tokenizer (a padded embedding) are never sampled."""
     params = params or SamplingParams()
+    if add_bos is None:
+        add_bos = bool(getattr(tokenizer, "add_bos_token", False))
     ids = tokenizer.encode(prompt, add_bos=add_bos)
     eos = getattr(tokenizer, "eos_ids", None) or tokenizer.eos_id
-    new = list(stream_tokens(model, ids, params, eos_id=eos))
+    new = list(stream_tokens(model, ids, params, eos_id=eos, vocab_limit=len(tokenizer)))
     return tokenizer.decode(new)

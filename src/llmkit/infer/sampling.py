@@ -34,6 +34,16 @@ def invalid_rows(logits: torch.Tensor) -> torch.Tensor:
     return torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | ~torch.isfinite(logits).any(-1)
 
 
+def mask_padded_vocab(logits: torch.Tensor, n_tokens: int | None) -> torch.Tensor:
+    """Set to -inf the logits of ids >= `n_tokens` (the tokenizer's size), in place; returns `logits`.
+
+    Checkpoints pad the embedding past the tokenizer (Qwen2.5: 151936 rows for 151665 tokens); those rows
+    are no token, so sampling must never pick them. No-op when `n_tokens` is None or covers every logit."""
+    if n_tokens is not None and 0 < n_tokens < logits.size(-1):
+        logits[..., n_tokens:] = float("-inf")
+    return logits
+
+
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None,
                   min_p: float | None = None) -> torch.Tensor:
     """Set to -inf every logit outside the top-k, outside the smallest set whose probability mass
