@@ -99,3 +99,26 @@ def test_config_refuses_head_count_that_does_not_divide(tmp_path):
     p.write_text("model:\n  d_model: 128\n  n_head: 3\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: model\.n_head: 3 does not divide"):
         load_config(Top, p)
+
+
+def test_chunked_training_loss_equals_the_full_loss_and_its_gradients(monkeypatch):
+    import llmkit.models.decoder as decoder_mod
+
+    torch.manual_seed(0)
+    cfg = DecoderConfig(vocab_size=300, n_layer=2, n_head=2, d_model=32, block_size=64, positions="rope",
+                        norm="rmsnorm", activation="swiglu", final_softcap=5.0)
+    model = Decoder(cfg)
+    x = torch.randint(0, 300, (3, 40))
+    y = x.clone()
+    y[0, :10] = -100
+    full = model(x, y)[1]
+    full.backward()
+    want = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(decoder_mod, "LOSS_CHUNK", 7)  # 120 positions in 18 chunks, the last one short
+    logits, loss = model(x, y, return_logits=False)
+    loss.backward()
+    assert logits is None
+    torch.testing.assert_close(loss, full)
+    for p, g in zip(model.parameters(), want):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)

@@ -50,6 +50,35 @@ from llmkit.models.layers import (
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
+LOSS_CHUNK = 256  # positions per chunk of `chunked_lm_loss` (256 x 152k fp32 logits = 156 MB)
+
+
+def _chunk_nll_sum(head, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(x)
+    return F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+
+
+def chunked_lm_loss(head, x: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of head(x) against targets (-100 ignored), equal to the unchunked loss, without
+    ever holding more than `chunk` positions' logits: each chunk's logits are computed, reduced to a summed
+    NLL and dropped; under autograd they are recomputed from the chunk's hidden states in backward
+    (`torch.utils.checkpoint`), so the graph keeps (chunk, d_model) inputs, not (chunk, vocab) logits."""
+    from torch.utils.checkpoint import checkpoint
+
+    chunk = chunk or LOSS_CHUNK
+    x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+    count = (targets != -100).sum()
+    total = x.new_zeros((), dtype=torch.float32)
+    for i in range(0, x.size(0), chunk):
+        xs, ts = x[i:i + chunk], targets[i:i + chunk]
+        if torch.is_grad_enabled() and xs.requires_grad:
+            total = total + checkpoint(_chunk_nll_sum, head, xs, ts, use_reentrant=False)
+        else:
+            total = total + _chunk_nll_sum(head, xs, ts)
+    # as F.cross_entropy's mean: NaN when every target is ignored
+    return total / count
+
+
 @dataclass
 class DecoderConfig:
     FAMILY: ClassVar[str] = "decoder"
@@ -390,8 +419,14 @@ class Decoder(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: KVCache | None = None, return_logits: bool = True
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) token ids -> logits (B, T, vocab) and, with targets (B, T), the mean cross-entropy.
+
+        `return_logits=False` (with targets; training loops that only need the loss): the loss is computed
+        `LOSS_CHUNK` positions at a time and each chunk's logits are recomputed in backward instead of kept
+        (`chunked_lm_loss`), and None is returned for the logits: with a 152k vocabulary the fp32 logits, their
+        log-softmax and their gradient are the largest tensors of a LoRA step (3 x 0.6 GB at 2 x 512 tokens).
 
         Targets equal to -100 are ignored. With `cache`, idx holds only the new tokens; they are placed
         after the `cache.length` positions already cached, and the cache grows by T.
@@ -444,6 +479,8 @@ class Decoder(nn.Module):
                 x = block(x, rope, None, i, prefix=(prefix_kv[i, 0][None], prefix_kv[i, 1][None]))
         if cache is not None:
             cache.length += T
+        if not return_logits and targets is not None:
+            return None, chunked_lm_loss(self.head, x, targets)
         logits = self.head(x)
         loss = None
         if targets is not None:
