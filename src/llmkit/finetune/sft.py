@@ -429,6 +429,9 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
         progress = tqdm(total=t_cfg.max_steps, initial=step, desc=f"finetune ({cfg.method})", unit="step")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # decoders compute the training loss in chunks without keeping the logits (a 152k vocabulary's fp32
+    # logits, log-softmax and gradient would be the largest tensors of a LoRA step)
+    loss_only = {"return_logits": False} if model.config.FAMILY == "decoder" else {}
     model.train()
     stopped = False
     last_eval: dict = {}
@@ -439,7 +442,7 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
             for _ in range(t_cfg.grad_accum):
                 x, y = batches.next()
                 with autocast():
-                    _, loss = model(**model_batch(model, x, y, tokenizer.pad_id, device))
+                    _, loss = model(**model_batch(model, x, y, tokenizer.pad_id, device), **loss_only)
                 scaler.scale(loss / t_cfg.grad_accum).backward()
             if t_cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
