@@ -391,3 +391,24 @@ def test_tiny_temperature_is_greedy_and_huge_top_k_is_off():
     tiny = RequestParams(max_new_tokens=12, temperature=1e-40, stop_at_eos=False)
     huge_k = RequestParams(max_new_tokens=12, temperature=1e-30, top_k=2 ** 63, stop_at_eos=False)
     assert eng.generate([p, p], [tiny, huge_k]) == [want, want]
+
+
+def test_padded_embedding_rows_are_never_sampled():
+    # the embedding has V rows, the tokenizer 40 tokens (as Qwen2.5 pads 151665 tokens to 151936 rows); the
+    # head is rigged so that unmasked, a padding row would win every greedy step
+    model = make_model("llama_gqa")
+    n_tok = 40
+    with torch.no_grad():
+        model.lm_head.weight[n_tok:] = 5 * model.lm_head.weight[:V - n_tok]
+    ps = [p for p in prompts([5, 9, 3]) if p]
+    raw = Engine(model, max_batch=3, prefix_cache_tokens=0).generate(ps, GREEDY)
+    assert any(t >= n_tok for out in raw for t in out)  # the test has teeth
+    eng = Engine(model, max_batch=3, prefix_cache_tokens=0, vocab_limit=n_tok)
+    for params in (GREEDY, RequestParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=3, stop_at_eos=False,
+                                         repetition_penalty=1.2)):
+        outs = eng.generate(ps, params)
+        assert all(len(o) == 12 and max(o) < n_tok for o in outs)
+    greedy = eng.generate(ps, GREEDY)
+    for p, out in zip(ps, greedy):  # the best real token, as stream_tokens picks it with the same limit
+        assert out == list(stream_tokens(model, p, SamplingParams(max_new_tokens=12, temperature=0,
+                                                                  stop_at_eos=False), vocab_limit=n_tok))

@@ -54,6 +54,7 @@ from llmkit.infer.generate import SamplingParams, eos_set
 from llmkit.infer.sampling import (
     BatchSampling,
     invalid_rows,
+    mask_padded_vocab,
     process_logits,
     sample_batch,
     token_counts,
@@ -205,7 +206,8 @@ class Engine:
 
     model: a plain `Decoder` (GPT-2 or Llama style, any n_kv_head); prefix-tuned models are refused.
     tokenizer: optional, for its end-of-sequence ids (`eos_ids`: every one the model declares; or pass `eos_id`,
-    one id or a list) and `decode` (stop strings).
+    one id or a list), `decode` (stop strings) and its size: ids at or above `vocab_limit` (default
+    ``len(tokenizer)``), the rows of a padded embedding, are never sampled.
     max_batch: cache slots = most requests decoding together; later requests wait in a queue.
     max_len: cache positions per slot (prompt + new tokens); None -> the model's block_size.
     prefix_cache_tokens: prefix-cache budget in tokens (0 disables it); prefix_block: tokens per block.
@@ -219,7 +221,7 @@ class Engine:
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | Sequence[int] | None = None,
-                 max_prefill_tokens: int = 8192, column_major: bool | None = None):
+                 max_prefill_tokens: int = 8192, column_major: bool | None = None, vocab_limit: int | None = None):
         if not isinstance(model, Decoder):
             raise TypeError(f"Engine serves llmkit decoder-only models (Decoder), not {type(model).__name__}; "
                             "encoders and encoder-decoders are not supported")
@@ -243,6 +245,11 @@ class Engine:
         self.eos_ids = eos_set(eos_id)
         self.eos_id = eos_id if isinstance(eos_id, int) or eos_id is None else (list(eos_id) or [None])[0]
         self.tokenizer = tokenizer
+        # ids at or above the tokenizer's size are rows of a padded embedding (Qwen2.5: 151936 rows for
+        # 151665 tokens), no token: never sampled
+        if vocab_limit is None and tokenizer is not None and hasattr(tokenizer, "__len__"):
+            vocab_limit = len(tokenizer)
+        self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < cfg.vocab_size else None
         self.max_prefill_tokens = max_prefill_tokens
         self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block)
         self.requests: dict[str, Request] = {}
@@ -390,6 +397,7 @@ class Engine:
         """Pick each row's token (penalties, temperature and truncation vectorised over the rows; each
         sampled row draws with its own generator), emit it, and retire finished requests."""
         ps = [r.params for r in reqs]
+        logits = mask_padded_vocab(logits, self.vocab_limit)
         want_lp = [getattr(p, "logprobs", None) for p in ps]
         sp = BatchSampling.from_params(ps, device=logits.device)
         penalties = sp.any_penalty
