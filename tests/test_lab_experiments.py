@@ -15,7 +15,7 @@ from llmkit.lab.claim import Claim, Context, Result
 MODULES = ["augment", "activation", "lora_lr", "mixing", "sampling", "checkpointing"]
 IDS = {"augment": "augment", "activation": "activation", "lora_lr": "lora-lr", "mixing": "mixing",
        "sampling": "sampling", "checkpointing": "checkpointing"}
-VERDICTS = {"holds", "partly holds", "does not hold", "not measured"}
+VERDICTS = {"holds", "partly holds", "does not hold", "modelled", "not measured"}
 SEEDS = [0, 1]
 
 

@@ -14,7 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Verdict = Literal["holds", "partly holds", "does not hold", "not measured"]
+Verdict = Literal["holds", "partly holds", "does not hold", "modelled", "not measured"]
+""""modelled": the figure comes from a model of assumed inputs (e.g. cloud prices), not a measurement, so it
+can neither hold nor fail; "not measured": the experiment could not run here (no GPU) or failed."""
+
+VERDICTS = ("holds", "partly holds", "does not hold", "modelled", "not measured")
 
 
 @dataclass
@@ -64,6 +68,8 @@ class Result:
     """PNG paths (relative to ctx.out_dir) that illustrate the result."""
     seconds: float = 0.0
     """Filled in by the runner."""
+    details: str = ""
+    """Optional Markdown (e.g. a sensitivity table) shown under the claim's section of docs/claims.md."""
 
 
 @dataclass

@@ -1,9 +1,14 @@
-"""Run claims, store each result as JSON, and rebuild docs/claims.md from every stored result.
+"""Run claims, store each result as JSON, and rebuild docs/claims.md from the committed results.
 
     llmkit lab list
     llmkit lab run --all                 # every claim, 3 seeds, regenerates docs/claims.md
     llmkit lab run int8 kv-cache         # a subset: their rows are updated, the others kept
     llmkit lab run hardware --quick      # seconds-long smoke run (not evidence; docs untouched)
+    llmkit lab render                    # docs/claims.md from docs/claims/results/*.json alone
+
+A full run writes its working files under runs/lab/<id>/ and its result, with the git commit, machine,
+date and seeds, to docs/claims/results/<id>.json (plots beside it in docs/claims/): those files are
+committed, so the page can be rebuilt from the repository without rerunning anything.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import time
 import traceback
 from pathlib import Path
@@ -22,6 +28,33 @@ from llmkit.lab.claim import Claim, Context, Measurement, Result
 from llmkit.lab.registry import all_claims, get
 
 NOT_RUN = "not run yet"
+NOT_THIS_REVISION = "not measured in this revision"
+
+WHAT_CHANGED = [
+    "Every verdict now comes from a pure decision function of the measurements (`verdict(...)` in each "
+    "experiment module), unit-tested with synthetic measurements that produce each verdict "
+    "(tests/test_lab_verdicts.py).",
+    "Results are committed (docs/claims/results/<id>.json: git commit, machine, date, seeds) and this page "
+    "is rendered from them alone; a test checks the page equals what the committed results render to.",
+    "int8: the size saving is measured on the whole model (serialized state-dict bytes, and the bytes of "
+    "every tensor a forward pass reads, embeddings and output head included), not on Linear weights only "
+    "(1 byte vs 4 is -75% by definition). \"Needs calibration\" is judged against static INT8 whose ranges "
+    "come from the default (min/max) observers on one random-token batch, not against a forced ±1 range.",
+    "checkpointing: the Spot saving is a model of assumed prices, so its verdict is \"modelled\", never "
+    "\"holds\"; the assumed prices are listed with provider, instance and date, with a sensitivity table of "
+    "the saving over spot/on-demand price ratios and preemption rates.",
+    "sampling: a temperature x top-p grid; the claim holds only if T 0.7 / p 0.9 lies on the "
+    "diversity-fluency Pareto front, fluency judged by a 5-gram LM trained on held-out text the sampled "
+    "model never saw.",
+    "trainable-params: LoRA and prefix tuning are judged by the same rule (a majority of the model/setting "
+    "points inside the guide's range); prefix used to pass with any single point inside.",
+    "encdec-params: published encoder-decoder / decoder-only pairs of the same width class (T5 and BART "
+    "against GPT-2), parameter counts from their published configs; it holds only if most pairs show "
+    "+20..+40%. The old criterion (30% lies between two readings of llmkit's own models) could not fail.",
+    "kv-cache: LRU is compared with FIFO, LFU, ARC and Belady's offline optimum (MIN) on the same "
+    "chat request traces; the replacement half holds only if LRU is within 2 hit-rate points of the best "
+    "online policy at most cache budgets.",
+]
 
 
 # -- machine facts ------------------------------------------------------------------------------------
@@ -34,6 +67,17 @@ def machine_facts() -> dict:
     return {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "gpu": gpu or "none", "platform": platform.platform(), "python": platform.python_version(),
             "processor": platform.processor() or platform.machine()}
+
+
+def git_commit() -> dict:
+    """The checkout's commit and whether it had uncommitted changes to tracked files (the code measured)."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src"],
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return {"sha": "unknown", "dirty": None}
+    return {"sha": sha, "dirty": dirty}
 
 
 # -- running ------------------------------------------------------------------------------------------
@@ -51,8 +95,8 @@ def result_json(claim: Claim, result: Result, seeds: list[int], quick: bool, mac
         "claimed": claim.claimed, "expected_minutes": claim.minutes,
         "verdict": result.verdict, "summary": result.summary, "setup": result.setup,
         "measurements": [_measurement_json(m) for m in result.measurements],
-        "plots": list(result.plots), "seconds": result.seconds,
-        "seeds": list(seeds), "quick": quick,
+        "plots": list(result.plots), "details": result.details, "seconds": result.seconds,
+        "seeds": list(seeds), "quick": quick, "git": git_commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
     }
@@ -75,10 +119,34 @@ def run_one(claim: Claim, seeds: list[int], quick: bool, out_dir: Path) -> Resul
     return result
 
 
+def results_dir_for(docs: Path) -> Path:
+    """Where the committed results of the page `docs` live: <docs dir>/claims/results."""
+    return Path(docs).parent / "claims" / "results"
+
+
+def commit_result(data: dict, run_dir: Path, docs: Path) -> Path:
+    """Copy a full run's result into the committed results (and its plots beside the page as
+    claims/<id>-<plot>.png); the stored JSON names the copied plots."""
+    plots_dir = Path(docs).parent / "claims"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for plot in data.get("plots", []):
+        src = run_dir / plot
+        if src.is_file():
+            name = f"{data['id']}-{Path(plot).name}"
+            shutil.copyfile(src, plots_dir / name)
+            copied.append(name)
+    out = results_dir_for(docs) / f"{data['id']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**data, "plots": copied}, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out
+
+
 def run_claims(ids: list[str] | None, seeds: int = 3, quick: bool = False, out_dir: str | Path = "runs/lab",
                docs: Path | str | None = Path("docs/claims.md"), echo=None) -> dict[str, Result]:
     """Run the claims `ids` (None or empty: all) with seeds 0..seeds-1; write <out_dir>/<id>/result.json
-    and, unless `quick` (or docs is None), regenerate `docs` from every result stored in `out_dir`.
+    and, unless `quick` (or docs is None), commit each result to <docs dir>/claims/results/<id>.json and
+    regenerate `docs` from every committed result.
 
     Raises:
         ValueError for unknown ids (before anything runs).
@@ -97,12 +165,14 @@ def run_claims(ids: list[str] | None, seeds: int = 3, quick: bool = False, out_d
         path = out / claim.id / "result.json"
         if quick and _is_full_result(path):
             path = path.with_name("result.quick.json")  # a smoke run never replaces real evidence
-        path.write_text(json.dumps(result_json(claim, result, seed_list, quick, machine), indent=1,
-                                   ensure_ascii=False) + "\n", encoding="utf-8")
+        data = result_json(claim, result, seed_list, quick, machine)
+        path.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        if not quick and docs is not None:
+            commit_result(data, out / claim.id, Path(docs))
         if echo:
             echo(result_line(claim, result))
     if not quick and docs is not None:
-        write_docs(out, Path(docs))
+        write_docs(Path(docs))
     return results
 
 
@@ -125,50 +195,65 @@ def _cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def load_results(out_dir: Path) -> dict[str, dict]:
-    """Stored result.json per claim id (a quick run writes result.quick.json beside a full result instead
-    of replacing it, so a quick result shows only where no full run exists)."""
+def load_results(results_dir: Path) -> dict[str, dict]:
+    """The committed result of each claim: <results_dir>/<id>.json."""
     found: dict[str, dict] = {}
-    if not out_dir.is_dir():
+    if not Path(results_dir).is_dir():
         return found
-    for path in sorted(out_dir.glob("*/result.json")):
+    for path in sorted(Path(results_dir).glob("*.json")):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
-        data["_dir"] = str(path.parent)
-        found[data.get("id", path.parent.name)] = data
+        found[data.get("id", path.stem)] = data
     return found
 
 
-def render_docs(out_dir: Path, docs: Path) -> str:
-    stored = load_results(out_dir)
+def _git_text(d: dict) -> str:
+    git = d.get("git") or {}
+    sha = str(git.get("sha", "unknown"))[:12]
+    return f"commit {sha}" + (" + uncommitted changes" if git.get("dirty") else "")
+
+
+def render_docs(docs: Path, results_dir: Path | None = None) -> str:
+    """The page for the committed results: a pure function of <results_dir>/*.json (and the claims'
+    wording), so the committed page can be checked against them."""
+    docs = Path(docs)
+    results_dir = Path(results_dir) if results_dir is not None else results_dir_for(docs)
+    stored = load_results(results_dir)
     claims = all_claims()
-    machines = {json.dumps(d.get("machine", {}), sort_keys=True) for d in stored.values()}
+    machines = {json.dumps(d.get("machine", {}), sort_keys=True) for d in stored.values() if d.get("machine")}
+    rel_results = os.path.relpath(results_dir, docs.parent) if results_dir.is_absolute() == docs.is_absolute() \
+        else str(results_dir)
     lines = [
         "# The guide's claims, measured",
         "",
         "Every number the guide (`llm_lifecycle_guide.zh.txt`) states that a CPU can check gets a small controlled",
-        "experiment in `llmkit.lab.experiments`; this page is generated from their stored results",
-        f"(`{out_dir}/<id>/result.json`) — do not edit it by hand.",
+        "experiment in `llmkit.lab.experiments`; this page is generated from the committed results",
+        f"(`{rel_results}/<id>.json`, each with the git commit, machine, date and seeds of its run) — do not",
+        "edit it by hand. `llmkit lab render` rebuilds it from those files alone.",
         "",
         "Rerun everything with `llmkit lab run --all` (3 seeds each), one claim with `llmkit lab run ID`;",
-        "`llmkit lab list` lists the ids. A subset run updates its rows and keeps the others.",
+        "`llmkit lab list` lists the ids. A subset run updates its rows and keeps the others. Each verdict is",
+        "the output of the experiment's `verdict(...)` function, a pure function of the measurements;",
+        "\"modelled\" marks a figure computed from assumed inputs, which can neither hold nor fail.",
+        "",
+        "## What changed in this revision",
+        "",
+        *[f"- {c}" for c in WHAT_CHANGED],
         "",
         "Machine(s) the stored results come from:",
         "",
     ]
     for m in sorted(machines):
         f = json.loads(m)
-        if f:
-            lines.append(f"- {f.get('cpu_count')} CPU cores ({f.get('processor')}), torch {f.get('torch')}, "
-                         f"GPU: {f.get('gpu')}, {f.get('platform')}")
-    if not stored:
-        lines.append("- (no results stored yet)")
+        lines.append(f"- {f.get('cpu_count')} CPU cores ({f.get('processor')}), torch {f.get('torch')}, "
+                     f"GPU: {f.get('gpu')}, {f.get('platform')}")
+    if not machines:
+        lines.append("- (no measured results stored yet)")
     lines += ["", "| # | claim | § | the guide says | guide's figure | measured (mean ± std, n) | verdict | "
               "setup | rerun |", "|---|---|---|---|---|---|---|---|---|"]
     notes: list[str] = []
-    plots_dir = docs.parent / "claims"
     for i, claim in enumerate(claims, 1):
         d = stored.get(claim.id)
         wording = f"{_cell(claim.guide_en)}<br>“{_cell(claim.guide_zh)}”"
@@ -190,23 +275,29 @@ def render_docs(out_dir: Path, docs: Path) -> str:
         notes += [f"## {claim.id}", "",
                   f"{claim.section}, guide: “{claim.guide_zh}” — {claim.guide_en}", "",
                   f"**Verdict: {verdict}.** {d.get('summary', '')}", "",
-                  f"Setup: {d.get('setup', '')}", "",
-                  f"Seeds {d.get('seeds')}, {d.get('seconds', 0.0) / 60:.1f} min, run {d.get('date', '?')}.", ""]
-        for plot in d.get("plots", []):
-            src = Path(d["_dir"]) / plot
-            if not src.is_file():
-                continue
-            plots_dir.mkdir(parents=True, exist_ok=True)
-            name = f"{claim.id}-{Path(plot).name}"
-            shutil.copyfile(src, plots_dir / name)
-            notes += [f"![{claim.id}: {Path(plot).stem}](claims/{name})", ""]
+                  f"Setup: {d.get('setup', '')}", ""]
+        if d.get("machine"):
+            notes += [f"Seeds {d.get('seeds')}, {d.get('seconds', 0.0) / 60:.1f} min, run {d.get('date', '?')} "
+                      f"at {_git_text(d)}.", ""]
+        if d.get("details"):
+            notes += [d["details"].rstrip(), ""]
+        for name in d.get("plots", []):
+            notes += [f"![{claim.id}: {Path(name).stem}](claims/{name})", ""]
     return "\n".join(lines + ["", *notes]).rstrip() + "\n"
 
 
-def write_docs(out_dir: Path, docs: Path) -> Path:
+def write_docs(docs: Path, results_dir: Path | None = None) -> Path:
+    docs = Path(docs)
     docs.parent.mkdir(parents=True, exist_ok=True)
-    docs.write_text(render_docs(Path(out_dir), docs), encoding="utf-8")
+    docs.write_text(render_docs(docs, results_dir), encoding="utf-8")
     return docs
+
+
+def not_measured_result(claim: Claim, reason: str) -> dict:
+    """A committed placeholder for a claim this revision did not run (no machine facts: nothing measured)."""
+    return {"id": claim.id, "section": claim.section, "claimed": claim.claimed, "verdict": "not measured",
+            "summary": f"{NOT_THIS_REVISION}: {reason}", "setup": "", "measurements": [], "plots": [],
+            "seeds": [], "quick": False}
 
 
 # -- CLI ----------------------------------------------------------------------------------------------
@@ -234,6 +325,10 @@ def _lab_run(args) -> None:
         print(f"wrote {args.docs}")
 
 
+def _lab_render(args) -> None:
+    print(write_docs(Path(args.docs)))
+
+
 def add_lab_arguments(subparsers) -> None:
     """`llmkit lab list` and `llmkit lab run [IDS...] [--all] [--seeds N] [--quick] [--out DIR] [--docs FILE]`."""
     lab = subparsers.add_parser("lab", help="measure the guide's claims with small controlled experiments")
@@ -248,3 +343,6 @@ def add_lab_arguments(subparsers) -> None:
     r.add_argument("--out", default="runs/lab", help="where results are stored (default runs/lab)")
     r.add_argument("--docs", default="docs/claims.md", help="the page to regenerate (default docs/claims.md)")
     r.set_defaults(func=_lab_run)
+    rd = sub.add_parser("render", help="rebuild docs/claims.md from the committed results (docs/claims/results)")
+    rd.add_argument("--docs", default="docs/claims.md", help="the page to regenerate (default docs/claims.md)")
+    rd.set_defaults(func=_lab_render)

@@ -32,6 +32,18 @@ CORPORA = {  # name: (file, lang, how to split)
 RATES = [0.0, 0.2, 0.5, 0.8]
 
 
+
+def verdict(raw_over_kept: list[float]) -> tuple[str, str]:
+    """(verdict, reason) from the raw/kept byte ratio of near-dedup on the corpora as found (one per seed)."""
+    if not raw_over_kept:
+        return "not measured", "no corpus was deduplicated"
+    ratio = sum(raw_over_kept) / len(raw_over_kept)
+    if ratio >= 0.8 * CLAIMED_RATIO:
+        return "holds", f"{ratio:.2f}:1, at least 80% of the guide's 5:1"
+    if ratio >= 2.0:
+        return "partly holds", f"{ratio:.2f}:1: a real reduction, short of 5:1"
+    return "does not hold", f"{ratio:.2f}:1, under 2:1"
+
 def load_corpus(name: str) -> list[dict]:
     from llmkit.lab.common import data_file
     from llmkit.tokenizer import iter_texts
@@ -128,12 +140,7 @@ def run(ctx: Context) -> Result:
     ms.append(Measurement("injected copies removed (recall, 50% rate)", recall, "%"))
 
     ratio = ms[len(names)].mean
-    if ratio >= 0.8 * CLAIMED_RATIO:
-        verdict = "holds"
-    elif ratio >= 2.0:
-        verdict = "partly holds"
-    else:
-        verdict = "does not hold"
+    decided, _ = verdict(all_natural)
     reach = [r for r in rates if r and np.mean(injected[r]) >= 0.8 * CLAIMED_RATIO]
     plots = [
         bars(ctx.out_dir, "kept_by_corpus", names, [[100 * v for v in natural[n]] for n in names],
@@ -156,7 +163,7 @@ def run(ctx: Context) -> Result:
              f"3-char shingles, keep longest) on {', '.join(f'{n} ({len(corpora[n])} docs)' for n in names)}; "
              f"injected copies: 25% exact, 20% re-cased/re-spaced, 55% with ~1% of words cut or repeated at the end, "
              f"at duplicate rates {rates}; seeds {list(ctx.seeds)} shuffle document order and the MinHash seed.")
-    return Result(ms, verdict, summary, setup, plots)
+    return Result(ms, decided, summary, setup, plots)
 
 
 CLAIM = Claim(

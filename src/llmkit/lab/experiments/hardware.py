@@ -74,12 +74,7 @@ def _gpu(ctx: Context) -> Result:
           Measurement("tf32 / fp32 matmul speedup", speed["tf32"], "x"),
           *[Measurement(f"{k} TFLOP/s", v, "TFLOP/s") for k, v in tflops.items()]]
     fp16 = ms[0].mean
-    if LOW <= fp16 <= HIGH:
-        verdict = "holds"
-    elif fp16 > HIGH or fp16 >= LOW / 2:
-        verdict = "partly holds"
-    else:
-        verdict = "does not hold"
+    decided, _ = verdict(speed["fp16"], on_gpu=True)
     gpu = torch.cuda.get_device_name(0)
     plot = bars(ctx.out_dir, "gpu_tflops", list(tflops), list(tflops.values()), "TFLOP/s",
                 f"{n}^3 matmul on {gpu}")
@@ -88,7 +83,7 @@ def _gpu(ctx: Context) -> Result:
                f"from fp32+TF32 to fp16 is only {fp16 / ms[2].mean:.1f}x.")
     setup = (f"{n}x{n} @ {n}x{n} matmuls on {gpu}, median of {reps} timings of {INNER} back-to-back matmuls after warm-up, one value per seed "
              f"({len(ctx.seeds)} seeds); fp32 with torch.backends.cuda.matmul.allow_tf32 off and on.")
-    return Result(ms, verdict, summary, setup, [plot])
+    return Result(ms, decided, summary, setup, [plot])
 
 
 def _cpu(ctx: Context) -> Result:
@@ -119,7 +114,20 @@ def _cpu(ctx: Context) -> Result:
     setup = (f"No CUDA device. CPU context: {n}x{n} matmuls, best of {reps} after warm-up, "
              f"{torch.get_num_threads()} torch threads, one value per seed ({len(ctx.seeds)} seeds). "
              "On a GPU the experiment times 4096^3 fp32 (TF32 off/on), fp16 and bf16 matmuls.")
-    return Result(ms, "not measured", summary, setup, [plot])
+    return Result(ms, verdict([], on_gpu=False)[0], summary, setup, [plot])
+
+
+def verdict(fp16_speedups: list[float], on_gpu: bool) -> tuple[str, str]:
+    """(verdict, reason) from the fp16 / fp32 matmul speedups on an accelerator (one per seed). Without one the
+    Tensor Core claim is not measured: CPU figures are never used to judge it."""
+    if not on_gpu or not fp16_speedups:
+        return "not measured", "no GPU: the Tensor Core claim cannot be measured on a CPU"
+    fp16 = sum(fp16_speedups) / len(fp16_speedups)
+    if LOW <= fp16 <= HIGH:
+        return "holds", f"fp16 runs {fp16:.1f}x fp32, inside 5-8x"
+    if fp16 > HIGH or fp16 >= LOW / 2:
+        return "partly holds", f"fp16 runs {fp16:.1f}x fp32: {'above' if fp16 > HIGH else 'below'} 5-8x but within 2x of it"
+    return "does not hold", f"fp16 runs {fp16:.1f}x fp32, under half the guide's 5x"
 
 
 def run(ctx: Context) -> Result:

@@ -18,6 +18,24 @@ D_MODEL = 128
 HEAD_DIMS = [16, 32, 64, 128]
 
 
+
+def verdict(val_loss: dict[int, list[float]]) -> tuple[str, str]:
+    """(verdict, reason) from the validation loss per head size (one value per seed): head size 64 must be the
+    best or tie with it within the mean seed-to-seed std (within 2 std: partly)."""
+    import statistics
+
+    if 64 not in val_loss or len(val_loss) < 2:
+        return "not measured", "head size 64 and at least one other size are needed"
+    means = {h: statistics.fmean(v) for h, v in val_loss.items()}
+    best = min(means, key=means.get)
+    pooled = statistics.fmean([statistics.stdev(v) if len(v) > 1 else 0.0 for v in val_loss.values()]) or 1e-3
+    gap = means[64] - means[best]
+    if gap <= pooled:
+        return "holds", f"head size 64 is within one std ({pooled:.4f}) of the best (head size {best})"
+    if gap <= 2 * pooled:
+        return "partly holds", f"head size 64 trails the best (head size {best}) by {gap:.4f}, within 2 std"
+    return "does not hold", f"head size 64 trails the best (head size {best}) by {gap:.4f}, beyond 2 std"
+
 def run(ctx: Context) -> Result:
     from llmkit.lab.common import char_corpus, tiny_pretrain
 
@@ -43,12 +61,7 @@ def run(ctx: Context) -> Result:
     best = min(means, key=means.get)
     pooled = statistics.fmean([statistics.stdev(v) if len(v) > 1 else 0.0 for v in loss.values()]) or 1e-3
     gap = means.get(64, float("inf")) - means[best]
-    if 64 in means and gap <= pooled:
-        verdict = "holds"
-    elif 64 in means and gap <= 2 * pooled:
-        verdict = "partly holds"
-    else:
-        verdict = "does not hold"
+    decided, _ = verdict(loss)
     plots = [bars(ctx.out_dir, "val_loss_by_head_size", [f"{h} ({D_MODEL // h}h)" for h in head_dims],
                   [loss[h] for h in head_dims], "validation loss (nats/char)",
                   f"d_model {D_MODEL}, {steps} steps: head size sweep"),
@@ -63,7 +76,7 @@ def run(ctx: Context) -> Result:
              f"learned positions, gelu, no dropout, batch 8, {steps} steps, lr 2e-3 cosine to 2e-4, head sizes {head_dims}; "
              f"val loss over 20 random batches at the end; tokens/s as pretrain reports it (noisy when other processes "
              f"share the cores); seeds {list(ctx.seeds)}.")
-    return Result(ms, verdict, summary, setup, plots)
+    return Result(ms, decided, summary, setup, plots)
 
 
 CLAIM = Claim(

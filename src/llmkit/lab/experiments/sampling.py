@@ -1,13 +1,17 @@
 """§3.3: temperature 0.7 with top-p 0.9 gives better diversity.
 
 A small character-level decoder is pretrained on tinyshakespeare (one per seed), then continues the same
-prompts (line starts taken from the held-out 10%) with llmkit's `Engine` under greedy decoding,
-(T 0.7, p 0.9) and (T 1.0, p 1.0), several samples per prompt. Diversity: distinct-1/2 (unique word
+prompts (line starts taken from the held-out 10%) with llmkit's `Engine` under greedy decoding and a
+temperature x top-p grid, several samples per prompt. Diversity: distinct-1/2 (unique word
 uni/bigrams over all samples of a setting) and self-BLEU-4 (each sample against the other samples of
 its prompt; lower = more diverse). Quality proxy: the per-character perplexity of the continuations
 under a 5-gram Kneser-Ney model (`llmkit.data.ngram_lm`) trained on held-out Shakespeare text the
-decoder never saw. "Better diversity" is read as the guide's setting sitting between greedy's
-repetition and pure sampling's incoherence: more diverse than greedy, more fluent than T 1.0.
+decoder never saw: a judge independent of the sampled model.
+
+Verdict (`verdict`): "better diversity" at no needless cost in fluency means T 0.7 / p 0.9 lies on the
+diversity (distinct-2, higher is better) / fluency (judge perplexity, lower is better) Pareto front of the
+grid: holds if no setting beats it on both; partly holds if the settings that do beat it only by less than
+the seed-to-seed std on both axes; does not hold otherwise.
 """
 
 from __future__ import annotations
@@ -21,7 +25,41 @@ from llmkit.lab.claim import Claim, Context, Measurement, Result
 from llmkit.lab.experiments.activation import char_pretrain, char_setup
 from llmkit.lab.plots import save_png, subplots
 
-SETTINGS = {"greedy": (0.0, 1.0), "T0.7 p0.9": (0.7, 0.9), "T1.0 p1.0": (1.0, 1.0)}
+TEMPERATURES = [0.5, 0.7, 1.0, 1.2]
+TOP_PS = [0.8, 0.9, 1.0]
+SETTINGS = {"greedy": (0.0, 1.0), **{f"T{t:g} p{p:g}": (t, p) for t in TEMPERATURES for p in TOP_PS}}
+TARGET = "T0.7 p0.9"
+SHOWN = ("greedy", TARGET, "T1 p1")  # settings whose metrics are listed in the table row (all are below)
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
+    """Names of the (diversity, perplexity) points no other point dominates (diversity >=, perplexity <=,
+    one of them strictly)."""
+    front = set()
+    for name, (div, ppl) in points.items():
+        if not any(d >= div and p <= ppl and (d > div or p < ppl) for o, (d, p) in points.items() if o != name):
+            front.add(name)
+    return front
+
+
+def verdict(diversity: dict[str, list[float]], perplexity: dict[str, list[float]],
+            target: str = TARGET) -> tuple[str, str]:
+    """(verdict, reason) from per-setting distinct-2 and judge perplexity (one value per seed each)."""
+    if target not in diversity or target not in perplexity or len(diversity) < 2:
+        return "not measured", f"{target} or the grid around it was not sampled"
+    mean = {k: (statistics.fmean(diversity[k]), statistics.fmean(perplexity[k])) for k in diversity}
+    if target in pareto_front(mean):
+        return "holds", f"{target} is on the diversity-fluency Pareto front of {len(mean)} settings"
+    div_t, ppl_t = mean[target]
+    sd_div = statistics.stdev(diversity[target]) if len(diversity[target]) > 1 else 0.0
+    sd_ppl = statistics.stdev(perplexity[target]) if len(perplexity[target]) > 1 else 0.0
+    better = [k for k, (d, p) in mean.items() if k != target and d >= div_t and p <= ppl_t]
+    beyond = [k for k in better if mean[k][0] - div_t > sd_div or ppl_t - mean[k][1] > sd_ppl]
+    if not beyond:
+        return "partly holds", (f"{target} is dominated by {', '.join(sorted(better))} only within the seed-to-seed "
+                                "spread")
+    return "does not hold", (f"{target} is dominated beyond the seed spread by {', '.join(sorted(beyond))} "
+                             "(more diverse and more fluent)")
 
 
 def ngrams(words: list[str], n: int) -> list[tuple[str, ...]]:
@@ -126,50 +164,49 @@ def _measure(ctx: Context, prompts, judge, work, text_file, tok_dir, steps, n_pr
         "".join(f"== {k} ==\n{v}\n\n" for k, v in examples.items()), encoding="utf-8")
 
     mean = {k: {m: statistics.fmean(v) for m, v in d.items()} for k, d in metrics.items()}
-    g, mid, hot = mean["greedy"], mean["T0.7 p0.9"], mean["T1.0 p1.0"]
-    more_diverse = mid["distinct-2"] > g["distinct-2"] and mid["self-BLEU"] < g["self-BLEU"]
-    more_fluent = mid["n-gram ppl"] < hot["n-gram ppl"]
-    if more_diverse and more_fluent:
-        verdict = "holds"
-    elif more_diverse or more_fluent:
-        verdict = "partly holds"
-    else:
-        verdict = "does not hold"
+    decided, reason = verdict({k: metrics[k]["distinct-2"] for k in metrics},
+                              {k: metrics[k]["n-gram ppl"] for k in metrics})
+    front = pareto_front({k: (mean[k]["distinct-2"], mean[k]["n-gram ppl"]) for k in mean})
 
     plots = []
-    fig, ax = subplots(figsize=(5.5, 3.8))
-    colors = {"greedy": "tab:gray", "T0.7 p0.9": "tab:green", "T1.0 p1.0": "tab:red"}
-    for name, d in metrics.items():
-        ax.scatter(d["distinct-2"], d["n-gram ppl"], color=colors[name], label=name, alpha=0.7)
-        ax.scatter([mean[name]["distinct-2"]], [mean[name]["n-gram ppl"]], color=colors[name], marker="X", s=90)
+    fig, ax = subplots(figsize=(6.5, 4.2))
+    for name in SETTINGS:
+        color = "tab:green" if name == TARGET else "tab:gray" if name == "greedy" else (
+            "tab:blue" if name in front else "tab:red")
+        ax.scatter([mean[name]["distinct-2"]], [mean[name]["n-gram ppl"]], color=color, s=40)
+        ax.annotate(name, (mean[name]["distinct-2"], mean[name]["n-gram ppl"]), fontsize=6)
+    pts = sorted((mean[k]["distinct-2"], mean[k]["n-gram ppl"]) for k in front)
+    ax.plot([x for x, _ in pts], [y for _, y in pts], color="tab:blue", lw=1, label="Pareto front")
     ax.set_xlabel("distinct-2 (diversity, higher = more diverse)")
-    ax.set_ylabel("5-gram perplexity / char (lower = more fluent)")
-    ax.set_title("Sampling settings: diversity vs fluency (x = mean)", fontsize=9)
+    ax.set_ylabel("held-out 5-gram perplexity / char (lower = more fluent)")
+    ax.set_title(f"T x top-p grid: diversity vs fluency (means of {len(ctx.seeds)} seeds)", fontsize=9)
     ax.legend(fontsize=8)
     plots.append(save_png(fig, ctx.out_dir, "sampling.png"))
 
     ms = []
-    for name in SETTINGS:
-        for m in ("distinct-2", "self-BLEU", "n-gram ppl", "distinct-1"):
-            claimed = "better diversity" if name == "T0.7 p0.9" and m == "distinct-2" else None
+    for name in SHOWN:
+        for m in ("distinct-2", "self-BLEU", "n-gram ppl"):
+            claimed = "on the Pareto front" if name == TARGET and m == "distinct-2" else None
             ms.append(Measurement(f"{m}, {name}", metrics[name][m], "", claimed))
+    rows = ["| setting | distinct-2 | self-BLEU | judge perplexity | on the Pareto front |", "|---|---|---|---|---|"]
+    for name in SETTINGS:
+        rows.append(f"| {name} | {mean[name]['distinct-2']:.3f} | {mean[name]['self-BLEU']:.3f} | "
+                    f"{mean[name]['n-gram ppl']:.2f} | {'yes' if name in front else 'no'} |")
+    details = (f"The whole grid (means over seeds {list(ctx.seeds)}):\n\n" + "\n".join(rows))
+    g, mid = mean["greedy"], mean[TARGET]
     return Result(
         measurements=ms,
-        verdict=verdict,
-        summary=(f"distinct-2 greedy {g['distinct-2']:.2f} / T0.7 p0.9 {mid['distinct-2']:.2f} / T1.0 "
-                 f"{hot['distinct-2']:.2f}, self-BLEU {g['self-BLEU']:.2f} / {mid['self-BLEU']:.2f} / "
-                 f"{hot['self-BLEU']:.2f}, 5-gram perplexity {g['n-gram ppl']:.1f} / {mid['n-gram ppl']:.1f} / "
-                 f"{hot['n-gram ppl']:.1f} (a low perplexity with distinct-2 near 0 is greedy's loops, not fluency): "
-                 + {"holds": "0.7/0.9 is far more diverse than greedy and more fluent than T 1.0, the middle ground",
-                    "partly holds": "0.7/0.9 beats greedy on diversity or T 1.0 on fluency, not both",
-                    "does not hold": "0.7/0.9 is neither more diverse than greedy nor more fluent than T 1.0"}[verdict]
-                 + "."),
+        verdict=decided,
+        details=details,
+        summary=(f"{reason}. T0.7 p0.9: distinct-2 {mid['distinct-2']:.2f}, judge perplexity {mid['n-gram ppl']:.1f} "
+                 f"(greedy {g['distinct-2']:.2f} / {g['n-gram ppl']:.1f}: a low perplexity with distinct-2 near 0 is "
+                 f"greedy's loops, not fluency); front: {', '.join(k for k in SETTINGS if k in front)}."),
         setup=(f"char-level decoder {n_layer} layers x d_model {d_model}, block 128, trained {steps} steps (batch 16, lr 3e-3) on "
                f"90% of tinyshakespeare, one model per seed; {n_prompts} prompts (24-char line starts from the held-out "
-               f"10%) x {per_prompt} samples of {new_tokens} chars per setting with llmkit's Engine; distinct-n and self-BLEU-4 "
-               "on whitespace words; fluency = per-char perplexity under a 5-gram KN model trained on the other half "
-               "of the held-out text. 'holds' = T0.7/p0.9 beats greedy on distinct-2 and self-BLEU and T1.0 on "
-               "perplexity."),
+               f"10%) x {per_prompt} samples of {new_tokens} chars per setting with llmkit's Engine, settings greedy + "
+               f"T {TEMPERATURES} x top-p {TOP_PS}; distinct-n and self-BLEU-4 on whitespace words; fluency judge = "
+               "per-char perplexity under a 5-gram KN model trained on the other half of the held-out text (never seen "
+               "by the sampled model nor used for prompts)."),
         plots=plots,
     )
 

@@ -6,6 +6,10 @@ shape), trainable share as PEFT's print_trainable_parameters reports it.
 Part 2 (training): LoRA SFT (`llmkit.finetune.sft.finetune_sft`) of a tiny pretrained Llama-style base
 (`llmkit.lab.common.tiny_base_model`) on the alpaca en + zh demo sets for a fixed number of steps,
 sweeping alpha in {r, 2r, 4r, 8r} at r = 8 and r in {8, 16, 32, 64} at alpha = 2r; held-out loss per seed.
+
+Verdict (`verdict`): one rule for both methods: a share claim passes when a majority (more than half) of
+its model x setting points lies inside the guide's range; the alpha advice passes when 2r or 4r is within
+one seed std of the best alpha. All three pass: holds; none: does not hold; otherwise partly holds.
 """
 
 from __future__ import annotations
@@ -76,6 +80,27 @@ def _sft(base: Path, out: Path, seed: int, r: int, alpha: float, steps: int) -> 
     return float(finetune_sft(cfg)["eval_loss"])
 
 
+MAJORITY = 0.5  # a share claim passes when more than this fraction of its points are inside the range
+
+
+def verdict(lora_shares_pct: list[float], prefix_shares_pct: list[float], alpha_ok: bool) -> tuple[str, str]:
+    """(verdict, reason) from every LoRA and prefix share point (%) and whether alpha 2r-4r trained as well as
+    the best alpha. The same majority rule applies to LoRA and prefix."""
+    if not lora_shares_pct or not prefix_shares_pct:
+        return "not measured", "no trainable shares counted"
+    lora_in = sum(LORA_RANGE[0] <= v <= LORA_RANGE[1] for v in lora_shares_pct)
+    prefix_in = sum(PREFIX_RANGE[0] <= v <= PREFIX_RANGE[1] for v in prefix_shares_pct)
+    parts = [lora_in > MAJORITY * len(lora_shares_pct), prefix_in > MAJORITY * len(prefix_shares_pct), alpha_ok]
+    reason = (f"LoRA {lora_in}/{len(lora_shares_pct)} points inside 0.5-2% ({'majority' if parts[0] else 'no majority'}), "
+              f"prefix {prefix_in}/{len(prefix_shares_pct)} inside 0.1-0.5% ({'majority' if parts[1] else 'no majority'}), "
+              f"alpha 2r-4r {'as good as the best alpha' if alpha_ok else 'worse than the best alpha'}")
+    if all(parts):
+        return "holds", reason
+    if not any(parts):
+        return "does not hold", reason
+    return "partly holds", reason
+
+
 def _best_within_noise(losses: dict[str, list[float]], good: set[str]) -> tuple[str, bool]:
     """(label with the lowest mean loss, whether some `good` label is within one std of that best)."""
     means = {k: statistics.fmean(v) for k, v in losses.items()}
@@ -129,8 +154,8 @@ def run(ctx: Context) -> Result:
     rank_means = [statistics.fmean(v) for v in rank_losses.values()]
     rank_spread = max(rank_means) - min(rank_means)
 
-    parts = [all(lora_in), any(prefix_in), alpha_ok]
-    verdict = "holds" if all(parts) else "does not hold" if not any(parts) else "partly holds"
+    decided, reason = verdict([v for m in ms[:4] for v in m.values], [v for m in ms[5:7] for v in m.values],
+                              alpha_ok)
     plots = [
         lines(ctx.out_dir, "lora_share", RANKS, {name: [[lora_share(s, r, ["q_proj", "v_proj"])] for r in RANKS]
                                                  for name, s in models.items()},
@@ -149,13 +174,13 @@ def run(ctx: Context) -> Result:
                f"{ms[6].mean:.2f}% with the 512-wide MLP ({sum(prefix_in)}/{len(prefix_in)} inside 0.1-0.5%). "
                f"In the SFT sweep the lowest held-out loss came from alpha={best_alpha} "
                f"({'2r-4r is within one std of it' if alpha_ok else '2r-4r is worse by more than one std'}); "
-               f"ranks 8-64 differ by {rank_spread:.3f} in mean loss (best {best_rank}).")
+               f"ranks 8-64 differ by {rank_spread:.3f} in mean loss (best {best_rank}). Verdict: {reason}.")
     setup = (f"Counting: llmkit Decoder shapes {', '.join(models)} on the meta device; LoRA targets q_proj,v_proj "
              f"(guide's example) and all-linear; prefix num_virtual_tokens=20, projection_dim=512. Training: tiny "
              f"Llama-style base (d 64, 2 layers, rope/rmsnorm/swiglu, BPE 1000, 300 pretraining steps on wiki+c4+Tang "
              f"poems), LoRA q,v SFT on alpaca en+zh for {steps} steps (batch 8, lr 3e-4 x lr_ratio 10, no dropout), "
              f"held-out loss on 48 conversations, seeds {seeds}.")
-    return Result(ms, verdict, summary, setup, plots)
+    return Result(ms, decided, summary, setup, plots)
 
 
 CLAIM = Claim(

@@ -1,0 +1,181 @@
+"""Every lab verdict comes from a pure decision function: synthetic measurements drive each one to every
+verdict it can give, so a criterion that passes by construction would show up here as an unreachable one."""
+
+import pytest
+
+from llmkit.lab.experiments import checkpointing, encdec_params, int8, kv_cache, sampling, trainable_params
+
+# -- encdec-params --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extras, expected", [
+    ([28.0, 33.0, 95.0], "holds"),                  # 2 of 3 pairs about +30%
+    ([28.0, 90.0, 110.0, 12.0], "partly holds"),    # one pair inside, no majority
+    ([12.0, 14.0, 79.0, 108.0], "does not hold"),   # none inside (the published pairs look like this)
+    ([], "not measured"),
+])
+def test_encdec_verdicts(extras, expected):
+    assert encdec_params.verdict(extras)[0] == expected
+
+
+def test_encdec_counts_match_the_published_model_cards():
+    counts = encdec_params.published_params()
+    # totals the Hugging Face model cards / num_parameters() report for these checkpoints
+    assert counts["t5-base"] == 222_903_552
+    assert counts["t5-large"] == 737_668_096
+    assert counts["bart-base"] == 139_420_416
+    assert counts["bart-large"] == 406_291_456
+    assert counts["gpt2 (small)"] == 124_439_808
+    assert counts["gpt2-medium"] == 354_823_168
+
+
+# -- int8 -----------------------------------------------------------------------------------------------
+
+
+def test_int8_verdicts():
+    size_ok, size_bad = [74.0, 74.5], [55.0, 56.0]
+    fast, slow = [2.2, 2.4], [1.3, 1.4]
+    cal, uncal_bad, uncal_same = [0.2, 0.3], [5.0, 6.0], [0.3, 0.4]
+    assert int8.verdict(size_ok, fast, cal, uncal_bad)[0] == "holds"
+    assert int8.verdict(size_bad, fast, cal, uncal_bad)[0] == "partly holds"
+    assert int8.verdict(size_bad, slow, cal, uncal_same)[0] == "does not hold"
+    assert int8.verdict([], fast, cal, uncal_bad)[0] == "not measured"
+
+
+def test_int8_calibration_gap_must_exceed_the_seed_noise():
+    # a 1.5-point mean gap, but the uncalibrated runs scatter by ~3 points: not evidence that calibration matters
+    assert "no clear difference" in int8.verdict([74.0], [2.5], [0.2, 0.2], [-1.0, 4.4])[1]
+    assert "calibration matters" in int8.verdict([74.0], [2.5], [0.2, 0.2], [1.6, 1.8])[1]
+
+
+def test_int8_whole_model_bytes_include_the_fp32_embeddings():
+    import copy
+
+    import torch
+
+    from llmkit.infer.quantize import QuantConfig, quantize_model
+    from llmkit.models.decoder import Decoder, DecoderConfig
+
+    torch.manual_seed(0)
+    fp32 = Decoder(DecoderConfig(vocab_size=512, block_size=32, n_layer=1, d_model=32, n_head=2)).eval()
+    q = quantize_model(copy.deepcopy(fp32), QuantConfig(mode="dynamic"))
+    saved = 1 - int8.forward_read_bytes(q) / int8.forward_read_bytes(fp32)
+    assert 0.0 < saved < 0.6  # the 512 x 32 fp32 embedding (tied head) is most of this model and stays fp32
+
+
+# -- kv-cache -------------------------------------------------------------------------------------------
+
+
+def test_kv_cache_verdicts():
+    close = {"LRU": [50.0, 60.0, 70.0], "LFU": [51.0, 61.0, 70.5], "ARC": [50.5, 60.0, 71.0],
+             "Belady": [70.0, 80.0, 90.0]}
+    far = {"LRU": [40.0, 50.0, 60.0], "LFU": [50.0, 60.0, 70.0], "Belady": [70.0, 80.0, 90.0]}
+    assert kv_cache.verdict([40.0], close)[0] == "holds"
+    assert kv_cache.verdict([95.0], close)[0] == "partly holds"
+    assert kv_cache.verdict([40.0], far)[0] == "partly holds"
+    assert kv_cache.verdict([95.0], far)[0] == "does not hold"
+    assert kv_cache.verdict([], close)[0] == "not measured"
+
+
+def test_belady_is_an_upper_bound_and_policies_differ():
+    import random
+
+    rng = random.Random(0)
+    # a hot set reused often plus a long scan of one-off blocks: LRU is flushed by the scan, LFU keeps the hot set
+    keys = []
+    for _ in range(200):
+        keys += [rng.randrange(10) for _ in range(20)] + [("scan", rng.randrange(10 ** 9)) for _ in range(15)]
+    hits = {name: f(keys, 12) for name, f in kv_cache.POLICIES.items()}
+    assert hits["Belady"] >= max(hits.values())
+    assert hits["LFU"] > hits["LRU"]
+    assert kv_cache.lru_hits([1, 2, 1, 3, 1, 2], 2) == 2  # 1 hit twice; 2 was evicted by 3
+    assert kv_cache.fifo_hits([1, 2, 1, 3, 1, 2], 2) == 1  # 1 is evicted by 3 despite its hit
+    assert kv_cache.belady_hits([1, 2, 3, 1, 2, 3], 2) == 2
+
+
+# -- trainable-params -----------------------------------------------------------------------------------
+
+
+def test_trainable_params_same_majority_rule_for_lora_and_prefix():
+    lora_majority, lora_minority = [0.6, 1.0, 1.5, 0.3], [0.2, 0.3, 0.6, 0.1]
+    prefix_majority, prefix_minority = [0.2, 0.3, 0.05], [0.2, 0.02, 0.9]  # one point inside used to pass
+    assert trainable_params.verdict(lora_majority, prefix_majority, True)[0] == "holds"
+    assert trainable_params.verdict(lora_majority, prefix_minority, True)[0] == "partly holds"
+    assert trainable_params.verdict(lora_minority, prefix_majority, False)[0] == "partly holds"
+    assert trainable_params.verdict(lora_minority, prefix_minority, False)[0] == "does not hold"
+    assert trainable_params.verdict([], prefix_majority, True)[0] == "not measured"
+
+
+# -- sampling -------------------------------------------------------------------------------------------
+
+
+def _grid(target_div, target_ppl, spread=0.0):
+    div = {"greedy": [0.01, 0.01], "T1 p1": [0.95, 0.97], "T0.7 p0.9": [target_div - spread, target_div + spread]}
+    ppl = {"greedy": [5.0, 5.0], "T1 p1": [20.0, 22.0], "T0.7 p0.9": [target_ppl - spread, target_ppl + spread]}
+    div["T0.5 p0.9"], ppl["T0.5 p0.9"] = [0.80, 0.80], [10.0, 10.0]
+    return div, ppl
+
+
+def test_sampling_verdicts():
+    assert sampling.verdict(*_grid(0.85, 11.0))[0] == "holds"            # more diverse than T0.5, on the front
+    assert sampling.verdict(*_grid(0.79, 10.2, spread=0.5))[0] == "partly holds"  # dominated within noise
+    assert sampling.verdict(*_grid(0.60, 15.0))[0] == "does not hold"    # T0.5 p0.9 is better on both
+    assert sampling.verdict({"greedy": [0.0]}, {"greedy": [5.0]})[0] == "not measured"
+
+
+def test_pareto_front():
+    pts = {"a": (0.1, 5.0), "b": (0.5, 8.0), "c": (0.4, 9.0), "d": (0.9, 20.0)}
+    assert sampling.pareto_front(pts) == {"a", "b", "d"}
+
+
+# -- checkpointing --------------------------------------------------------------------------------------
+
+
+def test_checkpointing_is_modelled_never_holds():
+    assert checkpointing.verdict([0.1, 0.2], [65.0, 65.0])[0] == "modelled"  # inside 60-70%: still modelled
+    assert checkpointing.verdict([0.1], [40.0])[0] == "modelled"
+    assert checkpointing.verdict([3.0, 4.0], [65.0])[0] == "does not hold"  # checkpoints too expensive (measured)
+    assert checkpointing.verdict([], [65.0])[0] == "not measured"
+    for overhead in ([0.0], [0.5], [5.0]):
+        for saving in ([0.0], [65.0], [99.0]):
+            assert checkpointing.verdict(overhead, saving)[0] != "holds"
+
+
+def test_checkpointing_sensitivity_table_follows_the_price_ratio():
+    table = checkpointing.sensitivity_table(step_s=0.05, ckpt_s=0.1)
+    rows = [line for line in table.splitlines()[2:]]
+    assert len(rows) == len(checkpointing.PRICE_RATIOS)
+    # with no preemptions the saving is 1 - ratio (minus a tiny checkpoint overhead)
+    first = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert first[0] == "0.2" and first[1] == "80%"
+    assert all(p[0] and p[3] > p[4] > 0 for p in checkpointing.PRICES) and checkpointing.PRICES_AS_OF
+
+
+# -- dedup, heads, hardware -----------------------------------------------------------------------------
+
+
+def test_dedup_verdicts():
+    from llmkit.lab.experiments import dedup
+
+    assert dedup.verdict([4.2, 4.4])[0] == "holds"  # >= 80% of 5:1
+    assert dedup.verdict([2.5])[0] == "partly holds"
+    assert dedup.verdict([1.01, 1.02])[0] == "does not hold"
+    assert dedup.verdict([])[0] == "not measured"
+
+
+def test_heads_verdicts():
+    from llmkit.lab.experiments import heads
+
+    assert heads.verdict({32: [2.35, 2.36], 64: [2.30, 2.31]})[0] == "holds"
+    assert heads.verdict({32: [2.300, 2.310], 64: [2.312, 2.322]})[0] == "partly holds"  # gap 1.2 std
+    assert heads.verdict({32: [2.20, 2.21], 64: [2.35, 2.36]})[0] == "does not hold"
+    assert heads.verdict({32: [2.2]})[0] == "not measured"
+
+
+def test_hardware_verdicts():
+    from llmkit.lab.experiments import hardware
+
+    assert hardware.verdict([6.0, 6.5], on_gpu=True)[0] == "holds"
+    assert hardware.verdict([12.0], on_gpu=True)[0] == "partly holds"
+    assert hardware.verdict([1.5], on_gpu=True)[0] == "does not hold"
+    assert hardware.verdict([6.0], on_gpu=False)[0] == "not measured"  # CPU numbers never judge the claim
