@@ -267,6 +267,8 @@ def render_docs(docs: Path, results_dir: Path | None = None) -> str:
                                + (f" (guide: {_cell(m['claimed'])})" if m.get("claimed") else "")
                                for m in d.get("measurements", [])) or "—"
         verdict = d.get("verdict", "?") + (" (quick run: not evidence)" if d.get("quick") else "")
+        if verdict == "not measured" and not d.get("machine"):  # a placeholder: nothing ran in this revision
+            verdict = NOT_THIS_REVISION
         setup_short = _cell(d.get("setup", ""))
         if len(setup_short) > 160:
             setup_short = setup_short[:157].rsplit(" ", 1)[0] + " … (below)"
