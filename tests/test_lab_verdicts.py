@@ -179,3 +179,60 @@ def test_hardware_verdicts():
     assert hardware.verdict([12.0], on_gpu=True)[0] == "partly holds"
     assert hardware.verdict([1.5], on_gpu=True)[0] == "does not hold"
     assert hardware.verdict([6.0], on_gpu=False)[0] == "not measured"  # CPU numbers never judge the claim
+
+
+# -- the four claims whose criteria did not change: their decisions are pure functions too -----------------
+
+
+def test_activation_verdicts():
+    from llmkit.lab.experiments import activation
+
+    flat = {"gelu": [0.0, 0.0, 0.0], "relu": [0.0, 0.0, 0.0]}
+    # GeLU 1% lower on every seed, no more spikes: the guide's margin
+    final = {"gelu": [1.98, 1.979, 1.981], "relu": [2.0, 2.0, 2.0]}
+    assert activation.verdict(final, flat, flat)[0] == "holds"
+    # 10% lower: beyond noise, but far outside 0.5-3%
+    final = {"gelu": [1.8, 1.79, 1.81], "relu": [2.0, 2.0, 2.0]}
+    assert activation.verdict(final, flat, flat)[0] == "partly holds"
+    # 1% lower but more spikes: not the whole claim
+    final = {"gelu": [1.98, 1.979, 1.981], "relu": [2.0, 2.0, 2.0]}
+    assert activation.verdict(final, {"gelu": [3.0, 3.0, 3.0], "relu": [0.0, 0.0, 0.0]}, flat)[0] == "partly holds"
+    # a mean 1% gain whose sign flips between seeds is noise
+    final = {"gelu": [1.9, 2.1, 1.94], "relu": [2.0, 2.0, 2.0]}
+    rough = {"gelu": [1.0, 0.5, 1.5], "relu": [1.0, 1.0, 1.0]}
+    assert activation.verdict(final, flat, rough)[0] == "does not hold"
+    assert activation.verdict({"gelu": [], "relu": []}, flat, flat)[0] == "not measured"
+
+
+def test_augment_verdicts():
+    from llmkit.lab.experiments import augment
+
+    assert augment.verdict([9.0, 10.0, 11.0], 15.0, 11.0)[0] == "holds"
+    assert augment.verdict([5.0, 5.5, 6.0], 7.0, 6.0)[0] == "partly holds"
+    assert augment.verdict([0.5, -0.5, 1.0], 0.8, 9.0)[0] == "partly holds"  # the guide's size elsewhere
+    assert augment.verdict([0.5, -0.5, 1.0], 0.8, 1.0)[0] == "does not hold"
+    assert augment.verdict([5.0, -3.0, 10.0], 5.0, 4.0)[0] == "does not hold"  # 4 points but within noise
+    assert augment.verdict([], 0.0, 0.0)[0] == "not measured"
+
+
+def test_lora_lr_verdicts():
+    from llmkit.lab.experiments import lora_lr
+
+    assert lora_lr.verdict({1.0: [2.0, 2.1, 2.0], 5.0: [1.8, 1.9, 1.8], 20.0: [1.95, 2.0, 1.9]})[0] == "holds"
+    # 20x best, 5x only 0.1% behind
+    assert lora_lr.verdict({1.0: [2.0, 2.0, 2.0], 5.0: [1.802, 1.801, 1.803],
+                            20.0: [1.8, 1.8, 1.8]})[0] == "partly holds"
+    # 20x best by 10% on every seed
+    assert lora_lr.verdict({1.0: [2.0, 2.0, 2.0], 5.0: [2.0, 2.01, 1.99],
+                            20.0: [1.8, 1.81, 1.79]})[0] == "does not hold"
+    assert lora_lr.verdict({1.0: [2.0], 20.0: [1.8]})[0] == "not measured"
+
+
+def test_mixing_verdicts():
+    from llmkit.lab.experiments import mixing
+
+    unmixed = [1.0, 1.1, 0.9]
+    assert mixing.verdict({0.0: unmixed, 0.1: [0.1, 0.11, 0.09], 0.2: [0.05, 0.05, 0.05]})[0] == "holds"
+    assert mixing.verdict({0.0: unmixed, 0.1: [0.5, 0.55, 0.45], 0.2: [0.4, 0.44, 0.36]})[0] == "partly holds"
+    assert mixing.verdict({0.0: unmixed, 0.1: [0.95, 1.1, 0.9], 0.2: [0.9, 1.0, 0.85]})[0] == "does not hold"
+    assert mixing.verdict({0.0: [-0.01, 0.0, -0.02], 0.1: [0.0, 0.0, 0.0]})[0] == "not measured"

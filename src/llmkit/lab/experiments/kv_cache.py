@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 
 import numpy as np
 import torch

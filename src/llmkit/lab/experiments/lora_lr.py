@@ -88,6 +88,26 @@ def sft(out: Path, base: Path, seed: int, steps: int, **overrides) -> dict:
         torch.set_num_threads(threads)
 
 
+def verdict(loss: dict[float, list[float]]) -> tuple[str, str]:
+    """(verdict, reason) from the held-out loss per LoRA/full learning-rate ratio (one value per seed, same
+    seed at the same index). 'holds' = the best mean loss is at a ratio in 5-10; 'partly' = the best ratio
+    in 5-10 is within 2 paired standard errors or 0.5% of the best; 'not measured' without a ratio in 5-10."""
+    means = {r: statistics.fmean(v) for r, v in loss.items()}
+    guide = [r for r in loss if 5.0 <= r <= 10.0]
+    if not guide:
+        return "not measured", "no ratio in 5-10 was run"
+    best = min(means, key=means.get)
+    best_guide = min(guide, key=means.get)
+    if 5.0 <= best <= 10.0:
+        return "holds", f"the best ratio is {best:g}x"
+    diffs = [a - b for a, b in zip(loss[best_guide], loss[best])]
+    gap = statistics.fmean(diffs)
+    gap_se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    if gap <= 2 * gap_se or gap / means[best] < 0.005:  # within noise or within 0.5%
+        return "partly holds", f"the best ratio is {best:g}x; {best_guide:g}x is {gap:.4f} behind, within noise or 0.5%"
+    return "does not hold", f"the best ratio is {best:g}x; {best_guide:g}x is {gap:.4f} ± {gap_se:.4f} behind"
+
+
 def run(ctx: Context) -> Result:
     ratios = [1.0, 10.0] if ctx.quick else [1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
     full_lrs = [1e-3] if ctx.quick else [3e-4, 1e-3, 3e-3, 1e-2]
@@ -116,17 +136,12 @@ def run(ctx: Context) -> Result:
     best_guide = min(guide, key=means.get) if guide else None
     n = len(ctx.seeds)
     if best_guide is None:
-        verdict, gap, gap_se = "not measured", float("nan"), 0.0
+        verdict_, gap, gap_se = "not measured", float("nan"), 0.0
     else:
         diffs = [a - b for a, b in zip(loss[best_guide], loss[best])]
         gap = statistics.fmean(diffs)
         gap_se = statistics.stdev(diffs) / n ** 0.5 if n > 1 else 0.0
-        if 5.0 <= best <= 10.0:
-            verdict = "holds"
-        elif gap <= 2 * gap_se or gap / means[best] < 0.005:  # within noise or within 0.5%
-            verdict = "partly holds"
-        else:
-            verdict = "does not hold"
+        verdict_, _ = verdict(loss)
     plots = []
     fig, ax = subplots(figsize=(5.5, 3.5))
     for i in range(n):
@@ -148,13 +163,13 @@ def run(ctx: Context) -> Result:
                              [float(min(ratios, key=lambda r, i=i: loss[r][i])) for i in range(n)], "x", "5-10x"))
     return Result(
         measurements=ms,
-        verdict=verdict,
+        verdict=verdict_,
         summary=(f"with the base rate {base_lr:g} (best full fine-tuning lr), LoRA's held-out loss is lowest at lr_ratio {best:g} ({means[best]:.3f}); the best guide ratio "
                  f"{best_guide:g} is {gap:+.3f} ± {gap_se:.3f} from it (untuned base {base_loss:.3f}): "
                  + {"holds": "the guide's 5-10x is the best multiplier here",
                     "partly holds": "5-10x is within noise (or 0.5%) of the best multiplier, not clearly best",
                     "does not hold": "another multiplier is clearly better than 5-10x",
-                    "not measured": "no ratio in 5-10 was run"}[verdict]
+                    "not measured": "no ratio in 5-10 was run"}[verdict_]
                  + (" (the best full fine-tuning lr is at the edge of its grid, so the base rate is uncertain)"
                     if edge else "") + "."),
         setup=(f"base: Llama-style decoder 2 layers x d_model 64, BPE 1000, block 128, pretrained "

@@ -42,6 +42,25 @@ def sig_lower(values: list[float]) -> float:
     return statistics.fmean(values) - 2 * statistics.stdev(values) / len(values) ** 0.5
 
 
+def verdict(forget: dict[float, list[float]]) -> tuple[str, str]:
+    """(verdict, reason) from the pretraining val-loss increase after SFT per pretraining-data share (one
+    value per seed, share 0.0 = unmixed). 'holds' = every mixed share removes >= 80% of the unmixed
+    forgetting; 'partly' = every share removes >= 25% and more than 2 standard errors above 0; 'not
+    measured' when unmixed SFT did not forget."""
+    if 0.0 not in forget or len(forget) < 2:
+        return "not measured", "an unmixed and at least one mixed run are needed"
+    if statistics.fmean(forget[0.0]) <= 0:
+        return "not measured", "unmixed SFT did not forget: nothing to prevent"
+    kept = {m: [100.0 * (1 - f / a) if a > 0 else float("nan") for f, a in zip(forget[m], forget[0.0])]
+            for m in forget if m > 0}
+    worst = min(statistics.fmean(v) for v in kept.values())
+    if worst >= 80.0:
+        return "holds", f"every share removes >= {worst:.0f}% of the forgetting"
+    if worst >= 25.0 and all(sig_lower(v) > 0 for v in kept.values()):
+        return "partly holds", f"every share removes at least {worst:.0f}% of the forgetting, beyond noise"
+    return "does not hold", f"the weakest share removes {worst:.0f}% of the forgetting"
+
+
 def run(ctx: Context) -> Result:
     mixes = [0.0, 0.2] if ctx.quick else [0.0, 0.1, 0.2]
     steps = 4 if ctx.quick else 150
@@ -63,15 +82,7 @@ def run(ctx: Context) -> Result:
             for m in mixes if m > 0}
     kept_mean = {m: statistics.fmean(v) for m, v in kept.items()}
     cost = {m: 100.0 * (statistics.fmean(instr[m]) / statistics.fmean(instr[0.0]) - 1) for m in mixes if m > 0}
-    worst = min(kept_mean.values())
-    if f0 <= 0:
-        verdict = "not measured"  # unmixed SFT did not forget: nothing to prevent
-    elif worst >= 80.0:
-        verdict = "holds"
-    elif worst >= 25.0 and all(sig_lower(kept[m]) > 0 for m in kept):
-        verdict = "partly holds"
-    else:
-        verdict = "does not hold"
+    verdict_, _ = verdict(forget)
     plots = []
     fig, axes = subplots(1, 2, figsize=(8, 3.3))
     xs = [100 * m for m in mixes]
@@ -90,14 +101,14 @@ def run(ctx: Context) -> Result:
     ms += [Measurement(f"instruction held-out loss, mix {100 * m:g}%", instr[m], "nats/token") for m in mixes]
     return Result(
         measurements=ms,
-        verdict=verdict,
+        verdict=verdict_,
         summary=(f"unmixed full SFT raises the pretraining val loss by {f0:+.3f} (from {before:.3f}); mixing "
                  + ", ".join(f"{100 * m:g}% removes {kept_mean[m]:.0f}% of that at {cost[m]:+.1f}% instruction loss"
                              for m in kept_mean) + ": "
                  + {"holds": "10-20% mixing prevents most forgetting",
                     "partly holds": "mixing reduces forgetting clearly but does not prevent it",
                     "does not hold": "mixing leaves most of the forgetting",
-                    "not measured": "SFT did not forget here, so there was nothing to prevent"}[verdict] + "."),
+                    "not measured": "SFT did not forget here, so there was nothing to prevent"}[verdict_] + "."),
         setup=(f"base: Llama-style decoder 2 layers x d_model 64, BPE 1000, block 128, pretrained "
                f"{30 if ctx.quick else 600} steps on wiki_demo; full fine-tuning, lr {lr:g}, {steps} steps of batch "
                f"8 on alpaca_en_demo with data.mix_pretrain {', '.join(f'{m:g}' for m in mixes)} (windows from the "
