@@ -29,6 +29,7 @@ from llmkit.lab.registry import all_claims, get
 
 NOT_RUN = "not run yet"
 NOT_THIS_REVISION = "not measured in this revision"
+FULL_SEEDS = 3
 
 WHAT_CHANGED = [
     "Every verdict now comes from a pure decision function of the measurements (`verdict(...)` in each "
@@ -54,6 +55,8 @@ WHAT_CHANGED = [
     "kv-cache: LRU is compared with FIFO, LFU, ARC and Belady's offline optimum (MIN) on the same "
     "chat request traces; the replacement half holds only if LRU is within 2 hit-rate points of the best "
     "online policy at most cache budgets.",
+    "activation, augment, lora-lr, mixing: criteria unchanged; their decisions moved into `verdict(...)` "
+    "functions with the same thresholds, unit-tested like the others.",
 ]
 
 
@@ -269,6 +272,8 @@ def render_docs(docs: Path, results_dir: Path | None = None) -> str:
         verdict = d.get("verdict", "?") + (" (quick run: not evidence)" if d.get("quick") else "")
         if verdict == "not measured" and not d.get("machine"):  # a placeholder: nothing ran in this revision
             verdict = NOT_THIS_REVISION
+        elif d.get("machine") and len(d.get("seeds", [])) < FULL_SEEDS:  # say so: fewer seeds than a full run
+            verdict += f" ({len(d.get('seeds', []))} seed(s), fewer than a full run's {FULL_SEEDS}: time)"
         setup_short = _cell(d.get("setup", ""))
         if len(setup_short) > 160:
             setup_short = setup_short[:157].rsplit(" ", 1)[0] + " … (below)"
