@@ -3,24 +3,21 @@
 import argparse
 import json
 import pkgutil
+from pathlib import Path
 
 import pytest
 
 from llmkit.lab import experiments
+from llmkit.lab.claim import VERDICTS
 from llmkit.lab.registry import ORDER, all_claims, get
-from llmkit.lab.run import NOT_RUN, add_lab_arguments, list_claims, run_claims
+from llmkit.lab.run import NOT_RUN, add_lab_arguments, list_claims, render_docs, run_claims
 
 MINE = ["dedup", "encdec-params", "heads", "int8", "kv-cache", "trainable-params", "hardware"]
 
 
 @pytest.fixture
-def small_encdec(monkeypatch):
-    """encdec-params on a 2-point grid: a full (non-quick) run in well under a second."""
-    from llmkit.lab.experiments import encdec_params
-
-    monkeypatch.setattr(encdec_params, "WIDTHS", [256, 512])
-    monkeypatch.setattr(encdec_params, "DEPTHS", [4])
-    monkeypatch.setattr(encdec_params, "VOCABS", [8192])
+def small_encdec():
+    """encdec-params counts published configs: a full (non-quick) run takes well under a second."""
 
 
 def test_registry_finds_every_module_in_guide_order():
@@ -81,10 +78,20 @@ def test_quick_runs_write_results_and_full_runs_regenerate_docs(tmp_path, small_
     assert res.measurements[0].text() in row and "参数量" in row
     assert text.count(NOT_RUN) >= 2 and "llmkit lab run --all" in text
     assert sum(line.startswith("| ") for line in text.splitlines()) == len(all_claims()) + 1  # header + rows
-    assert (docs.parent / "claims" / "encdec-params-extra_params_total.png").is_file()
-    assert "](claims/encdec-params-extra_params_total.png)" in text
-    # the quick hardware result was kept aside, not clobbering anything, and shows as a quick run
-    assert "quick run" in next(line for line in text.splitlines() if "[hardware]" in line)
+    assert (docs.parent / "claims" / "encdec-params-published_pairs.png").is_file()
+    assert "](claims/encdec-params-published_pairs.png)" in text
+    committed = json.loads((docs.parent / "claims" / "results" / "encdec-params.json").read_text(encoding="utf-8"))
+    assert committed["verdict"] == res.verdict and committed["seeds"] == [0, 1, 2] and not committed["quick"]
+    assert committed["plots"] == ["encdec-params-published_pairs.png"] and committed["git"]["sha"]
+    assert committed["machine"]["cpu_count"] >= 1 and committed["date"]
+    # the page is a function of the committed results alone: the working directory can go
+    import shutil
+
+    shutil.rmtree(out)
+    assert render_docs(docs) == text
+    # the quick hardware result stays in the working directory: it is never committed nor shown as evidence
+    assert NOT_RUN in next(line for line in text.splitlines() if "[hardware]" in line)
+    assert not (docs.parent / "claims" / "results" / "hardware.json").exists()
 
 
 def test_a_failing_experiment_is_not_measured_and_the_others_still_run(tmp_path, small_encdec, monkeypatch):
@@ -102,6 +109,23 @@ def test_a_failing_experiment_is_not_measured_and_the_others_still_run(tmp_path,
     stored = json.loads((tmp_path / "lab" / "hardware" / "result.json").read_text(encoding="utf-8"))
     assert stored["verdict"] == "not measured" and "simulated failure" in stored["summary"]
     assert "simulated failure" in docs.read_text(encoding="utf-8")
+
+
+def test_the_committed_page_is_what_the_committed_results_render_to():
+    """docs/claims.md is generated from docs/claims/results/*.json; editing either alone fails here."""
+    root = Path(__file__).resolve().parents[1]
+    docs = root / "docs" / "claims.md"
+    results = root / "docs" / "claims" / "results"
+    stored = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in results.glob("*.json")}
+    assert set(stored) == {c.id for c in all_claims()}  # every claim has a committed result (or a placeholder)
+    for cid, d in stored.items():
+        assert d["verdict"] in VERDICTS, cid
+        assert not d.get("quick"), cid  # a quick run is never committed as evidence
+        if d.get("machine"):  # measured in this revision: provenance and at least 3 seeds (or a stated reason)
+            assert d["git"]["sha"] and d["date"] and d["seeds"], cid
+        for plot in d.get("plots", []):
+            assert (docs.parent / "claims" / plot).is_file(), (cid, plot)
+    assert render_docs(docs, results) == docs.read_text(encoding="utf-8")
 
 
 def test_quick_run_never_replaces_a_full_result(tmp_path, small_encdec):
