@@ -140,7 +140,7 @@ def main() -> None:
         cfg.eval.loss_batches = 1
         cfg.track.enabled = False
         t1 = time.perf_counter()
-        finetune_sft(cfg)
+        res = finetune_sft(cfg)
         total_s = time.perf_counter() - t1
         sampler.stop.set()
         sampler.join()
@@ -153,7 +153,7 @@ def main() -> None:
         result = {
             "model": "Qwen2.5-0.5B shape (random weights), imported with import_hf",
             "params": n_params, "method": f"lora r={args.rank}, q/k/v/o/gate/up/down", "precision": "fp32",
-            "batch": args.batch, "max_len": args.max_len, "steps": args.steps,
+            "batch": args.batch, "max_len": args.max_len, "steps": args.steps, "batch_width": res["batch_width"],
             "peak_rss_gb": round(hwm_kb / 2 ** 20, 3),
             "ru_maxrss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 3),
             "rss_before_finetune_gb": round(before.get("VmRSS", 0) / 2 ** 20, 3),

@@ -274,7 +274,8 @@ def test_finetune_with_the_models_own_template(imported, instructions, tmp_path,
     marker = tok.token_to_id(STYLES[ARCHS[arch][1]]["eos"])
     assert all(marker in ex.ids for ex in data.train)  # rows written in the model's own template
     result = finetune_sft(cfg)
-    assert torch.isfinite(torch.tensor(result["eval_loss"])) if "eval_loss" in result else True
+    assert result["eval_loss"] is not None and result["eval_loss"] == result["eval_loss"] < 50
+    assert result["batch_width"] <= 47  # rows as wide as the longest example, not the model's 128 context
     final = tmp_path / "sft" / "final"
     assert final.is_dir()
     rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
