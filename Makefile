@@ -9,7 +9,7 @@ PIPELINE_SAMPLES := $(if $(wildcard $(SHARED)/en/tinyshakespeare.txt),samples.fr
 # A GPU machine passes TORCH_SPEC=torch to get the CUDA build; CPU machines get the local 2.13.0 CPU wheel.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup bench-env system-deps samples demo demo-real demo-char test test-all bench bench-data bench-finetune bench-infer bench-serve lab clean
+.PHONY: setup bench-env system-deps samples demo demo-real demo-char test test-all test-llamacpp bench bench-data bench-finetune bench-infer bench-serve lab clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -69,10 +69,14 @@ samples: setup
 
 # Under CI=true (.ci/run) a skipped test fails the run (tests/conftest.py): this target installs all they need.
 test: setup system-deps samples
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not llamacpp" tests
 
 test-all: setup system-deps samples
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not llamacpp" tests
+
+# our GGUF exports read by llama.cpp itself (needs the benchmark environment's llama-cpp-python)
+test-llamacpp: bench-env samples
+	$(BIN)/python -m pytest -q -m llamacpp tests
 
 bench: setup
 	$(BIN)/python benchmarks/pretrain_shakespeare.py

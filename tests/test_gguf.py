@@ -333,6 +333,7 @@ def test_padded_vocabulary_keeps_every_row(bpe, tmp_path):
     assert Tokenizer.load(tmp_path / "back").encode(TEXTS[0]) == bpe.encode(TEXTS[0])
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("style", list(STYLES))
 def test_llama_cpp_reads_our_export(style, bpe, tmp_path):
     """llama.cpp itself (llama-cpp-python, `make bench-env`) loads the exported file: its tokenizer splits text
