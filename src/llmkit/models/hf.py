@@ -369,6 +369,7 @@ def decoder_from_hf(hf: dict[str, Any], weights: dict[str, torch.Tensor]) -> Dec
 
 
 def _import_decoder(src: Path, hf: dict[str, Any]) -> Decoder:
+    hf_config_to_llmkit(hf)  # an unsupported architecture or option is refused (by name) before any weight is read
     try:
         return decoder_from_hf(hf, read_hf_weights(src))
     except ValueError as e:
