@@ -141,6 +141,6 @@ def test_the_whole_lab_in_full(tmp_path):
     results = run_claims(None, seeds=3, quick=False, out_dir=tmp_path / "lab", docs=tmp_path / "claims.md")
     assert set(results) == {c.id for c in all_claims()}
     for cid, r in results.items():
-        assert r.verdict in ("holds", "partly holds", "does not hold", "not measured"), cid
+        assert r.verdict in VERDICTS, cid
         assert not r.summary.startswith("the experiment failed"), (cid, r.summary)
     assert NOT_RUN not in (tmp_path / "claims.md").read_text(encoding="utf-8")
