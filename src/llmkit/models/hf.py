@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from llmkit.models.decoder import Decoder, DecoderConfig
+from llmkit.models.hf_weights import no_leftovers, read_hf_weights
 from llmkit.models.io import load_generation_config, load_model, require_plain, save_model
 from llmkit.models.layers import ROPE_SCALING_KEYS, ROPE_SCALING_TYPES
 
@@ -43,41 +44,6 @@ SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCau
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 _SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
-
-
-# -- reading HF files -------------------------------------------------------------------------------
-
-
-def read_hf_weights(src: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF model dir: model.safetensors, sharded safetensors, or pytorch_model.bin."""
-    if (src / "model.safetensors").is_file():
-        return load_file(str(src / "model.safetensors"))
-    for index_name, loader in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "pt")):
-        index = src / index_name
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            out: dict[str, torch.Tensor] = {}
-            for f in files:
-                out.update(_load_one(src / f, loader))
-            return out
-    shards = sorted(src.glob("*.safetensors"))
-    if shards:
-        out = {}
-        for f in shards:
-            out.update(load_file(str(f)))
-        return out
-    if (src / "pytorch_model.bin").is_file():
-        return _load_one(src / "pytorch_model.bin", "pt")
-    raise FileNotFoundError(
-        f"{src}: no weights found (expected model.safetensors, a sharded *.safetensors with "
-        "model.safetensors.index.json, or pytorch_model.bin)"
-    )
-
-
-def _load_one(path: Path, kind: str) -> dict[str, torch.Tensor]:
-    if kind == "st":
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _rope(hf: dict[str, Any], arch: str) -> tuple[float, dict[str, Any] | None, int, float]:
@@ -331,13 +297,6 @@ def _llama_to_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig, arch: str 
     out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else lm
     no_leftovers(sd)
     return out
-
-
-def no_leftovers(sd: dict[str, torch.Tensor]) -> None:
-    if sd:
-        extra = sorted(sd)
-        raise ValueError(f"unexpected tensors in the checkpoint (not mapped to llmkit): {extra[:8]}"
-                         + (f" and {len(extra) - 8} more" if len(extra) > 8 else ""))
 
 
 def _build(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> Decoder:

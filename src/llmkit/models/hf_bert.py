@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmkit.models.encoder import Encoder, EncoderClassifier, EncoderConfig
-from llmkit.models.hf import no_leftovers, read_hf_weights
+from llmkit.models.hf_weights import no_leftovers, read_hf_weights
 
 __all__ = ["BERT_ARCHITECTURES", "bert_config_from_hf", "export_bert", "import_bert"]
 

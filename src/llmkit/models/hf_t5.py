@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 
 from llmkit.models.encdec import EncDecConfig, EncoderDecoder
-from llmkit.models.hf import read_hf_weights
+from llmkit.models.hf_weights import read_hf_weights
 
 __all__ = ["export_t5", "import_t5", "t5_config_from_hf"]
 
