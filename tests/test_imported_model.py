@@ -29,7 +29,8 @@ from llmkit.chat import encode_chat, load_chat_template  # noqa: E402
 from llmkit.cli import main  # noqa: E402
 from llmkit.infer.generate import SamplingParams, generate, stream_tokens  # noqa: E402
 from llmkit.models.io import load_model  # noqa: E402
-from llmkit.models.lora import LoRAConfig, apply_lora, load_lora, merge_lora, save_lora  # noqa: E402
+from llmkit.models.lora import LoRAConfig, apply_lora, merge_lora  # noqa: E402
+from llmkit.models.lora_peft import load_lora, save_lora  # noqa: E402
 from llmkit.tokenizer import Tokenizer, iter_texts  # noqa: E402
 
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

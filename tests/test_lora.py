@@ -35,13 +35,12 @@ from llmkit.models.lora import (
     apply_lora,
     available_targets,
     has_lora,
-    load_lora,
     lora_parameters,
     merge_lora,
-    save_lora,
     trainable_share,
     unmerge_lora,
 )
+from llmkit.models.lora_peft import load_lora, save_lora
 
 V = 61
 

@@ -21,14 +21,8 @@ from llmkit.models.decoder import Decoder, DecoderConfig  # noqa: E402
 from llmkit.models.encdec import EncDecConfig, EncoderDecoder  # noqa: E402
 from llmkit.models.encoder import Encoder, EncoderClassifier, EncoderConfig  # noqa: E402
 from llmkit.models.hf import export_hf, import_hf  # noqa: E402
-from llmkit.models.lora import (  # noqa: E402
-    LoRAConfig,
-    apply_lora,
-    load_lora,
-    lora_parameters,
-    merge_lora,
-    save_lora,
-)
+from llmkit.models.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora  # noqa: E402
+from llmkit.models.lora_peft import load_lora, save_lora  # noqa: E402
 
 VOCAB = 97
 ATOL = 1e-4

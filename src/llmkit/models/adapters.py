@@ -2,7 +2,7 @@
 
 An adapter directory is Hugging Face PEFT's layout: `adapter_config.json` (its `peft_type` says the
 method: ``LORA`` or ``PREFIX_TUNING``) and `adapter_model.safetensors`. `load_adapter` reads the type
-and hands off to `llmkit.models.lora` or `llmkit.models.prefix`; `save_adapter` looks at what the model
+and hands off to `llmkit.models.lora_peft` or `llmkit.models.prefix`; `save_adapter` looks at what the model
 carries. Inference and serving load adapters through here, so they never import `llmkit.finetune`.
 
 The prefix module is imported only when a prefix adapter is met, so LoRA works on its own.
@@ -17,7 +17,8 @@ from typing import Literal
 
 import torch.nn as nn
 
-from llmkit.models.lora import ADAPTER_CONFIG, has_lora, load_lora, save_lora
+from llmkit.models.lora import ADAPTER_CONFIG, has_lora
+from llmkit.models.lora_peft import load_lora, save_lora
 
 __all__ = ["PEFT_TYPES", "adapter_base_model", "adapter_kind", "is_adapter_dir", "load_adapter",
            "save_adapter"]

@@ -19,7 +19,8 @@ model PEFT trains on a Llama checkpoint. Target names follow Hugging Face (see `
 llmkit module path (`blocks.0.attn.qkv` = the whole fused matrix, `blocks.0.attn.qkv.q` = its q slice).
 Embeddings, norms and output heads are never adapted.
 
-`save_lora` / `load_lora` (in `llmkit.models.lora_peft`) keep adapters in Hugging Face PEFT's layout.
+`save_lora` / `load_lora` in `llmkit.models.lora_peft` keep adapters on disk in Hugging Face PEFT's layout
+(that module builds on this one; this one does not import it).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -40,9 +40,10 @@ from llmkit.models.layers import Attention, FeedForward
 from llmkit.models.trainable_tokens import apply_trainable_tokens, merge_trainable_tokens, trainable_tokens
 
 __all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CANONICAL_TARGETS", "TARGET_ALIASES", "LoRAConfig", "LoRALinear",
-    "apply_lora", "available_targets", "has_lora", "load_lora", "lora_parameters", "merge_lora",
-    "save_lora", "trainable_share", "unmerge_lora",
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CANONICAL_TARGETS", "FUSED_QKV", "TARGET_ALIASES", "AdapterSite",
+    "LoRAConfig", "LoRALinear", "adaptable_sites", "apply_lora", "available_targets", "base_linear",
+    "freeze_all_but_lora", "has_lora", "lora_modules", "lora_parameters", "merge_lora", "replace_module",
+    "trainable_share", "unmerge_lora",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -64,7 +65,7 @@ TARGET_ALIASES: dict[str, tuple[str, ...]] = {
     "c_proj": ("o_proj", "down_proj"), "c_fc": ("up_proj",),
 }
 # The whole fused self-attention matrix as one adapter (GPT-2's c_attn, PEFT's meaning of that name).
-_FUSED_QKV = "c_attn"
+FUSED_QKV = "c_attn"
 _FULL = "full"  # slice name of an adapter over a linear's whole output
 
 
@@ -235,7 +236,7 @@ class LoRALinear(nn.Module):
 
 
 @dataclass(frozen=True)
-class _Site:
+class AdapterSite:
     """One adaptable piece: rows [start, end) of the Linear at `module` (`slice` "full" = all of it)."""
 
     module: str
@@ -250,50 +251,50 @@ class _Site:
         return self.module if self.slice == _FULL else f"{self.module}.{self.slice}"
 
 
-def _sites(model: nn.Module) -> list[_Site]:
+def adaptable_sites(model: nn.Module) -> list[AdapterSite]:
     """Every projection inside the model's attention and feed-forward blocks, in module order."""
-    out: list[_Site] = []
+    out: list[AdapterSite] = []
     for name, mod in model.named_modules():
         p = f"{name}." if name else ""
         if isinstance(mod, Attention):
             qd, kvd = mod.n_head * mod.head_dim, mod.n_kv_head * mod.head_dim
             if mod.cross:
-                out.append(_Site(p + "q", _FULL, 0, qd, "q_proj"))
-                out.append(_Site(p + "kv", _FULL, 0, 2 * kvd, None))
-                out += [_Site(p + "kv", "k", 0, kvd, "k_proj"), _Site(p + "kv", "v", kvd, 2 * kvd, "v_proj")]
+                out.append(AdapterSite(p + "q", _FULL, 0, qd, "q_proj"))
+                out.append(AdapterSite(p + "kv", _FULL, 0, 2 * kvd, None))
+                out += [AdapterSite(p + "kv", "k", 0, kvd, "k_proj"), AdapterSite(p + "kv", "v", kvd, 2 * kvd, "v_proj")]
             else:
-                out.append(_Site(p + "qkv", _FULL, 0, qd + 2 * kvd, _FUSED_QKV))
-                out += [_Site(p + "qkv", "q", 0, qd, "q_proj"), _Site(p + "qkv", "k", qd, qd + kvd, "k_proj"),
-                        _Site(p + "qkv", "v", qd + kvd, qd + 2 * kvd, "v_proj")]
-            out.append(_Site(p + "proj", _FULL, 0, _linear(mod.proj).out_features, "o_proj"))
+                out.append(AdapterSite(p + "qkv", _FULL, 0, qd + 2 * kvd, FUSED_QKV))
+                out += [AdapterSite(p + "qkv", "q", 0, qd, "q_proj"), AdapterSite(p + "qkv", "k", qd, qd + kvd, "k_proj"),
+                        AdapterSite(p + "qkv", "v", qd + kvd, qd + 2 * kvd, "v_proj")]
+            out.append(AdapterSite(p + "proj", _FULL, 0, base_linear(mod.proj).out_features, "o_proj"))
         elif isinstance(mod, (FeedForward, T5FeedForward)):
             for attr, canon in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
                 if hasattr(mod, attr):
-                    out.append(_Site(p + attr, _FULL, 0, _linear(getattr(mod, attr)).out_features, canon))
+                    out.append(AdapterSite(p + attr, _FULL, 0, base_linear(getattr(mod, attr)).out_features, canon))
     return out
 
 
-def _linear(mod: nn.Module) -> nn.Linear:
+def base_linear(mod: nn.Module) -> nn.Linear:
     return mod.base if isinstance(mod, LoRALinear) else mod
 
 
 def available_targets(model: nn.Module) -> list[str]:
     """The target names that select something in `model` (canonical names first, then aliases)."""
-    present = {s.canonical for s in _sites(model)}
+    present = {s.canonical for s in adaptable_sites(model)}
     names = [t for t in CANONICAL_TARGETS if t in present]
-    if _FUSED_QKV in present:
-        names.append(_FUSED_QKV)
+    if FUSED_QKV in present:
+        names.append(FUSED_QKV)
     names += [a for a, canon in TARGET_ALIASES.items() if any(c in present for c in canon)]
     return names
 
 
-def _resolve(model: nn.Module, targets: list[str]) -> list[_Site]:
+def _resolve(model: nn.Module, targets: list[str]) -> list[AdapterSite]:
     """The sites `targets` select; ValueError naming a target that is unknown or selects nothing."""
-    sites = _sites(model)
+    sites = adaptable_sites(model)
     if not sites:
         raise ValueError(f"{type(model).__name__} has no attention / feed-forward projections to adapt")
     kind = type(model).__name__
-    chosen: dict[tuple[str, str], _Site] = {}
+    chosen: dict[tuple[str, str], AdapterSite] = {}
     for t in targets:
         if t == "all-linear":
             sel = [s for s in sites if s.canonical in CANONICAL_TARGETS]
@@ -305,14 +306,14 @@ def _resolve(model: nn.Module, targets: list[str]) -> list[_Site]:
                 raise ValueError(f"targets: {t!r} matches no module path of this {kind} "
                                  f"(paths look like: {examples}, ...)")
         else:
-            if t in CANONICAL_TARGETS or t == _FUSED_QKV:
+            if t in CANONICAL_TARGETS or t == FUSED_QKV:
                 canon: tuple[str, ...] = (t,)
             elif t in TARGET_ALIASES:
                 canon = TARGET_ALIASES[t]
             else:
                 raise ValueError(
                     f"targets: unknown target {t!r}; available: {', '.join(CANONICAL_TARGETS)}, "
-                    f"{_FUSED_QKV}, "
+                    f"{FUSED_QKV}, "
                     f"aliases {', '.join(TARGET_ALIASES)}, 'all-linear', or 're:<regex on module paths>'")
             sel = [s for s in sites if s.canonical in canon]
             if not sel:
@@ -337,7 +338,7 @@ def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRALinear) for m in model.modules())
 
 
-def _lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
@@ -355,13 +356,13 @@ def _check_modules_to_save(model: nn.Module, names: list[str]) -> None:
                              f"(supported: {allowed or 'none'})")
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, new)
 
 
-def _freeze(model: nn.Module, modules_to_save: list[str]) -> None:
+def freeze_all_but_lora(model: nn.Module, modules_to_save: list[str]) -> None:
     """Only LoRA parameters (and modules_to_save) train; everything else is frozen."""
     for p in model.parameters():
         p.requires_grad_(False)
@@ -393,9 +394,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, tokenizer=None) -> list[str]:
     for s in _resolve(model, cfg.targets):
         slices.setdefault(s.module, {})[s.slice] = (s.start, s.end, cfg.r, cfg.scaling)
     for path, sl in slices.items():
-        _replace(model, path, LoRALinear(model.get_submodule(path), sl, cfg.dropout))
+        replace_module(model, path, LoRALinear(model.get_submodule(path), sl, cfg.dropout))
     model.lora_config = dataclasses.replace(cfg, modules_to_save=list(modules_to_save))
-    _freeze(model, modules_to_save)
+    freeze_all_but_lora(model, modules_to_save)
     if cfg.trainable_tokens:
         if tokenizer is None:
             raise ValueError("trainable_tokens: a tokenizer is needed to look the tokens up")
@@ -411,7 +412,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every LoRA A and B matrix of `model`, in module order, then the trainable token rows if any (for an
     optimizer group at lr_ratio x lr)."""
     params: list[nn.Parameter] = []
-    for _, m in _lora_modules(model):
+    for _, m in lora_modules(model):
         for n in m.ranges:
             params += [m.lora_A[n], m.lora_B[n]]
     tokens = trainable_tokens(model)
@@ -436,11 +437,11 @@ def merge_lora(model: nn.Module, keep_adapters: bool = False) -> nn.Module:
     trainable again and `model.lora_config` is dropped: `save_model` then writes an ordinary model dir.
     `keep_adapters=True` merges in place but keeps the wrappers, so `unmerge_lora` can take it back.
     """
-    mods = _lora_modules(model)
+    mods = lora_modules(model)
     for path, m in mods:
         m.merge()
         if not keep_adapters:
-            _replace(model, path, m.base)
+            replace_module(model, path, m.base)
     if not keep_adapters:
         merge_trainable_tokens(model)
         for p in model.parameters():
@@ -452,20 +453,6 @@ def merge_lora(model: nn.Module, keep_adapters: bool = False) -> nn.Module:
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
     """Subtract merged adapters again (after `merge_lora(model, keep_adapters=True)`)."""
-    for _, m in _lora_modules(model):
+    for _, m in lora_modules(model):
         m.unmerge()
     return model
-
-
-def save_lora(model: nn.Module, out_dir: str | Path, base_model: str | None = None) -> Path:
-    """The model's LoRA adapter as a PEFT adapter dir; see `llmkit.models.lora_peft.save_lora`."""
-    from llmkit.models.lora_peft import save_lora as save
-
-    return save(model, out_dir, base_model)
-
-
-def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
-    """Apply and load a PEFT LoRA adapter dir; see `llmkit.models.lora_peft.load_lora`."""
-    from llmkit.models.lora_peft import load_lora as load
-
-    return load(model, adapter_dir)

@@ -26,18 +26,18 @@ from llmkit.models.encdec import EncoderDecoder
 from llmkit.models.encoder import Encoder, EncoderClassifier
 from llmkit.models.layers import Attention
 from llmkit.models.lora import (
-    _FUSED_QKV,
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     CANONICAL_TARGETS,
+    FUSED_QKV,
     LoRAConfig,
     LoRALinear,
-    _freeze,
-    _linear,
-    _lora_modules,
-    _replace,
-    _sites,
+    adaptable_sites,
+    base_linear,
+    freeze_all_but_lora,
     has_lora,
+    lora_modules,
+    replace_module,
 )
 from llmkit.models.trainable_tokens import apply_trainable_tokens, trainable_tokens
 
@@ -81,13 +81,13 @@ def _attn_names(out: dict, attn: Attention, path: str, q: str, k: str, v: str, o
         out[f"{path}.kv"] = [(k, 0, kvd), (v, kvd, 2 * kvd)]
     else:
         out[f"{path}.qkv"] = [(q, 0, qd), (k, qd, qd + kvd), (v, qd + kvd, qd + 2 * kvd)]
-    out[f"{path}.proj"] = [(o, 0, _linear(attn.proj).out_features)]
+    out[f"{path}.proj"] = [(o, 0, base_linear(attn.proj).out_features)]
 
 
 def _mlp_names(out: dict, mlp: nn.Module, path: str, names: dict[str, str]) -> None:
     for attr in ("gate", "up", "down"):
         if hasattr(mlp, attr):
-            out[f"{path}.{attr}"] = [(names[attr], 0, _linear(getattr(mlp, attr)).out_features)]
+            out[f"{path}.{attr}"] = [(names[attr], 0, base_linear(getattr(mlp, attr)).out_features)]
 
 
 def _hf_layout(model: nn.Module) -> _HFLayout:
@@ -107,9 +107,9 @@ def _hf_layout(model: nn.Module) -> _HFLayout:
             b = f"blocks.{i}."
             if gpt2:
                 h = f"transformer.h.{i}."
-                qkv = _linear(blk.attn.qkv)
+                qkv = base_linear(blk.attn.qkv)
                 lin[b + "attn.qkv"] = [(h + "attn.c_attn", 0, qkv.out_features)]
-                lin[b + "attn.proj"] = [(h + "attn.c_proj", 0, _linear(blk.attn.proj).out_features)]
+                lin[b + "attn.proj"] = [(h + "attn.c_proj", 0, base_linear(blk.attn.proj).out_features)]
                 _mlp_names(lin, blk.mlp, b + "mlp", {"gate": h + "mlp.c_gate", "up": h + "mlp.c_fc",
                                                      "down": h + "mlp.c_proj"})
             elif arch == "Phi3ForCausalLM" and hasattr(blk.mlp, "gate"):
@@ -117,14 +117,14 @@ def _hf_layout(model: nn.Module) -> _HFLayout:
                 # gate_up_proj (rows [gate; up]): an adapter on gate and up is written as the exact adapter of
                 # rank r_gate + r_up on gate_up_proj with A = [A_gate; A_up] and block-diagonal B
                 h = f"model.layers.{i}."
-                lin[b + "attn.qkv"] = [(h + "self_attn.qkv_proj", 0, _linear(blk.attn.qkv).out_features)]
-                lin[b + "attn.proj"] = [(h + "self_attn.o_proj", 0, _linear(blk.attn.proj).out_features)]
-                g, u = _linear(blk.mlp.gate).out_features, _linear(blk.mlp.up).out_features
+                lin[b + "attn.qkv"] = [(h + "self_attn.qkv_proj", 0, base_linear(blk.attn.qkv).out_features)]
+                lin[b + "attn.proj"] = [(h + "self_attn.o_proj", 0, base_linear(blk.attn.proj).out_features)]
+                g, u = base_linear(blk.mlp.gate).out_features, base_linear(blk.mlp.up).out_features
                 gu = h + "mlp.gate_up_proj"
                 lin[b + "mlp.gate"], lin[b + "mlp.up"] = [(gu, 0, g)], [(gu, 0, u)]
                 fused_rows[gu] = g + u
                 offsets[(b + "mlp.gate", gu)], offsets[(b + "mlp.up", gu)] = 0, g
-                lin[b + "mlp.down"] = [(h + "mlp.down_proj", 0, _linear(blk.mlp.down).out_features)]
+                lin[b + "mlp.down"] = [(h + "mlp.down_proj", 0, base_linear(blk.mlp.down).out_features)]
             else:
                 h = f"model.layers.{i}."
                 _attn_names(lin, blk.attn, b + "attn", *(h + f"self_attn.{p}_proj" for p in "qkvo"))
@@ -220,7 +220,7 @@ def save_lora(model: nn.Module, out_dir: str | Path, base_model: str | None = No
     """
     from safetensors.torch import save_file
 
-    mods = _lora_modules(model)
+    mods = lora_modules(model)
     if not mods:
         raise ValueError("model carries no LoRA adapters (apply_lora or load_lora first)")
     cfg: LoRAConfig = getattr(model, "lora_config", None) or LoRAConfig()
@@ -397,7 +397,7 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         pairs.setdefault(m["mod"], {})[m["ab"]] = t
     if not pairs:
         raise ValueError(f"{adapter_dir}: no LoRA tensors in {ADAPTER_WEIGHTS}")
-    sites = {(s.module, s.start, s.end): s.slice for s in _sites(model)}
+    sites = {(s.module, s.start, s.end): s.slice for s in adaptable_sites(model)}
     pieces: dict[str, list] = {}
     for hf, ab in pairs.items():
         if hf not in hf_to_llmkit:
@@ -415,7 +415,7 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                 pieces.setdefault(path, []).append((name, start, end, a_part, b_part, scale))
             continue
         path, hs, he, _ = hf_to_llmkit[hf][0]
-        lin = _linear(model.get_submodule(path))
+        lin = base_linear(model.get_submodule(path))
         r_hf = a.shape[0]
         if a.shape != (r_hf, lin.in_features) or b.shape != (he - hs, r_hf):
             raise ValueError(f"{adapter_dir}: {hf} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
@@ -432,7 +432,7 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
             for name, (_, _, a, b, _) in sl.items():
                 wrapper.lora_A[name].copy_(a)
                 wrapper.lora_B[name].copy_(b)
-        _replace(model, path, wrapper)
+        replace_module(model, path, wrapper)
     modules_to_save = sorted({mod for mod, _ in to_save})
     with torch.no_grad():
         for (mod, pname), t in to_save.items():
@@ -466,7 +466,7 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
                                    targets=list(targets), rslora=rslora,
                                    lr_ratio=float(meta.get("lr_ratio", LoRAConfig.lr_ratio)),
                                    modules_to_save=modules_to_save)
-    _freeze(model, modules_to_save)
+    freeze_all_but_lora(model, modules_to_save)
     if indices:
         tokens.values.requires_grad_(True)
     return model
@@ -515,7 +515,7 @@ def _split_fused(adapter_dir, hf: str, targets: list, rows: int, meta_slices, a:
     (the same function, at the module's rank)."""
     r_hf = a.shape[0]
     for path, _, _, _ in targets:
-        lin = _linear(model.get_submodule(path))
+        lin = base_linear(model.get_submodule(path))
         if a.shape != (r_hf, lin.in_features) or b.shape != (rows, r_hf):
             raise ValueError(f"{adapter_dir}: {hf} has A {tuple(a.shape)}, B {tuple(b.shape)}; "
                              f"this model needs A ({r_hf}, {lin.in_features}), B ({rows}, {r_hf})")
@@ -572,6 +572,6 @@ def _assemble(path: str, pieces: list, sites: dict) -> dict[str, tuple]:
 
 def _canonical_targets(model: nn.Module) -> list[str]:
     """Target names that describe the adapters `model` carries (for a PEFT-written adapter)."""
-    sites = {(s.module, s.slice): s.canonical for s in _sites(model)}
-    names = {sites.get((path, n)) for path, m in _lora_modules(model) for n in m.ranges}
-    return [t for t in (*CANONICAL_TARGETS, _FUSED_QKV) if t in names] or ["all-linear"]
+    sites = {(s.module, s.slice): s.canonical for s in adaptable_sites(model)}
+    names = {sites.get((path, n)) for path, m in lora_modules(model) for n in m.ranges}
+    return [t for t in (*CANONICAL_TARGETS, FUSED_QKV) if t in names] or ["all-linear"]
