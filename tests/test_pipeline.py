@@ -12,7 +12,8 @@ import pytest
 from llmkit.cli import main
 from llmkit.config import ConfigError, load_config
 from llmkit.pipeline.config import PipelineConfig
-from llmkit.pipeline.run import load_state, path_digest, run_pipeline
+from llmkit.pipeline.digests import path_digest
+from llmkit.pipeline.run import load_state, run_pipeline
 from llmkit.registry import resolve_model
 from pipeline_recipe import write_tiny_recipe
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 
 from llmkit.config import flatten, to_dict
 from llmkit.pipeline.config import PipelineConfig
+from llmkit.pipeline.digests import fingerprint, path_digest
 from llmkit.pipeline.stages import STAGES, Context, Stage
 from llmkit.track import TrackConfig, Tracker, default_tracking_uri, parent_run
 
@@ -43,31 +43,6 @@ READS = {"data": ["samples"], "tokenizer": ["data"], "tokens": ["data", "tokeniz
          "pretrain": ["tokenizer", "tokens"], "sft": ["pretrain", "tokens"], "merge": ["pretrain", "sft"],
          "quantize": ["merge", "pretrain"], "eval": ["quantize", "merge", "tokens", "sft"],
          "register": ["quantize", "merge", "eval"]}
-
-
-def fingerprint(material: dict) -> str:
-    return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def path_digest(path: str | Path) -> str:
-    """sha256 of a file, or of a directory's files (relative paths and contents, in sorted order)."""
-    path = Path(path)
-    if path.is_file():
-        return _file_sha256(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: the stage's artifact is missing")
-    h = hashlib.sha256()
-    for p in sorted(q for q in path.rglob("*") if q.is_file()):
-        h.update(str(p.relative_to(path)).encode() + b"\0" + _file_sha256(p).encode() + b"\n")
-    return h.hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _now() -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from llmkit.config import load_config, to_dict
 from llmkit.pipeline.config import PipelineConfig, StageRecipe
+from llmkit.pipeline.digests import path_digest
 
 DATA_OUTPUT = "data"
 """The data pipeline's cleaned shards sit in <data stage dir>/data."""
@@ -185,7 +186,7 @@ def _tokens_run(ctx: Context) -> StageOutput:
 
 # -- pretrain -------------------------------------------------------------------------------------
 def _pretrain_config(ctx: Context):
-    from llmkit.train.trainer import PretrainConfig
+    from llmkit.train.pretrain import PretrainConfig
 
     return _recipe(ctx, ctx.cfg.pretrain, PretrainConfig, [
         f"out_dir={ctx.dir('pretrain')}", f"data.tokenizer={ctx.artifact('tokenizer')}",
@@ -199,7 +200,7 @@ def _pretrain_inputs(ctx: Context) -> dict:
 
 
 def _pretrain_run(ctx: Context) -> StageOutput:
-    from llmkit.train.trainer import pretrain
+    from llmkit.train.pretrain import pretrain
 
     summary = pretrain(_pretrain_config(ctx), resume=True)
     metrics = {k: summary[k] for k in ("step", "train_loss", "val_loss", "val_bpb", "tokens_per_s", "n_params")
@@ -230,8 +231,6 @@ def _base_model(ctx: Context) -> Path:
 def _base_digest(ctx: Context) -> str:
     if _pretrained(ctx):
         return ctx.digest("pretrain")
-    from llmkit.pipeline.run import path_digest
-
     return path_digest(_base_model(ctx))
 
 
