@@ -87,13 +87,13 @@ def run_once(data_dir: Path, out: Path, copies: int | None) -> dict:
     import yaml
 
     from llmkit.config import load_config
-    from llmkit.data.pipeline import DataPipelineConfig, run_pipeline
+    from llmkit.data.corpus import CorpusConfig, build_corpus
 
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(config_for(data_dir, out, copies), allow_unicode=True))
-    cfg = load_config(DataPipelineConfig, path)
+    cfg = load_config(CorpusConfig, path)
     t = time.perf_counter()
-    manifest = run_pipeline(cfg, restart=True)
+    manifest = build_corpus(cfg, restart=True)
     wall = time.perf_counter() - t
     return {"manifest": manifest, "wall": wall, "cfg": cfg}
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import shared_file
 from llmkit.cli import main
 from llmkit.config import load_config
-from llmkit.data.pipeline import DataPipelineConfig, run_pipeline
+from llmkit.data.corpus import CorpusConfig, build_corpus
 from llmkit.data.report import load_manifest
 
 
@@ -49,7 +49,7 @@ def corpus(tmp_path_factory) -> Path:
     return root
 
 
-def _config(corpus: Path, out: Path, **overrides) -> DataPipelineConfig:
+def _config(corpus: Path, out: Path, **overrides) -> CorpusConfig:
     text = f"""
 out_dir: {out}
 sources:
@@ -69,13 +69,13 @@ track: {{enabled: false}}
     path = out.parent / f"{out.name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    return load_config(DataPipelineConfig, path, [f"{k}={v}" for k, v in overrides.items()])
+    return load_config(CorpusConfig, path, [f"{k}={v}" for k, v in overrides.items()])
 
 
 @pytest.fixture(scope="module")
-def finished(corpus, tmp_path_factory) -> tuple[DataPipelineConfig, dict]:
+def finished(corpus, tmp_path_factory) -> tuple[CorpusConfig, dict]:
     cfg = _config(corpus, tmp_path_factory.mktemp("runs") / "base")
-    return cfg, run_pipeline(cfg)
+    return cfg, build_corpus(cfg)
 
 
 def _all_ids(out: Path) -> tuple[list[str], list[dict]]:
@@ -168,7 +168,7 @@ def test_rerun_skips_finished_work_and_resumes_lost_work(finished):
     # lose one shard of the write phase, as a kill would
     victim = sorted((out / "work" / "write").glob("*.done.json"))[0]
     victim.unlink()
-    again = run_pipeline(cfg)
+    again = build_corpus(cfg)
     assert again["output"]["digest"] == manifest["output"]["digest"]
     assert all(p.stat().st_mtime_ns == stamp[p] for p in read_done)  # read phase not redone
     assert victim.is_file()
@@ -179,19 +179,19 @@ def test_changed_mix_reuses_earlier_phases(finished, tmp_path):
     out = Path(cfg.out_dir)
     stamp = {p: p.stat().st_mtime_ns for p in (out / "work" / "read").glob("*.done.json")}
     cfg.mix.domains["encyclopedia"].max_ratio = 0.1
-    changed = run_pipeline(cfg)
+    changed = build_corpus(cfg)
     assert changed["mix"]["achieved_share"]["encyclopedia"] <= 0.1 + 0.02
     assert changed["output"]["digest"] != manifest["output"]["digest"]
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
     cfg.mix.domains["encyclopedia"].max_ratio = 0.4
-    assert run_pipeline(cfg)["output"]["digest"] == manifest["output"]["digest"]
+    assert build_corpus(cfg)["output"]["digest"] == manifest["output"]["digest"]
 
 
 def test_sharding_and_workers_do_not_change_the_result(corpus, tmp_path, finished):
     _, manifest = finished
     # many small shards (50 kB ranges of the jsonl file), two worker processes
     cfg = _config(corpus, tmp_path / "split", **{"executor.workers": 2, "executor.split_mb": 0.05})
-    split = run_pipeline(cfg)
+    split = build_corpus(cfg)
     assert len(split["output"]["files"]) > len(manifest["output"]["files"])
     assert split["reasons"] == manifest["reasons"]
     kept_a, _ = _all_ids(Path(finished[0].out_dir))
@@ -208,7 +208,7 @@ def test_tokenized_output_feeds_pretraining(corpus, tmp_path):
     cfg = _config(corpus, tmp_path / "tokrun", **{"output.tokenizer": str(tmp_path / "tok"),
                                                  "perplexity.enabled": False, "mix.enabled": False,
                                                  "output.format": "parquet"})
-    manifest = run_pipeline(cfg)
+    manifest = build_corpus(cfg)
     assert manifest["tokens"]["train"] > 0 and manifest["tokens"]["val"] > 0
     split = open_split(Path(cfg.out_dir) / "tokens", "train")
     assert sum(len(s) for s in split.shards) == split.tokens == manifest["tokens"]["train"]
@@ -253,7 +253,7 @@ def test_tracked_as_mlflow_run(corpus, tmp_path):
     from mlflow.tracking import MlflowClient
 
     cfg = _config(corpus, tmp_path / "runs" / "tracked", **{"perplexity.enabled": False, "track.enabled": True})
-    manifest = run_pipeline(cfg)
+    manifest = build_corpus(cfg)
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("llmkit").experiment_id])
     digests = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
@@ -269,7 +269,7 @@ def test_ray_executor_matches_local(corpus, tmp_path, finished):
     cfg = _config(corpus, tmp_path / "ray", **{"executor.kind": "ray", "executor.workers": 2})
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     try:
-        manifest = run_pipeline(cfg)
+        manifest = build_corpus(cfg)
     finally:
         ray.shutdown()
     assert manifest["output"]["digest"] == finished[1]["output"]["digest"]
@@ -281,7 +281,7 @@ def test_a_source_can_skip_filters(corpus, tmp_path, finished):
     cfg = _config(corpus, tmp_path / "skip")
     zh = next(s for s in cfg.sources if s.name == "zh")
     zh.skip = ["quality", "perplexity"]
-    skipped = run_pipeline(cfg)
+    skipped = build_corpus(cfg)
     _, rejected = _all_ids(Path(cfg.out_dir))
     zh_reasons = {d["reason"] for d in rejected if d["source"] == "zh"}
     assert not any(r.startswith(("quality.", "perplexity.")) for r in zh_reasons)
@@ -296,7 +296,7 @@ def test_augmented_copies_are_marked(corpus, tmp_path):
         "perplexity.enabled": False, "mix.enabled": False, "augment.enabled": True,
         "augment.methods": "[synonym_replace, random_swap]", "augment.synonyms": str(synonyms),
         "augment.domains": "[web]", "augment.langs": "[en]"})
-    manifest = run_pipeline(cfg)
+    manifest = build_corpus(cfg)
     kept, _ = _all_ids(Path(cfg.out_dir))
     augmented = [d for d in kept if "augmented" in d]
     assert len(augmented) == manifest["funnel"][-1]["added"] > 0
@@ -343,11 +343,11 @@ def test_a_changed_input_is_read_again(corpus, tmp_path):
     local = tmp_path / "corpus"
     shutil.copytree(corpus, local)
     cfg = _config(local, tmp_path / "changed", **{"perplexity.enabled": False, "mix.enabled": False})
-    before = run_pipeline(cfg)
+    before = build_corpus(cfg)
     wiki = local / "wiki.txt"
     extra = shared_file("en/wiki_demo.txt").read_text().splitlines()[20]
     wiki.write_text(wiki.read_text() + extra + "\n")
-    after = run_pipeline(cfg)
+    after = build_corpus(cfg)
     assert after["sources"]["wiki"]["docs_in"] == before["sources"]["wiki"]["docs_in"] + 1
     assert after["output"]["docs"] == before["output"]["docs"] + 1
     assert after["output"]["digest"] != before["output"]["digest"]

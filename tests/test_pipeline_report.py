@@ -41,7 +41,7 @@ ZH_ANSWER = "北京是中华人民共和国的首都，历史悠久。"
 def _data_manifest(root: Path) -> Path:
     """Run the real data pipeline over a small bilingual slice of the shared data; returns its out_dir."""
     from llmkit.config import load_config
-    from llmkit.data.pipeline import DataPipelineConfig, run_pipeline
+    from llmkit.data.corpus import CorpusConfig, build_corpus
 
     src = root / "src"
     src.mkdir()
@@ -69,7 +69,7 @@ mix:
 executor: {{workers: 1, progress: false}}
 track: {{enabled: false}}
 """)
-    run_pipeline(load_config(DataPipelineConfig, cfg))
+    build_corpus(load_config(CorpusConfig, cfg))
     return out
 
 

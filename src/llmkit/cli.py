@@ -23,7 +23,8 @@ def _samples(args) -> None:
 
 def _data_run(args) -> None:
     from llmkit.config import load_config
-    from llmkit.data.pipeline import DataPipelineConfig, run_pipeline
+    from llmkit.data.corpus import CorpusConfig as DataPipelineConfig
+    from llmkit.data.corpus import build_corpus as run_pipeline
 
     cfg = load_config(DataPipelineConfig, args.config, args.overrides)
     manifest = run_pipeline(cfg, restart=args.restart)
@@ -33,7 +34,8 @@ def _data_run(args) -> None:
 
 
 def _data_report(args) -> None:
-    from llmkit.data.report import load_manifest, render_report
+    from llmkit.data.report import load_manifest
+    from llmkit.data.report import manifest_markdown as render_report
 
     manifest = load_manifest(args.run_dir)
     print(json.dumps(manifest, indent=1, ensure_ascii=False) if args.json else render_report(manifest), end="")

@@ -1,6 +1,6 @@
-"""The pipeline's account of a run: the manifest (funnel, digests, figures) and its markdown report.
+"""The data pipeline's account of a run: the manifest (funnel, digests, figures) and its markdown report.
 
-`build_manifest` turns the completion records of every phase into `manifest.json`; `render_report` is
+`build_manifest` turns the completion records of every phase into `manifest.json`; `manifest_markdown` is
 what `llmkit data report <out_dir>` prints: the funnel (what each step kept and dropped, and why), the
 sources, the perplexity distribution per domain, achieved vs requested domain shares, and MB/s per core.
 """
@@ -23,7 +23,7 @@ STEP_ORDER = ["read", "normalize", "quality", "safety", "dedup", "perplexity", "
 def build_manifest(cfg, *, inputs: list[dict], fingerprints: dict[str, str], shards: list[dict],
                    dedup: dict | None, ppl_runs: list[dict], selection: dict, written: list[dict],
                    tokens: dict | None, review: dict, wall: float) -> dict:
-    """The manifest of a finished run from the completion records of its phases (see pipeline.py)."""
+    """The manifest of a finished run from the completion records of its phases (see corpus.py)."""
     reasons: Counter = Counter()
     for part in [*shards, *written]:
         reasons.update(part["reasons"])
@@ -106,7 +106,7 @@ def load_manifest(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def render_report(manifest: dict) -> str:
+def manifest_markdown(manifest: dict) -> str:
     """The funnel and the per-step figures of a manifest as markdown (what `llmkit data report` prints)."""
     lines = ["# Data pipeline report", "", "## Funnel", "", "| step | in | dropped | out | why |",
              "|---|---:|---:|---:|---|"]

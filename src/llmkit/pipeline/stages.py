@@ -121,14 +121,14 @@ def _samples_run(ctx: Context) -> StageOutput:
 
 # -- data -----------------------------------------------------------------------------------------
 def _data_config(ctx: Context):
-    from llmkit.data.pipeline import DataPipelineConfig
+    from llmkit.data.corpus import CorpusConfig
 
-    return _recipe(ctx, ctx.cfg.data, DataPipelineConfig, [f"out_dir={ctx.dir('data')}",
-                                                          *ctx.track_overrides("data")])
+    return _recipe(ctx, ctx.cfg.data, CorpusConfig, [f"out_dir={ctx.dir('data')}",
+                                                    *ctx.track_overrides("data")])
 
 
 def _data_inputs(ctx: Context) -> dict:
-    from llmkit.data.pipeline import phase_fingerprints
+    from llmkit.data.corpus import phase_fingerprints
 
     cfg = _data_config(ctx)
     # the data pipeline fingerprints its own phases over the config and every input file's content
@@ -136,9 +136,9 @@ def _data_inputs(ctx: Context) -> dict:
 
 
 def _data_run(ctx: Context) -> StageOutput:
-    from llmkit.data.pipeline import run_pipeline
+    from llmkit.data.corpus import build_corpus
 
-    manifest = run_pipeline(_data_config(ctx))
+    manifest = build_corpus(_data_config(ctx))
     run_file = ctx.dir("data") / "work" / "run.json"
     run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
     return StageOutput(ctx.dir("data") / DATA_OUTPUT, {

@@ -1,6 +1,7 @@
 """The data pipeline: sources -> cleaned, deduplicated, filtered, mixed, augmented corpus + manifest.
 
-`run_pipeline(cfg)` (CLI: `llmkit data run --config X.yaml`) runs guide §1.1 end to end in five phases:
+`build_corpus(cfg)` (CLI: `llmkit data run --config X.yaml`) runs guide §1.1 end to end in five phases
+(the lifecycle pipeline of `llmkit pipeline run`, `llmkit.pipeline`, runs it as its `data` stage):
 
 1. **read** (per shard, parallel): read -> normalize -> heuristic quality -> sensitive information
    (PII redaction, lexicon) -> exact-dedup key and MinHash signature of each surviving document.
@@ -47,7 +48,7 @@ from llmkit.data.mix import MixConfig
 from llmkit.data.normalize import NormalizeConfig
 from llmkit.data.perplexity import PerplexityConfig
 from llmkit.data.quality import QualityConfig
-from llmkit.data.report import FORMAT_VERSION, build_manifest, manifest_metrics, render_report
+from llmkit.data.report import FORMAT_VERSION, build_manifest, manifest_markdown, manifest_metrics
 from llmkit.data.safety import SafetyConfig
 from llmkit.data.shards import JsonlGzWriter, ParquetWriter, read_jsonl_gz
 from llmkit.data.sources import ReadTask, SourceConfig, plan_tasks
@@ -91,7 +92,7 @@ class OutputConfig:
 
 
 @dataclass
-class DataPipelineConfig:
+class CorpusConfig:
     out_dir: str = "runs/data/quickstart"
     sources: list[SourceConfig] = field(default_factory=list)
     normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
@@ -127,7 +128,7 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def phase_fingerprints(cfg: DataPipelineConfig) -> dict[str, str]:
+def phase_fingerprints(cfg: CorpusConfig) -> dict[str, str]:
     """A hash per phase over the config sections it (or any earlier phase) depends on."""
     d = to_dict(cfg)
     read = _digest([FORMAT_VERSION, d["sources"], d["normalize"], d["quality"], d["safety"], d["dedup"],
@@ -175,7 +176,7 @@ def count_tokens(text: str, tokenizer) -> int:
 _WORKER_CACHE: dict[str, Any] = {}
 
 
-def _doc_steps(cfg: DataPipelineConfig, fingerprint: str) -> list[tuple[str, Any]]:
+def _doc_steps(cfg: CorpusConfig, fingerprint: str) -> list[tuple[str, Any]]:
     key = "steps:" + fingerprint
     if key not in _WORKER_CACHE:
         from llmkit.data.normalize import Normalizer
@@ -212,7 +213,7 @@ def _rejected_record(doc: dict, reason: str, detail: Any = None) -> dict:
     return rec
 
 
-def read_shard(cfg: DataPipelineConfig, task: ReadTask, index: int, fingerprint: str) -> dict:
+def read_shard(cfg: CorpusConfig, task: ReadTask, index: int, fingerprint: str) -> dict:
     """Phase 1 for one shard; writes work/read/<key>.* and returns its completion record."""
     from llmkit.data.dedup import MinHasher, exact_key
     from llmkit.data.sources import read_task
@@ -319,7 +320,7 @@ def read_shard(cfg: DataPipelineConfig, task: ReadTask, index: int, fingerprint:
 
 
 # -- phase 2: global dedup ------------------------------------------------------------------------------
-def dedup_phase(cfg: DataPipelineConfig, shards: list[dict], fingerprint: str) -> dict:
+def dedup_phase(cfg: CorpusConfig, shards: list[dict], fingerprint: str) -> dict:
     """Exact, then near-duplicate removal over every shard's survivors; writes work/dedup.npz."""
     from llmkit.data.dedup import exact_duplicates, near_duplicate_clusters, pick_survivors
 
@@ -379,7 +380,7 @@ def _concat_signatures(work: Path, shards: list[dict], num_perm: int, n: int) ->
 
 
 # -- phase 3: perplexity -----------------------------------------------------------------------------------
-def _scorer(cfg: DataPipelineConfig):
+def _scorer(cfg: CorpusConfig):
     from llmkit.data.perplexity import load_scorer
 
     key = "scorer:" + _digest(to_dict(cfg.perplexity))
@@ -392,7 +393,7 @@ def _scorer(cfg: DataPipelineConfig):
     return _WORKER_CACHE[key]
 
 
-def train_reference_model(cfg: DataPipelineConfig, shards: list[dict], fate: np.ndarray,
+def train_reference_model(cfg: CorpusConfig, shards: list[dict], fate: np.ndarray,
                           fingerprint: str) -> None:
     """The offline default scorer: an n-gram model trained on the cleaned, deduplicated documents of the
     trusted sources (`perplexity.scorer.train_sources`)."""
@@ -422,7 +423,7 @@ def train_reference_model(cfg: DataPipelineConfig, shards: list[dict], fate: np.
     _write_json_atomic(done_path, {"fingerprint": fingerprint, "train_sources": sorted(trusted)})
 
 
-def score_shard(cfg: DataPipelineConfig, key: str, alive: np.ndarray, fingerprint: str) -> dict:
+def score_shard(cfg: CorpusConfig, key: str, alive: np.ndarray, fingerprint: str) -> dict:
     """Phase 3 for one shard: perplexity of its dedup survivors (NaN for the others)."""
     work = Path(cfg.out_dir) / "work"
     done_path = work / "ppl" / f"{key}.done.json"
@@ -444,7 +445,7 @@ def score_shard(cfg: DataPipelineConfig, key: str, alive: np.ndarray, fingerprin
 
 
 # -- phase 4: thresholds and mix ------------------------------------------------------------------------
-def select_phase(cfg: DataPipelineConfig, shards: list[dict], fate: np.ndarray, ppl: np.ndarray | None,
+def select_phase(cfg: CorpusConfig, shards: list[dict], fate: np.ndarray, ppl: np.ndarray | None,
                  fingerprint: str) -> dict:
     from llmkit.data.mix import order_key, select
     from llmkit.data.perplexity import summarize, thresholds_per_language
@@ -501,7 +502,7 @@ def select_phase(cfg: DataPipelineConfig, shards: list[dict], fate: np.ndarray, 
 
 
 # -- phase 5: write --------------------------------------------------------------------------------------
-def write_shard(cfg: DataPipelineConfig, shard: dict, part: int, fate: np.ndarray, copies: np.ndarray,
+def write_shard(cfg: CorpusConfig, shard: dict, part: int, fate: np.ndarray, copies: np.ndarray,
                 ppl: np.ndarray | None, dup_ids: list[str | None], fingerprint: str) -> dict:
     """Phase 5 for one shard: output part file, rejected file, augmented copies, spot-check sample."""
     from llmkit.data.spot_check import SpotCheckSampler
@@ -557,7 +558,7 @@ def write_shard(cfg: DataPipelineConfig, shard: dict, part: int, fate: np.ndarra
     return done
 
 
-def _augmenter(cfg: DataPipelineConfig):
+def _augmenter(cfg: CorpusConfig):
     if not cfg.augment.enabled:
         return None
     key = "augment:" + _digest(to_dict(cfg.augment))
@@ -568,11 +569,11 @@ def _augmenter(cfg: DataPipelineConfig):
 
 
 # -- the whole run ----------------------------------------------------------------------------------------
-def run_pipeline(cfg: DataPipelineConfig, restart: bool = False) -> dict:
+def build_corpus(cfg: CorpusConfig, restart: bool = False) -> dict:
     """Run (or resume) the data pipeline; returns the manifest (also written to out_dir/manifest.json).
 
     Args:
-        cfg: the pipeline config (`load_config(DataPipelineConfig, path)`).
+        cfg: the data pipeline's config (`load_config(CorpusConfig, path)`).
         restart: discard the work of an earlier run in out_dir first.
     """
     from llmkit.track import Tracker
@@ -607,7 +608,7 @@ def run_pipeline(cfg: DataPipelineConfig, restart: bool = False) -> dict:
     return manifest
 
 
-def _run(cfg: DataPipelineConfig, fps: dict[str, str], t_start: float) -> dict:
+def _run(cfg: CorpusConfig, fps: dict[str, str], t_start: float) -> dict:
     out = Path(cfg.out_dir)
     work = out / "work"
     tasks = [t for src in cfg.sources for t in plan_tasks(src, int(cfg.executor.split_mb * (1 << 20)))]
@@ -665,11 +666,11 @@ def _run(cfg: DataPipelineConfig, fps: dict[str, str], t_start: float) -> dict:
                               dedup=dedup, ppl_runs=ppl_runs, selection=selection, written=written,
                               tokens=tokens, review=review, wall=time.perf_counter() - t_start)
     _write_json_atomic(out / "manifest.json", manifest)
-    (out / "report.md").write_text(render_report(manifest), encoding="utf-8")
+    (out / "report.md").write_text(manifest_markdown(manifest), encoding="utf-8")
     return manifest
 
 
-def input_digests(cfg: DataPipelineConfig, tasks: list[ReadTask]) -> list[dict]:
+def input_digests(cfg: CorpusConfig, tasks: list[ReadTask]) -> list[dict]:
     """sha256 of every input file (a state digest for dataset directories): the run's lineage."""
     inputs = []
     for src in cfg.sources:
@@ -681,7 +682,7 @@ def input_digests(cfg: DataPipelineConfig, tasks: list[ReadTask]) -> list[dict]:
     return inputs
 
 
-def _tokenize_output(cfg: DataPipelineConfig, written: list[dict]) -> dict:
+def _tokenize_output(cfg: CorpusConfig, written: list[dict]) -> dict:
     from llmkit.data.tokenized import prepare_tokens
     from llmkit.tokenizer import Tokenizer
 
@@ -692,7 +693,7 @@ def _tokenize_output(cfg: DataPipelineConfig, written: list[dict]) -> dict:
             "sha256": meta["splits"]["train"]["sha256"]}
 
 
-def _write_review(cfg: DataPipelineConfig, shards: list[dict], written: list[dict]) -> dict:
+def _write_review(cfg: CorpusConfig, shards: list[dict], written: list[dict]) -> dict:
     from llmkit.data.spot_check import SpotCheckSampler
 
     sampler = SpotCheckSampler(cfg.output.spot_check_per_reason, seed=0)
