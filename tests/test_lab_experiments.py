@@ -10,7 +10,7 @@ import math
 import pytest
 
 from conftest import shared_file
-from llmkit.lab.claim import Claim, Context, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Result
 
 MODULES = ["augment", "activation", "lora_lr", "mixing", "sampling", "checkpointing"]
 IDS = {"augment": "augment", "activation": "activation", "lora_lr": "lora-lr", "mixing": "mixing",
@@ -36,7 +36,7 @@ def test_quick_run_is_well_formed(module, tmp_path):
     assert isinstance(claim, Claim) and claim.id == IDS[module]
     assert claim.guide_zh and claim.guide_en and claim.claimed and claim.section.startswith("§")
     assert 0 < claim.minutes <= 10
-    result = claim.run(Context(seeds=SEEDS, quick=True, out_dir=tmp_path))
+    result = claim.run(ExperimentContext(seeds=SEEDS, quick=True, out_dir=tmp_path))
     assert isinstance(result, Result)
     assert result.verdict in VERDICTS
     assert result.summary and result.setup

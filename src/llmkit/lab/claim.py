@@ -22,7 +22,7 @@ VERDICTS = ("holds", "partly holds", "does not hold", "modelled", "not measured"
 
 
 @dataclass
-class Context:
+class ExperimentContext:
     seeds: list[int]
     """At least 3 for a real run; `quick` runs may use fewer."""
     quick: bool
@@ -84,6 +84,6 @@ class Claim:
     """Its English translation."""
     claimed: str
     """The guide's figure in a few words, e.g. "-75% size, 2-3x speed"."""
-    run: Callable[[Context], Result]
+    run: Callable[[ExperimentContext], Result]
     minutes: float = 5.0
     """Expected minutes of a full run on 2 CPU cores (each must stay <= 10)."""

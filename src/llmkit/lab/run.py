@@ -24,7 +24,7 @@ import time
 import traceback
 from pathlib import Path
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.registry import all_claims, get
 
 NOT_RUN = "not run yet"
@@ -111,7 +111,7 @@ def run_one(claim: Claim, seeds: list[int], quick: bool, out_dir: Path) -> Resul
     claim_dir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     try:
-        result = claim.run(Context(seeds=list(seeds), quick=quick, out_dir=claim_dir))
+        result = claim.run(ExperimentContext(seeds=list(seeds), quick=quick, out_dir=claim_dir))
         if not isinstance(result, Result):
             raise TypeError(f"run() returned {type(result).__name__}, not a Result")
     except Exception as e:  # noqa: BLE001 - one failing experiment must not stop the others

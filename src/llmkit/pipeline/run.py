@@ -29,7 +29,7 @@ from pathlib import Path
 from llmkit.config import flatten, to_dict
 from llmkit.pipeline.config import PipelineConfig
 from llmkit.pipeline.digests import fingerprint, path_digest
-from llmkit.pipeline.stages import STAGES, Context, Stage
+from llmkit.pipeline.stages import STAGES, Stage, StageContext
 from llmkit.track import TrackConfig, Tracker, default_tracking_uri, parent_run
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def _run(cfg: PipelineConfig, out: Path) -> dict:
     parent.start(state.get("parent_run_id"))
     state["parent_run_id"] = parent.run_id
     parent.log_params(flatten(to_dict(cfg)))
-    ctx = Context(cfg, out, uri, cfg.track.experiment, records, parent.run_id)
+    ctx = StageContext(cfg, out, uri, cfg.track.experiment, records, parent.run_id)
     t_all = time.perf_counter()
     try:
         for stage in STAGES:
@@ -136,7 +136,7 @@ def _run(cfg: PipelineConfig, out: Path) -> dict:
     return state
 
 
-def _run_stage(stage: Stage, ctx: Context, state: dict, parent: Tracker) -> bool:
+def _run_stage(stage: Stage, ctx: StageContext, state: dict, parent: Tracker) -> bool:
     """Run or skip one stage; False when it was stopped by a signal (the pipeline stops too)."""
     name, out = stage.name, ctx.out
     rec = ctx.records.get(name, {})
@@ -189,7 +189,7 @@ def _run_stage(stage: Stage, ctx: Context, state: dict, parent: Tracker) -> bool
     return True
 
 
-def _tag_stage_run(ctx: Context, name: str, rec: dict, own: Tracker | None) -> None:
+def _tag_stage_run(ctx: StageContext, name: str, rec: dict, own: Tracker | None) -> None:
     """Lineage on the stage's MLflow run: upstream digests as dataset inputs, its own digest as output."""
     if not ctx.cfg.track.enabled or not rec.get("run_id"):
         return

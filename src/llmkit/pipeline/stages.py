@@ -1,6 +1,6 @@
 """The pipeline's stages: what each reads (its fingerprint), what it runs, and what it leaves behind.
 
-Every stage is two functions over a `Context`: `inputs(ctx)` returns the JSON-able material of its
+Every stage is two functions over a `StageContext`: `inputs(ctx)` returns the JSON-able material of its
 fingerprint (its resolved config and the digests of the upstream artifacts it reads), and `run(ctx)` does
 the work, resumably, and returns a `StageOutput`. Stages whose library function tracks itself (data,
 pretrain, sft) make their own MLflow run, a child of the pipeline's; the runner opens one for the others.
@@ -25,7 +25,7 @@ DATA_OUTPUT = "data"
 
 
 @dataclass
-class Context:
+class StageContext:
     """What a stage sees: the recipe, the run dir, the tracking store, and the finished upstream stages."""
 
     cfg: PipelineConfig
@@ -75,26 +75,26 @@ class StageOutput:
 class Stage:
     name: str
     enabled: Callable[[PipelineConfig], bool]
-    inputs: Callable[[Context], dict]
-    run: Callable[[Context], StageOutput]
+    inputs: Callable[[StageContext], dict]
+    run: Callable[[StageContext], StageOutput]
     tracks_itself: bool = False
     wipe_on_change: bool = True
     """Empty the stage dir before running with a changed fingerprint (its old checkpoints are for other inputs)."""
 
 
-def _recipe(ctx: Context, recipe: StageRecipe, cls, wiring: list[str]):
+def _recipe(ctx: StageContext, recipe: StageRecipe, cls, wiring: list[str]):
     """The stage's config: its file, the user's overrides, then the pipeline's wiring (which wins)."""
     return load_config(cls, recipe.config, [*recipe.overrides, *wiring])
 
 
-def _data_files(ctx: Context) -> list[str]:
+def _data_files(ctx: StageContext) -> list[str]:
     files = sorted(str(p) for p in (ctx.artifact("data")).glob("*") if p.is_file())
     if not files:
         raise ValueError(f"{ctx.artifact('data')}: the data stage wrote no shards")
     return files
 
 
-def _texts(ctx: Context, explicit: list[str]) -> tuple[list[str], dict]:
+def _texts(ctx: StageContext, explicit: list[str]) -> tuple[list[str], dict]:
     """Files a stage reads: the explicit list (digested by content) or the data stage's shards."""
     if explicit:
         from llmkit.data.tokenized import file_sha256
@@ -104,14 +104,14 @@ def _texts(ctx: Context, explicit: list[str]) -> tuple[list[str], dict]:
 
 
 # -- samples ------------------------------------------------------------------------------------------
-def _samples_inputs(ctx: Context) -> dict:
+def _samples_inputs(ctx: StageContext) -> dict:
     from llmkit.data.samples import select_samples
 
     s = ctx.cfg.samples
     return {"out": s.out, "files": [(x.path, x.sha256) for x in select_samples(s.only or None)]}
 
 
-def _samples_run(ctx: Context) -> StageOutput:
+def _samples_run(ctx: StageContext) -> StageOutput:
     from llmkit.data.samples import fetch_samples
 
     s = ctx.cfg.samples
@@ -120,14 +120,14 @@ def _samples_run(ctx: Context) -> StageOutput:
 
 
 # -- data -----------------------------------------------------------------------------------------
-def _data_config(ctx: Context):
+def _data_config(ctx: StageContext):
     from llmkit.data.corpus import CorpusConfig
 
     return _recipe(ctx, ctx.cfg.data, CorpusConfig, [f"out_dir={ctx.dir('data')}",
                                                     *ctx.track_overrides("data")])
 
 
-def _data_inputs(ctx: Context) -> dict:
+def _data_inputs(ctx: StageContext) -> dict:
     from llmkit.data.corpus import phase_fingerprints
 
     cfg = _data_config(ctx)
@@ -135,7 +135,7 @@ def _data_inputs(ctx: Context) -> dict:
     return {"config": to_dict(cfg), "phases": phase_fingerprints(cfg)}
 
 
-def _data_run(ctx: Context) -> StageOutput:
+def _data_run(ctx: StageContext) -> StageOutput:
     from llmkit.data.corpus import build_corpus
 
     manifest = build_corpus(_data_config(ctx))
@@ -147,13 +147,13 @@ def _data_run(ctx: Context) -> StageOutput:
 
 
 # -- tokenizer ------------------------------------------------------------------------------------
-def _tokenizer_inputs(ctx: Context) -> dict:
+def _tokenizer_inputs(ctx: StageContext) -> dict:
     t = ctx.cfg.tokenizer
     _, source = _texts(ctx, t.inputs)
     return {"kind": t.kind, "vocab_size": t.vocab_size, "min_frequency": t.min_frequency, **source}
 
 
-def _tokenizer_run(ctx: Context) -> StageOutput:
+def _tokenizer_run(ctx: StageContext) -> StageOutput:
     from llmkit.tokenizer import train_tokenizer
 
     t = ctx.cfg.tokenizer
@@ -164,12 +164,12 @@ def _tokenizer_run(ctx: Context) -> StageOutput:
 
 
 # -- tokens ---------------------------------------------------------------------------------------
-def _tokens_inputs(ctx: Context) -> dict:
+def _tokens_inputs(ctx: StageContext) -> dict:
     _, source = _texts(ctx, ctx.cfg.tokens.inputs)
     return {"val_fraction": ctx.cfg.tokens.val_fraction, "tokenizer": ctx.digest("tokenizer"), **source}
 
 
-def _tokens_run(ctx: Context) -> StageOutput:
+def _tokens_run(ctx: StageContext) -> StageOutput:
     from llmkit.data.tokenized import prepare_tokens
     from llmkit.tokenizer import Tokenizer
 
@@ -185,7 +185,7 @@ def _tokens_run(ctx: Context) -> StageOutput:
 
 
 # -- pretrain -------------------------------------------------------------------------------------
-def _pretrain_config(ctx: Context):
+def _pretrain_config(ctx: StageContext):
     from llmkit.train.pretrain import PretrainConfig
 
     return _recipe(ctx, ctx.cfg.pretrain, PretrainConfig, [
@@ -193,13 +193,13 @@ def _pretrain_config(ctx: Context):
         f"data.prepared={ctx.artifact('tokens')}", "data.inputs=[]", *ctx.track_overrides("pretrain")])
 
 
-def _pretrain_inputs(ctx: Context) -> dict:
+def _pretrain_inputs(ctx: StageContext) -> dict:
     cfg = to_dict(_pretrain_config(ctx))
     cfg["train"].pop("progress", None)  # a progress bar does not change the model
     return {"config": cfg, "tokenizer": ctx.digest("tokenizer"), "tokens": ctx.digest("tokens")}
 
 
-def _pretrain_run(ctx: Context) -> StageOutput:
+def _pretrain_run(ctx: StageContext) -> StageOutput:
     from llmkit.train.pretrain import pretrain
 
     summary = pretrain(_pretrain_config(ctx), resume=True)
@@ -210,11 +210,11 @@ def _pretrain_run(ctx: Context) -> StageOutput:
 
 
 # -- sft ------------------------------------------------------------------------------------------
-def _pretrained(ctx: Context) -> bool:
+def _pretrained(ctx: StageContext) -> bool:
     return ctx.cfg.pretrain.enabled
 
 
-def _base_model(ctx: Context) -> Path:
+def _base_model(ctx: StageContext) -> Path:
     """What SFT starts from: the pretrain stage's model, or (pretrain disabled) the SFT config's own
     `base_model`, e.g. a checkpoint brought in with `llmkit import hf`."""
     if _pretrained(ctx):
@@ -228,26 +228,26 @@ def _base_model(ctx: Context) -> Path:
     return resolve_model(base)
 
 
-def _base_digest(ctx: Context) -> str:
+def _base_digest(ctx: StageContext) -> str:
     if _pretrained(ctx):
         return ctx.digest("pretrain")
     return path_digest(_base_model(ctx))
 
 
-def _sft_wiring(ctx: Context) -> list[str]:
+def _sft_wiring(ctx: StageContext) -> list[str]:
     wiring = [f"out_dir={ctx.dir('sft')}", *ctx.track_overrides("sft")]
     if ctx.records.get("tokens", {}).get("status") == "done":  # pretraining data mixed in against forgetting
         wiring.append(f"data.pretrain={ctx.artifact('tokens')}")
     return wiring
 
 
-def _sft_config(ctx: Context):
+def _sft_config(ctx: StageContext):
     from llmkit.finetune.sft import SFTConfig
 
     return _recipe(ctx, ctx.cfg.sft, SFTConfig, [*_sft_wiring(ctx), f"base_model={_base_model(ctx)}"])
 
 
-def _sft_inputs(ctx: Context) -> dict:
+def _sft_inputs(ctx: StageContext) -> dict:
     from llmkit.data.tokenized import file_sha256
 
     cfg = to_dict(_sft_config(ctx))
@@ -257,7 +257,7 @@ def _sft_inputs(ctx: Context) -> dict:
             "tokens": ctx.records.get("tokens", {}).get("digest")}
 
 
-def _sft_run(ctx: Context) -> StageOutput:
+def _sft_run(ctx: StageContext) -> StageOutput:
     from llmkit.finetune.sft import finetune_sft
 
     cfg = _sft_config(ctx)
@@ -270,15 +270,15 @@ def _sft_run(ctx: Context) -> StageOutput:
 
 
 # -- merge ----------------------------------------------------------------------------------------
-def _sft_method(ctx: Context) -> str:
+def _sft_method(ctx: StageContext) -> str:
     return ctx.records.get("sft", {}).get("metrics", {}).get("method") or _sft_config(ctx).method
 
 
-def _merge_inputs(ctx: Context) -> dict:
+def _merge_inputs(ctx: StageContext) -> dict:
     return {"base": _base_digest(ctx), "sft": ctx.digest("sft"), "method": _sft_method(ctx)}
 
 
-def _merge_run(ctx: Context) -> StageOutput:
+def _merge_run(ctx: StageContext) -> StageOutput:
     import shutil
 
     from llmkit.finetune.merge import merge_adapter
@@ -299,7 +299,7 @@ def _merge_run(ctx: Context) -> StageOutput:
 
 
 # -- quantize -------------------------------------------------------------------------------------
-def _quantize_inputs(ctx: Context) -> dict:
+def _quantize_inputs(ctx: StageContext) -> dict:
     from dataclasses import asdict
 
     q = asdict(ctx.cfg.quantize)
@@ -309,12 +309,12 @@ def _quantize_inputs(ctx: Context) -> dict:
     return {"config": q, "model": ctx.digest(_final_float(ctx)), "calibration": source}
 
 
-def _final_float(ctx: Context) -> str:
+def _final_float(ctx: StageContext) -> str:
     """The newest floating-point model stage that ran: merge, else pretrain."""
     return "merge" if ctx.records.get("merge", {}).get("status") == "done" else "pretrain"
 
 
-def _quantize_run(ctx: Context) -> StageOutput:
+def _quantize_run(ctx: StageContext) -> StageOutput:
     from llmkit.infer.quantize import QuantConfig, linear_weight_bytes, load_quantized, quantize_dir
     from llmkit.models.io import load_model
 
@@ -334,13 +334,13 @@ def _quantize_run(ctx: Context) -> StageOutput:
 
 
 # -- eval -----------------------------------------------------------------------------------------
-def _final_model_stage(ctx: Context) -> str:
+def _final_model_stage(ctx: StageContext) -> str:
     if ctx.records.get("quantize", {}).get("status") == "done":
         return "quantize"
     return _final_float(ctx)
 
 
-def _eval_inputs(ctx: Context) -> dict:
+def _eval_inputs(ctx: StageContext) -> dict:
     from dataclasses import asdict
 
     return {"config": asdict(ctx.cfg.eval), "final": ctx.digest(_final_model_stage(ctx)),
@@ -348,7 +348,7 @@ def _eval_inputs(ctx: Context) -> dict:
             "sft": ctx.records.get("sft", {}).get("digest")}
 
 
-def _eval_run(ctx: Context) -> StageOutput:
+def _eval_run(ctx: StageContext) -> StageOutput:
     from llmkit.pipeline.evaluate import evaluate_models
 
     out = ctx.dir("eval")
@@ -387,13 +387,13 @@ def _eval_metrics(report: dict) -> dict:
 
 
 # -- register -------------------------------------------------------------------------------------
-def _register_inputs(ctx: Context) -> dict:
+def _register_inputs(ctx: StageContext) -> dict:
     r = ctx.cfg.register
     return {"name": r.model_name or ctx.cfg.name, "aliases": r.aliases,
             "model": ctx.digest(_final_model_stage(ctx)), "eval": ctx.records.get("eval", {}).get("digest")}
 
 
-def _register_run(ctx: Context) -> StageOutput:
+def _register_run(ctx: StageContext) -> StageOutput:
     from llmkit.registry import register_model
 
     r = ctx.cfg.register

@@ -16,7 +16,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.plots import save_png, subplots
 
 SHAKESPEARE = Path(__file__).resolve().parents[5] / "shared" / "data" / "en" / "tinyshakespeare.txt"
@@ -113,7 +113,7 @@ def verdict(final: dict[str, list[float]], spikes: dict[str, list[float]],
     return "does not hold", f"GeLU's loss differs by {m_rel:+.2f}%, within seed noise, and it is not steadier"
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     steps = 40 if ctx.quick else 800
     lr = 2e-2
     work = ctx.out_dir / "work"

@@ -22,7 +22,7 @@ import random
 import re
 import statistics
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.experiments.lora_lr import data_file
 from llmkit.lab.plots import save_png, subplots
 
@@ -149,7 +149,7 @@ def verdict(sr_gain_points: list[float], sr_gain_relative: float, best_gain_anyw
     return "does not hold", f"synonym replacement gains {pts:+.1f} ± {se:.1f} points ({rl:+.1f}%)"
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     import torch
 
     from llmkit.data.synonyms import load_wordnet

@@ -22,7 +22,7 @@ import shutil
 import statistics
 import time
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.experiments.activation import char_pretrain, char_setup
 from llmkit.lab.plots import save_png, subplots
 
@@ -90,7 +90,7 @@ def break_even_rate(target: float, interval: int, step_s: float, ckpt_s: float, 
     return max(0.0, (1 - need_useful) / lost_h)
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     from llmkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
 
     steps = 20 if ctx.quick else 300

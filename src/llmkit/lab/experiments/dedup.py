@@ -16,7 +16,7 @@ import random
 
 import numpy as np
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.plots import bars, lines
 
 CLAIMED_RATIO = 5.0  # 10 TB -> 2 TB
@@ -96,7 +96,7 @@ def kept_fraction(docs: list[dict], seed: int) -> tuple[float, float]:
     return float(sizes[kept].sum() / sizes.sum()), float(kept.mean())
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     names = ["c4 web", "alpaca zh"] if ctx.quick else list(CORPORA)
     rates = [0.0, 0.5] if ctx.quick else RATES
     corpora = {n: load_corpus(n) for n in names}

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.plots import bars
 
 CLAIMED = 30.0
@@ -88,7 +88,7 @@ def verdict(extra_pct_per_pair: list[float], claimed: float = CLAIMED, tolerance
                              f"{min(extra_pct_per_pair):+.0f}..{max(extra_pct_per_pair):+.0f}% (median {median:+.0f}%)")
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     counts = published_params()
     extra = {f"{ed} vs {dec}": 100.0 * (counts[ed] / counts[dec] - 1.0) for ed, dec in PAIRS}
     v, reason = verdict(list(extra.values()))

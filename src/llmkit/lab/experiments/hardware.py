@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.plots import bars
 
 LOW, HIGH = 5.0, 8.0
@@ -42,7 +42,7 @@ def _matmuls(a: torch.Tensor, b: torch.Tensor) -> None:
         torch.matmul(a, b)
 
 
-def _gpu(ctx: Context) -> Result:
+def _gpu(ctx: ExperimentContext) -> Result:
     n = 2048 if ctx.quick else 4096
     reps = 3 if ctx.quick else 20
     dev = torch.device("cuda")
@@ -86,7 +86,7 @@ def _gpu(ctx: Context) -> Result:
     return Result(ms, decided, summary, setup, [plot])
 
 
-def _cpu(ctx: Context) -> Result:
+def _cpu(ctx: ExperimentContext) -> Result:
     n = 512 if ctx.quick else 1024
     reps = 2 if ctx.quick else 7
     speed: dict[str, list[float]] = {"bf16": [], "fp16": [], "int8 (_int_mm)": []}
@@ -130,7 +130,7 @@ def verdict(fp16_speedups: list[float], on_gpu: bool) -> tuple[str, str]:
     return "does not hold", f"fp16 runs {fp16:.1f}x fp32, under half the guide's 5x"
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     return _gpu(ctx) if torch.cuda.is_available() else _cpu(ctx)
 
 

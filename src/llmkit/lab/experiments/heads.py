@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 import statistics
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.plots import bars
 
 D_MODEL = 128
@@ -36,7 +36,7 @@ def verdict(val_loss: dict[int, list[float]]) -> tuple[str, str]:
         return "partly holds", f"head size 64 trails the best (head size {best}) by {gap:.4f}, within 2 std"
     return "does not hold", f"head size 64 trails the best (head size {best}) by {gap:.4f}, beyond 2 std"
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     from llmkit.lab.common import char_corpus, tiny_pretrain
 
     text_file, tok_dir = char_corpus(ctx.out_dir.parent / "_shared" / "char", 100_000 if ctx.quick else None)

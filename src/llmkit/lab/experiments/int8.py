@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.plots import bars
 
 SPEED_CONFIG = dict(vocab_size=8192, block_size=256, n_layer=6, d_model=512, n_head=8, activation="gelu_tanh",
@@ -145,7 +145,7 @@ def _windows(ids: list[int], block: int, n: int, rng: random.Random) -> list[tor
     return [torch.tensor(ids[s:s + block + 1])[None] for s in starts]
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     from llmkit.infer.quantize import QuantConfig, linear_weight_bytes, quantize_model
     from llmkit.lab.common import char_corpus, tiny_pretrain
     from llmkit.models.decoder import Decoder, DecoderConfig

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from llmkit.infer.engine import PrefixCache
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.plots import lines
 
 LOW, HIGH = 30.0, 50.0
@@ -273,7 +273,7 @@ def hit_rate(cache: PrefixCache, prompts: list[list[int]]) -> float:
     return 100.0 * cache.hits / max(cache.hits + cache.misses, 1)
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     from llmkit.lab.common import bilingual_tokenizer
     from llmkit.models.decoder import Decoder, DecoderConfig
     from llmkit.tokenizer import Tokenizer

@@ -14,7 +14,7 @@ import shutil
 import statistics
 from pathlib import Path
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.plots import save_png, subplots
 
 DATA = Path(__file__).resolve().parents[5] / "shared" / "data"
@@ -108,7 +108,7 @@ def verdict(loss: dict[float, list[float]]) -> tuple[str, str]:
     return "does not hold", f"the best ratio is {best:g}x; {best_guide:g}x is {gap:.4f} ± {gap_se:.4f} behind"
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     ratios = [1.0, 10.0] if ctx.quick else [1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
     full_lrs = [1e-3] if ctx.quick else [3e-4, 1e-3, 3e-3, 1e-2]
     steps = 4 if ctx.quick else 120

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import statistics
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.experiments.lora_lr import sft, tiny_base
 from llmkit.lab.plots import save_png, subplots
 
@@ -61,7 +61,7 @@ def verdict(forget: dict[float, list[float]]) -> tuple[str, str]:
     return "does not hold", f"the weakest share removes {worst:.0f}% of the forgetting"
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     mixes = [0.0, 0.2] if ctx.quick else [0.0, 0.1, 0.2]
     steps = 4 if ctx.quick else 150
     lr = 1e-3

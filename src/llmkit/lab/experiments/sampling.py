@@ -21,7 +21,7 @@ import random
 import statistics
 from collections import Counter
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.experiments.activation import char_pretrain, char_setup
 from llmkit.lab.plots import save_png, subplots
 
@@ -102,7 +102,7 @@ def self_bleu(groups: list[list[str]]) -> float:
     return statistics.fmean(scores) if scores else 0.0
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     import torch
 
     from llmkit.data.ngram_lm import NgramLM
@@ -128,7 +128,7 @@ def run(ctx: Context) -> Result:
         torch.set_num_threads(threads)
 
 
-def _measure(ctx: Context, prompts, judge, work, text_file, tok_dir, steps, n_prompts, per_prompt,
+def _measure(ctx: ExperimentContext, prompts, judge, work, text_file, tok_dir, steps, n_prompts, per_prompt,
              new_tokens) -> Result:
     import torch
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from llmkit.lab.claim import Claim, Context, Measurement, Result
+from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
 from llmkit.lab.plots import bars, lines
 
 LORA_RANGE = (0.5, 2.0)
@@ -109,7 +109,7 @@ def _best_within_noise(losses: dict[str, list[float]], good: set[str]) -> tuple[
     return best, any(means[g] - means[best] <= spread for g in good if g in means)
 
 
-def run(ctx: Context) -> Result:
+def run(ctx: ExperimentContext) -> Result:
     from llmkit.lab.common import tiny_base_model
 
     models = dict(list(MODELS.items())[:2]) if ctx.quick else MODELS
