@@ -1,4 +1,4 @@
-"""`llmkit lab`: the registry, `lab list`, real quick runs through run_claims, docs regeneration, failures."""
+"""`llmkit lab`: the claim catalog, `lab list`, real quick runs through run_claims, docs regeneration, failures."""
 
 import argparse
 import json
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from llmkit.lab import experiments
+from llmkit.lab.catalog import ORDER, all_claims, get
 from llmkit.lab.claim import VERDICTS
-from llmkit.lab.registry import ORDER, all_claims, get
 from llmkit.lab.run import NOT_RUN, add_lab_arguments, list_claims, render_docs, run_claims
 
 MINE = ["dedup", "encdec-params", "heads", "int8", "kv-cache", "trainable-params", "hardware"]
@@ -20,7 +20,7 @@ def small_encdec():
     """encdec-params counts published configs: a full (non-quick) run takes well under a second."""
 
 
-def test_registry_finds_every_module_in_guide_order():
+def test_catalog_finds_every_module_in_guide_order():
     modules = [m.name for m in pkgutil.iter_modules(experiments.__path__) if not m.name.startswith("_")]
     claims = all_claims()
     ids = [c.id for c in claims]
@@ -36,7 +36,7 @@ def test_get_unknown_id_names_it_and_lists_valid_ones():
     with pytest.raises(ValueError, match="nope") as e:
         get(["int8", "nope"])
     assert "int8" in str(e.value) and "kv-cache" in str(e.value)
-    assert [c.id for c in get(["hardware", "dedup"])] == ["dedup", "hardware"]  # registry order
+    assert [c.id for c in get(["hardware", "dedup"])] == ["dedup", "hardware"]  # catalog order
     with pytest.raises(ValueError, match="nope"):
         run_claims(["nope"], quick=True, out_dir="unused", docs=None)
 

@@ -24,8 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
+from llmkit.lab.catalog import all_claims, get
 from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
-from llmkit.lab.registry import all_claims, get
 
 NOT_RUN = "not run yet"
 NOT_THIS_REVISION = "not measured in this revision"

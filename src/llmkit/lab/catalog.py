@@ -1,4 +1,4 @@
-"""Every claim of the lab: the `CLAIM` of each module in `llmkit.lab.experiments`, in the guide's order."""
+"""The lab's catalog of claims: the `CLAIM` of each module in `llmkit.lab.experiments`, in the guide's order."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ def ids() -> list[str]:
 
 
 def get(wanted: list[str] | None = None) -> list[Claim]:
-    """The claims named in `wanted` (in registry order; None or empty -> all).
+    """The claims named in `wanted` (in catalog order; None or empty -> all).
 
     Raises:
         ValueError naming the unknown ids and listing the valid ones.
