@@ -57,23 +57,19 @@ def _prompt_ids(tok, template, text: str) -> list[int]:
 
 def answers(model, tok, template, prompts: list[str], max_new_tokens: int, sampling: EvalStage | None = None
             ) -> list[str]:
-    """Replies to single-turn prompts, batched through the Engine, cut at the end of turn: greedy, or with
-    `sampling`'s temperature / top_p / repetition_penalty and seed (prompt i draws with seed + i)."""
-    from llmkit.infer.engine import Engine, RequestParams
+    """Replies to single-turn prompts (`chat_replies`: batched through the Engine, cut at the end of turn):
+    greedy, or with `sampling`'s temperature / top_p / repetition_penalty and seed (prompt i draws with
+    seed + i)."""
+    from llmkit.infer.engine import RequestParams
+    from llmkit.infer.reply import chat_replies
 
-    stops = tuple(template.stop_token_ids(tok)) if template is not None else ()
-    ids = [_prompt_ids(tok, template, p) for p in prompts]
-    # KV slots sized to these requests, not to the model's context (32k+ for imported models)
-    engine = Engine(model, tok, max_batch=min(16, max(1, len(prompts))), prefix_cache_tokens=0,
-                    max_len=max(map(len, ids), default=1) + max_new_tokens)
     if sampling is None:
-        params = RequestParams(max_new_tokens=max_new_tokens, temperature=0.0, stop_token_ids=stops)
+        params = RequestParams(max_new_tokens=max_new_tokens, temperature=0.0)
     else:
         params = [RequestParams(max_new_tokens=max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                                repetition_penalty=sampling.repetition_penalty, seed=sampling.seed + i,
-                                stop_token_ids=stops) for i in range(len(prompts))]
-    outs = engine.generate(ids, params)
-    return [tok.decode(o, skip_special_tokens=True).strip() for o in outs]
+                                repetition_penalty=sampling.repetition_penalty, seed=sampling.seed + i)
+                  for i in range(len(prompts))]
+    return chat_replies(model, tok, template, [[{"role": "user", "content": p}] for p in prompts], params)
 
 
 def load_run(model, tok, template, prompts: list[str], requests: int, concurrency: int,
