@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from llmkit.cli import main
 from llmkit.serve.deploy import (
-    add_deploy_arguments,
+    DeployConfig,
     deploy,
     find_nginx,
     nginx_config,
@@ -75,17 +76,39 @@ def test_nginx_t_accepts_the_config_as_a_non_system_instance(tmp_path):
 
 
 def test_print_config_starts_nothing(capsys):
-    import argparse
-
-    args = add_deploy_arguments(argparse.ArgumentParser()).parse_args(
-        ["--print-config", "nginx", "--replicas", "3", "--port", "9100"])
-    assert run_deploy(args) == 0
+    assert run_deploy(print_config="nginx", replicas=3, port=9100) == 0
     out = capsys.readouterr().out
     assert [x for x in _directives(out) if x.startswith("server 127.0.0.1:")] == [
         f"server 127.0.0.1:{p} max_fails=3 fail_timeout=10s;" for p in (9101, 9102, 9103)]
-    args = add_deploy_arguments(argparse.ArgumentParser()).parse_args(["--print-config", "kubernetes"])
-    assert run_deploy(args) == 0
+    assert run_deploy(DeployConfig(print_config="kubernetes")) == 0
     assert "kind: HorizontalPodAutoscaler" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="model: required"):
+        run_deploy(DeployConfig())
+
+
+def _servers(out: str) -> list[str]:
+    return [x for x in _directives(out) if x.startswith("server 127.0.0.1:")]
+
+
+def test_cli_deploy_config_file_flags_and_overrides(tmp_path, capsys):
+    """`--config FILE`, a flag (shorthand for its key) and `key=value`: the explicit override wins over the
+    flag; a wrong key is refused naming the key and the file."""
+    recipe = tmp_path / "deploy.yaml"
+    recipe.write_text("print_config: nginx\nreplicas: 2\nport: 9200\nmax_fails: 5\n")
+    assert main(["deploy", "--config", str(recipe)]) == 0
+    assert _servers(capsys.readouterr().out) == [f"server 127.0.0.1:{p} max_fails=5 fail_timeout=10s;"
+                                                 for p in (9201, 9202)]
+    assert main(["deploy", "--config", str(recipe), "--replicas", "4", "replicas=3", "--port", "9300"]) == 0
+    assert len(_servers(capsys.readouterr().out)) == 3  # replicas=3 beats --replicas 4; --port beats the file
+    assert main(["deploy", "--print-config", "nginx", "--replicas", "1", "--", "--max-batch", "8"]) == 0
+    capsys.readouterr()
+    recipe.write_text("print_config: nginx\nreplica: 2\n")
+    assert main(["deploy", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "'replica'" in err and str(recipe) in err
+    recipe.write_text("print_config: nginx\n")
+    assert main(["deploy", "--config", str(recipe), "replicas=two"]) == 2
+    assert "command line: replicas: expected an integer" in capsys.readouterr().err
 
 
 # -- Kubernetes manifest ------------------------------------------------------------------------------

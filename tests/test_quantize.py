@@ -209,4 +209,41 @@ def test_cli_quantize_then_generate(tmp_path, capsys):
         assert main(["generate", "--model", str(tmp_path / mode), "--prompt", "the ", "--max-new-tokens", "8",
                      "--temperature", "0", "--seed", "0"]) == 0
     assert main(["quantize", "--model", str(tmp_path / "fp32"), "--out", str(tmp_path / "x"), "--mode", "static"]) == 2
-    assert "--calibration" in capsys.readouterr().err
+    assert "command line: calibration: quant.mode static needs a calibration file" in capsys.readouterr().err
+
+
+def test_cli_quantize_config_file_with_flags_and_overrides(tmp_path, capsys):
+    """`llmkit quantize --config FILE`: the file's keys, a flag as a shorthand, an explicit `key=value` that
+    wins over the flag for the same key; a wrong key names the key and the file."""
+    import json
+
+    from llmkit.cli import main
+    from llmkit.infer.quantize import QuantizeDirConfig, load_quantized
+    from llmkit.models.decoder import Decoder, DecoderConfig
+    from llmkit.models.io import save_model
+    from llmkit.tokenizer import train_char
+
+    tok = train_char(["the quick brown fox jumps over the lazy dog. "])
+    torch.manual_seed(0)
+    save_model(Decoder(DecoderConfig(vocab_size=tok.vocab_size, block_size=32, n_layer=1, d_model=32, n_head=2)),
+               tmp_path / "fp32", tok)
+    recipe = tmp_path / "quant.yaml"
+    recipe.write_text(f"model: {tmp_path / 'fp32'}\nout: {tmp_path / 'q'}\nwith_head: true\n"
+                      "quant:\n  mode: dynamic\n")
+    # --mode weight_only is a shorthand for quant.mode=weight_only; the explicit override after it wins
+    assert main(["quantize", "--config", str(recipe), "--mode", "weight_only", "quant.mode=dynamic"]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "dynamic"
+    q = load_quantized(tmp_path / "q")
+    assert q.quant_config.mode == "dynamic" and "lm_head" in q.quant_config.targets
+    assert main(["quantize", "--config", str(recipe), "--mode", "weight_only", f"out={tmp_path / 'w'}"]) == 0
+    assert load_quantized(tmp_path / "w").quant_config.mode == "weight_only"
+    capsys.readouterr()
+    recipe.write_text(f"model: {tmp_path / 'fp32'}\nout: {tmp_path / 'x'}\nquant:\n  moed: static\n")
+    assert main(["quantize", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'quant.moed'" in err and str(recipe) in err
+    recipe.write_text(f"model: {tmp_path / 'fp32'}\nout: {tmp_path / 'x'}\nquant:\n  mode: static\n")
+    assert main(["quantize", "--config", str(recipe)]) == 2
+    assert f"{recipe}: calibration: quant.mode static needs" in capsys.readouterr().err
+    cfg = QuantizeDirConfig(model="m", out="o", with_head=True)
+    assert cfg.quant_config().targets[-1] == "lm_head" and cfg.quant.targets[-1] != "lm_head"

@@ -70,6 +70,7 @@ def running_server(model_dir: Path, on_engine_failure=None, **cfg):
     import uvicorn
 
     port = _free_port()
+    cfg.setdefault("device", "cpu")
     app = create_app(ServeConfig(model=str(model_dir), port=port, **cfg), on_engine_failure=on_engine_failure)
     server = GracefulServer(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=10))

@@ -68,7 +68,7 @@ def _start_server(model_dir: Path, api_key: str):
 
     from llmkit.serve.app import ServeConfig, create_app
 
-    app = create_app(ServeConfig(model=str(model_dir), api_key=api_key))
+    app = create_app(ServeConfig(model=str(model_dir), api_key=api_key, device="cpu"))
     engine, cancelled = app.state.runner.engine, []
     engine_cancel = engine.cancel
 

@@ -63,7 +63,7 @@ def _prepare(args) -> None:
 
 def _pretrain(args) -> None:
     from llmkit.config import load_config
-    from llmkit.train.trainer import PretrainConfig, pretrain
+    from llmkit.train.pretrain import PretrainConfig, pretrain
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     summary = pretrain(cfg, resume=args.resume)
@@ -73,41 +73,15 @@ def _pretrain(args) -> None:
 
 
 def _finetune(args) -> None:
-    from llmkit.config import load_config
+    from llmkit.config import load_config_union
+    from llmkit.finetune.classify import ClassifyConfig, finetune_classifier
+    from llmkit.finetune.sft import SFTConfig, finetune_sft
 
-    if _config_task(args.config, args.overrides) == "sft":
-        from llmkit.finetune.sft import SFTConfig, finetune_sft
-
-        cfg = load_config(SFTConfig, args.config, args.overrides)
-        summary = finetune_sft(cfg, resume=args.resume)
-    else:
-        from llmkit.finetune.classify import ClassifyConfig, finetune_classifier
-
-        cfg = load_config(ClassifyConfig, args.config, args.overrides)
-        summary = finetune_classifier(cfg, resume=args.resume)
+    # `task:` picks the recipe; without it, the class declaring every key (a `base_model` is SFT's)
+    cfg = load_config_union([ClassifyConfig, SFTConfig], args.config, args.overrides, key="task")
+    summary = (finetune_sft if isinstance(cfg, SFTConfig) else finetune_classifier)(cfg, resume=args.resume)
     summary.pop("history", None)
     print(json.dumps(summary))
-
-
-def _config_task(path: str, overrides: list[str]) -> str:
-    """`task:` of a fine-tuning recipe: sft (instructions on a decoder) or classify (an encoder head).
-
-    Without the key, a recipe naming a `base_model` or a `method` is sft, else classify."""
-    import yaml
-
-    from llmkit.config import parse_override
-
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read config: {e}") from e
-    for item in overrides:
-        key, value = parse_override(item)
-        raw[key] = value
-    task = raw.get("task", "sft" if ("base_model" in raw or "method" in raw) else "classify")
-    if task not in ("sft", "classify"):
-        raise ConfigError(f"{path}: task: {task!r} is not one of ['sft', 'classify']")
-    return task
 
 
 def _model_path(value: str) -> Path:
@@ -118,15 +92,12 @@ def _model_path(value: str) -> Path:
 
 
 def _quantize(args) -> None:
-    from llmkit.infer.quantize import QuantConfig, quantize_dir
+    from llmkit.config import load_config
+    from llmkit.infer.quantize import QuantizeDirConfig, quantize_from_config
 
-    cfg = QuantConfig(mode=args.mode, observer=args.observer)
-    if args.with_head:
-        cfg.targets = [*cfg.targets, "lm_head"]
-    if args.mode == "static" and not args.calibration:
-        raise ValueError("--mode static needs --calibration FILE (text / jsonl / json) to measure activations")
-    out = quantize_dir(_model_path(args.model), args.out, cfg, args.calibration, args.calibration_batches)
-    print(json.dumps({"quantized": str(out), "mode": args.mode}))
+    cfg = load_config(QuantizeDirConfig, args.config, _overrides(args))
+    out = quantize_from_config(cfg)
+    print(json.dumps({"quantized": str(out), "mode": cfg.quant.mode}))
 
 
 def _merge(args) -> None:
@@ -141,7 +112,7 @@ def _model_info(args) -> None:
 
     from llmkit.config import load_config
     from llmkit.models.info import model_info
-    from llmkit.train.trainer import PretrainConfig
+    from llmkit.train.pretrain import PretrainConfig
 
     cfg = load_config(PretrainConfig, args.config, args.overrides)
     if cfg.model.vocab_size is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
@@ -180,46 +151,10 @@ def _export_gguf(args) -> None:
 
 
 def _generate(args) -> None:
-    from llmkit.chat import encode_chat
-    from llmkit.infer.generate import SamplingParams, stream_tokens
-    from llmkit.infer.load import load_for_inference
+    from llmkit.config import load_config
+    from llmkit.infer.reply import GenerateConfig, print_generate
 
-    if args.parallel:
-        return _generate_parallel(args)
-    model, tok, template = load_for_inference(args.model, args.adapter, args.device, args.dtype)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_at_eos=False)
-    stop = set(tok.eos_ids)  # every end-of-sequence id the model declares (generation_config's list too)
-    if template is not None and not args.raw:  # an instruction-tuned model: the prompt is a user turn
-        ids, _ = encode_chat(tok, [{"role": "user", "content": args.prompt}], template, add_generation_prompt=True)
-        stop |= set(template.stop_token_ids(tok))
-    else:
-        sys.stdout.write(args.prompt)
-        ids = tok.encode(args.prompt, add_bos=tok.add_bos_token)  # bos where the model declares it
-    if model.config.FAMILY == "encdec":  # the encoder reads the prompt, the decoder writes the reply
-        import torch
-
-        end = template.stop_token_ids(tok)[0] if template is not None and not args.raw else tok.eos_id
-        out = model.generate(torch.tensor([ids], device=next(model.parameters()).device),
-                             max_new_tokens=args.max_new_tokens, eos_id=end,
-                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        tokens = out[0].tolist()
-        tokens = tokens[:next((i for i, t in enumerate(tokens) if t in stop), len(tokens))]
-        sys.stdout.write(tok.decode(tokens, skip_special_tokens=True) + "\n")
-        return
-    new: list[int] = []
-    printed = ""
-    for t in stream_tokens(model, ids, params, vocab_limit=len(tok)):  # never a padded embedding row
-        if t in stop:
-            break
-        new.append(t)
-        # decode the whole continuation each time: a multi-byte character may span several tokens
-        text = tok.decode(new, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write(tok.decode(new, skip_special_tokens=True)[len(printed):] + "\n")
+    print_generate(load_config(GenerateConfig, args.config, _overrides(args)))
 
 
 def _pipeline_run(args) -> None:
@@ -279,9 +214,11 @@ def _registry_resolve(args) -> None:
 
 
 def _deploy(args) -> None:
-    from llmkit.serve.deploy import run_deploy
+    from llmkit.config import load_config
+    from llmkit.serve.deploy import DeployConfig, run_deploy
 
-    code = run_deploy(args)
+    serve_args = [f"serve_args={json.dumps(args.passthrough)}"] if args.passthrough else []
+    code = run_deploy(load_config(DeployConfig, args.config, _overrides(args, serve_args)))
     if code:
         sys.exit(code)
 
@@ -298,47 +235,48 @@ def _bench_generate(args) -> None:
     print(json.dumps(result, indent=2))
 
 
-def _generate_parallel(args) -> None:
-    """`torchrun --nproc_per_node N -m llmkit generate ... --parallel tp|pp`: every rank decodes, rank 0 prints."""
-    from llmkit.chat import encode_chat, has_chat_template, load_chat_template
-    from llmkit.infer.generate import SamplingParams
-    from llmkit.infer.parallel import parallel_generate
-    from llmkit.tokenizer import Tokenizer
-    from llmkit.train import distributed as D
-
-    if args.adapter:
-        raise ValueError("--parallel runs plain model dirs: merge a LoRA adapter first (llmkit merge)")
-    info = D.setup("auto")
-    tok = Tokenizer.load(args.model)
-    template = load_chat_template(args.model) if has_chat_template(args.model) and not args.raw else None
-    if template is not None:
-        ids, _ = encode_chat(tok, [{"role": "user", "content": args.prompt}], template, add_generation_prompt=True)
-    else:
-        ids = tok.encode(args.prompt, add_bos=tok.add_bos_token)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed)
-    eos = template.stop_token_ids(tok) if template is not None else tok.eos_ids
-    new = parallel_generate(args.model, ids, params, mode=args.parallel, eos_id=eos, device=info.device)
-    if info.is_main:
-        prefix = "" if template is not None else args.prompt
-        sys.stdout.write(prefix + tok.decode(new, skip_special_tokens=True) + "\n")
-    D.teardown(info)
-
-
 def _serve(args) -> None:
+    from llmkit.config import load_config
     from llmkit.serve import ServeConfig, serve
 
-    serve(ServeConfig(model=args.model, adapter=args.adapter, served_model_name=args.served_model_name,
-                      host=args.host, port=args.port, api_key=args.api_key or os.environ.get("LLMKIT_API_KEY"),
-                      max_batch=args.max_batch, max_queue=args.max_queue, max_model_len=args.max_model_len,
-                      kv_cache_gb=args.kv_cache_gb, prefix_cache_tokens=args.prefix_cache_tokens, max_request_bytes=args.max_request_bytes,
-                      shutdown_grace=args.shutdown_grace, device=args.device, dtype=args.dtype))
+    serve(load_config(ServeConfig, args.config, _overrides(args)))
 
 
-def _device_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="cpu, cuda[:i] or auto (a GPU when one is visible)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16/fp16 on a GPU, fp32 on the CPU (INT8 dirs keep their int8 weights)")
+# -- config-driven commands: `--config FILE`, flags as shorthands, then `key=value` overrides --------------
+_SET = "set:"
+"""argparse dest prefix of a flag that is a shorthand for a config key: `--port 9000` is `port=9000`."""
+
+
+def _shorthand(p: argparse.ArgumentParser, *flags: str, key: str, **kw) -> None:
+    """A flag setting config `key`; unset flags leave the file's value (or the dataclass default) alone."""
+    if "action" not in kw:
+        kw.setdefault("metavar", key.rsplit(".", 1)[-1].upper())
+    p.add_argument(*flags, dest=_SET + key, default=argparse.SUPPRESS, **kw)
+
+
+def _config_arguments(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help=f"YAML file of {what} settings (keys as in key=value); flags and overrides apply on top")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. port=9000; where a flag and an override set the same key, the "
+                   "override wins")
+
+
+def _overrides(args, extra: list[str] = ()) -> list[str]:
+    """The flags given, as `key=value` overrides (JSON values: YAML reads them back exactly), then `extra`,
+    then the explicit overrides, so that an explicit `key=value` wins over a flag for the same key."""
+    flags = [f"{k[len(_SET):]}={json.dumps(v, ensure_ascii=False)}" for k, v in vars(args).items()
+             if k.startswith(_SET)]
+    return [*flags, *extra, *args.overrides]
+
+
+def _device_arguments(p: argparse.ArgumentParser, shorthand: bool = False) -> None:
+    """--device / --dtype: plain flags, or (`shorthand`) shorthands for the config keys device / dtype."""
+    add = (lambda *f, **kw: _shorthand(p, *f, key=f[0][2:], **kw)) if shorthand else (
+        lambda *f, **kw: p.add_argument(*f, default="auto", **kw))
+    add("--device", help="cpu, cuda[:i] or auto (a GPU when one is visible; the default)")
+    add("--dtype", choices=["auto", "fp32", "bf16", "fp16"],
+        help="auto (the default): bf16/fp16 on a GPU, fp32 on the CPU (INT8 dirs keep their int8 weights)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,14 +340,18 @@ def build_parser() -> argparse.ArgumentParser:
     ft.set_defaults(func=_finetune)
 
     qz = sub.add_parser("quantize", help="INT8 weights (dynamic, weight-only or calibrated static activations)")
-    qz.add_argument("--model", required=True, help="a plain llmkit model directory")
-    qz.add_argument("--out", required=True)
-    qz.add_argument("--mode", choices=["dynamic", "weight_only", "static"], default="dynamic")
-    qz.add_argument("--observer", choices=["minmax", "percentile", "histogram"], default="histogram",
-                    help="how static mode picks activation ranges from the calibration data")
-    qz.add_argument("--calibration", default=None, help="text for static calibration (txt / jsonl / json)")
-    qz.add_argument("--calibration-batches", type=int, default=16)
-    qz.add_argument("--with-head", action="store_true", help="quantize the output head too (fastest decode)")
+    _config_arguments(qz, "quantization (llmkit.infer.quantize.QuantizeDirConfig)")
+    _shorthand(qz, "--model", key="model", help="a plain llmkit model directory (or models:/NAME@ALIAS)")
+    _shorthand(qz, "--out", key="out", help="the INT8 model directory to write")
+    _shorthand(qz, "--mode", key="quant.mode", choices=["dynamic", "weight_only", "static"],
+               help="default dynamic")
+    _shorthand(qz, "--observer", key="quant.observer", choices=["minmax", "percentile", "histogram"],
+               help="how static mode picks activation ranges from the calibration data (default histogram)")
+    _shorthand(qz, "--calibration", key="calibration", help="text for static calibration (txt / jsonl / json)")
+    _shorthand(qz, "--calibration-batches", "--calibration-windows", key="calibration_windows", type=int,
+               help="windows of block_size tokens read for calibration (default 16)")
+    _shorthand(qz, "--with-head", key="with_head", action="store_true",
+               help="quantize the output head too (fastest decode)")
     qz.set_defaults(func=_quantize)
 
     mg = sub.add_parser("merge", help="fold a LoRA adapter into its base model: a plain model directory")
@@ -450,8 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("pipeline", help="the whole lifecycle: data -> tokenizer -> pretrain -> SFT -> int8 -> "
                         "eval -> registered model").add_subparsers(dest="action", required=True)
     plr = pl.add_parser("run", help="run (or resume) a pipeline recipe; unchanged stages are skipped")
-    plr.add_argument("config")
-    plr.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. pretrain.overrides=[train.max_steps=50]")
+    plr.add_argument("--config", default=None, metavar="FILE", help="the pipeline recipe (YAML)")
+    plr.add_argument("overrides", nargs="*", metavar="key=value", help="key.sub=value overrides, e.g. "
+                     "pretrain.overrides=[train.max_steps=50]; a first argument without '=' is the recipe "
+                     "(the older `pipeline run FILE` form)")
     plr.add_argument("--restart", action="store_true", help="forget earlier work in out_dir first")
     plr.set_defaults(func=_pipeline_run)
     pls = pl.add_parser("status", help="the stages of a pipeline run dir: status, seconds, digests")
@@ -479,11 +423,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_lab_arguments(sub)
 
     dp = sub.add_parser("deploy", help="N llmkit serve replicas behind nginx on this machine (or print the nginx / "
-                        "Kubernetes configs)")
-    from llmkit.serve.deploy import add_deploy_arguments
-
-    add_deploy_arguments(dp)
-    dp.set_defaults(func=_deploy)
+                        "Kubernetes configs); after `--`: flags for every replica's `llmkit serve`")
+    _config_arguments(dp, "deployment (llmkit.serve.deploy.DeployConfig)")
+    _shorthand(dp, "--model", key="model", help="model directory served by every replica")
+    _shorthand(dp, "--replicas", key="replicas", type=int, help="number of `llmkit serve` processes (default 2)")
+    _shorthand(dp, "--host", key="host", help="address nginx listens on (0.0.0.0: all interfaces)")
+    _shorthand(dp, "--port", key="port", type=int, help="nginx's port (default 8000)")
+    _shorthand(dp, "--base-port", key="base_port", type=int,
+               help="port of the first replica, the others follow consecutively (default: port + 1)")
+    _shorthand(dp, "--run-dir", key="run_dir", help="nginx.conf, pid file, logs of nginx and replicas")
+    _shorthand(dp, "--nginx", key="nginx", help="nginx binary (default: nginx on PATH or /usr/sbin/nginx)")
+    _shorthand(dp, "--max-body", key="max_body", help="nginx client_max_body_size (default 8m)")
+    _shorthand(dp, "--max-fails", key="max_fails", type=int, help="failures that take a replica out (default 3)")
+    _shorthand(dp, "--fail-timeout", key="fail_timeout", type=int,
+               help="seconds in which max-fails count, and for which a failed replica is left out (default 10)")
+    _shorthand(dp, "--health-timeout", key="health_timeout", type=float,
+               help="seconds to wait for each replica's /health (default 300)")
+    _shorthand(dp, "--print-config", key="print_config", choices=["nginx", "kubernetes"],
+               help="print the nginx configuration (or the Kubernetes manifests) and exit; starts nothing")
+    dp.set_defaults(func=_deploy, takes_passthrough=True)
 
     bn = sub.add_parser("bench", help="measure speed").add_subparsers(dest="action", required=True)
     bg = bn.add_parser("generate", help="decoding tokens/s, time to first token and per token, per batch size "
@@ -499,46 +457,73 @@ def build_parser() -> argparse.ArgumentParser:
     bg.set_defaults(func=_bench_generate)
 
     g = sub.add_parser("generate", help="sample text from a model directory")
-    g.add_argument("--model", required=True)
-    g.add_argument("--adapter", default=None, help="a LoRA or prefix adapter directory to apply")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--parallel", choices=["tp", "pp"], default=None,
-                   help="under torchrun: tensor- (tp) or pipeline- (pp) parallel decoding across the ranks")
-    g.add_argument("--raw", action="store_true", help="continue the prompt as text even when the model has a "
-                   "chat template (by default an instruction-tuned model gets the prompt as a user turn)")
-    g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--top-p", type=float, default=0.9)
-    g.add_argument("--seed", type=int, default=None)
-    _device_arguments(g)
+    _config_arguments(g, "generation (llmkit.infer.reply.GenerateConfig)")
+    _shorthand(g, "--model", key="model", help="a model directory (or models:/NAME@ALIAS)")
+    _shorthand(g, "--adapter", key="adapter", help="a LoRA or prefix adapter directory to apply")
+    _shorthand(g, "--prompt", key="prompt")
+    _shorthand(g, "--parallel", key="parallel", choices=["tp", "pp"],
+               help="under torchrun: tensor- (tp) or pipeline- (pp) parallel decoding across the ranks")
+    _shorthand(g, "--raw", key="raw", action="store_true", help="continue the prompt as text even when the "
+               "model has a chat template (by default an instruction-tuned model gets the prompt as a user turn)")
+    _shorthand(g, "--max-new-tokens", key="max_new_tokens", type=int, help="default 256")
+    _shorthand(g, "--temperature", key="temperature", type=float, help="default 0.7; 0: greedy")
+    _shorthand(g, "--top-k", key="top_k", type=int)
+    _shorthand(g, "--top-p", key="top_p", type=float, help="default 0.9")
+    _shorthand(g, "--seed", key="seed", type=int)
+    _device_arguments(g, shorthand=True)
     g.set_defaults(func=_generate)
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
-    sv.add_argument("--model", required=True, help="a model directory (plain or quantized)")
-    sv.add_argument("--adapter", default=None, help="a LoRA or prefix adapter directory to apply")
-    sv.add_argument("--served-model-name", default=None, help="the model id clients use (default: the dir name)")
-    sv.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/* "
-                    "(default: $LLMKIT_API_KEY; none: open)")
-    sv.add_argument("--max-batch", type=int, default=16, help="requests decoding together (KV cache slots)")
-    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot; more get HTTP 429")
-    sv.add_argument("--max-model-len", type=int, default=None,
-                    help="context length (default: block_size, or less where --max-batch of them would not fit "
-                    "in --kv-cache-gb)")
-    sv.add_argument("--kv-cache-gb", type=float, default=2.0, help="memory the KV cache may take, GiB")
-    sv.add_argument("--prefix-cache-tokens", type=int, default=4096)
-    sv.add_argument("--max-request-bytes", type=int, default=1 << 20, help="larger bodies get HTTP 413")
-    sv.add_argument("--shutdown-grace", type=float, default=10.0,
-                    help="seconds in-flight requests may finish after SIGTERM before they are cancelled")
-    _device_arguments(sv)
+    _config_arguments(sv, "server (llmkit.serve.ServeConfig)")
+    _shorthand(sv, "--model", key="model", help="a model directory (plain or quantized)")
+    _shorthand(sv, "--adapter", key="adapter", help="a LoRA or prefix adapter directory to apply")
+    _shorthand(sv, "--served-model-name", key="served_model_name",
+               help="the model id clients use (default: the dir name)")
+    _shorthand(sv, "--host", key="host", help="bind address (default 127.0.0.1: loopback only)")
+    _shorthand(sv, "--port", key="port", type=int, help="default 8000")
+    _shorthand(sv, "--api-key", key="api_key", help="require 'Authorization: Bearer KEY' on /v1/* "
+               "(default: $LLMKIT_API_KEY; none: open)")
+    _shorthand(sv, "--max-batch", key="max_batch", type=int,
+               help="requests decoding together (KV cache slots; default 16)")
+    _shorthand(sv, "--max-queue", key="max_queue", type=int,
+               help="requests waiting for a slot; more get HTTP 429 (default 64)")
+    _shorthand(sv, "--max-model-len", key="max_model_len", type=int,
+               help="context length (default: block_size, or less where max_batch of them would not fit "
+               "in kv_cache_gb)")
+    _shorthand(sv, "--kv-cache-gb", key="kv_cache_gb", type=float,
+               help="memory the KV cache may take, GiB (default 2)")
+    _shorthand(sv, "--prefix-cache-tokens", key="prefix_cache_tokens", type=int, help="default 4096")
+    _shorthand(sv, "--max-request-bytes", key="max_request_bytes", type=int,
+               help="larger bodies get HTTP 413 (default 1 MiB)")
+    _shorthand(sv, "--shutdown-grace", key="shutdown_grace", type=float,
+               help="seconds in-flight requests may finish after SIGTERM before they are cancelled (default 10)")
+    _device_arguments(sv, shorthand=True)
     sv.set_defaults(func=_serve)
+    return p
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line. Arguments after a first `--` are `passthrough` (deploy: each replica's
+    `llmkit serve` flags); `pipeline run FILE` (positional recipe) is read as `--config FILE`."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in argv:
+        argv, passthrough = argv[:argv.index("--")], argv[argv.index("--") + 1:]
+    args = parser.parse_args(argv)
+    if passthrough and not getattr(args, "takes_passthrough", False):
+        parser.error(f"unrecognized arguments after --: {' '.join(passthrough)}")
+    args.passthrough = passthrough
+    if getattr(args, "func", None) is _pipeline_run and args.overrides and "=" not in args.overrides[0]:
+        if args.config is not None:
+            parser.error(f"pipeline run: two recipes: --config {args.config} and {args.overrides[0]}")
+        args.config, args.overrides = args.overrides[0], args.overrides[1:]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
@@ -35,7 +36,35 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     Raises:
         ConfigError naming the key and the file (or "command line" for overrides).
     """
-    source = str(path) if path is not None else "<defaults>"
+    raw, source, origins = _read(path, overrides)
+    return _build(cls, raw, prefix="", source=source, origins=origins)
+
+
+def load_config_union(classes: Sequence[type], path: str | Path | None = None, overrides: list[str] | None = None,
+                      key: str = "task") -> Any:
+    """`load_config` of whichever of `classes` the file describes (e.g. a fine-tuning recipe: SFT or classify).
+
+    Each class declares `key` with its own default (``task: Literal["sft"] = "sft"``); the file's (or an
+    override's) value of `key` picks the class. Without the key: the first of `classes` that declares every
+    top-level key of the file, else the one with the fewest undeclared keys (its error then names them).
+    Raises ConfigError naming the key and the file for a value no class takes."""
+    raw, source, origins = _read(path, overrides)
+    by_value = {next((f.default for f in dataclasses.fields(c) if f.name == key), None): c for c in classes}
+    if key in raw:
+        if raw[key] not in by_value:
+            raise ConfigError(f"{origins.get(key, source)}: {key}: {raw[key]!r} is not one of "
+                              f"{[v for v in by_value if v is not None]}")
+        cls = by_value[raw[key]]
+    else:
+        def undeclared(c: type) -> int:
+            return len(set(raw) - {f.name for f in dataclasses.fields(c)})
+        cls = min(classes, key=undeclared)  # min keeps the first of equals
+    return _build(cls, raw, prefix="", source=source, origins=origins)
+
+
+def _read(path: str | Path | None, overrides: list[str] | None) -> tuple[dict[str, Any], str, dict[str, str]]:
+    """(the YAML mapping with the overrides set in it, the source name, {overridden key: "command line"})."""
+    source = str(path) if path is not None else ("command line" if overrides else "<defaults>")
     raw: dict[str, Any] = {}
     if path is not None:
         try:
@@ -56,7 +85,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
         origins[key] = "command line"
-    return _build(cls, raw, prefix="", source=source, origins=origins)
+    return raw, source, origins
 
 
 def parse_override(item: str) -> tuple[str, Any]:

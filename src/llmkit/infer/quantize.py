@@ -60,8 +60,8 @@ from safetensors.torch import load_model as _load_weights
 
 __all__ = [
     "QUANT_CONFIG", "HistogramObserver", "Int8Linear", "MinMaxObserver", "PercentileObserver", "QuantConfig",
-    "int8_matmul", "linear_weight_bytes", "load_quantized", "make_observer", "quantize_model",
-    "quantize_per_channel", "quantize_per_token", "save_quantized", "target_linears",
+    "QuantizeDirConfig", "int8_matmul", "linear_weight_bytes", "load_quantized", "make_observer", "quantize_model",
+    "quantize_from_config", "quantize_per_channel", "quantize_per_token", "save_quantized", "target_linears",
 ]
 
 QUANT_CONFIG = "quantization.json"
@@ -104,6 +104,49 @@ class QuantConfig:
             raise ValueError(f"weight_only_kernel: must be limbs or dequant, got {self.weight_only_kernel!r}")
         for t in [*self.targets, *self.exclude]:
             re.compile(t)
+
+
+@dataclass
+class QuantizeDirConfig:
+    """Settings of `llmkit quantize` (`quantize_from_config`): a plain model dir in, an INT8 model dir out."""
+
+    model: str = ""
+    """The model directory (or a registry URI: models:/NAME@ALIAS, runs:/...)."""
+    out: str = ""
+    """The quantized model directory written."""
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    """Mode, observer, targets ... (stored in the out dir's quantization.json)."""
+    with_head: bool = False
+    """Quantize the output head too (fastest decode): adds "lm_head" to quant.targets."""
+    calibration: str | None = None
+    """Static mode: the text (txt / jsonl / json) whose activations set the ranges."""
+    calibration_windows: int = 16
+    """Static mode: windows of block_size tokens read from `calibration`."""
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ValueError("model: required (the model directory to quantize)")
+        if not self.out:
+            raise ValueError("out: required (the directory the INT8 model is written to)")
+        if self.quant.mode == "static" and not self.calibration:
+            raise ValueError("calibration: quant.mode static needs a calibration file (text / jsonl / json) to "
+                             "measure activations")
+        if self.calibration_windows < 1:
+            raise ValueError(f"calibration_windows: must be >= 1, got {self.calibration_windows}")
+
+    def quant_config(self) -> QuantConfig:
+        """`quant`, with "lm_head" among the targets when `with_head`."""
+        head = ["lm_head"] if self.with_head and "lm_head" not in self.quant.targets else []
+        return dataclasses.replace(self.quant, targets=[*self.quant.targets, *head])
+
+
+def quantize_from_config(cfg: QuantizeDirConfig) -> Path:
+    """`quantize_dir` as `llmkit quantize` runs it: validates `cfg`, resolves a registry URI; returns the out dir."""
+    from llmkit.registry import resolve_model
+
+    cfg.validate()
+    return quantize_dir(resolve_model(cfg.model), cfg.out, cfg.quant_config(), cfg.calibration,
+                        cfg.calibration_windows)
 
 
 # -- quantization primitives -------------------------------------------------------------------------

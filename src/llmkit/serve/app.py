@@ -46,7 +46,7 @@ STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
 
 @dataclass
 class ServeConfig:
-    """Settings of `llmkit serve` (the CLI flags map 1:1)."""
+    """Settings of `llmkit serve`: a YAML file for `--config`, every CLI flag a shorthand for one key."""
 
     model: str
     """Model directory (plain or quantized)."""
@@ -73,8 +73,8 @@ class ServeConfig:
     """Largest accepted request body (HTTP 413 above)."""
     shutdown_grace: float = 10.0
     """Seconds in-flight requests get to finish on shutdown before they are cancelled."""
-    device: str = "cpu"
-    """cpu, cuda[:i] or auto (`llmkit.infer.device`)."""
+    device: str = "auto"
+    """cpu, cuda[:i] or auto (`llmkit.runtime`)."""
     dtype: str = "auto"
     """auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16 or fp16; INT8 dirs keep their int8 weights."""
 

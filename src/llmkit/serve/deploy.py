@@ -32,7 +32,7 @@ keep-alive).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import http.client
 import logging
 import os
@@ -47,8 +47,9 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
-__all__ = ["Deployment", "add_deploy_arguments", "deploy", "find_nginx", "kubernetes_manifest_path",
+__all__ = ["DeployConfig", "Deployment", "deploy", "find_nginx", "kubernetes_manifest_path",
            "nginx_config", "prepare_run_dir", "run_deploy"]
 
 log = logging.getLogger(__name__)
@@ -421,40 +422,62 @@ def deploy(model_dir: str | Path | None, replicas: int = 2, host: str = "127.0.0
             signal.signal(sig, handler)
 
 
-def add_deploy_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The ``llmkit deploy`` flags; everything after ``--`` is passed to each ``llmkit serve``."""
-    p.add_argument("--model", help="model directory served by every replica")
-    p.add_argument("--replicas", type=int, default=2, help="number of `llmkit serve` processes (default 2)")
-    p.add_argument("--host", default="127.0.0.1", help="address nginx listens on (0.0.0.0: all interfaces)")
-    p.add_argument("--port", type=int, default=8000, help="nginx's port (default 8000)")
-    p.add_argument("--base-port", type=int, default=None,
-                   help="port of the first replica, the others follow consecutively (default: --port + 1)")
-    p.add_argument("--run-dir", default="runs/deploy", help="nginx.conf, pid file, logs of nginx and replicas")
-    p.add_argument("--nginx", default=None, help="nginx binary (default: nginx on PATH or /usr/sbin/nginx)")
-    p.add_argument("--max-body", default="8m", help="nginx client_max_body_size (default 8m)")
-    p.add_argument("--max-fails", type=int, default=3, help="failures that take a replica out (default 3)")
-    p.add_argument("--fail-timeout", type=int, default=10,
-                   help="seconds in which max-fails count, and for which a failed replica is left out (default 10)")
-    p.add_argument("--health-timeout", type=float, default=300.0, help="seconds to wait for each replica's /health")
-    p.add_argument("--print-config", choices=["nginx", "kubernetes"], default=None,
-                   help="print the nginx configuration (or the Kubernetes manifests) and exit; starts nothing")
-    p.add_argument("serve_args", nargs=argparse.REMAINDER,
-                   help="after `--`: flags for every `llmkit serve` (e.g. -- --max-batch 8 --api-key KEY)")
-    return p
+@dataclass
+class DeployConfig:
+    """Settings of `llmkit deploy` (`run_deploy`); every flag is a shorthand for one of these keys."""
+
+    model: str | None = None
+    """Model directory served by every replica (not needed with print_config)."""
+    replicas: int = 2
+    """Number of `llmkit serve` processes."""
+    host: str = "127.0.0.1"
+    """Address nginx listens on (0.0.0.0: all interfaces)."""
+    port: int = 8000
+    """nginx's port."""
+    base_port: int | None = None
+    """Port of the first replica, the others follow consecutively (default: port + 1)."""
+    run_dir: str = "runs/deploy"
+    """nginx.conf, pid file, logs of nginx and the replicas."""
+    nginx: str | None = None
+    """nginx binary (default: nginx on PATH or /usr/sbin/nginx)."""
+    max_body: str = "8m"
+    """nginx client_max_body_size."""
+    max_fails: int = 3
+    """Failures that take a replica out."""
+    fail_timeout: int = 10
+    """Seconds in which max_fails count, and for which a failed replica is left out."""
+    health_timeout: float = 300.0
+    """Seconds to wait for each replica's /health at start-up."""
+    print_config: Literal["nginx", "kubernetes"] | None = None
+    """Print the nginx configuration (or the Kubernetes manifests) and exit; starts nothing."""
+    serve_args: list[str] = field(default_factory=list)
+    """Flags for every `llmkit serve` (e.g. [--max-batch, "8", --api-key, KEY])."""
+
+    def validate(self) -> None:
+        if self.replicas < 1:
+            raise ValueError(f"replicas: must be at least 1, got {self.replicas}")
+        if self.print_config is None and not self.model:
+            raise ValueError("model: required (unless print_config)")
 
 
-def run_deploy(args: argparse.Namespace) -> int:
-    serve_args = list(args.serve_args or [])
-    if serve_args[:1] == ["--"]:
-        serve_args = serve_args[1:]
-    base = args.port + 1 if args.base_port is None else args.base_port
-    nginx_options = dict(client_max_body_size=args.max_body, max_fails=args.max_fails,
-                         fail_timeout_s=args.fail_timeout)
-    if args.print_config == "nginx":
-        print(nginx_config([("127.0.0.1", base + i) for i in range(args.replicas)], args.port,
-                           listen_host=args.host, **nginx_options), end="")
+def run_deploy(cfg: DeployConfig | None = None, **settings) -> int:
+    """`llmkit deploy`: print the nginx / Kubernetes configuration (``print_config``) or run `deploy`.
+
+    Takes a `DeployConfig` or its fields as keyword arguments (``run_deploy(model="m", replicas=3)``);
+    returns the exit code."""
+    if cfg is None:
+        cfg = DeployConfig(**settings)
+    elif settings:
+        cfg = dataclasses.replace(cfg, **settings)
+    cfg.validate()
+    base = cfg.port + 1 if cfg.base_port is None else cfg.base_port
+    nginx_options = dict(client_max_body_size=cfg.max_body, max_fails=cfg.max_fails,
+                         fail_timeout_s=cfg.fail_timeout)
+    if cfg.print_config == "nginx":
+        print(nginx_config([("127.0.0.1", base + i) for i in range(cfg.replicas)], cfg.port,
+                           listen_host=cfg.host, **nginx_options), end="")
         return 0
-    if args.print_config == "kubernetes":
+    if cfg.print_config == "kubernetes":
         path = kubernetes_manifest_path()
         if path is None:
             print("llmkit deploy: deploy/kubernetes/llmkit.yaml ships with the source checkout, not the package",
@@ -462,14 +485,6 @@ def run_deploy(args: argparse.Namespace) -> int:
             return 1
         print(path.read_text(), end="")
         return 0
-    if not args.model:
-        print("llmkit deploy: --model is required (unless --print-config)", file=sys.stderr)
-        return 2
-    return deploy(args.model, replicas=args.replicas, host=args.host, port=args.port, base_port=args.base_port,
-                  run_dir=args.run_dir, serve_args=serve_args, nginx=args.nginx,
-                  health_timeout_s=args.health_timeout, **nginx_options)
-
-
-if __name__ == "__main__":  # python -m llmkit.serve.deploy: the same as `llmkit deploy`
-    logging.basicConfig(level=logging.INFO)
-    sys.exit(run_deploy(add_deploy_arguments(argparse.ArgumentParser(prog="llmkit deploy")).parse_args()))
+    return deploy(cfg.model, replicas=cfg.replicas, host=cfg.host, port=cfg.port, base_port=cfg.base_port,
+                  run_dir=cfg.run_dir, serve_args=list(cfg.serve_args), nginx=cfg.nginx,
+                  health_timeout_s=cfg.health_timeout, **nginx_options)
