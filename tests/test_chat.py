@@ -28,7 +28,7 @@ from llmkit.chat import (
     render_chat,
     save_chat_template,
 )
-from llmkit.finetune.instruct import load_conversations
+from llmkit.finetune.instruction_formats import load_conversations
 from llmkit.tokenizer import SPECIAL_TOKENS, Tokenizer, iter_texts, train_bpe, train_char
 
 MULTI = [

@@ -28,7 +28,8 @@ from llmkit.chat import (
     save_chat_template,
 )
 from llmkit.chat_template import TemplateMaskError
-from llmkit.finetune.instruct import InstructDataConfig, build_sft_data, load_conversations
+from llmkit.finetune.instruction_formats import load_conversations
+from llmkit.finetune.sft_data import InstructDataConfig, build_sft_data
 from llmkit.tokenizer import Tokenizer, iter_texts
 
 transformers = pytest.importorskip("transformers")

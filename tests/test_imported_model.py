@@ -265,7 +265,7 @@ def instructions(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("arch,method", [(a, "lora") for a in ARCHS] + [("qwen2", "full"), ("llama3", "prefix")])
 def test_finetune_with_the_models_own_template(imported, instructions, tmp_path, arch, method):
-    from llmkit.finetune.instruct import build_sft_data
+    from llmkit.finetune.sft_data import build_sft_data
     from llmkit.finetune.sft import finetune_sft
 
     _, model_dir, _ = imported[arch]

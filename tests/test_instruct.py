@@ -16,19 +16,16 @@ from conftest import shared_file
 from llmkit.chat import DEFAULT_CHAT_TEMPLATE, encode_chat, render_chat
 from llmkit.config import ConfigError, load_config
 from llmkit.data.tokenized import open_split, prepare_tokens
-from llmkit.finetune.instruct import (
+from llmkit.finetune.answer_metrics import _lcs_len, exact_match, rouge_l
+from llmkit.finetune.instruction_formats import load_conversations
+from llmkit.finetune.sft_batches import (
     IGNORE_INDEX,
-    InstructDataConfig,
     MixedBatches,
-    _lcs_len,
-    build_sft_data,
     eval_batches,
-    exact_match,
-    load_conversations,
     load_pretrain_tokens,
     open_pretrain_tokens,
-    rouge_l,
 )
+from llmkit.finetune.sft_data import InstructDataConfig, build_sft_data
 from llmkit.tokenizer import iter_texts, train_bpe
 
 

@@ -28,7 +28,7 @@ import torch
 
 from llmkit.config import flatten, save_config, to_dict
 from llmkit.data.tokenized import file_sha256
-from llmkit.finetune.instruct import InstructDataConfig
+from llmkit.finetune.sft_data import InstructDataConfig
 from llmkit.models.lora import LoRAConfig
 from llmkit.models.prefix import PrefixConfig
 from llmkit.track import TrackConfig, Tracker
@@ -261,7 +261,7 @@ def answer(model, tokenizer, template, messages: list[dict], max_new_tokens: int
 
 def generation_eval(model, tokenizer, template, eval_convs: list, cfg: SFTEvalConfig) -> dict:
     """Exact match and ROUGE-L of greedy answers to held-out single-turn prompts, and sampled answers."""
-    from llmkit.finetune.instruct import exact_match, rouge_l
+    from llmkit.finetune.answer_metrics import exact_match, rouge_l
 
     single = [c for c in eval_convs if len(c) >= 2 and c[-1]["role"] == "assistant"]
     scored = []
@@ -348,7 +348,8 @@ def _device(name: str) -> torch.device:
 
 def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
     from llmkit.chat import load_chat_template
-    from llmkit.finetune.instruct import MixedBatches, build_sft_data, eval_batches, open_pretrain_tokens
+    from llmkit.finetune.sft_batches import MixedBatches, eval_batches, open_pretrain_tokens
+    from llmkit.finetune.sft_data import build_sft_data
     from llmkit.tokenizer import Tokenizer
 
     t_cfg = cfg.train

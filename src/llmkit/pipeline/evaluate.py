@@ -126,7 +126,7 @@ def evaluate_models(float_dir: str | Path, final_dir: str | Path, tokens_dir: st
                     sft_results: str | Path | None, cfg: EvalStage) -> dict:
     """The eval.json of the pipeline (format in `llmkit.pipeline.report`): `float_dir` is the model before
     quantization, `final_dir` the one that is registered (the same dir when quantization is off)."""
-    from llmkit.finetune.instruct import exact_match, rouge_l
+    from llmkit.finetune.answer_metrics import exact_match, rouge_l
     from llmkit.infer.load import load_for_inference
     from llmkit.infer.quantize import is_quantized_dir, linear_weight_bytes
 
