@@ -24,7 +24,7 @@ from llmkit.models.encdec import EncDecConfig
 from llmkit.models.info import model_info
 from llmkit.tokenizer import train_tokenizer
 from llmkit.train.objectives import MASK_TOKEN, sentinel_token
-from llmkit.train.trainer import PretrainConfig, pretrain
+from llmkit.train.pretrain import PretrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"decoder": "configs/shakespeare_char.yaml", "encoder": "configs/bert_tiny_mlm.yaml",

@@ -68,14 +68,15 @@ def one_method(method: str, steps: int) -> dict:
     """Runs in its own process: peak RSS then belongs to this method alone."""
     import torch
 
-    from llmkit.finetune.sft import SFTTrainConfig, make_sft_optimizer
+    from llmkit.finetune.sft import SFTTrainConfig
+    from llmkit.train.loop import make_optimizer
     from llmkit.models.decoder import Decoder, DecoderConfig
 
     torch.manual_seed(0)
     model = apply_method(Decoder(DecoderConfig(**CPU_MODEL)), method)
     params = [p for p in model.parameters() if p.requires_grad]
     base, adapters = (params, []) if method == "full" else ([], params)
-    opt = make_sft_optimizer(base, adapters, SFTTrainConfig(lr=1e-4), 10.0)
+    opt = make_optimizer(SFTTrainConfig(lr=1e-4), [(base, 1.0), (adapters, 10.0)])
     x = torch.randint(0, CPU_MODEL["vocab_size"], (4, CPU_MODEL["block_size"]))
     times = []
     model.train()

@@ -7,7 +7,7 @@ learned positions, LayerNorm, gelu_tanh, biases, tied head), batch 1: a 128-toke
 and single-token decode steps through llmkit's `KVCache` after that prompt (as `stream_tokens` runs them).
 Every variant runs in this process on the same weights, so the ratios compare like with like.
 Quality: the trained model at runs/base_bilingual/final, perplexity over the whole val split of
-runs/data/quickstart/tokens (`llmkit.train.evaluate.split_loss`), static scales calibrated on 8 windows of
+runs/data/quickstart/tokens (`llmkit.train.heldout_loss.split_loss`), static scales calibrated on 8 windows of
 the train split. Prints one JSON object.
 """
 
@@ -101,7 +101,7 @@ def speed(decode_steps: int, reps: int, prompt_len: int) -> dict:
 def quality(n_calib: int = 8) -> dict:
     from llmkit.data.tokenized import open_split
     from llmkit.models.io import load_model
-    from llmkit.train.evaluate import split_loss
+    from llmkit.train.heldout_loss import split_loss
 
     base = load_model(TRAINED)
     T = base.config.block_size

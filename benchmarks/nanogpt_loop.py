@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from llmkit.models import Decoder, DecoderConfig
-from llmkit.train.trainer import TokenRate
+from llmkit.train.loop import TokenRate
 
 
 def train_nanogpt_style(data_dir, dtype: str, vocab_size: int, n_layer=4, n_head=4, n_embd=128, block_size=64,

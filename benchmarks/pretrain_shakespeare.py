@@ -3,7 +3,7 @@
 Both train nanoGPT's CPU config (n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
 2000 iterations, lr 1e-3 -> 1e-4, dropout 0) on the same tokenized data in the same process, one
 after the other, `--repeats` times each, alternating so machine noise hits both alike. Prints one
-JSON object: tokens/s of each (one estimator for both, `llmkit.train.trainer.TokenRate`: total tokens / total
+JSON object: tokens/s of each (one estimator for both, `llmkit.train.loop.TokenRate`: total tokens / total
 seconds of the timed training steps, evaluation excluded), the ratio, and the final
 validation loss of each, measured exactly on every token of the validation split.
 
@@ -31,8 +31,8 @@ from llmkit.config import load_config  # noqa: E402
 from llmkit.data.tokenized import open_split, prepare_tokens, read_meta  # noqa: E402
 from llmkit.models import load_model  # noqa: E402
 from llmkit.tokenizer import train_tokenizer  # noqa: E402
-from llmkit.train.evaluate import split_loss
-from llmkit.train.trainer import PretrainConfig, pretrain  # noqa: E402
+from llmkit.train.heldout_loss import split_loss
+from llmkit.train.pretrain import PretrainConfig, pretrain  # noqa: E402
 from nanogpt_loop import train_nanogpt_style  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

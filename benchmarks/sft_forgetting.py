@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def pretrain_val_loss(model, tokens_dir: Path, block: int) -> float:
     """Exact mean loss over every token of the pretraining val split (non-overlapping windows)."""
     from llmkit.data.tokenized import open_split
-    from llmkit.train.evaluate import split_loss
+    from llmkit.train.heldout_loss import split_loss
 
     return split_loss(model, open_split(tokens_dir, "val"), block)
 

@@ -19,7 +19,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llmkit.models import Decoder, DecoderConfig
-from llmkit.train.trainer import TrainConfig, make_optimizer
+from llmkit.train.loop import make_optimizer
+from llmkit.train.pretrain import TrainConfig
 
 KERNELS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}
 
@@ -27,7 +28,7 @@ KERNELS = {"auto": None, "flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend
 def time_steps(dtype: torch.dtype, kernel: str, compiled: bool, steps: int, warmup: int = 20) -> float:
     torch.manual_seed(0)
     model = Decoder(DecoderConfig(vocab_size=73, block_size=64, n_layer=4, n_head=4, d_model=128))
-    optimizer = make_optimizer(model, TrainConfig())
+    optimizer = make_optimizer(TrainConfig(), [(list(model.parameters()), 1.0)])
     forward = torch.compile(model) if compiled else model
     x, y = torch.randint(0, 73, (12, 64)), torch.randint(0, 73, (12, 64))
 

@@ -1,4 +1,9 @@
+import contextlib
+import json
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +72,41 @@ def tiny_overrides(out_dir: Path, text_file: Path, tok_dir: Path, **extra) -> li
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def last_logged_step(metrics: Path) -> int:
+    """The highest step of a loss row in a run's metrics.jsonl (0 when none yet); tolerates a half-written line."""
+    step = 0
+    with contextlib.suppress(FileNotFoundError):
+        for line in metrics.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                row = json.loads(line)
+                if "loss" in row:
+                    step = max(step, row["step"])
+    return step
+
+
+@contextlib.contextmanager
+def sigterm_at_step(metrics: Path, step: int, timeout_s: float = 300):
+    """Send this process SIGTERM once the run writing `metrics` has logged `step`, as a spot reclaim would.
+
+    The training loop's handler replaces ours while it runs; ours ignores a signal that arrives after it."""
+    done = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None)
+
+    def watch():
+        deadline = time.monotonic() + timeout_s
+        while not done.is_set() and time.monotonic() < deadline:
+            if last_logged_step(metrics) >= step:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+        signal.signal(signal.SIGTERM, previous)

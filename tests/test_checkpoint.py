@@ -8,7 +8,7 @@ from llmkit.train.checkpoint import list_checkpoints, load_latest_checkpoint, sa
 def _save(root, step, keep=3):
     model = {"w": torch.full((3, 3), float(step)), "b": torch.arange(3.0)}
     return save_checkpoint(root, step, model, {"optimizer": {"state": {}}}, {"ranks": [{"torch": torch.get_rng_state()}]},
-                           {"samplers": [{"batches_drawn": step}]}, keep=keep)
+                           {"data": [{"batches_drawn": step}]}, keep=keep)
 
 
 def test_roundtrip_and_keep_last_k(tmp_path):
@@ -16,7 +16,7 @@ def test_roundtrip_and_keep_last_k(tmp_path):
         _save(tmp_path, step)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [20, 30, 40]
     ck = load_latest_checkpoint(tmp_path)
-    assert ck.step == 40 and ck.state["samplers"][0]["batches_drawn"] == 40
+    assert ck.step == 40 and ck.state["data"][0]["batches_drawn"] == 40
     assert torch.equal(ck.model["w"], torch.full((3, 3), 40.0))
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from llmkit.config import ConfigError, load_config, save_config
 from llmkit.models.encoder import EncoderConfig
-from llmkit.train.trainer import PretrainConfig
+from llmkit.train.pretrain import PretrainConfig
 
 
 @pytest.mark.parametrize("family", ["decoder", "encoder", "encdec"])

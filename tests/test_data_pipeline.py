@@ -216,7 +216,7 @@ def test_tokenized_output_feeds_pretraining(corpus, tmp_path):
     table = pq.read_table(Path(cfg.out_dir) / "data" / manifest["output"]["files"][0]["file"])
     assert set(table.column_names) >= {"id", "text", "domain", "meta"}
     # the tokens feed pretraining as they are
-    from llmkit.train.trainer import PretrainConfig, pretrain
+    from llmkit.train.pretrain import PretrainConfig, pretrain
     overrides = {"out_dir": str(tmp_path / "gpt"), "data.tokenizer": str(tmp_path / "tok"),
                  "data.prepared": str(Path(cfg.out_dir) / "tokens"), "model.n_layer": 1, "model.d_model": 32,
                  "model.n_head": 2, "model.block_size": 32, "train.batch_size": 4, "train.max_steps": 3,

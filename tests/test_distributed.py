@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from conftest import shared_file
 from llmkit.config import load_config
 from llmkit.models import load_model
-from llmkit.train import trainer
+from llmkit.train import pretrain as pretrain_recipe
+from llmkit.train.pretrain import PretrainConfig, pretrain
 from llmkit.train.sampler import WindowSampler
-from llmkit.train.trainer import PretrainConfig, pretrain
 
 BATCH, BLOCK, WORLD = 4, 32, 2
 TIMEOUT = 120  # seconds per torchrun launch; a run takes ~4 s
@@ -161,7 +161,7 @@ def test_ddp_two_processes_trains_and_saves(ddp_run):
 
     state = json.loads((out / "checkpoints" / "step-000020" / "state.json").read_text())
     assert state["world_size"] == WORLD
-    samplers = state["samplers"]
+    samplers = state["data"]
     assert len(samplers) == WORLD and samplers[0] != samplers[1]  # one data stream per rank, both saved
     assert all(s["batches_drawn"] == 20 for s in samplers)
 
@@ -215,7 +215,7 @@ def test_ddp_averages_gradients_across_ranks(corpus, tmp_path, monkeypatch):
     ddp = weights(ddp_out / "final")
 
     solo = _in_process(corpus, tmp_path / "rank0-alone", **common)
-    monkeypatch.setattr(trainer, "WindowSampler", _BothRanksSampler)
+    monkeypatch.setattr(pretrain_recipe, "WindowSampler", _BothRanksSampler)
     both = _in_process(corpus, tmp_path / "both-ranks", train__batch_size=WORLD * BATCH, **common)
     assert solo["step"] == both["step"] == 10
 
@@ -256,7 +256,7 @@ def test_fsdp_checkpoint_resumes_in_one_process(corpus, fsdp_run, tmp_path, capl
     out = tmp_path / "run"
     out.mkdir()
     shutil.copytree(fsdp_run[0] / "checkpoints", out / "checkpoints")
-    with caplog.at_level("INFO", logger="llmkit.train.trainer"):
+    with caplog.at_level("INFO", logger="llmkit.train.loop"):
         summary = _in_process(corpus, out, resume=True, train__max_steps=24, train__decay_steps=24)
     assert "written by 2 processes, now 1" in caplog.text
     assert "at step 20" in caplog.text

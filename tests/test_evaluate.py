@@ -5,7 +5,7 @@ import torch
 
 from llmkit.data.tokenized import TokenSplit
 from llmkit.models import Decoder, DecoderConfig
-from llmkit.train.evaluate import split_loss
+from llmkit.train.heldout_loss import split_loss
 
 
 def test_split_loss_is_exact_over_every_window():

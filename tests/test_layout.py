@@ -55,7 +55,7 @@ def test_engine_relays_weights_on_cpu_by_default_and_not_when_told():
 
 
 def test_inference_device_and_dtype_are_decided_in_one_place(tmp_path):
-    from llmkit.infer.device import resolve_device, resolve_dtype
+    from llmkit.runtime import resolve_device, resolve_dtype
     from llmkit.infer.load import load_for_inference
     from llmkit.tokenizer import train_char
 

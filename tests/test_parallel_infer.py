@@ -59,7 +59,7 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from llmkit.train.distributed import setup, teardown
+    from llmkit.runtime import setup, teardown
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))

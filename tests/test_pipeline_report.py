@@ -75,7 +75,7 @@ track: {{enabled: false}}
 
 def _pretrain(out: Path, shakespeare: tuple[Path, Path]) -> dict:
     from llmkit.config import load_config
-    from llmkit.train.trainer import PretrainConfig, pretrain
+    from llmkit.train.pretrain import PretrainConfig, pretrain
 
     return pretrain(load_config(PretrainConfig, None, tiny_overrides(out, *shakespeare)))
 

@@ -14,7 +14,7 @@ import yaml
 from conftest import tiny_overrides
 from llmkit.config import ConfigError, load_config
 from llmkit.train.checkpoint import list_checkpoints, verify_checkpoint
-from llmkit.train.trainer import PretrainConfig, pretrain
+from llmkit.train.pretrain import PretrainConfig, pretrain
 
 STEPS = 40
 

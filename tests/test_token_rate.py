@@ -1,6 +1,6 @@
 """The one tokens/s estimator: total tokens / total seconds, not a mean of per-interval rates."""
 
-from llmkit.train.trainer import TokenRate
+from llmkit.train.loop import TokenRate
 
 
 def test_token_rate_is_total_tokens_over_total_seconds():

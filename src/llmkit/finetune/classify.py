@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -27,7 +26,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from llmkit.config import flatten, save_config, to_dict
+from llmkit import runtime
 from llmkit.finetune.classify_data import (
     ClassifyDataConfig,
     EpochBatches,
@@ -43,9 +42,7 @@ from llmkit.models.io import save_model
 from llmkit.models.lora import LoRAConfig
 from llmkit.models.prefix import PrefixConfig
 from llmkit.track import TrackConfig, Tracker
-from llmkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
-from llmkit.train.schedule import warmup_cosine
-from llmkit.train.trainer import make_optimizer, rng_state, set_rng_state, truncate_metrics
+from llmkit.train import loop
 
 log = logging.getLogger(__name__)
 
@@ -69,44 +66,26 @@ RESULTS_FILE = "results.json"
 
 
 @dataclass
-class ClassifyTrainConfig:
+class ClassifyTrainConfig(loop.LoopConfig):
+    """Classification's `train:` section: the shared loop settings (`LoopConfig`) plus `eval_batch_size`."""
+
     batch_size: int = 32
     max_steps: int = 500
     lr: float = 5e-4
-    min_lr: float = 5e-5
+    min_lr: float | None = 5e-5
     warmup_steps: int = 50
-    decay_steps: int | None = None
-    """Cosine decay length in steps; None -> max_steps."""
     weight_decay: float = 0.01
-    beta1: float = 0.9
     beta2: float = 0.999
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    """Max global grad norm; 0 disables clipping."""
     eval_interval: int = 100
-    log_interval: int = 10
     checkpoint_interval: int = 250
     keep_checkpoints: int = 2
     eval_batch_size: int | None = None
     """Batch size for evaluation; None -> 2 * batch_size."""
-    device: str = "auto"
-    """auto: cuda when available, else cpu."""
-    seed: int = 1337
-    progress: bool = True
 
     def validate(self) -> None:
-        for name in ("batch_size", "max_steps", "eval_interval", "log_interval", "checkpoint_interval",
-                     "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        super().validate()
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size: must be >= 1, got {self.eval_batch_size}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"min_lr: need 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip: must be >= 0, got {self.grad_clip}")
 
 
 @dataclass
@@ -282,14 +261,10 @@ def finetune_classifier(cfg: ClassifyConfig, resume: bool = False) -> dict:
 def _finetune(cfg: ClassifyConfig, resume: bool, tracker: Tracker) -> dict:
     t_cfg = cfg.train
     out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints"
-    out.mkdir(parents=True, exist_ok=True)
-    if not resume and ckpt_root.is_dir() and any(ckpt_root.iterdir()):
-        raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, "
-                              f"or set out_dir to a new directory")
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if t_cfg.device == "auto"
-                          else t_cfg.device)
+    checkpoint = loop.open_run(out, resume)
+    device = runtime.resolve_device(t_cfg.device)
 
+    # -- data, tokenizer, model
     train, test, names = build_dataset(cfg.data)
     n_labels = len(names)
     _write_labels(out / LABELS_FILE, names)
@@ -297,140 +272,71 @@ def _finetune(cfg: ClassifyConfig, resume: bool, tracker: Tracker) -> dict:
     torch.manual_seed(t_cfg.seed)
     model = _build_model(cfg, n_labels, tokenizer)
     adapters = _apply_method(model, cfg)
+    loop.restore_weights(model, checkpoint)
+    model.to(device)
     block_size = cfg.model.block_size
     train_data = encode_split(train, tokenizer, block_size, cfg.data.add_cls)
     test_data = encode_split(test, tokenizer, block_size, cfg.data.add_cls)
     log.info("data: %d train / %d test examples, %d classes %s; %d tokens max per example",
              len(train), len(test), n_labels, names, train_data[0].shape[1])
+    ratio = {"full": 1.0, "lora": cfg.lora.lr_ratio, "prefix": cfg.prefix.lr_ratio}[cfg.method]
+    adapter_ids = {id(p) for p in adapters}
+    rest = [p for p in model.parameters() if id(p) not in adapter_ids]  # all (full), else pooler + head
+    optimizer = loop.make_optimizer(t_cfg, [(rest, 1.0), (adapters, ratio)])
+    autocast = loop.forward_context(device, runtime.resolve_dtype(t_cfg.precision, device))
 
-    step, run_id = 0, None
-    checkpoint = load_latest_checkpoint(ckpt_root, map_location="cpu") if resume else None
-    if checkpoint is not None:
-        if checkpoint.state.get("labels") != names:
-            raise ValueError(f"{checkpoint.path}: written for labels {checkpoint.state.get('labels')}, "
-                             f"the data now has {names}")
-        model.load_state_dict(checkpoint.model)
-    model.to(device)
-    if adapters:
-        from llmkit.finetune.sft import make_sft_optimizer
-
-        ratio = cfg.lora.lr_ratio if cfg.method == "lora" else cfg.prefix.lr_ratio
-        adapter_ids = {id(p) for p in adapters}
-        head = [p for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids]
-        optimizer = make_sft_optimizer(head, adapters, t_cfg, ratio)
-    else:
-        optimizer = make_optimizer(model, t_cfg)
-    decay_steps = t_cfg.decay_steps or t_cfg.max_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, t_cfg.lr, t_cfg.min_lr, t_cfg.warmup_steps, decay_steps) / t_cfg.lr)
-    batches = EpochBatches(len(train), min(t_cfg.batch_size, len(train)), t_cfg.seed)
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint.optimizer["optimizer"])
-        scheduler.load_state_dict(checkpoint.optimizer["scheduler"])
-        batches.load_state_dict(checkpoint.state["batches"])
-        set_rng_state(checkpoint.rng, device)
-        step = checkpoint.step
-        run_id = checkpoint.state.get("tracking_run_id")
-        log.info("resumed from %s at step %d", checkpoint.path, step)
-    elif resume:
-        log.info("no checkpoint in %s: starting from step 0", ckpt_root)
-    del checkpoint
-
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    save_config(cfg, out / "config.yaml")
-    run_id = tracker.start(run_id)
-    tracker.log_params({**flatten(to_dict(cfg)), "n_params": n_params, "n_trainable": n_trainable, "n_train": len(train),
-                        "n_test": len(test), "labels": ",".join(names)})
+    # -- tracking
+    n_params, n_trainable = loop.start_tracking(tracker, cfg, out, checkpoint, model, n_train=len(train),
+                                                n_test=len(test), labels=",".join(names))
     tracker.log_dataset("classify-train", split_digest(train), str(out.resolve()), context="training",
                         profile={"examples": len(train), "per_class": train.counts(n_labels)})
     tracker.log_dataset("classify-test", split_digest(test), str(out.resolve()), context="validation",
                         profile={"examples": len(test), "per_class": test.counts(n_labels)})
-    tracker.log_artifact(out / "config.yaml")
     tracker.log_artifact(out / LABELS_FILE)
     log.info("model: %.2fM parameters on %s", n_params / 1e6, device)
 
-    metrics_path = out / "metrics.jsonl"
-    truncate_metrics(metrics_path, step)
-    history: list[dict] = []
-
-    def record(row: dict) -> None:
-        history.append(row)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
+    # -- what the loop runs
     eval_bs = t_cfg.eval_batch_size or 2 * t_cfg.batch_size
-
-    def run_eval() -> tuple[dict, list[list[int]]]:
-        loss, confusion = evaluate_classifier(model, test_data, eval_bs, device, n_labels)
-        report = classification_report(confusion, names)
-        return {"test_loss": loss, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}, confusion
-
-    progress = None
-    if t_cfg.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=t_cfg.max_steps, initial=step, desc="finetune", unit="step", dynamic_ncols=True)
-
-    model.train()
-    last_eval: dict = {}
-    confusion: list[list[int]] | None = None
-    window_loss, window_n, window_time = 0.0, 0, 0.0
+    batches = EpochBatches(len(train), min(t_cfg.batch_size, len(train)), t_cfg.seed)
     ids, mask, labels = train_data
-    while step < t_cfg.max_steps:
-        t0 = time.perf_counter()
-        idx = batches.next_indices()
-        x, m, y = ids[idx], mask[idx], labels[idx]
-        width = int(m.sum(1).max())  # trim the batch to its longest sequence
-        x, m, y = x[:, :width].to(device), m[:, :width].to(device), y.to(device)
-        _, loss = model(x, attention_mask=m, labels=y)
-        loss.backward()
-        if t_cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t_cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        step += 1
-        window_time += time.perf_counter() - t0
-        window_loss += loss.item()
-        window_n += 1
-        if step % t_cfg.log_interval == 0 or step == t_cfg.max_steps:
-            row = {"step": step, "loss": window_loss / window_n, "lr": lr,
-                   "examples_per_s": window_n * len(idx) / window_time}
-            record(row)
-            tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
-            if progress is not None:
-                progress.set_postfix(loss=f"{row['loss']:.4f}")
-            window_loss, window_n, window_time = 0.0, 0, 0.0
-        if step % t_cfg.eval_interval == 0 or step == t_cfg.max_steps:
-            last_eval, confusion = run_eval()
-            record({"step": step, **last_eval})
-            tracker.log_metrics(last_eval, step)
-            log.info("step %d: test loss %.4f, accuracy %.4f", step, last_eval["test_loss"], last_eval["accuracy"])
-        if progress is not None:
-            progress.update(1)
-        if step % t_cfg.checkpoint_interval == 0 or step == t_cfg.max_steps:
-            save_checkpoint(ckpt_root, step, model.state_dict(),
-                            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                            rng_state(device),
-                            {"batches": batches.state_dict(), "tracking_run_id": run_id, "labels": names},
-                            keep=t_cfg.keep_checkpoints)
-    if progress is not None:
-        progress.close()
+    confusion: list[list[int]] = []
 
-    if confusion is None:  # resumed a run that had already finished
-        last_eval, confusion = run_eval()
-    train_loss, _ = evaluate_classifier(model, train_data, eval_bs, device, n_labels)
+    def next_batch() -> dict:
+        idx = batches.next_indices()
+        m = mask[idx]
+        width = int(m.sum(1).max())  # trim the batch to its longest sequence
+        return {"x": ids[idx, :width].to(device), "attention_mask": m[:, :width].to(device),
+                "labels": labels[idx].to(device), "tokens": int(m.sum())}
+
+    def evaluate() -> dict[str, float]:
+        with autocast():
+            loss, confusion[:] = evaluate_classifier(model, test_data, eval_bs, device, n_labels)
+        report = classification_report(confusion, names)
+        return {"test_loss": loss, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
+
+    job = loop.Job(model=model, optimizer=optimizer, next_batch=next_batch,
+              loss=lambda b: model(b["x"], attention_mask=b["attention_mask"], labels=b["labels"])[1],
+              evaluate=evaluate, data=batches, autocast=autocast, tokens=lambda b: b["tokens"],
+              facts={"labels": names, "method": cfg.method}, name="finetune")
+    result = loop.train_loop(t_cfg, job, out, tracker, checkpoint)
+    if result.stopped:
+        tracker.end("KILLED")
+        return {"step": result.step, "stopped_by_signal": True, "out_dir": str(out), "final_model": None,
+                "tracking_run_id": tracker.run_id, "method": cfg.method, "history": result.history}
+
+    # -- the report and the final model
+    with autocast():
+        train_loss, _ = evaluate_classifier(model, train_data, eval_bs, device, n_labels)
     report = classification_report(confusion, names)
-    results = {"step": step, "test_loss": last_eval["test_loss"], "train_loss": train_loss, **report,
+    results = {"step": result.step, "test_loss": result.last_eval["test_loss"], "train_loss": train_loss, **report,
                "n_train": len(train), "n_test": len(test), "chance_accuracy": max(test.counts(n_labels)) / len(test)}
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     final_dir = out / "final"
     _save_final(model.cpu(), final_dir, tokenizer, names, cfg)
-    tracker.log_metrics({"final_accuracy": report["accuracy"], "final_macro_f1": report["macro_f1"]}, step)
+    tracker.log_metrics({"final_accuracy": report["accuracy"], "final_macro_f1": report["macro_f1"]}, result.step)
     tracker.log_artifact(out / RESULTS_FILE)
     tracker.log_artifact(final_dir, "model")
     tracker.end("FINISHED")
-    return {**results, "out_dir": str(out), "final_model": str(final_dir), "tracking_run_id": run_id,
-            "n_params": n_params, "n_trainable": n_trainable, "method": cfg.method, "history": history}
+    return {**results, "stopped_by_signal": False, "out_dir": str(out), "final_model": str(final_dir),
+            "tracking_run_id": tracker.run_id, "n_params": n_params, "n_trainable": n_trainable,
+            "method": cfg.method, "history": result.history}

@@ -23,10 +23,10 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
     model_dir / adapter may be registry URIs (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/PATH),
     resolved in the tracking store of $MLFLOW_TRACKING_URI (`llmkit.registry`).
     device: "cpu", "cuda[:i]" or "auto" (a GPU when visible); dtype: "auto" (bf16/fp16 on GPU, fp32 on CPU),
-    "fp32", "bf16" or "fp16" - decided in `llmkit.infer.device`. INT8 dirs run on the CPU only.
+    "fp32", "bf16" or "fp16" - decided in `llmkit.runtime`. INT8 dirs run on the CPU only.
     """
     from llmkit.chat import has_chat_template, load_chat_template
-    from llmkit.infer.device import resolve_device, resolve_dtype
+    from llmkit.runtime import resolve_device, resolve_dtype
     from llmkit.infer.quantize import is_quantized_dir, load_quantized
     from llmkit.models.adapters import load_adapter
     from llmkit.models.io import load_generation_config, load_model

@@ -256,14 +256,14 @@ def parallel_generate(model_dir_or_model: str | Path | Decoder, prompt_ids: list
     across the ranks of the default process group. Collective: call it on every rank; every rank returns
     the same list, equal to `stream_tokens` in one process (same truncation, budget, EOS and seed rules).
 
-    Without an initialised process group it calls `llmkit.train.distributed.setup()` (torchrun's
+    Without an initialised process group it calls `llmkit.runtime.setup()` (torchrun's
     environment); with world size 1 it is plain `stream_tokens`. The prompt of rank 0 is used on all ranks.
     """
     if mode not in ("tp", "pp"):
         raise ValueError(f"mode: expected 'tp' or 'pp', got {mode!r}")
     params = params or SamplingParams()
     if not dist.is_initialized():
-        from llmkit.train.distributed import setup
+        from llmkit.runtime import setup
 
         info = setup("auto" if device is None else str(device))
         device = info.device if device is None else device

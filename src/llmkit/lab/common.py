@@ -53,10 +53,10 @@ def char_corpus(work_dir: str | Path | None = None, chars: int | None = None) ->
 
 
 def tiny_pretrain(out_dir: Path, text_file: Path, tok_dir: Path, seed: int, steps: int, **overrides) -> dict:
-    """`llmkit.train.trainer.pretrain` on one text file with a tiny fast config; `overrides` are
+    """`llmkit.train.pretrain.pretrain` on one text file with a tiny fast config; `overrides` are
     `key=value` config keys with dots replaced by `__` (e.g. model__n_head=4). Returns pretrain's summary."""
     from llmkit.config import load_config
-    from llmkit.train.trainer import PretrainConfig, pretrain
+    from llmkit.train.pretrain import PretrainConfig, pretrain
 
     base = {
         "out_dir": str(out_dir), "data.inputs": f"[{text_file}]", "data.tokenizer": str(tok_dir),

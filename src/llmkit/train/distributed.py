@@ -2,17 +2,12 @@
 
 The same code runs on one CPU process, on gloo across CPU processes, and on nccl across GPUs:
 `torchrun --nproc_per_node N -m llmkit pretrain --config ...` sets RANK / WORLD_SIZE / LOCAL_RANK and
-`setup()` picks the backend from the device. Checkpoints always hold *full* (unsharded) state dicts,
+`llmkit.runtime.setup()` joins the process group. Checkpoints always hold *full* (unsharded) state dicts,
 gathered through `torch.distributed.checkpoint.state_dict`, so a run can resume on a different
 number of processes and the saved model loads anywhere.
 """
 
 from __future__ import annotations
-
-import atexit
-import os
-import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,92 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
-
-
-def setup(requested_device: str = "auto") -> DistInfo:
-    """Initialise the process group when launched by torchrun; a plain process gets world size 1.
-
-    Backend: nccl when the device is a GPU (each process takes GPU `LOCAL_RANK`), gloo otherwise.
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(requested_device)
-    if world == 1:
-        return DistInfo(device=device)
-    if "RANK" not in os.environ:
-        raise RuntimeError(f"WORLD_SIZE={world} but RANK is not set: launch with torchrun "
-                           f"(torchrun --nproc_per_node N -m llmkit pretrain ...)")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        visible = torch.cuda.device_count()
-        if local_rank >= visible:
-            raise RuntimeError(f"LOCAL_RANK={local_rank} but only {visible} GPU(s) are visible: "
-                               f"--nproc_per_node must not exceed the GPUs of one node")
-        device = torch.device("cuda", local_rank)  # one GPU per process, whatever index was requested
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            # device_id binds the process group to this GPU: eager NCCL init, and barriers use the right GPU
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
-        _keep_until_exit(dist.group.WORLD)
-    return DistInfo(rank=rank, local_rank=local_rank, world_size=world, device=device)
-
-
-# Shutting down a gloo process group: a known PyTorch hazard (pytorch/pytorch#56297), seen here as a hang
-# in about 1 run in 10. Gloo's worker threads free each finished collective, and the Python tensors it
-# holds, after the caller has already seen it complete; that needs the GIL. ~ProcessGroupGloo joins those
-# threads. When the last reference to the group goes away inside a C++ destructor that keeps the GIL
-# (DDP's Reducer, freed when the trainer returns), the join waits for a thread that waits for the GIL:
-# deadlock. At interpreter exit (FSDP's device mesh keeps the group alive until then) the same thread
-# can abort the process instead (SIGABRT). Hence: teardown() waits, GIL released, until the workers are done, and we
-# hold a Python reference to the group until exit, so it is freed from Python, which releases the GIL.
-_KEEP_ALIVE: list = []
-
-
-def _keep_until_exit(group) -> None:
-    if not _KEEP_ALIVE:
-        atexit.register(_KEEP_ALIVE.clear)
-    _KEEP_ALIVE[:] = [group]  # a group from an earlier setup() in this process is idle by now
-
-
-def _drain_gloo(timeout_s: float = 5.0) -> None:
-    """Return once gloo's worker threads have freed the collectives they ran (see _KEEP_ALIVE)."""
-    for _ in range(2):  # the default group runs collectives on 2 worker threads
-        probe = torch.zeros(1)
-        dist.all_reduce(probe)
-        deadline = time.monotonic() + timeout_s
-        while probe._use_count() > 1 and time.monotonic() < deadline:  # the finished work still holds it
-            time.sleep(0.001)
-
-
-def teardown(info: DistInfo) -> None:
-    """Destroy the process group (collective: every rank calls it after its last collective)."""
-    if info.enabled and dist.is_initialized():
-        if dist.get_backend() == "gloo":
-            _drain_gloo()
-        dist.destroy_process_group()
+from llmkit.runtime import DistInfo
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str) -> torch.nn.Module:
@@ -180,25 +90,3 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
     """Inverse of full_optimizer_state: every rank passes the full dict and keeps its own shard."""
     set_optimizer_state_dict(unwrap(model), optimizer, state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-
-
-def all_gather_objects(obj, info: DistInfo) -> list:
-    if not info.enabled:
-        return [obj]
-    out = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def any_rank(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if it is true on any rank (e.g. one rank received SIGTERM)."""
-    if not info.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-def barrier(info: DistInfo) -> None:
-    if info.enabled:
-        dist.barrier()

@@ -6,7 +6,7 @@ import torch
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast) -> float:
+def fixed_batch_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], device: torch.device, autocast) -> float:
     """Mean loss (nats/token) over fixed batches, each a dict of the model's keyword arguments."""
     was_training = model.training
     model.eval()

@@ -1,21 +1,18 @@
-"""Pretraining a decoder-only model: the recipe, top to bottom.
+"""Pretraining a model from scratch (GPT, BERT or T5 family): the recipe, top to bottom.
 
-    data -> (tokenize into memmap shards once) -> sampler -> model (+DDP/FSDP, +compile) -> AdamW
-    -> loop { accumulate grads, clip, step, schedule LR, log, eval, checkpoint } -> final model dir
+    data -> (tokenize into memmap shards once) -> sampler -> objective (causal / mlm / span corruption)
+    -> model (+DDP/FSDP, +compile) -> AdamW -> `train_loop` -> final model dir
 
-Fault tolerance (guide §4): a checkpoint every `checkpoint_interval` steps holds model, optimizer,
-scheduler, RNG states and sampler positions, so `resume=True` continues *exactly*: the losses after a
-resume are bit-identical to those of an uninterrupted run. SIGTERM / SIGINT (a spot instance being
-reclaimed, Ctrl-C) finish the current step, write a checkpoint and return normally.
+The loop (`llmkit.train.loop`) owns resume, precision, accumulation, clipping, the LR schedule, the
+log / eval / checkpoint cadence and preemption: a resumed run's losses are bit-identical to an uninterrupted
+run's, and SIGTERM / SIGINT write a checkpoint and return normally. This file supplies the batches, the loss,
+the evaluation (fixed windows of both splits; bits per byte for causal models) and the final save.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,41 +20,22 @@ from typing import Literal
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from llmkit.config import flatten, save_config, to_dict
-from llmkit.data.tokenized import open_split, prepare_tokens, read_meta
+from llmkit import runtime
+from llmkit.data.tokenized import file_sha256, open_split, prepare_tokens, read_meta
 from llmkit.models import DecoderConfig, save_model
 from llmkit.models.encdec import EncDecConfig
 from llmkit.models.encoder import EncoderConfig
 from llmkit.models.io import build_model
+from llmkit.runtime import DistInfo
+from llmkit.tokenizer import Tokenizer
 from llmkit.track import TrackConfig, Tracker
 from llmkit.train import distributed as D
-from llmkit.train.checkpoint import load_latest_checkpoint, save_checkpoint
-from llmkit.train.evaluate import evaluate
+from llmkit.train import loop
+from llmkit.train.heldout_loss import fixed_batch_loss
 from llmkit.train.objectives import make_objective
-from llmkit.train.preemption import StopSignal
 from llmkit.train.sampler import EpochSampler, WindowSampler, fixed_batches
-from llmkit.train.schedule import warmup_cosine
 
 log = logging.getLogger(__name__)
-
-
-class TokenRate:
-    """The one tokens/s estimator of the trainer's logs and summary and of the benchmarks' reference loops:
-    total tokens / total wall seconds over the measured window (the timed training steps; evaluation and
-    checkpoint writing are outside it). Not a mean of per-interval rates, which would weigh a short fast
-    interval like a long slow one."""
-
-    def __init__(self) -> None:
-        self.tokens = 0
-        self.seconds = 0.0
-
-    def add(self, tokens: int, seconds: float) -> None:
-        self.tokens += tokens
-        self.seconds += seconds
-
-    @property
-    def per_s(self) -> float | None:
-        return self.tokens / self.seconds if self.seconds > 0 else None
 
 
 @dataclass
@@ -77,37 +55,20 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(loop.LoopConfig):
+    """Pretraining's `train:` section: the shared loop settings (`LoopConfig`) plus the fields below."""
+
     batch_size: int = 12
-    """Sequences per micro-batch per process."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step; tokens per step = batch_size * grad_accum * block_size * world."""
+    """Sequences per micro-batch per process; tokens per step = batch_size * grad_accum * block_size * world."""
     max_steps: int = 2000
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_steps: int = 100
-    decay_steps: int | None = None
-    """Cosine decay length in steps; None -> max_steps."""
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.99
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    """Max global grad norm; 0 disables clipping."""
-    eval_interval: int = 250
+    min_lr: float | None = 1e-4
     eval_batches: int = 20
-    log_interval: int = 10
-    checkpoint_interval: int = 1000
-    keep_checkpoints: int = 3
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on CPU."""
+    """Fixed batches of each split per evaluation."""
     compile: bool = False
     attention: Literal["auto", "flash", "efficient", "math", "cudnn"] = "auto"
     """Scaled-dot-product-attention kernel; auto lets PyTorch choose. On CPU in bf16 with short
     sequences the composite `math` kernel is faster than the fused one (docs/benchmarks.md)."""
-    device: str = "auto"
     strategy: Literal["ddp", "fsdp"] = "ddp"
-    seed: int = 1337
     objective: Literal["auto", "causal", "mlm", "span"] = "auto"
     """auto: causal for decoders, mlm for encoders, span corruption for encoder-decoders."""
     mlm_probability: float = 0.15
@@ -117,19 +78,11 @@ class TrainConfig:
     """random: windows at uniformly random offsets (nanoGPT); epoch: every window once per epoch, shuffled."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; None -> looked up for known GPUs, unknown on CPU."""
-    progress: bool = True
 
     def validate(self) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches",
-                     "log_interval", "checkpoint_interval", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"min_lr: need 0 <= min_lr <= lr, got lr={self.lr} min_lr={self.min_lr}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.grad_clip < 0:
-            raise ValueError(f"grad_clip: must be >= 0, got {self.grad_clip}")
+        super().validate()
+        if self.eval_batches < 1:
+            raise ValueError(f"eval_batches: must be >= 1, got {self.eval_batches}")
 
 
 @dataclass
@@ -163,30 +116,6 @@ def peak_flops(device: torch.device, configured: float | None) -> float | None:
     return None
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases); fused kernel where the device has one."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    kwargs = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    if fused:
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError):  # no fused kernel for this device / dtype
-            pass
-    return torch.optim.AdamW(groups, foreach=True, **kwargs)
-
-
 def resolve_objective(name: str, model_config) -> str:
     default = {"decoder": "causal", "encoder": "mlm", "encdec": "span"}[model_config.FAMILY]
     if name == "auto":
@@ -196,41 +125,15 @@ def resolve_objective(name: str, model_config) -> str:
     return name
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows after `step` from metrics.jsonl: a run killed between checkpoints logged steps that the
-    resumed run replays, and the file should tell one history, not two."""
-    if not path.is_file():
-        return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
-
-
-def make_sampler(split, cfg: TrainConfig, block_size: int, info: D.DistInfo, seed: int | None = None):
+def make_sampler(split, cfg: TrainConfig, block_size: int, info: DistInfo, seed: int | None = None):
     seed = cfg.seed if seed is None else seed
     if cfg.sampling == "epoch":
         return EpochSampler(split, cfg.batch_size, block_size, seed, info.rank, info.world_size)
     return WindowSampler(split, cfg.batch_size, block_size, seed, info.rank)
 
 
-def rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def ensure_prepared(cfg: PretrainConfig, tokenizer, info: D.DistInfo) -> Path:
+def ensure_prepared(cfg: PretrainConfig, tokenizer, info: DistInfo) -> Path:
     """Tokenize `data.inputs` into shards unless shards for the same inputs and tokenizer exist."""
-    from llmkit.data.tokenized import file_sha256
-
     data_dir = Path(cfg.data.prepared or Path(cfg.out_dir) / "data")
     if info.is_main:
         fresh = False
@@ -250,7 +153,7 @@ def ensure_prepared(cfg: PretrainConfig, tokenizer, info: D.DistInfo) -> Path:
             log.info("tokenizing %s into %s", cfg.data.inputs, data_dir)
             prepare_tokens(cfg.data.inputs, tokenizer, data_dir, val_fraction=cfg.data.val_fraction,
                            text_field=cfg.data.text_field)
-    D.barrier(info)
+    runtime.barrier(info)
     return data_dir
 
 
@@ -263,26 +166,21 @@ def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
         summary dict: step, final train/val loss, val bits-per-byte, tokens/s, paths, tracking run id,
         and `stopped_by_signal` (True when SIGTERM/SIGINT ended the run early).
     """
-    info = D.setup(cfg.train.device)
+    info = runtime.setup(cfg.train.device)
     tracker = Tracker(cfg.track, cfg.out_dir, active=info.is_main)
     with tracker:  # an exception marks the MLflow run FAILED (KILLED for Ctrl-C) before it propagates
-        summary = _train(cfg, resume, info, tracker)
-    D.teardown(info)  # collective: only after every rank finished cleanly
+        summary = _pretrain(cfg, resume, info, tracker)
+    runtime.teardown(info)  # collective: only after every rank finished cleanly
     return summary
 
 
-def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker) -> dict:
-    from llmkit.tokenizer import Tokenizer
-
+def _pretrain(cfg: PretrainConfig, resume: bool, info: DistInfo, tracker: Tracker) -> dict:
     t_cfg = cfg.train
     out = Path(cfg.out_dir)
-    ckpt_root = out / "checkpoints"
     device = info.device
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume and ckpt_root.is_dir() and any(ckpt_root.iterdir()):
-            raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, "
-                                  f"or set out_dir to a new directory")
+    checkpoint = loop.open_run(out, resume, info)
+
+    # -- tokenizer and data
     tokenizer = Tokenizer.load(cfg.data.tokenizer)
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
@@ -298,180 +196,76 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
     if meta["tokenizer_digest"] != tokenizer.digest():
         raise ValueError(f"{data_dir} was tokenized with a different tokenizer than {cfg.data.tokenizer}")
     train_split, val_split = open_split(data_dir, "train"), open_split(data_dir, "val")
-
-    torch.manual_seed(t_cfg.seed)  # same initial weights on every rank
-    raw_model = build_model(cfg.model).to(device)
-    step, run_id = 0, None
-    checkpoint = load_latest_checkpoint(ckpt_root, map_location="cpu") if resume else None
-    if checkpoint is not None:
-        raw_model.load_state_dict(checkpoint.model)
-    # DDP returns a wrapper around raw_model; FSDP shards raw_model in place, replacing its parameters,
-    # so the optimizer is built after wrapping.
-    model = D.wrap_model(raw_model, info, t_cfg.strategy)
-    optimizer = make_optimizer(raw_model, t_cfg, fused=not (info.enabled and t_cfg.strategy == "fsdp"))
-    decay_steps = t_cfg.decay_steps or t_cfg.max_steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, t_cfg.lr, t_cfg.min_lr, t_cfg.warmup_steps, decay_steps) / t_cfg.lr)
-    sampler = make_sampler(train_split, t_cfg, cfg.model.block_size, info)
+    block = cfg.model.block_size
     objective_name = resolve_objective(t_cfg.objective, cfg.model)
     objective = make_objective(objective_name, tokenizer, t_cfg.mlm_probability, t_cfg.noise_density,
                                t_cfg.mean_noise_span)
     eval_sets = {  # fixed windows and, for mlm/span, fixed corruption: every evaluation sees the same inputs
         split: [objective(x, y, generator=torch.Generator().manual_seed(seed + i)) for i, (x, y) in enumerate(
-            fixed_batches(data, t_cfg.eval_batches, t_cfg.batch_size, cfg.model.block_size, seed=seed))]
+            fixed_batches(data, t_cfg.eval_batches, t_cfg.batch_size, block, seed=seed))]
         for split, data, seed in (("train", train_split, 1), ("val", val_split, 2))
     }
-    if checkpoint is not None:
-        D.load_full_optimizer_state(raw_model, optimizer, checkpoint.optimizer["optimizer"])
-        scheduler.load_state_dict(checkpoint.optimizer["scheduler"])
-        step = checkpoint.step
-        run_id = checkpoint.state.get("tracking_run_id")
-        ranks = checkpoint.state["samplers"]
-        if len(ranks) == info.world_size:
-            sampler.load_state_dict(ranks[info.rank])
-            set_rng_state(checkpoint.rng["ranks"][info.rank], device)
-        else:
-            # a different world size cannot replay the same batches; keep going with fresh streams
-            log.warning("checkpoint was written by %d processes, now %d: data order will differ",
-                        len(ranks), info.world_size)
-            sampler = make_sampler(train_split, t_cfg, cfg.model.block_size, info, seed=t_cfg.seed + step)
-        if info.is_main:
-            log.info("resumed from %s at step %d", checkpoint.path, step)
-    elif resume and info.is_main:
-        log.info("no checkpoint in %s: starting from step 0", ckpt_root)
-    del checkpoint
 
+    # -- model and optimizer
+    torch.manual_seed(t_cfg.seed)  # same initial weights on every rank
+    raw_model = build_model(cfg.model).to(device)
+    loop.restore_weights(raw_model, checkpoint)
+    # DDP returns a wrapper around raw_model; FSDP shards raw_model in place, replacing its parameters,
+    # so the optimizer is built after wrapping.
+    model = D.wrap_model(raw_model, info, t_cfg.strategy)
+    optimizer = loop.make_optimizer(t_cfg, [(list(raw_model.parameters()), 1.0)],
+                               fused=not (info.enabled and t_cfg.strategy == "fsdp"))
     if t_cfg.compile:
         model = torch.compile(model)
-    dtype = resolve_precision(t_cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    dtype = runtime.resolve_dtype(t_cfg.precision, device)
+    kernel = (lambda: sdpa_kernel(_SDPA_BACKENDS[t_cfg.attention])) if t_cfg.attention != "auto" else None
+    autocast = loop.forward_context(device, dtype, kernel)
 
-    def autocast():
-        """Precision and attention kernel for every forward pass (training and evaluation)."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32))
-        if t_cfg.attention != "auto":
-            stack.enter_context(sdpa_kernel(_SDPA_BACKENDS[t_cfg.attention]))
-        return stack
-
-    tokens_per_step = t_cfg.batch_size * t_cfg.grad_accum * cfg.model.block_size * info.world_size
-    flops_per_token = raw_model.flops_per_token(cfg.model.block_size)
-    peak = peak_flops(device, t_cfg.peak_flops)
+    # -- tracking
+    tokens_per_step = t_cfg.batch_size * t_cfg.grad_accum * block * info.world_size
+    flops_per_token = raw_model.flops_per_token(block)
     if info.is_main:
-        save_config(cfg, out / "config.yaml")
-        run_id = tracker.start(run_id)
-        tracker.log_params({**flatten(to_dict(cfg)), "n_params": raw_model.num_params(),
-                            "flops_per_token": flops_per_token, "world_size": info.world_size,
-                            "tokens_per_step": tokens_per_step})
+        loop.start_tracking(tracker, cfg, out, checkpoint, raw_model, n_params=raw_model.num_params(),
+                            flops_per_token=flops_per_token, world_size=info.world_size,
+                            tokens_per_step=tokens_per_step)
         tracker.log_dataset(f"{Path(cfg.data.tokenizer).name}-tokens", meta["splits"]["train"]["sha256"],
                             str(data_dir.resolve()), context="training",
                             profile={"tokens": meta["splits"]["train"]["tokens"],
                                      "sources": [s["sha256"] for s in meta["sources"]]})
         tracker.log_dataset("validation-tokens", meta["splits"]["val"]["sha256"], str(data_dir.resolve()),
                             context="validation", profile={"tokens": meta["splits"]["val"]["tokens"]})
-        tracker.log_artifact(out / "config.yaml")
         tracker.log_artifact(Path(cfg.data.tokenizer) / "tokenizer.json", "tokenizer")
         log.info("model: %.2fM parameters, %.3g FLOPs/token; %d tokens/step on %d process(es), %s, %s",
                  raw_model.num_params() / 1e6, flops_per_token, tokens_per_step, info.world_size, device, dtype)
 
-    def write_checkpoint() -> None:
-        model_state = D.full_model_state(raw_model)
-        optim_state = D.full_optimizer_state(raw_model, optimizer)
-        samplers = D.all_gather_objects(sampler.state_dict(), info)
-        rngs = D.all_gather_objects(rng_state(device), info)
-        if info.is_main:
-            save_checkpoint(ckpt_root, step, model_state, {"optimizer": optim_state, "scheduler": scheduler.state_dict()},
-                            {"ranks": rngs}, {"samplers": samplers, "tracking_run_id": run_id,
-                                              "world_size": info.world_size}, keep=t_cfg.keep_checkpoints)
-        D.barrier(info)
+    # -- what the loop runs
+    def next_batch() -> dict[str, torch.Tensor]:
+        x, y = job.data.next_batch()
+        return {k: v.to(device, non_blocking=True) for k, v in objective(x, y).items()}
 
-    metrics_path = out / "metrics.jsonl"
-    if info.is_main:
-        truncate_metrics(metrics_path, step)
-    history: list[dict] = []
-
-    def record(row: dict) -> None:
-        history.append(row)
-        if info.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-
-    def run_eval() -> dict:
-        losses = {f"{split}_loss": evaluate(model, batches, device, autocast) for split, batches in eval_sets.items()}
+    def evaluate() -> dict[str, float]:
+        losses = {f"{split}_loss": fixed_batch_loss(model, batches, device, autocast)
+                  for split, batches in eval_sets.items()}
         if objective_name == "causal":  # bits per byte of text: only next-token prediction has that meaning
             losses["val_bpb"] = losses["val_loss"] / math.log(2) / val_split.bytes_per_token
         return losses
 
-    progress = None
-    if info.is_main and t_cfg.progress:
-        from tqdm import tqdm
+    def restart_data(step: int):
+        job.data = make_sampler(train_split, t_cfg, block, info, seed=t_cfg.seed + step)
 
-        progress = tqdm(total=t_cfg.max_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+    job = loop.Job(model=model, optimizer=optimizer, next_batch=next_batch, loss=lambda batch: model(**batch)[1],
+              evaluate=evaluate, data=make_sampler(train_split, t_cfg, block, info), autocast=autocast,
+              tokens=lambda batch: t_cfg.batch_size * block * info.world_size,
+              flops_per_token=flops_per_token, peak_flops=peak_flops(device, t_cfg.peak_flops),
+              model_state=lambda: D.full_model_state(raw_model),
+              optimizer_state=lambda: D.full_optimizer_state(raw_model, optimizer),
+              load_optimizer_state=lambda state: D.load_full_optimizer_state(raw_model, optimizer, state),
+              restart_data=restart_data, name="pretrain")
+    result = loop.train_loop(t_cfg, job, out, tracker, checkpoint, info)
 
-    model.train()
-    stopped = False
-    last_eval: dict = {}
-    window, measured = TokenRate(), TokenRate()  # this log interval; every step this run timed
-    with StopSignal() as stop:
-        while step < t_cfg.max_steps:
-            t0 = time.perf_counter()
-            for micro in range(t_cfg.grad_accum):
-                x, y = sampler.next_batch()
-                batch = {k: v.to(device, non_blocking=True) for k, v in objective(x, y).items()}
-                sync = contextlib.nullcontext()
-                if info.enabled and t_cfg.strategy == "ddp" and micro < t_cfg.grad_accum - 1:
-                    sync = model.no_sync()  # all-reduce gradients once per step, not per micro-batch
-                with sync, autocast():
-                    _, loss = model(**batch)
-                scaler.scale(loss / t_cfg.grad_accum).backward()
-            if t_cfg.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
-            dt = time.perf_counter() - t0
-            window.add(tokens_per_step, dt)
-            measured.add(tokens_per_step, dt)
-
-            if step % t_cfg.log_interval == 0 or step == t_cfg.max_steps:
-                loss_value = loss.item()  # the last micro-batch's loss (one sync per log interval)
-                tps = window.per_s
-                row = {"step": step, "loss": loss_value, "lr": lr, "tokens_per_s": tps}
-                if peak:
-                    row["mfu"] = flops_per_token * tps / info.world_size / peak
-                record(row)
-                if info.is_main:
-                    tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
-                window = TokenRate()
-            if step % t_cfg.eval_interval == 0 or step == t_cfg.max_steps:
-                last_eval = run_eval()
-                record({"step": step, **last_eval})
-                if info.is_main:
-                    tracker.log_metrics(last_eval, step)
-                    log.info("step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in last_eval.items()))
-            if progress is not None:
-                progress.update(1)
-            stop_now = D.any_rank(stop.received is not None, info)
-            if step % t_cfg.checkpoint_interval == 0 or step == t_cfg.max_steps or stop_now:
-                write_checkpoint()
-            if stop_now:
-                stopped = True
-                if info.is_main:
-                    log.warning("stop signal received: checkpoint written at step %d; rerun with --resume", step)
-                break
-    if progress is not None:
-        progress.close()
-
+    # -- the final model
     final_dir = out / "final"
-    if not stopped:
-        if not last_eval:  # resumed a run that had already finished
-            last_eval = run_eval()
+    if not result.stopped:
         # Under FSDP gathering the full weights is collective: every rank takes part.
         final_state = D.full_model_state(raw_model) if info.enabled else None
         if info.is_main:
@@ -483,20 +277,20 @@ def _train(cfg: PretrainConfig, resume: bool, info: D.DistInfo, tracker: Tracker
                        generation_config={"max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9})
             tracker.log_artifact(final_dir, "model")
     if info.is_main:
-        tracker.end("KILLED" if stopped else "FINISHED")
-    D.barrier(info)
+        tracker.end("KILLED" if result.stopped else "FINISHED")
+    runtime.barrier(info)
     return {
-        "step": step,
-        "stopped_by_signal": stopped,
+        "step": result.step,
+        "stopped_by_signal": result.stopped,
         "world_size": info.world_size,
         "tokens_per_step": tokens_per_step,
-        "train_loss": last_eval.get("train_loss"),
-        "val_loss": last_eval.get("val_loss"),
-        "val_bpb": last_eval.get("val_bpb"),
-        "tokens_per_s": measured.per_s,
+        "train_loss": result.last_eval.get("train_loss"),
+        "val_loss": result.last_eval.get("val_loss"),
+        "val_bpb": result.last_eval.get("val_bpb"),
+        "tokens_per_s": result.tokens_per_s,
         "n_params": raw_model.num_params(),
         "out_dir": str(out),
-        "final_model": str(final_dir) if not stopped else None,
-        "tracking_run_id": run_id,
-        "history": history,
+        "final_model": str(final_dir) if not result.stopped else None,
+        "tracking_run_id": tracker.run_id,
+        "history": result.history,
     }

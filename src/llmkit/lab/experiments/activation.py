@@ -49,11 +49,11 @@ def char_setup(root: Path, chars: int | None = None) -> tuple[Path, Path]:
 
 
 def char_pretrain(out: Path, text_file: Path, tok_dir: Path, seed: int, **overrides) -> dict:
-    """`llmkit.train.trainer.pretrain` of a small char-level decoder on CPU; returns its summary."""
+    """`llmkit.train.pretrain.pretrain` of a small char-level decoder on CPU; returns its summary."""
     import torch
 
     from llmkit.config import load_config
-    from llmkit.train.trainer import PretrainConfig, pretrain
+    from llmkit.train.pretrain import PretrainConfig, pretrain
 
     ov = {"out_dir": out, "data.inputs": f"[{text_file}]", "data.tokenizer": tok_dir,
           "data.prepared": text_file.parent / "tokens",

@@ -1,7 +1,7 @@
 """§1.2: attention heads = hidden size / 64 (768 -> 12 heads).
 
 At a fixed width (d_model 128) and everything else equal, a character-level decoder is pretrained with
-`llmkit.train.trainer.pretrain` on tinyshakespeare for the same number of steps with head sizes 16, 32, 64
+`llmkit.train.pretrain.pretrain` on tinyshakespeare for the same number of steps with head sizes 16, 32, 64
 and 128 (8 / 4 / 2 / 1 heads), 3 seeds each; the validation loss at the end and the training tokens/s are
 compared. The guide's rule picks head size 64 (2 heads at d 128): does it win, or tie within the noise?
 """

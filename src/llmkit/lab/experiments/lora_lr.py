@@ -35,7 +35,7 @@ def tiny_base(root: Path, quick: bool) -> tuple[Path, Path]:
 
     from llmkit.config import load_config
     from llmkit.tokenizer import train_tokenizer
-    from llmkit.train.trainer import PretrainConfig, pretrain
+    from llmkit.train.pretrain import PretrainConfig, pretrain
 
     model_dir, tokens = root / "base" / "final", root / "tokens"
     if (model_dir / "config.json").is_file() or any(model_dir.glob("*.safetensors")):

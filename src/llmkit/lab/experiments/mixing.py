@@ -23,7 +23,7 @@ def pretrain_val_loss(model_dir, tokens, adapter=None) -> float:
 
     from llmkit.data.tokenized import open_split
     from llmkit.infer.load import load_for_inference
-    from llmkit.train.evaluate import split_loss
+    from llmkit.train.heldout_loss import split_loss
 
     model, _, _ = load_for_inference(model_dir, adapter)
     threads = torch.get_num_threads()
