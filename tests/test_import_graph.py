@@ -7,6 +7,8 @@ and asserts the graph has no cycle.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = "llmkit"
@@ -120,6 +122,14 @@ def test_graph_sees_the_package():
 
 def test_no_import_cycles():
     assert cycles(import_graph()) == []
+
+
+def test_pipeline_runner_starts_without_torch():
+    """Module-level imports of the lifecycle pipeline stay light: torch loads only in the stages that train,
+    quantize or evaluate (so `llmkit pipeline status` answers at once)."""
+    code = "import sys, llmkit.pipeline.run; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
 
 
 if __name__ == "__main__":

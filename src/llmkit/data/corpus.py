@@ -41,19 +41,28 @@ from typing import Any, Literal
 import numpy as np
 
 from llmkit.config import flatten, to_dict
-from llmkit.data.augment import AugmentConfig
-from llmkit.data.dedup import DedupConfig
+from llmkit.data.augment import AugmentConfig, Augmenter
+from llmkit.data.dedup import (
+    DedupConfig,
+    MinHasher,
+    exact_duplicates,
+    exact_key,
+    near_duplicate_clusters,
+    pick_survivors,
+)
 from llmkit.data.executor import ExecutorConfig, run_tasks
-from llmkit.data.mix import MixConfig
-from llmkit.data.normalize import NormalizeConfig
-from llmkit.data.perplexity import PerplexityConfig
-from llmkit.data.quality import QualityConfig
+from llmkit.data.mix import MixConfig, order_key, select
+from llmkit.data.normalize import NormalizeConfig, Normalizer
+from llmkit.data.perplexity import PerplexityConfig, load_scorer, summarize, thresholds_per_language
+from llmkit.data.quality import QualityConfig, QualityFilter
 from llmkit.data.report import FORMAT_VERSION, build_manifest, manifest_markdown, manifest_metrics
-from llmkit.data.safety import SafetyConfig
+from llmkit.data.safety import SafetyConfig, SafetyFilter
 from llmkit.data.shards import JsonlGzWriter, ParquetWriter, read_jsonl_gz
-from llmkit.data.sources import ReadTask, SourceConfig, plan_tasks
-from llmkit.data.tokenized import file_sha256
-from llmkit.track import TrackConfig
+from llmkit.data.sources import ReadTask, SourceConfig, plan_tasks, read_task
+from llmkit.data.spot_check import SpotCheckSampler
+from llmkit.data.tokenized import encode_document, file_sha256, prepare_tokens
+from llmkit.tokenizer import Tokenizer
+from llmkit.track import TrackConfig, Tracker
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +177,6 @@ def _read_done(path: Path, fingerprint: str) -> dict | None:
 def count_tokens(text: str, tokenizer) -> int:
     if tokenizer is None:
         return len(_TOKEN_ESTIMATE.findall(text))
-    from llmkit.data.tokenized import encode_document
     return int(len(encode_document(tokenizer, text)))
 
 
@@ -179,10 +187,6 @@ _WORKER_CACHE: dict[str, Any] = {}
 def _doc_steps(cfg: CorpusConfig, fingerprint: str) -> list[tuple[str, Any]]:
     key = "steps:" + fingerprint
     if key not in _WORKER_CACHE:
-        from llmkit.data.normalize import Normalizer
-        from llmkit.data.quality import QualityFilter
-        from llmkit.data.safety import SafetyFilter
-
         steps: list[tuple[str, Any]] = []
         if cfg.normalize.enabled:
             steps.append(("normalize", Normalizer(cfg.normalize)))
@@ -199,7 +203,6 @@ def _tokenizer(path: str | None):
         return None
     key = "tok:" + path
     if key not in _WORKER_CACHE:
-        from llmkit.tokenizer import Tokenizer
         _WORKER_CACHE[key] = Tokenizer.load(path)
     return _WORKER_CACHE[key]
 
@@ -215,10 +218,6 @@ def _rejected_record(doc: dict, reason: str, detail: Any = None) -> dict:
 
 def read_shard(cfg: CorpusConfig, task: ReadTask, index: int, fingerprint: str) -> dict:
     """Phase 1 for one shard; writes work/read/<key>.* and returns its completion record."""
-    from llmkit.data.dedup import MinHasher, exact_key
-    from llmkit.data.sources import read_task
-    from llmkit.data.spot_check import SpotCheckSampler
-
     out = Path(cfg.out_dir)
     work = out / "work" / "read"
     done_path = work / f"{task.key}.done.json"
@@ -322,8 +321,6 @@ def read_shard(cfg: CorpusConfig, task: ReadTask, index: int, fingerprint: str) 
 # -- phase 2: global dedup ------------------------------------------------------------------------------
 def dedup_phase(cfg: CorpusConfig, shards: list[dict], fingerprint: str) -> dict:
     """Exact, then near-duplicate removal over every shard's survivors; writes work/dedup.npz."""
-    from llmkit.data.dedup import exact_duplicates, near_duplicate_clusters, pick_survivors
-
     work = Path(cfg.out_dir) / "work"
     done_path = work / "dedup.done.json"
     done = _read_done(done_path, fingerprint)
@@ -381,8 +378,6 @@ def _concat_signatures(work: Path, shards: list[dict], num_perm: int, n: int) ->
 
 # -- phase 3: perplexity -----------------------------------------------------------------------------------
 def _scorer(cfg: CorpusConfig):
-    from llmkit.data.perplexity import load_scorer
-
     key = "scorer:" + _digest(to_dict(cfg.perplexity))
     if key not in _WORKER_CACHE:
         scorer_cfg = cfg.perplexity.scorer
@@ -397,8 +392,6 @@ def train_reference_model(cfg: CorpusConfig, shards: list[dict], fate: np.ndarra
                           fingerprint: str) -> None:
     """The offline default scorer: an n-gram model trained on the cleaned, deduplicated documents of the
     trusted sources (`perplexity.scorer.train_sources`)."""
-    from llmkit.data.perplexity import load_scorer
-
     work = Path(cfg.out_dir) / "work" / "scorer"
     done_path = work / "done.json"
     if _read_done(done_path, fingerprint) is not None:
@@ -447,9 +440,6 @@ def score_shard(cfg: CorpusConfig, key: str, alive: np.ndarray, fingerprint: str
 # -- phase 4: thresholds and mix ------------------------------------------------------------------------
 def select_phase(cfg: CorpusConfig, shards: list[dict], fate: np.ndarray, ppl: np.ndarray | None,
                  fingerprint: str) -> dict:
-    from llmkit.data.mix import order_key, select
-    from llmkit.data.perplexity import summarize, thresholds_per_language
-
     work = Path(cfg.out_dir) / "work"
     done_path = work / "select.done.json"
     done = _read_done(done_path, fingerprint)
@@ -505,8 +495,6 @@ def select_phase(cfg: CorpusConfig, shards: list[dict], fate: np.ndarray, ppl: n
 def write_shard(cfg: CorpusConfig, shard: dict, part: int, fate: np.ndarray, copies: np.ndarray,
                 ppl: np.ndarray | None, dup_ids: list[str | None], fingerprint: str) -> dict:
     """Phase 5 for one shard: output part file, rejected file, augmented copies, spot-check sample."""
-    from llmkit.data.spot_check import SpotCheckSampler
-
     out = Path(cfg.out_dir)
     work = out / "work"
     done_path = work / "write" / f"{shard['key']}.done.json"
@@ -563,7 +551,6 @@ def _augmenter(cfg: CorpusConfig):
         return None
     key = "augment:" + _digest(to_dict(cfg.augment))
     if key not in _WORKER_CACHE:
-        from llmkit.data.augment import Augmenter
         _WORKER_CACHE[key] = Augmenter(cfg.augment)
     return _WORKER_CACHE[key]
 
@@ -576,8 +563,6 @@ def build_corpus(cfg: CorpusConfig, restart: bool = False) -> dict:
         cfg: the data pipeline's config (`load_config(CorpusConfig, path)`).
         restart: discard the work of an earlier run in out_dir first.
     """
-    from llmkit.track import Tracker
-
     out = Path(cfg.out_dir)
     if restart and out.exists():
         shutil.rmtree(out)
@@ -683,9 +668,6 @@ def input_digests(cfg: CorpusConfig, tasks: list[ReadTask]) -> list[dict]:
 
 
 def _tokenize_output(cfg: CorpusConfig, written: list[dict]) -> dict:
-    from llmkit.data.tokenized import prepare_tokens
-    from llmkit.tokenizer import Tokenizer
-
     files = [Path(cfg.out_dir) / "data" / w["file"] for w in written if w["docs"]]
     meta = prepare_tokens(files, Tokenizer.load(cfg.output.tokenizer), Path(cfg.out_dir) / "tokens",
                           val_fraction=cfg.output.val_fraction)
@@ -694,8 +676,6 @@ def _tokenize_output(cfg: CorpusConfig, written: list[dict]) -> dict:
 
 
 def _write_review(cfg: CorpusConfig, shards: list[dict], written: list[dict]) -> dict:
-    from llmkit.data.spot_check import SpotCheckSampler
-
     sampler = SpotCheckSampler(cfg.output.spot_check_per_reason, seed=0)
     for part in [*shards, *written]:
         sampler.merge(SpotCheckSampler.from_dict(part["sampler"]))

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llmkit.config import load_config, to_dict
+from llmkit.data.corpus import CorpusConfig, build_corpus, phase_fingerprints
+from llmkit.data.samples import fetch_samples, select_samples
+from llmkit.data.tokenized import file_sha256, prepare_tokens
 from llmkit.pipeline.config import PipelineConfig, StageRecipe
 from llmkit.pipeline.digests import path_digest
+from llmkit.registry import register_model, resolve_model
+from llmkit.tokenizer import Tokenizer, train_tokenizer
+
+# The stages that need torch (pretrain, sft, merge, quantize, eval) import their library inside their
+# functions, so `llmkit pipeline status`, `llmkit report` and a run that skips them start without it.
 
 DATA_OUTPUT = "data"
 """The data pipeline's cleaned shards sit in <data stage dir>/data."""
@@ -97,23 +108,17 @@ def _data_files(ctx: StageContext) -> list[str]:
 def _texts(ctx: StageContext, explicit: list[str]) -> tuple[list[str], dict]:
     """Files a stage reads: the explicit list (digested by content) or the data stage's shards."""
     if explicit:
-        from llmkit.data.tokenized import file_sha256
-
         return list(explicit), {"files": {f: file_sha256(f) for f in explicit}}
     return _data_files(ctx), {"data": ctx.digest("data")}
 
 
 # -- samples ------------------------------------------------------------------------------------------
 def _samples_inputs(ctx: StageContext) -> dict:
-    from llmkit.data.samples import select_samples
-
     s = ctx.cfg.samples
     return {"out": s.out, "files": [(x.path, x.sha256) for x in select_samples(s.only or None)]}
 
 
 def _samples_run(ctx: StageContext) -> StageOutput:
-    from llmkit.data.samples import fetch_samples
-
     s = ctx.cfg.samples
     paths = fetch_samples(s.out, from_dir=s.from_dir, only=s.only or None)
     return StageOutput(Path(s.out), {"files": len(paths)})
@@ -121,23 +126,17 @@ def _samples_run(ctx: StageContext) -> StageOutput:
 
 # -- data -----------------------------------------------------------------------------------------
 def _data_config(ctx: StageContext):
-    from llmkit.data.corpus import CorpusConfig
-
     return _recipe(ctx, ctx.cfg.data, CorpusConfig, [f"out_dir={ctx.dir('data')}",
                                                     *ctx.track_overrides("data")])
 
 
 def _data_inputs(ctx: StageContext) -> dict:
-    from llmkit.data.corpus import phase_fingerprints
-
     cfg = _data_config(ctx)
     # the data pipeline fingerprints its own phases over the config and every input file's content
     return {"config": to_dict(cfg), "phases": phase_fingerprints(cfg)}
 
 
 def _data_run(ctx: StageContext) -> StageOutput:
-    from llmkit.data.corpus import build_corpus
-
     manifest = build_corpus(_data_config(ctx))
     run_file = ctx.dir("data") / "work" / "run.json"
     run_id = json.loads(run_file.read_text()).get("run_id") if run_file.is_file() else None
@@ -154,8 +153,6 @@ def _tokenizer_inputs(ctx: StageContext) -> dict:
 
 
 def _tokenizer_run(ctx: StageContext) -> StageOutput:
-    from llmkit.tokenizer import train_tokenizer
-
     t = ctx.cfg.tokenizer
     files, _ = _texts(ctx, t.inputs)
     tok = train_tokenizer(files, kind=t.kind, vocab_size=t.vocab_size, min_frequency=t.min_frequency)
@@ -170,9 +167,6 @@ def _tokens_inputs(ctx: StageContext) -> dict:
 
 
 def _tokens_run(ctx: StageContext) -> StageOutput:
-    from llmkit.data.tokenized import prepare_tokens
-    from llmkit.tokenizer import Tokenizer
-
     files, _ = _texts(ctx, ctx.cfg.tokens.inputs)
     meta = prepare_tokens(files, Tokenizer.load(ctx.artifact("tokenizer")), ctx.dir("tokens"),
                           val_fraction=ctx.cfg.tokens.val_fraction)
@@ -220,7 +214,6 @@ def _base_model(ctx: StageContext) -> Path:
     if _pretrained(ctx):
         return ctx.artifact("pretrain")
     from llmkit.finetune.sft import SFTConfig
-    from llmkit.registry import resolve_model
 
     base = _recipe(ctx, ctx.cfg.sft, SFTConfig, _sft_wiring(ctx)).base_model
     if not base:
@@ -248,8 +241,6 @@ def _sft_config(ctx: StageContext):
 
 
 def _sft_inputs(ctx: StageContext) -> dict:
-    from llmkit.data.tokenized import file_sha256
-
     cfg = to_dict(_sft_config(ctx))
     cfg["train"].pop("progress", None)
     return {"config": cfg, "base": _base_digest(ctx),
@@ -279,8 +270,6 @@ def _merge_inputs(ctx: StageContext) -> dict:
 
 
 def _merge_run(ctx: StageContext) -> StageOutput:
-    import shutil
-
     from llmkit.finetune.merge import merge_adapter
 
     method = _sft_method(ctx)
@@ -300,8 +289,6 @@ def _merge_run(ctx: StageContext) -> StageOutput:
 
 # -- quantize -------------------------------------------------------------------------------------
 def _quantize_inputs(ctx: StageContext) -> dict:
-    from dataclasses import asdict
-
     q = asdict(ctx.cfg.quantize)
     source = None
     if q["mode"] == "static":
@@ -341,8 +328,6 @@ def _final_model_stage(ctx: StageContext) -> str:
 
 
 def _eval_inputs(ctx: StageContext) -> dict:
-    from dataclasses import asdict
-
     return {"config": asdict(ctx.cfg.eval), "final": ctx.digest(_final_model_stage(ctx)),
             "float": ctx.digest(_final_float(ctx)), "tokens": ctx.records.get("tokens", {}).get("digest"),
             "sft": ctx.records.get("sft", {}).get("digest")}
@@ -365,8 +350,6 @@ def _eval_run(ctx: StageContext) -> StageOutput:
 
 
 def _eval_metrics(report: dict) -> dict:
-    import numpy as np
-
     m = {}
     ppl = report.get("perplexity") or {}
     for k in ("fp32", "int8", "delta_rel"):
@@ -394,8 +377,6 @@ def _register_inputs(ctx: StageContext) -> dict:
 
 
 def _register_run(ctx: StageContext) -> StageOutput:
-    from llmkit.registry import register_model
-
     r = ctx.cfg.register
     name = r.model_name or ctx.cfg.name
     stage = _final_model_stage(ctx)
