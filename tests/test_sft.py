@@ -199,7 +199,8 @@ def test_seq2seq_batches_split_prompt_and_answer():
 @pytest.mark.parametrize("method", ["lora", "prefix"])
 def test_baseline_answers_are_the_base_models_and_survive_a_resume(base, tmp_path, method):
     from llmkit.chat import load_chat_template
-    from llmkit.finetune.sft import answer
+    from llmkit.infer.generate import SamplingParams
+    from llmkit.infer.reply import chat_reply
     from llmkit.models.io import load_model
     from llmkit.tokenizer import Tokenizer
 
@@ -209,7 +210,8 @@ def test_baseline_answers_are_the_base_models_and_survive_a_resume(base, tmp_pat
     plain, tok = load_model(base / "model"), Tokenizer.load(base / "model")
     template = load_chat_template(base / "model")
     for row in baseline["answers"]:
-        want = answer(plain, tok, template, [{"role": "user", "content": row["prompt"]}], 8, 0.0, None)
+        want = chat_reply(plain, tok, template, [{"role": "user", "content": row["prompt"]}],
+                          SamplingParams(max_new_tokens=8, temperature=0.0))
         assert row["answer"] == want  # untrained: the base model's own greedy answer, adapter or not
     (tmp_path / "run" / "baseline.json").write_text(json.dumps({**baseline, "rouge_l": -1.0}))
     finetune_sft(_cfg(base, tmp_path / "run", method, **{**extra, "train.max_steps": 4}), resume=True)

@@ -30,6 +30,8 @@ from llmkit.chat import load_chat_template
 from llmkit.data.tokenized import file_sha256
 from llmkit.finetune.sft_batches import MixedBatches, eval_batches, open_pretrain_tokens
 from llmkit.finetune.sft_data import InstructDataConfig, build_sft_data
+from llmkit.infer.generate import SamplingParams
+from llmkit.infer.reply import chat_reply
 from llmkit.models.lora import LoRAConfig
 from llmkit.models.prefix import PrefixConfig
 from llmkit.tokenizer import Tokenizer
@@ -188,36 +190,6 @@ def heldout_loss(model, batches: list, device: torch.device, autocast, pad_id: i
     return total / max(1, count)
 
 
-@torch.no_grad()
-def answer(model, tokenizer, template, messages: list[dict], max_new_tokens: int, temperature: float,
-           top_p: float | None, seed: int | None = None) -> str:
-    """The model's reply to `messages` (rendered with the chat template, generation prompt appended)."""
-    from llmkit.chat import encode_chat
-    from llmkit.infer.generate import SamplingParams, stream_tokens
-
-    was_training = model.training
-    model.eval()
-    # encode_chat, not encode(render_chat(...)): it refuses role-token text typed inside a message
-    ids, _ = encode_chat(tokenizer, messages, template, add_generation_prompt=True)
-    stop = set(template.stop_token_ids(tokenizer))
-    new = []
-    if model.config.FAMILY == "encdec":
-        device = next(model.parameters()).device
-        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
-                             eos_id=template.stop_token_ids(tokenizer)[0], temperature=temperature, top_p=top_p, seed=seed)
-        tokens = out[0].tolist()
-    else:
-        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed, stop_at_eos=False)
-        tokens = stream_tokens(model, ids, params, vocab_limit=len(tokenizer))  # never a padded embedding row
-    for t in tokens:
-        if t in stop:
-            break
-        new.append(t)
-    model.train(was_training)
-    return tokenizer.decode(new, skip_special_tokens=True).strip()
-
-
 def generation_eval(model, tokenizer, template, eval_convs: list, cfg: SFTEvalConfig) -> dict:
     """Exact match and ROUGE-L of greedy answers to held-out single-turn prompts, and sampled answers."""
     from llmkit.finetune.answer_metrics import exact_match, rouge_l
@@ -225,15 +197,17 @@ def generation_eval(model, tokenizer, template, eval_convs: list, cfg: SFTEvalCo
     single = [c for c in eval_convs if len(c) >= 2 and c[-1]["role"] == "assistant"]
     scored = []
     for conv in single[:cfg.answers]:
-        pred = answer(model, tokenizer, template, conv[:-1], cfg.max_new_tokens, 0.0, None)
+        pred = chat_reply(model, tokenizer, template, conv[:-1],
+                          SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=0.0))
         ref = conv[-1]["content"]
         scored.append({"prompt": conv[-2]["content"], "reference": ref, "answer": pred,
                        "exact_match": exact_match(pred, ref), "rouge_l": rouge_l(pred, ref)})
     samples = []
     for i, conv in enumerate(single[:cfg.samples]):
         samples.append({"prompt": conv[-2]["content"],
-                        "answer": answer(model, tokenizer, template, conv[:-1], cfg.max_new_tokens,
-                                         cfg.temperature, cfg.top_p, seed=i)})
+                        "answer": chat_reply(model, tokenizer, template, conv[:-1],
+                                             SamplingParams(max_new_tokens=cfg.max_new_tokens,
+                                                            temperature=cfg.temperature, top_p=cfg.top_p, seed=i))})
     n = max(1, len(scored))
     return {"exact_match": sum(s["exact_match"] for s in scored) / n,
             "rouge_l": sum(s["rouge_l"] for s in scored) / n, "answers": scored, "samples": samples}
