@@ -37,10 +37,12 @@ from llmkit.finetune.classify_data import (
     snippets,
     split_digest,
 )
+from llmkit.models.adapters import save_adapter
 from llmkit.models.encoder import EncoderClassifier, EncoderConfig
-from llmkit.models.io import save_model
-from llmkit.models.lora import LoRAConfig
-from llmkit.models.prefix import PrefixConfig
+from llmkit.models.io import load_model, save_model
+from llmkit.models.lora import LoRAConfig, apply_lora, lora_parameters, merge_lora
+from llmkit.models.prefix import PrefixConfig, apply_prefix, prefix_parameters
+from llmkit.tokenizer import Tokenizer, train_bpe, train_char
 from llmkit.track import TrackConfig, Tracker
 from llmkit.train import loop
 
@@ -157,8 +159,6 @@ def evaluate_classifier(model, data: tuple[torch.Tensor, torch.Tensor, torch.Ten
 def _build_model(cfg: ClassifyConfig, n_labels: int, tokenizer) -> EncoderClassifier:
     """A fresh classifier from `cfg.model`, or one whose encoder is loaded from `cfg.init_from`."""
     if cfg.init_from:
-        from llmkit.models.io import load_model
-
         pretrained = load_model(cfg.init_from)
         encoder = getattr(pretrained, "encoder", pretrained)  # an Encoder, or a classifier's encoder
         config = dataclasses.replace(encoder.config, n_labels=n_labels)
@@ -182,8 +182,6 @@ def _build_model(cfg: ClassifyConfig, n_labels: int, tokenizer) -> EncoderClassi
 
 
 def _resolve_tokenizer(cfg: ClassifyConfig, train: LabelledSplit, out: Path, resume: bool):
-    from llmkit.tokenizer import Tokenizer, train_bpe, train_char
-
     if cfg.data.tokenizer:
         return Tokenizer.load(cfg.data.tokenizer)
     if cfg.init_from:
@@ -203,13 +201,9 @@ def _resolve_tokenizer(cfg: ClassifyConfig, train: LabelledSplit, out: Path, res
 def _apply_method(model: EncoderClassifier, cfg: ClassifyConfig) -> list[torch.nn.Parameter]:
     """Freeze the encoder and attach adapters (lora / prefix); returns the adapter parameters."""
     if cfg.method == "lora":
-        from llmkit.models.lora import apply_lora, lora_parameters
-
         apply_lora(model, cfg.lora)
         return lora_parameters(model)
     if cfg.method == "prefix":
-        from llmkit.models.prefix import apply_prefix, prefix_parameters
-
         apply_prefix(model, cfg.prefix)
         return prefix_parameters(model)
     return []
@@ -220,15 +214,10 @@ def _save_final(model: EncoderClassifier, final_dir: Path, tokenizer, names: lis
     """full and lora: a plain model dir (LoRA merged in), lora also keeps its adapter in final/adapter;
     prefix: an adapter dir (PEFT layout, the head as modules_to_save) over `init_from`."""
     if cfg.method == "prefix":
-        from llmkit.models.adapters import save_adapter
-
         save_adapter(model, final_dir, cfg.init_from)
         tokenizer.save(final_dir)
     else:
         if cfg.method == "lora":
-            from llmkit.models.adapters import save_adapter
-            from llmkit.models.lora import merge_lora
-
             save_adapter(model, final_dir / "adapter", cfg.init_from)
             model = merge_lora(model)
         save_model(model, final_dir, tokenizer)

@@ -26,14 +26,18 @@ from typing import Literal
 import torch
 
 from llmkit import runtime
-from llmkit.chat import load_chat_template
+from llmkit.chat import load_chat_template, save_chat_template
 from llmkit.data.tokenized import file_sha256
+from llmkit.finetune.answer_metrics import exact_match, rouge_l
 from llmkit.finetune.sft_batches import MixedBatches, eval_batches, open_pretrain_tokens
 from llmkit.finetune.sft_data import InstructDataConfig, build_sft_data
 from llmkit.infer.generate import SamplingParams
 from llmkit.infer.reply import chat_reply
-from llmkit.models.lora import LoRAConfig
-from llmkit.models.prefix import PrefixConfig
+from llmkit.models.adapters import save_adapter
+from llmkit.models.io import load_generation_config, load_model, save_model
+from llmkit.models.lora import LoRAConfig, apply_lora, lora_parameters
+from llmkit.models.prefix import PrefixConfig, apply_prefix, prefix_parameters
+from llmkit.registry import resolve_model
 from llmkit.tokenizer import Tokenizer
 from llmkit.track import TrackConfig, Tracker
 from llmkit.train import loop
@@ -97,8 +101,6 @@ class SFTConfig:
 def prepare_model(cfg: SFTConfig, device: torch.device) -> tuple[torch.nn.Module, list[torch.nn.Parameter],
                                                                   list[torch.nn.Parameter]]:
     """The base model with the method applied: (model, base params that train, adapter params that train)."""
-    from llmkit.models.io import load_model
-
     model = load_model(cfg.base_model)
     if model.config.FAMILY not in ("decoder", "encdec"):
         raise ValueError(f"base_model: {cfg.base_model} is a {model.config.FAMILY} model; instruction tuning "
@@ -108,18 +110,12 @@ def prepare_model(cfg: SFTConfig, device: torch.device) -> tuple[torch.nn.Module
             p.requires_grad_(True)
         return model.to(device), [p for p in model.parameters()], []
     if cfg.method == "lora":
-        from llmkit.models.lora import apply_lora, lora_parameters
-
         tokenizer = None
         if cfg.lora.trainable_tokens:
-            from llmkit.tokenizer import Tokenizer
-
             tokenizer = Tokenizer.load(cfg.base_model)
         apply_lora(model, cfg.lora, tokenizer)
         adapters = lora_parameters(model)
     else:
-        from llmkit.models.prefix import apply_prefix, prefix_parameters
-
         apply_prefix(model, cfg.prefix)
         adapters = prefix_parameters(model)
     return model.to(device), [], adapters
@@ -192,8 +188,6 @@ def heldout_loss(model, batches: list, device: torch.device, autocast, pad_id: i
 
 def generation_eval(model, tokenizer, template, eval_convs: list, cfg: SFTEvalConfig) -> dict:
     """Exact match and ROUGE-L of greedy answers to held-out single-turn prompts, and sampled answers."""
-    from llmkit.finetune.answer_metrics import exact_match, rouge_l
-
     single = [c for c in eval_convs if len(c) >= 2 and c[-1]["role"] == "assistant"]
     scored = []
     for conv in single[:cfg.answers]:
@@ -221,8 +215,6 @@ def finetune_sft(cfg: SFTConfig, resume: bool = False) -> dict:
     results.json (eval figures, answers and samples) and checkpoints; tracked in MLflow. `base_model` may be
     a registry URI (models:/NAME@ALIAS, runs:/...): it is resolved to its directory first.
     """
-    from llmkit.registry import resolve_model
-
     cfg.base_model = str(resolve_model(cfg.base_model))
     tracker = Tracker(cfg.track, cfg.out_dir)
     with tracker:
@@ -347,10 +339,6 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
 
 def save_finetuned(model, cfg: SFTConfig, tokenizer, template, final_dir: Path) -> Path:
     """full: a model dir; lora / prefix: an adapter dir (PEFT layout) - each with tokenizer and template."""
-    from llmkit.chat import save_chat_template
-    from llmkit.models.adapters import save_adapter
-    from llmkit.models.io import load_generation_config, save_model
-
     if final_dir.exists():
         shutil.rmtree(final_dir)
     gen = load_generation_config(cfg.base_model) or {"max_new_tokens": 256, "temperature": 0.7, "top_p": 0.9}
