@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from llmkit.infer.generate import SamplingParams, generate, stream_tokens
-from llmkit.infer.sampling import filter_logits, sample_next
 from llmkit.models import Decoder, DecoderConfig, save_model
+from llmkit.sampling import filter_logits, sample_next
 from llmkit.tokenizer import train_char
 
 

@@ -3,7 +3,7 @@ import math
 import torch
 
 from llmkit.infer.engine import RequestParams
-from llmkit.infer.sampling import (
+from llmkit.sampling import (
     BatchSampling,
     apply_penalties,
     filter_logits,

@@ -23,7 +23,7 @@ contiguous slot rather than paged in place: simpler, at the cost of one copy per
 Per request (`RequestParams`): max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p, repetition,
 presence and frequency penalties, seed (a per-request `torch.Generator`, so the same seed gives the same
 tokens whatever else is in the batch), logprobs, stop token ids and EOS (neither is emitted) and stop
-strings (need a tokenizer). Sampling is vectorised over the batch (`llmkit.infer.sampling`); only the draw
+strings (need a tokenizer). Sampling is vectorised over the batch (`llmkit.sampling`); only the draw
 itself runs per row, on that row's generator. Tokens go to an optional per-request callback and to
 `Engine.stream`.
 
@@ -51,7 +51,10 @@ from dataclasses import dataclass, field
 import torch
 
 from llmkit.infer.generate import SamplingParams, eos_set
-from llmkit.infer.sampling import (
+from llmkit.models.decoder import Decoder
+from llmkit.models.layers import causal_mask
+from llmkit.models.layout import column_major_linears
+from llmkit.sampling import (
     BatchSampling,
     invalid_rows,
     mask_padded_vocab,
@@ -60,9 +63,6 @@ from llmkit.infer.sampling import (
     token_counts,
     top_logprobs,
 )
-from llmkit.models.decoder import Decoder
-from llmkit.models.layers import causal_mask
-from llmkit.models.layout import column_major_linears
 
 
 @dataclass

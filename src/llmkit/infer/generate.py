@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llmkit.infer.sampling import mask_padded_vocab, sample_next
 from llmkit.models.decoder import Decoder, KVCache
+from llmkit.sampling import mask_padded_vocab, sample_next
 
 
 @dataclass

@@ -42,9 +42,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from llmkit.infer.generate import SamplingParams, eos_set
-from llmkit.infer.sampling import sample_next
 from llmkit.models.decoder import Decoder, KVCache
 from llmkit.models.layers import GATED_ACTIVATIONS, Attention, FeedForward
+from llmkit.sampling import sample_next
 
 __all__ = ["TPDecoder", "PPStage", "shard_decoder_tp", "split_decoder_pp", "parallel_generate"]
 

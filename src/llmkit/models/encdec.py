@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmkit.models.layers import Attention, RMSNorm
+from llmkit.sampling import sample_next
 
 __all__ = ["EncDecConfig", "EncoderDecoder", "relative_position_bucket"]
 
@@ -449,8 +450,6 @@ class EncoderDecoder(nn.Module):
         does); decoding stops early when every row has finished, so new_len <= max_new_tokens.
         Dropout follows the module's mode: call `.eval()` first.
         """
-        from llmkit.infer.sampling import sample_next  # lazy: llmkit.infer imports llmkit.models
-
         B = input_ids.shape[0]
         device = input_ids.device
         generator = None

@@ -12,7 +12,7 @@ Policies (documented in docs/serve.md):
 * A prompt of ``max_model_len`` tokens or more is refused (400 naming ``prompt`` / ``messages``) rather
   than silently cut from the left as the engine would.
 * ``top_k`` <= 0 (-1 as in vLLM) switches top-k off, as does any value >= the vocabulary size; temperature 0
-  is greedy, and so is a temperature below 1e-5 (`llmkit.infer.sampling.MIN_TEMPERATURE`; dividing logits
+  is greedy, and so is a temperature below 1e-5 (`llmkit.sampling.MIN_TEMPERATURE`; dividing logits
   by 1e-40 would overflow). ``repetition_penalty`` is in [0.01, 10]: a smaller divisor overflows the
   logits too.
 * A prompt list holds at most `MAX_PROMPTS` prompts. JSON that Python cannot hold (an integer literal of
