@@ -33,7 +33,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from llmkit.config import flatten, load_config, to_dict  # noqa: E402
 from llmkit.tokenizer import train_char  # noqa: E402
 from llmkit.track import TrackConfig, Tracker, default_tracking_uri, sqlite_path  # noqa: E402
-from llmkit.train.trainer import PretrainConfig, pretrain  # noqa: E402
+from llmkit.train.pretrain import PretrainConfig, pretrain  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.block_size=32", "train.batch_size=4",

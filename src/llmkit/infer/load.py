@@ -26,12 +26,12 @@ def load_for_inference(model_dir: str | Path, adapter: str | Path | None = None,
     "fp32", "bf16" or "fp16" - decided in `llmkit.runtime`. INT8 dirs run on the CPU only.
     """
     from llmkit.chat import has_chat_template, load_chat_template
-    from llmkit.runtime import resolve_device, resolve_dtype
     from llmkit.infer.quantize import is_quantized_dir, load_quantized
     from llmkit.models.adapters import load_adapter
     from llmkit.models.io import load_generation_config, load_model
     from llmkit.models.layout import column_major_linears
     from llmkit.registry import resolve_model
+    from llmkit.runtime import resolve_device, resolve_dtype
     from llmkit.tokenizer import Tokenizer
 
     model_dir = resolve_model(model_dir)
