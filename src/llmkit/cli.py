@@ -23,22 +23,20 @@ def _samples(args) -> None:
 
 def _data_run(args) -> None:
     from llmkit.config import load_config
-    from llmkit.data.corpus import CorpusConfig as DataPipelineConfig
-    from llmkit.data.corpus import build_corpus as run_pipeline
+    from llmkit.data.corpus import CorpusConfig, build_corpus
 
-    cfg = load_config(DataPipelineConfig, args.config, args.overrides)
-    manifest = run_pipeline(cfg, restart=args.restart)
+    cfg = load_config(CorpusConfig, args.config, args.overrides)
+    manifest = build_corpus(cfg, restart=args.restart)
     print(json.dumps({"out_dir": cfg.out_dir, "docs_in": manifest["funnel"][0]["in"],
                       "docs_out": manifest["output"]["docs"], "digest": manifest["output"]["digest"],
                       "mb_s_per_core": manifest["throughput"]["pipeline_mb_s_per_core"]}))
 
 
 def _data_report(args) -> None:
-    from llmkit.data.report import load_manifest
-    from llmkit.data.report import manifest_markdown as render_report
+    from llmkit.data.report import load_manifest, manifest_markdown
 
     manifest = load_manifest(args.run_dir)
-    print(json.dumps(manifest, indent=1, ensure_ascii=False) if args.json else render_report(manifest), end="")
+    print(json.dumps(manifest, indent=1, ensure_ascii=False) if args.json else manifest_markdown(manifest), end="")
 
 
 def _tokenizer_train(args) -> None:
