@@ -126,6 +126,26 @@ def test_a_checkpoint_of_another_world_size_is_refused_without_a_restart(tmp_pat
         run(tmp_path / "two", max_steps=6, resume=True)
 
 
+@pytest.mark.parametrize("layout", ["pretrain", "classify", "sft"])
+def test_checkpoints_from_before_the_shared_loop_resume_exactly(tmp_path, layout):
+    """Each recipe stored the data position and RNG its own way before; a run killed then still resumes."""
+    _, _, straight = run(tmp_path / "straight", max_steps=6, decay_steps=6)
+    run(tmp_path / "new", max_steps=3, decay_steps=6)
+    new = open_run(tmp_path / "new", resume=True)
+    (data,), (rng,) = new.state["data"], new.rng["ranks"]
+    old_state, old_rng = {
+        "pretrain": ({"samplers": [data]}, {"ranks": [rng]}),
+        "classify": ({"batches": data}, rng),
+        "sft": ({}, {"torch": rng, "batches": data}),
+    }[layout]
+    old = tmp_path / "old"
+    save_checkpoint(old / "checkpoints", new.step, new.model, new.optimizer, old_rng,
+                    {"tracking_run_id": None, **old_state})
+    _, _, resumed = run(old, max_steps=6, decay_steps=6, resume=True)
+    assert [r["loss"] for r in resumed.history if "loss" in r] == \
+        [r["loss"] for r in straight.history if "loss" in r][3:]
+
+
 def test_weights_that_do_not_fit_are_refused(tmp_path):
     run(tmp_path, max_steps=3)
     checkpoint = open_run(tmp_path, resume=True)

@@ -277,6 +277,21 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def saved_positions(checkpoint: Checkpoint) -> tuple[list[dict], list[dict]]:
+    """Every rank's data position and RNG state in a checkpoint; checkpoints written before the recipes shared
+    this loop (pretraining's "samplers", classification's and SFT's single "batches") are read too."""
+    state, rng = checkpoint.state, checkpoint.rng
+    if "data" in state:
+        return state["data"], rng["ranks"]
+    if "samplers" in state:  # pretraining
+        return state["samplers"], rng["ranks"]
+    if "batches" in state:  # classification: rng is the state itself
+        return [state["batches"]], [rng]
+    if "batches" in rng:  # SFT
+        return [rng["batches"]], [rng["torch"]]
+    raise ValueError(f"{checkpoint.path}: no data position in this checkpoint: it cannot be resumed exactly")
+
+
 # -- the loop ----------------------------------------------------------------------------------------
 def train_loop(cfg: LoopConfig, job: Job, out: Path, tracker: Tracker, checkpoint: Checkpoint | None,
                info: DistInfo | None = None) -> LoopResult:
@@ -308,10 +323,10 @@ def train_loop(cfg: LoopConfig, job: Job, out: Path, tracker: Tracker, checkpoin
         load_optimizer(checkpoint.optimizer["optimizer"])
         scheduler.load_state_dict(checkpoint.optimizer["scheduler"])
         step = checkpoint.step
-        data_states = checkpoint.state["data"]
+        data_states, rng_states = saved_positions(checkpoint)
         if len(data_states) == info.world_size:
             job.data.load_state_dict(data_states[info.rank])
-            set_rng_state(checkpoint.rng["ranks"][info.rank], device)
+            set_rng_state(rng_states[info.rank], device)
         elif job.restart_data is not None:
             log.warning("checkpoint was written by %d processes, now %d: data order will differ",
                         len(data_states), info.world_size)
