@@ -46,15 +46,6 @@ def heldout_perplexity(model, tokens_dir: str | Path, max_tokens: int) -> tuple[
     return math.exp(total / count), count
 
 
-def _prompt_ids(tok, template, text: str) -> list[int]:
-    from llmkit.chat import encode_chat
-
-    if template is None:
-        return tok.encode(text)
-    ids, _ = encode_chat(tok, [{"role": "user", "content": text}], template, add_generation_prompt=True)
-    return ids
-
-
 def answers(model, tok, template, prompts: list[str], max_new_tokens: int, sampling: EvalStage | None = None
             ) -> list[str]:
     """Replies to single-turn prompts (`chat_replies`: batched through the Engine, cut at the end of turn):
@@ -79,9 +70,10 @@ def load_run(model, tok, template, prompts: list[str], requests: int, concurrenc
     Returns per-request lists ttft_s (submit -> first token), tpot_s (mean seconds per token after the
     first), e2e_s, and overall generated tokens/s."""
     from llmkit.infer.engine import Engine, RequestParams
+    from llmkit.infer.reply import reply_prompt_ids, reply_stop_ids
 
-    stops = tuple(template.stop_token_ids(tok)) if template is not None else ()
-    ids = [_prompt_ids(tok, template, p) for p in prompts]
+    stops = reply_stop_ids(tok, template)  # as a chat reply would stop: end of turn, then every eos id
+    ids = [reply_prompt_ids(tok, template, [{"role": "user", "content": p}]) for p in prompts]
     engine = Engine(model, tok, max_batch=concurrency, prefix_cache_tokens=0,
                     max_len=max(map(len, ids), default=1) + max_new_tokens)
     times: dict[str, list[float]] = {}
