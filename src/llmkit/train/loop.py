@@ -317,7 +317,7 @@ def train_loop(cfg: LoopConfig, job: Job, out: Path, tracker: Tracker, checkpoin
     step = 0
     if checkpoint is not None:
         for key, value in job.facts.items():
-            if checkpoint.state.get(key) != value:
+            if key in checkpoint.state and checkpoint.state[key] != value:  # (older checkpoints record fewer)
                 raise ValueError(f"{checkpoint.path}: written for {key} {checkpoint.state.get(key)!r}, this run has "
                                  f"{value!r}")
         load_optimizer(checkpoint.optimizer["optimizer"])
