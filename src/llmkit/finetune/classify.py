@@ -304,9 +304,9 @@ def _finetune(cfg: ClassifyConfig, resume: bool, tracker: Tracker) -> dict:
         return {"test_loss": loss, "accuracy": report["accuracy"], "macro_f1": report["macro_f1"]}
 
     job = loop.Job(model=model, optimizer=optimizer, next_batch=next_batch,
-              loss=lambda b: model(b["x"], attention_mask=b["attention_mask"], labels=b["labels"])[1],
-              evaluate=evaluate, data=batches, autocast=autocast, tokens=lambda b: b["tokens"],
-              facts={"labels": names, "method": cfg.method}, name="finetune")
+                   loss=lambda b: model(b["x"], attention_mask=b["attention_mask"], labels=b["labels"])[1],
+                   evaluate=evaluate, data=batches, autocast=autocast, tokens=lambda b: b["tokens"],
+                   facts={"labels": names, "method": cfg.method}, name="finetune")
     result = loop.train_loop(t_cfg, job, out, tracker, checkpoint)
     if result.stopped:
         tracker.end("KILLED")

@@ -308,9 +308,9 @@ def _finetune(cfg: SFTConfig, resume: bool, tracker: Tracker) -> dict:
         return model_batch(model, x, y, tokenizer.pad_id, device), int((y != -100).sum())
 
     job = loop.Job(model=model, optimizer=optimizer, next_batch=next_batch,
-              loss=lambda batch: model(**batch[0], **loss_only)[1], evaluate=evaluate, data=batches,
-              autocast=autocast, tokens=lambda batch: batch[1],  # the tokens the loss is on
-              facts={"method": cfg.method}, name=f"finetune ({cfg.method})")
+                   loss=lambda batch: model(**batch[0], **loss_only)[1], evaluate=evaluate, data=batches,
+                   autocast=autocast, tokens=lambda batch: batch[1],  # the tokens the loss is on
+                   facts={"method": cfg.method}, name=f"finetune ({cfg.method})")
     result = loop.train_loop(t_cfg, job, out, tracker, checkpoint)
 
     # -- answers and the final adapter / model

@@ -340,7 +340,7 @@ def train_loop(cfg: LoopConfig, job: Job, out: Path, tracker: Tracker, checkpoin
     dtype = runtime.resolve_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     trainable = [p for p in job.model.parameters() if p.requires_grad]
-    ddp = isinstance(job.model, torch.nn.parallel.DistributedDataParallel)
+    ddp = callable(getattr(job.model, "no_sync", None))  # DDP, also behind torch.compile
     if device.type == "cpu":
         runtime.return_freed_memory_to_the_os()
 

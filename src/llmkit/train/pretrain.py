@@ -214,7 +214,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, info: DistInfo, tracker: Tracke
     # so the optimizer is built after wrapping.
     model = D.wrap_model(raw_model, info, t_cfg.strategy)
     optimizer = loop.make_optimizer(t_cfg, [(list(raw_model.parameters()), 1.0)],
-                               fused=not (info.enabled and t_cfg.strategy == "fsdp"))
+                                    fused=not (info.enabled and t_cfg.strategy == "fsdp"))
     if t_cfg.compile:
         model = torch.compile(model)
     dtype = runtime.resolve_dtype(t_cfg.precision, device)
@@ -254,13 +254,13 @@ def _pretrain(cfg: PretrainConfig, resume: bool, info: DistInfo, tracker: Tracke
         job.data = make_sampler(train_split, t_cfg, block, info, seed=t_cfg.seed + step)
 
     job = loop.Job(model=model, optimizer=optimizer, next_batch=next_batch, loss=lambda batch: model(**batch)[1],
-              evaluate=evaluate, data=make_sampler(train_split, t_cfg, block, info), autocast=autocast,
-              tokens=lambda batch: t_cfg.batch_size * block * info.world_size,
-              flops_per_token=flops_per_token, peak_flops=peak_flops(device, t_cfg.peak_flops),
-              model_state=lambda: D.full_model_state(raw_model),
-              optimizer_state=lambda: D.full_optimizer_state(raw_model, optimizer),
-              load_optimizer_state=lambda state: D.load_full_optimizer_state(raw_model, optimizer, state),
-              restart_data=restart_data, name="pretrain")
+                   evaluate=evaluate, data=make_sampler(train_split, t_cfg, block, info), autocast=autocast,
+                   tokens=lambda batch: t_cfg.batch_size * block * info.world_size,
+                   flops_per_token=flops_per_token, peak_flops=peak_flops(device, t_cfg.peak_flops),
+                   model_state=lambda: D.full_model_state(raw_model),
+                   optimizer_state=lambda: D.full_optimizer_state(raw_model, optimizer),
+                   load_optimizer_state=lambda state: D.load_full_optimizer_state(raw_model, optimizer, state),
+                   restart_data=restart_data, name="pretrain")
     result = loop.train_loop(t_cfg, job, out, tracker, checkpoint, info)
 
     # -- the final model
