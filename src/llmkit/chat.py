@@ -55,9 +55,7 @@ HF's ``return_assistant_tokens_mask=True`` (and TRL's ``assistant_only_loss``) y
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
@@ -68,6 +66,7 @@ from typing import Any
 import numpy as np
 
 from llmkit.chat_template import SPECIAL_TOKEN_VARIABLES, ChatFormatError, JinjaChatTemplate
+from llmkit.tokenizer import atomic_write_text
 
 __all__ = [
     "CHAT_TEMPLATE_FILE",
@@ -543,17 +542,6 @@ def _encode_jinja(tokenizer, conversations, template: JinjaChatTemplate, add_gen
 # -- storage ---------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_chat_template(directory: str | Path, template: ChatTemplate | JinjaChatTemplate) -> Path:
     """Store `template` in `directory` (a model or tokenizer dir, beside ``tokenizer.json``).
 
@@ -575,12 +563,12 @@ def save_chat_template(directory: str | Path, template: ChatTemplate | JinjaChat
         for var, token in template.special_tokens.items():
             cfg.setdefault(var, token)
         cfg["chat_template"] = template.source
-        _atomic_write(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        atomic_write_text(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         (d / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
         (d / "chat_template.jinja").unlink(missing_ok=True)
         return cfg_path
     path = d / CHAT_TEMPLATE_FILE
-    _atomic_write(path, json.dumps({"format_version": _FORMAT_VERSION, **asdict(template)}, indent=2,
+    atomic_write_text(path, json.dumps({"format_version": _FORMAT_VERSION, **asdict(template)}, indent=2,
                                    ensure_ascii=False) + "\n")
     cfg_path = d / TOKENIZER_CONFIG_FILE
     cfg = _read_config(cfg_path)
@@ -594,7 +582,7 @@ def save_chat_template(directory: str | Path, template: ChatTemplate | JinjaChat
     # llmkit decodes byte-exactly; HF's default clean-up would rewrite " ." -> "."
     cfg.setdefault("clean_up_tokenization_spaces", False)
     cfg["chat_template"] = template.to_jinja()
-    _atomic_write(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     return path
 
 

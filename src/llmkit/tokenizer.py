@@ -247,7 +247,7 @@ class Tokenizer:
             cfg_path = out_dir / TOKENIZER_CONFIG_FILE
             cfg = _read_json(cfg_path) if cfg_path.is_file() else {}
             cfg.update(self.config)
-            _atomic_write_text(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+            atomic_write_text(cfg_path, json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
         return path
 
     @classmethod
@@ -332,7 +332,8 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` through a temporary file and a rename: a crash never leaves it half written."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -2,9 +2,9 @@
 
 `nn.Linear` stores its weight (out, in) row-major and computes x @ W.T. At batch 1 (one token per decode
 step) that is a matrix-vector product, bound by how fast the weight streams from memory, and the CPU
-BLAS reads the transposed operand less efficiently: measured here with torch 2.13 on 2 cores, the GPT-2
-output head (768 x 50257) took 9.1 ms row-major and 5.5 ms stored as (in, out) - the layout of GPT-2's
-original `Conv1D`, which is why Hugging Face's GPT-2 decodes faster than the same weights in `nn.Linear`.
+BLAS reads the transposed operand less efficiently (the GPT-2 output head, 768 x 50257, timed both ways by
+`benchmarks/engine_vs_hf.py`; figures in docs/engine.md). (in, out) is the layout of GPT-2's original
+`Conv1D`, which is why Hugging Face's GPT-2 decodes faster than the same weights in `nn.Linear`.
 
 `column_major_linears` keeps every Linear weight's shape, values and autograd identity of use (a
 `Parameter` of shape (out, in)), but stores it with strides (1, out): `F.linear` then hands BLAS a
