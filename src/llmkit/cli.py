@@ -136,6 +136,13 @@ def _export_hf(args) -> None:
 
 
 def _import_gguf(args) -> None:
+    if args.keep_quantized:
+        from llmkit.infer.weight_only import WeightOnlyLinear, load_gguf_quantized
+
+        model = load_gguf_quantized(args.from_file, args.out)
+        kept = sum(isinstance(m, WeightOnlyLinear) for m in model.modules())
+        print(json.dumps({"model": args.out, "quantized_linears": kept}))
+        return
     from llmkit.models.gguf import import_gguf
 
     model = import_gguf(args.from_file, args.out)
@@ -337,12 +344,15 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ft.set_defaults(func=_finetune)
 
-    qz = sub.add_parser("quantize", help="INT8 weights (dynamic, weight-only or calibrated static activations)")
+    qz = sub.add_parser("quantize", help="INT8 weights (dynamic, weight-only or calibrated static activations) or "
+                                         "group-wise INT4 weights")
     _config_arguments(qz, "quantization (llmkit.infer.quantize.QuantizeDirConfig)")
     _shorthand(qz, "--model", key="model", help="a plain llmkit model directory (or models:/NAME@ALIAS)")
-    _shorthand(qz, "--out", key="out", help="the INT8 model directory to write")
-    _shorthand(qz, "--mode", key="quant.mode", choices=["dynamic", "weight_only", "static"],
+    _shorthand(qz, "--out", key="out", help="the quantized model directory to write")
+    _shorthand(qz, "--mode", key="quant.mode", choices=["dynamic", "weight_only", "static", "int4"],
                help="default dynamic")
+    _shorthand(qz, "--group-size", key="quant.group_size", type=int,
+               help="int4: input columns per scale, a multiple of 32 (default 32)")
     _shorthand(qz, "--observer", key="quant.observer", choices=["minmax", "percentile", "histogram"],
                help="how static mode picks activation ranges from the calibration data (default histogram)")
     _shorthand(qz, "--calibration", key="calibration", help="text for static calibration (txt / jsonl / json)")
@@ -375,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     ig = im.add_parser("gguf", help="a GGUF file (llama.cpp / Ollama): llama, qwen2, qwen3; dequantized to fp32")
     ig.add_argument("--from", dest="from_file", required=True)
     ig.add_argument("--out", required=True)
+    ig.add_argument("--keep-quantized", action="store_true",
+                    help="keep Q4_0 / Q8_0 weights as they are (INT4 / INT8 layers): a quantized model directory")
     ig.set_defaults(func=_import_gguf)
     ex = sub.add_parser("export", help="write models for other tools").add_subparsers(dest="action", required=True)
     eh = ex.add_parser("hf", help="a Hugging Face directory loadable with from_pretrained")

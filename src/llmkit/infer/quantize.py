@@ -15,6 +15,8 @@ arXiv:2208.07339, without its fp16 outlier decomposition). The three modes diffe
 - ``static``: one per-tensor activation scale per Linear, fixed before inference by running calibration
   batches through the model with an observer on each target's input (SmoothQuant's "O1-O3" static
   per-tensor setting, Xiao et al. 2023, arXiv:2211.10438 — without its smoothing of outlier channels).
+- ``int4``: group-wise INT4 weights (`llmkit.infer.weight_only.WeightOnlyLinear`, one scale per `group_size`
+  input columns, ggml's Q4_0 rounding), activations fp32 between layers.
 - ``weight_only``: weights int8, activations keep (nearly) full precision. Kernel "limbs" (default)
   writes x as two int8 limbs, x ~= s1 q1 + s2 q2 with q2 quantizing the residual x - s1 q1 (error
   <= max|x| / (2 * 127 * 254) per element, about bf16's), and runs both through one `torch._int_mm`;
@@ -30,6 +32,10 @@ observers (MinMaxObserver, HistogramObserver) but written here:
   of |x|: values below t cost the rounding noise (t/127)^2 / 12, values above it the clipping error
   (|x| - t)^2 (PyTorch's HistogramObserver searches the same L2 objective; TensorRT's entropy
   calibrator, Migacz 2017, minimises KL instead — ``histogram_objective="kl"`` does that).
+
+Decoding (at most `llmkit.infer.kernels.MAX_ROWS` tokens per call) in ``dynamic`` mode goes through the CPU
+kernels of `llmkit.infer.kernels` when they are built: activations are quantized per block of 32 instead of per
+token (finer, so no less accurate) and the int8 weight streams once at 1 byte per weight.
 
 `torch._int_mm` constraints: on CUDA it needs M > 16 and K, N multiples of 8 (int8 tensor-core tiles);
 on CPU (torch 2.13) it takes any shape, and at M = 1 (decode steps) it beat the fp32 GEMV by ~8x on a
@@ -58,6 +64,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_model as _load_weights
 
+from llmkit.infer import kernels
+from llmkit.infer.weight_only import WeightOnlyLinear
+
 __all__ = [
     "QUANT_CONFIG", "HistogramObserver", "Int8Linear", "MinMaxObserver", "PercentileObserver", "QuantConfig",
     "QuantizeDirConfig", "int8_matmul", "linear_weight_bytes", "load_quantized", "make_observer", "quantize_model",
@@ -73,7 +82,7 @@ DEFAULT_TARGETS = (r"(.*\.)?blocks\.\d+\..+",)
 class QuantConfig:
     """What to quantize and how."""
 
-    mode: Literal["dynamic", "weight_only", "static"] = "dynamic"
+    mode: Literal["dynamic", "weight_only", "static", "int4"] = "dynamic"
     observer: Literal["minmax", "percentile", "histogram"] = "histogram"
     """Static mode only: how calibration activations become a clipping range."""
     percentile: float = 99.99
@@ -88,10 +97,15 @@ class QuantConfig:
     exclude: list[str] = field(default_factory=list)
     """Regexes of module paths to leave in fp32 even if a target matches."""
     weight_only_kernel: Literal["limbs", "dequant"] = "limbs"
+    group_size: int = 32
+    """Mode int4: input columns per scale (a multiple of 32 dividing every target's in_features; 32 / 64 /
+    128 are the usual choices: smaller groups, smaller error, more scale bytes)."""
 
     def validate(self) -> None:
-        if self.mode not in ("dynamic", "weight_only", "static"):
-            raise ValueError(f"mode: must be dynamic, weight_only or static, got {self.mode!r}")
+        if self.mode not in ("dynamic", "weight_only", "static", "int4"):
+            raise ValueError(f"mode: must be dynamic, weight_only, static or int4, got {self.mode!r}")
+        if self.group_size < 32 or self.group_size % 32:
+            raise ValueError(f"group_size: must be a positive multiple of 32, got {self.group_size}")
         if self.observer not in ("minmax", "percentile", "histogram"):
             raise ValueError(f"observer: must be minmax, percentile or histogram, got {self.observer!r}")
         if not 0.0 < self.percentile <= 100.0:
@@ -237,7 +251,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if self.mode == "weight_only":
+        if (self.mode == "dynamic" and x2.size(0) <= kernels.MAX_ROWS and self.in_features % 32 == 0
+                and x2.device.type == "cpu" and kernels.available()):
+            y = kernels.linear_q8(x2, self.qweight, self.weight_scale[:, None])  # decode: the streaming kernel
+        elif self.mode == "weight_only":
             if self.weight_only_kernel == "dequant":
                 y = F.linear(x2, self.dequantized_weight())
             else:
@@ -418,7 +435,8 @@ def _as_batches(batches) -> Iterable[torch.Tensor]:
 @torch.no_grad()
 def quantize_model(model: nn.Module, cfg: QuantConfig | None = None,
                    calibration_batches: Iterable[torch.Tensor] | None = None) -> nn.Module:
-    """Replace the target Linears of `model` by `Int8Linear` (in place) and return the model (eval mode).
+    """Replace the target Linears of `model` by `Int8Linear` (mode int4: `WeightOnlyLinear`, 4 bits, groups of
+    `cfg.group_size`) in place and return the model (eval mode).
 
     Static mode needs `calibration_batches`: token-id tensors (B, T) (or (T,), or dicts with "idx"),
     run through `model(idx)` with an observer on each target's input before anything is replaced.
@@ -452,26 +470,34 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | None = None,
             raise ValueError("calibration_batches is empty")
         for n, obs in observers.items():
             scales[n] = max(obs.amax(), 1e-8) / QMAX
+    if cfg.mode == "int4":
+        bad = [n for n in names if model.get_submodule(n).in_features % cfg.group_size]
+        if bad:
+            raise ValueError(f"group_size {cfg.group_size}: does not divide in_features of {', '.join(bad[:3])} "
+                             f"({model.get_submodule(bad[0]).in_features}); pick 32 or a divisor-compatible size")
     for n in names:
-        _set_module(model, n, Int8Linear.from_linear(model.get_submodule(n), cfg.mode, scales.get(n),
-                                                     cfg.weight_only_kernel))
+        linear = model.get_submodule(n)
+        _set_module(model, n, WeightOnlyLinear.from_linear(linear, 4, cfg.group_size) if cfg.mode == "int4" else
+                    Int8Linear.from_linear(linear, cfg.mode, scales.get(n), cfg.weight_only_kernel))
     model.quant_config = cfg
     return model
 
 
 def linear_weight_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes of Linear weights (+ biases, + int8 scales): {"fp32": ..., "int8": ..., "total": ...}.
+    """Bytes of Linear weights (+ biases, + scales): {"fp32": ..., "int8": ..., "int4": ..., "total": ...}.
 
     The tied output head (its weight *is* the embedding) is not counted."""
     emb = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    out = {"fp32": 0, "int8": 0}
+    out = {"fp32": 0, "int8": 0, "int4": 0}
     for m in model.modules():
         if type(m) is nn.Linear and id(m.weight) not in emb:
             out["fp32"] += sum(t.numel() * t.element_size() for t in (m.weight, m.bias) if t is not None)
         elif isinstance(m, Int8Linear):
             out["int8"] += sum(t.numel() * t.element_size() for t in (m.qweight, m.weight_scale, m.bias)
                                if t is not None)
-    out["total"] = out["fp32"] + out["int8"]
+        elif isinstance(m, WeightOnlyLinear):
+            out[f"int{m.bits}"] += m.weight_bytes()
+    out["total"] = out["fp32"] + out["int8"] + out["int4"]
     return out
 
 
@@ -483,11 +509,17 @@ def save_quantized(model: nn.Module, out_dir: str | Path, tokenizer=None,
     layers = {n: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
                   "mode": m.mode, "weight_only_kernel": m.weight_only_kernel}
               for n, m in model.named_modules() if isinstance(m, Int8Linear)}
+    layers |= {n: {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                   "mode": "grouped", "bits": m.bits, "group_size": m.group_size}
+               for n, m in model.named_modules() if isinstance(m, WeightOnlyLinear)}
     if not layers:
-        raise ValueError("save_quantized: the model has no Int8Linear (run quantize_model first)")
+        raise ValueError("save_quantized: the model has no quantized Linear (run quantize_model first)")
     out = save_model(model, out_dir, tokenizer, generation_config)  # state_dict holds the int8 buffers
     cfg = getattr(model, "quant_config", None)
-    meta = {"format_version": 1, "method": "int8", "weight": "int8 symmetric per-output-channel",
+    grouped = {(v["bits"], v["group_size"]) for v in layers.values() if v["mode"] == "grouped"}
+    weight = "; ".join([*(["int8 symmetric per-output-channel"] if len(grouped) < len(layers) else []),
+                        *(f"int{b} group-wise, group {g}" for b, g in sorted(grouped))])
+    meta = {"format_version": 1, "method": "int4" if any(b == 4 for b, _ in grouped) else "int8", "weight": weight,
             "config": dataclasses.asdict(cfg) if cfg is not None else None, "layers": layers}
     (out / QUANT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return out
@@ -540,15 +572,21 @@ def is_quantized_dir(model_dir: str | Path) -> bool:
 
 
 def load_quantized(model_dir: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Read a dir written by `save_quantized` into a model with `Int8Linear` layers, in eval mode."""
+    """Read a dir written by `save_quantized` into a model with its `Int8Linear` / `WeightOnlyLinear` layers, in
+    eval mode."""
     from llmkit.models.io import load_model_config
 
     config, model_cls = load_model_config(model_dir)
     meta = json.loads((Path(model_dir) / QUANT_CONFIG).read_text())
     model = model_cls(config)
     for n, spec in meta["layers"].items():
-        _set_module(model, n, Int8Linear(spec["in_features"], spec["out_features"], spec["bias"], spec["mode"],
-                                         spec.get("weight_only_kernel", "limbs")))
+        if spec["mode"] == "grouped":
+            layer = WeightOnlyLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["bits"],
+                                     spec["group_size"])
+        else:
+            layer = Int8Linear(spec["in_features"], spec["out_features"], spec["bias"], spec["mode"],
+                               spec.get("weight_only_kernel", "limbs"))
+        _set_module(model, n, layer)
     _load_weights(model, str(Path(model_dir) / "model.safetensors"), strict=True)
     if meta.get("config"):
         model.quant_config = QuantConfig(**meta["config"])

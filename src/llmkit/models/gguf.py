@@ -141,8 +141,21 @@ def _dequantize(tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(data, dtype=np.float32).reshape(shape))  # a copy: the file is mapped read-only
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]:
-    """(metadata, HF config, HF-named fp32 tensors) of a GGUF file."""
+def _raw_blocks(tensor) -> np.ndarray:
+    """A quantized tensor's blocks as stored: uint8 (rows, row bytes), rows = the outer dimension."""
+    rows = int(np.prod([int(d) for d in tensor.shape[1:]]))
+    return np.asarray(tensor.data, dtype=np.uint8).reshape(rows, -1)
+
+
+def read_gguf(path: str | Path, keep_types: frozenset[int] = frozenset()
+              ) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.Tensor], dict[str, tuple[np.ndarray, int]]]:
+    """(metadata, HF config, HF-named fp32 tensors, raw) of a GGUF file.
+
+    Tensors whose ggml type id is in `keep_types` are not dequantized: `raw[hf_name]` is (their blocks as
+    stored, uint8 (rows, row bytes) with llama.cpp's q/k row permutation undone, the ggml type id), and the
+    fp32 entry is a zero placeholder of the right shape, for building the model skeleton.
+    """
+    path = Path(path)
     reader = _reader(path)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     names = {t.name for t in reader.tensors}
@@ -155,14 +168,23 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, torch.T
     hf = _hf_config(meta, int(emb.shape[-1]), tied="output.weight" not in names)
     arch = meta["general.architecture"]
     heads = {"attn_q": hf["num_attention_heads"], "attn_k": hf["num_key_value_heads"]}
-    weights = {}
+    weights, raw = {}, {}
     for t in reader.tensors:
-        w = _dequantize(t)
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else None
-        if arch in _PERMUTED_QK and kind in heads:
+        permuted = arch in _PERMUTED_QK and kind in heads
+        if int(t.tensor_type) in keep_types:
+            shape = tuple(int(d) for d in reversed(t.shape))
+            blocks = torch.from_numpy(_raw_blocks(t).copy())  # rows of whole blocks: permuting rows is exact
+            if permuted:
+                blocks = _unpermute(blocks, heads[kind])
+            raw[_hf_name(t.name)] = (blocks.numpy(), int(t.tensor_type))
+            weights[_hf_name(t.name)] = torch.zeros(shape)
+            continue
+        w = _dequantize(t)
+        if permuted:
             w = _unpermute(w, heads[kind])
         weights[_hf_name(t.name)] = w
-    return meta, hf, weights
+    return meta, hf, weights, raw
 
 
 def import_gguf(path: str | Path, out_dir: str | Path | None = None) -> Decoder:
@@ -176,16 +198,25 @@ def import_gguf(path: str | Path, out_dir: str | Path | None = None) -> Decoder:
     """
     from llmkit.models.hf import decoder_from_hf
     from llmkit.models.io import save_model
-    from llmkit.tokenizer import Tokenizer
 
     path = Path(path)
-    meta, hf, weights = _read(path)
+    meta, hf, weights, _ = read_gguf(path)
     try:
         model = decoder_from_hf(hf, weights)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     if out_dir is None:
         return model
+    write_model_dir(meta, model, out_dir, save_model)
+    return model
+
+
+def write_model_dir(meta: dict[str, Any], model, out_dir: str | Path, save) -> Path:
+    """Write `model` (through `save(model, dir, tokenizer=, generation_config=)`, e.g. `save_model`) with the
+    tokenizer, chat template and generation config of a GGUF file's metadata into `out_dir`, atomically: the
+    directory appears whole or not at all. Raises FileExistsError for a non-empty `out_dir`."""
+    from llmkit.tokenizer import Tokenizer
+
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty")
@@ -205,13 +236,13 @@ def import_gguf(path: str | Path, out_dir: str | Path | None = None) -> Decoder:
         (tok_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, ensure_ascii=False, indent=2))
         (tok_dir / "generation_config.json").write_text(json.dumps(gen))
         model_dir = tmp / "model"
-        save_model(model, model_dir, tokenizer=Tokenizer.load(tok_dir), generation_config=gen)
+        save(model, model_dir, tokenizer=Tokenizer.load(tok_dir), generation_config=gen)
         if out.exists():
             out.rmdir()
         model_dir.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return model
+    return out
 
 
 # -- export -----------------------------------------------------------------------------------------
