@@ -233,3 +233,14 @@ def test_unavailable_kernels_leave_the_model_alone(monkeypatch):
     with pytest.raises(RuntimeError, match="unavailable"):
         kernels.linear_f32(torch.randn(1, 64), torch.randn(3, 64))
     np.testing.assert_equal(WeightOnlyLinear.from_linear(nn.Linear(64, 3), 8, 32)(torch.ones(1, 64)).shape, (1, 3))
+
+
+def test_turned_off_routes_every_layer_to_its_torch_path():
+    torch.manual_seed(2)
+    layer = WeightOnlyLinear.from_linear(nn.Linear(64, 8), 4, 32)
+    x = torch.randn(1, 64)
+    exact = nn.functional.linear(x, layer.dequantized_weight(), layer.bias)
+    with kernels.turned_off():
+        assert torch.allclose(layer(x), exact, atol=1e-6)
+    assert not torch.allclose(layer(x), exact, atol=1e-6)  # the kernel quantizes activations: not bit-equal
+    assert kernels.MAX_ROWS > 0

@@ -22,6 +22,7 @@ values (tests compare both).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["MAX_ROWS", "available", "dequantize_q4", "dequantize_q8", "linear_f32", "linear_q4", "linear_q8",
-           "quantize_rows_q8", "why_not"]
+           "quantize_rows_q8", "turned_off", "why_not"]
 
 MAX_ROWS = 16
 """Most input rows (tokens) the kernels take per call: past that a matrix-matrix product (BLAS) reuses each
@@ -121,6 +122,18 @@ def why_not() -> str | None:
     """Why `available()` is False (compiler error, no compiler, disabled), or None when it is True."""
     _load()
     return _error
+
+
+@contextlib.contextmanager
+def turned_off():
+    """Inside this block every layer takes its PyTorch path (`MAX_ROWS` is 0): the eager reference the kernels
+    are measured against, on the same model objects."""
+    global MAX_ROWS
+    saved, MAX_ROWS = MAX_ROWS, 0
+    try:
+        yield
+    finally:
+        MAX_ROWS = saved
 
 
 def _check(x: torch.Tensor, K: int) -> torch.Tensor:
