@@ -244,3 +244,76 @@ def test_turned_off_routes_every_layer_to_its_torch_path():
         assert torch.allclose(layer(x), exact, atol=1e-6)
     assert not torch.allclose(layer(x), exact, atol=1e-6)  # the kernel quantizes activations: not bit-equal
     assert kernels.MAX_ROWS > 0
+
+
+# -- the fused decode layer ----------------------------------------------------------------------------------
+
+from llmkit.infer.kernels.fused import FusedLayers  # noqa: E402
+from llmkit.models.decoder import KVCache  # noqa: E402
+
+LLAMA = dict(vocab_size=96, block_size=64, n_layer=2, d_model=64, n_head=4, n_kv_head=2, activation="swiglu",
+             norm="rmsnorm", positions="rope")
+
+
+def _fused_next_logits(model, plan, prompt: torch.Tensor, token: int, block_size: int = 4):
+    """Prefill `prompt` with the model's own cached forward, copy its keys/values into a block pool under a
+    shuffled block table, run one fused decode step for `token`; returns (fused logits, the model's own
+    cached-forward logits for the same token, the pool's copy of the new key, the model's new key)."""
+    cfg = model.config
+    T = prompt.size(1)
+    cache = KVCache(cfg, 1, 64, rolling=False)
+    with torch.no_grad():
+        model(prompt, cache=cache)
+    n_blocks = 16
+    k_pool = torch.zeros(cfg.n_layer, n_blocks, cfg.kv_heads, block_size, cfg.head_dim)
+    v_pool = torch.zeros_like(k_pool)
+    table = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(T))[None]
+    for t in range(T):
+        b = table[0, t // block_size]
+        k_pool[:, b, :, t % block_size] = cache.k[:, 0, :, t]
+        v_pool[:, b, :, t % block_size] = cache.v[:, 0, :, t]
+    with torch.no_grad():
+        want = model(torch.tensor([[token]]), cache=cache)[0][0, -1]
+        x = model.embed(torch.tensor([token])).contiguous()
+        pos = torch.tensor([T])
+        cos, sin = model.rope_at(pos, T + 1)
+        for i in range(cfg.n_layer):
+            plan.layer(i, x, cos.contiguous(), sin.contiguous(), k_pool[i], v_pool[i], table, pos, T + 1)
+        got = model.head(x)[0]
+    b = table[0, T // block_size]
+    return got, want, k_pool[:, b, :, T % block_size], cache.k[:, 0, :, T]
+
+
+@pytest.mark.parametrize("variant", ["fp32", "kernel-fp32", "int8", "int4", "qkv_bias", "qk_norm", "window",
+                                     "attn_scale"])
+def test_fused_layer_equals_the_models_own_decode_step(variant):
+    torch.manual_seed(11)
+    extra = {"qkv_bias": dict(qkv_bias=True), "qk_norm": dict(qk_norm=True, head_dim=32),
+             "window": dict(sliding_window=4), "attn_scale": dict(attn_scale=0.3)}.get(variant, {})
+    model = Decoder(DecoderConfig(**LLAMA, **extra)).eval()
+    with torch.no_grad():  # biases and norms away from their initial values, so a skipped one shows
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.copy_(torch.rand_like(p) + 0.5 if "norm" in name else torch.randn_like(p) * 0.1)
+    if variant == "kernel-fp32":
+        use_decode_kernels(model)
+    elif variant in ("int8", "int4"):
+        quantize_model(model, QuantConfig(mode="dynamic" if variant == "int8" else "int4"))
+    plan = FusedLayers.plan(model)
+    assert not isinstance(plan, str), plan
+    prompt = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(1))
+    got, want, k_new, k_want = _fused_next_logits(model, plan, prompt, token=7)
+    assert torch.allclose(got, want, atol=1e-5), (got - want).abs().max()
+    assert torch.allclose(k_new, k_want, atol=1e-6)  # the new key went to its block, rotated and normed
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(positions="learned", norm="layernorm", activation="gelu"), "learned position embeddings"),
+    (dict(activation="geglu_tanh"), "MLP activation geglu_tanh"),
+    (dict(post_norms=True), "post-norms"),
+    (dict(attn_softcap=50.0), "soft-capped"),
+])
+def test_fused_plan_names_what_it_does_not_cover(change, reason):
+    model = Decoder(DecoderConfig(**{**LLAMA, **change})).eval()
+    plan = FusedLayers.plan(model)
+    assert isinstance(plan, str) and reason in plan

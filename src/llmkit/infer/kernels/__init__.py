@@ -109,6 +109,12 @@ def _load() -> ctypes.CDLL | None:
     lib.gemv_q4.argtypes = [p, p, i64, p, p, i64, p, i64, i64, i64, c_int]
     for f in (lib.gemv_f32, lib.quant_rows_q8, lib.gemv_q8, lib.gemv_q4):
         f.restype = None
+    lib.decode_layer_scratch.argtypes = [i64] * 7
+    lib.decode_layer_scratch.restype = i64
+    f32 = ctypes.c_float
+    lib.decode_layer.argtypes = [p, i64, i64, p, p, f32, p, p, p, p, p, p, p, f32, i64, i64, i64, f32, i64, p, p,
+                                 p, p, i64, p, i64, p, i64, p, c_int]
+    lib.decode_layer.restype = None
     _lib = lib
     return lib
 
@@ -142,6 +148,11 @@ def _check(x: torch.Tensor, K: int) -> torch.Tensor:
     if x.dtype != torch.float32 or x.device.type != "cpu":
         raise ValueError(f"x: expected fp32 on CPU, got {x.dtype} on {x.device}")
     return x.contiguous()
+
+
+def library() -> ctypes.CDLL:
+    """The loaded kernel library (raises RuntimeError saying why when unavailable)."""
+    return _lib_or_raise()
 
 
 def _lib_or_raise() -> ctypes.CDLL:

@@ -20,6 +20,7 @@
  * half-byte weights. Vector paths: AVX2 (+ AVX512-VNNI's dpbusd where present); plain C otherwise.
  */
 #include <math.h>
+#include <string.h>
 #include <stdint.h>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -152,4 +153,145 @@ void gemv_q4(const int8_t *xq, const float *dx, int64_t M, const uint8_t *q, con
 #endif
         }
     }
+}
+
+/* ---------------------------------------------------------------------------------------------------------
+ * One decoder layer of a decode step, fused: the Llama block (RMSNorm, fused qkv, optional q/k RMSNorm, RoPE,
+ * grouped-query attention over a block-paged KV cache, output projection, RMSNorm, SwiGLU MLP, residuals) for
+ * n <= a few rows (tokens of different requests), so a step costs 1 call per layer instead of ~40 PyTorch
+ * operators. Covers Llama / Mistral / Qwen2 / Qwen3 / SmolLM-style layers; anything else stays in PyTorch.
+ */
+
+typedef struct {
+    int32_t fmt;        /* 0 f32 (N, K); 1 q8 int8 (N, K) + scales (N, K/g); 2 q4 uint8 (N, K/2) + scales */
+    int32_t _pad;
+    const void *w;
+    const float *s;
+    int64_t g, N, K;
+    const float *bias;  /* (N,) or NULL */
+} lin_t;
+
+/* y (M, N) = x (M, K) @ W^T (+ bias); xq / dx: scratch for the int8 activations, (M, K) and (M, K/32). */
+static void linear_rows(const lin_t *L, const float *x, int64_t M, float *y, int8_t *xq, float *dx, int threads) {
+    if (L->fmt == 0) {
+        gemv_f32(x, M, L->K, (const float *)L->w, y, L->N, L->N, L->K, threads);
+    } else {
+        quant_rows_q8(x, M, L->K, xq, dx, L->K);
+        if (L->fmt == 1) gemv_q8(xq, dx, M, (const int8_t *)L->w, L->s, L->g, y, L->N, L->N, L->K, threads);
+        else gemv_q4(xq, dx, M, (const uint8_t *)L->w, L->s, L->g, y, L->N, L->N, L->K, threads);
+    }
+    if (L->bias)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < L->N; j++) y[m * L->N + j] += L->bias[j];
+}
+
+static void rms_norm_row(const float *x, const float *w, float eps, int64_t d, float *out) {
+    double ss = 0.0;
+    for (int64_t j = 0; j < d; j++) ss += (double)x[j] * x[j];
+    const float r = 1.f / sqrtf((float)(ss / d) + eps);
+    for (int64_t j = 0; j < d; j++) out[j] = x[j] * r * w[j];
+}
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t k = 0;
+    float acc = 0.f;
+#ifdef LLMKIT_AVX2
+    __m256 v = _mm256_setzero_ps();
+    for (; k + 8 <= n; k += 8) v = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), v);
+    acc = hsum8(v);
+#endif
+    for (; k < n; k++) acc += a[k] * b[k];
+    return acc;
+}
+
+/* rotate halves (x[:h], x[h:]) by cos/sin (h = hd / 2 values each): the Llama / GPT-NeoX pairing */
+static void rope_row(float *x, const float *cos_, const float *sin_, int64_t hd) {
+    const int64_t h = hd / 2;
+    for (int64_t j = 0; j < h; j++) {
+        const float a = x[j], b = x[j + h];
+        x[j] = a * cos_[j] - b * sin_[j];
+        x[j + h] = a * sin_[j] + b * cos_[j];
+    }
+}
+
+/* x: (n, d) residual stream, updated in place. k_pool / v_pool: this layer's (num_blocks, Hkv, bs, hd);
+ * block_table: (n, max_blocks) block ids; pos: (n,) the new token's position (its key is written there and
+ * it attends to keys 0..pos, or the last `window` of them). cos / sin: (n, hd/2) or NULL (no RoPE).
+ * scratch: floats, at least n * (d + qkv_N + H * hd + 2 * ff + H * max_keys) + n * 2 * max(d, ff) / 4 + ...
+ * (the caller sizes it with `decode_layer_scratch`). */
+int64_t decode_layer_scratch(int64_t n, int64_t d, int64_t qkv_n, int64_t q_dim, int64_t ff, int64_t H,
+                             int64_t max_keys) {
+    const int64_t kmax = d > ff ? d : ff;
+    return n * (d + qkv_n + q_dim + 2 * ff + H * max_keys) + n * kmax / 4 + n * kmax / 32 + 64;
+}
+
+void decode_layer(float *x, int64_t n, int64_t d, const float *norm1, const float *norm2, float eps,
+                  const lin_t *qkv, const lin_t *proj, const lin_t *gate, const lin_t *up, const lin_t *down,
+                  const float *q_norm, const float *k_norm, float qk_eps,
+                  int64_t H, int64_t Hkv, int64_t hd, float scale, int64_t window,
+                  const float *cos_, const float *sin_,
+                  float *k_pool, float *v_pool, int64_t bs, const int64_t *block_table, int64_t max_blocks,
+                  const int64_t *pos, int64_t max_keys, float *scratch, int threads) {
+    const int64_t q_dim = H * hd, kv_dim = Hkv * hd, qn = qkv->N, ff = gate->N;
+    const int64_t kmax = d > ff ? d : ff;
+    float *h = scratch;                    /* (n, d) */
+    float *qkv_out = h + n * d;            /* (n, qn) */
+    float *att = qkv_out + n * qn;         /* (n, q_dim) */
+    float *g = att + n * q_dim;            /* (n, ff) */
+    float *u = g + n * ff;                 /* (n, ff) */
+    float *scores = u + n * ff;            /* (n * H, max_keys) */
+    float *dx = scores + n * H * max_keys; /* (n, kmax / 32) */
+    int8_t *xq = (int8_t *)(dx + n * kmax / 32);  /* (n, kmax) */
+
+    for (int64_t i = 0; i < n; i++) rms_norm_row(x + i * d, norm1, eps, d, h + i * d);
+    linear_rows(qkv, h, n, qkv_out, xq, dx, threads);
+    for (int64_t i = 0; i < n; i++) {
+        float *row = qkv_out + i * qn;
+        const int64_t p = pos[i];
+        for (int64_t hh = 0; hh < H + Hkv; hh++) {  /* q heads, then k heads */
+            float *v = row + hh * hd;
+            if (q_norm) rms_norm_row(v, hh < H ? q_norm : k_norm, qk_eps, hd, v);
+            if (cos_) rope_row(v, cos_ + i * (hd / 2), sin_ + i * (hd / 2), hd);
+        }
+        const int64_t blk = block_table[i * max_blocks + p / bs], off = p % bs;
+        for (int64_t kh = 0; kh < Hkv; kh++) {
+            memcpy(k_pool + ((blk * Hkv + kh) * bs + off) * hd, row + q_dim + kh * hd, hd * sizeof(float));
+            memcpy(v_pool + ((blk * Hkv + kh) * bs + off) * hd, row + q_dim + kv_dim + kh * hd, hd * sizeof(float));
+        }
+    }
+    const int64_t group = H / Hkv;
+    #pragma omp parallel for collapse(2) schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t hh = 0; hh < H; hh++) {
+            const float *q = qkv_out + i * qn + hh * hd;
+            const int64_t kh = hh / group, L = pos[i] + 1;
+            const int64_t start = window > 0 && L > window ? L - window : 0;
+            float *sc = scores + (i * H + hh) * max_keys;
+            float mx = -INFINITY;
+            for (int64_t t = start; t < L; t++) {
+                const int64_t blk = block_table[i * max_blocks + t / bs];
+                const float s_ = dot_f32(q, k_pool + ((blk * Hkv + kh) * bs + t % bs) * hd, hd) * scale;
+                sc[t - start] = s_;
+                if (s_ > mx) mx = s_;
+            }
+            float sum = 0.f;
+            for (int64_t t = 0; t < L - start; t++) { sc[t] = expf(sc[t] - mx); sum += sc[t]; }
+            float *o = att + i * q_dim + hh * hd;
+            for (int64_t j = 0; j < hd; j++) o[j] = 0.f;
+            for (int64_t t = start; t < L; t++) {
+                const int64_t blk = block_table[i * max_blocks + t / bs];
+                const float *vv = v_pool + ((blk * Hkv + kh) * bs + t % bs) * hd;
+                const float p_ = sc[t - start] / sum;
+                for (int64_t j = 0; j < hd; j++) o[j] += p_ * vv[j];
+            }
+        }
+    }
+    linear_rows(proj, att, n, h, xq, dx, threads);  /* h reused for the projection's output (n, d) */
+    for (int64_t i = 0; i < n * d; i++) x[i] += h[i];
+    for (int64_t i = 0; i < n; i++) rms_norm_row(x + i * d, norm2, eps, d, h + i * d);
+    linear_rows(gate, h, n, g, xq, dx, threads);
+    linear_rows(up, h, n, u, xq, dx, threads);
+    for (int64_t i = 0; i < n * ff; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+    linear_rows(down, g, n, h, xq, dx, threads);
+    for (int64_t i = 0; i < n * d; i++) x[i] += h[i];
 }
