@@ -98,8 +98,8 @@ class QuantConfig:
     """Regexes of module paths to leave in fp32 even if a target matches."""
     weight_only_kernel: Literal["limbs", "dequant"] = "limbs"
     group_size: int = 32
-    """Mode int4: input columns per scale (a multiple of 32 dividing every target's in_features; 32 / 64 /
-    128 are the usual choices: smaller groups, smaller error, more scale bytes)."""
+    """Mode int4: input columns per scale, a multiple of 32 (32 / 64 / 128 are the usual choices: smaller
+    groups, smaller error, more scale bytes); a layer whose width it does not divide gets a shorter last group."""
 
     def validate(self) -> None:
         if self.mode not in ("dynamic", "weight_only", "static", "int4"):
@@ -471,10 +471,10 @@ def quantize_model(model: nn.Module, cfg: QuantConfig | None = None,
         for n, obs in observers.items():
             scales[n] = max(obs.amax(), 1e-8) / QMAX
     if cfg.mode == "int4":
-        bad = [n for n in names if model.get_submodule(n).in_features % cfg.group_size]
+        bad = [n for n in names if model.get_submodule(n).in_features % 32]
         if bad:
-            raise ValueError(f"group_size {cfg.group_size}: does not divide in_features of {', '.join(bad[:3])} "
-                             f"({model.get_submodule(bad[0]).in_features}); pick 32 or a divisor-compatible size")
+            raise ValueError(f"mode int4: in_features of {', '.join(bad[:3])} ({model.get_submodule(bad[0]).in_features}) "
+                             "is not a multiple of 32; exclude those layers (quant.exclude)")
     for n in names:
         linear = model.get_submodule(n)
         _set_module(model, n, WeightOnlyLinear.from_linear(linear, 4, cfg.group_size) if cfg.mode == "int4" else

@@ -188,19 +188,23 @@ def quantize_rows_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, dx
 
 
-def _group(K: int, s: torch.Tensor) -> int:
+def _group(K: int, s: torch.Tensor, group_size: int | None) -> int:
+    """The group size of scales (N, G) over K columns: `group_size`, or K / G. The last group may be shorter
+    (G = ceil(K / g)), so g = 128 also serves K = 576."""
     G = s.size(1)
-    if K % G or (K // G) % 32:
-        raise ValueError(f"scales {tuple(s.shape)}: group size K / groups = {K} / {G} must be a multiple of 32")
-    return K // G
+    g = group_size if group_size is not None else (K // G if K % G == 0 else 0)
+    if g <= 0 or g % 32 or -(-K // g) != G:
+        raise ValueError(f"scales {tuple(s.shape)} do not fit {K} columns in groups of {group_size or 'K / G'} "
+                         "(a multiple of 32)")
+    return g
 
 
-def linear_q8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x: fp32 (M, K); q: int8 (N, K); s: fp32 (N, K/g) with g % 32 == 0 -> fp32 (M, N) ~= x @ (s * q).T,
-    the activations quantized per 32 as `quantize_rows_q8`."""
+def linear_q8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """x: fp32 (M, K); q: int8 (N, K); s: fp32 (N, ceil(K/g)) with g % 32 == 0 -> fp32 (M, N) ~= x @ (s * q).T,
+    the activations quantized per 32 as `quantize_rows_q8`. group_size None: K / s.size(1)."""
     lib = _lib_or_raise()
     N, K = q.shape
-    g = _group(K, s)
+    g = _group(K, s, group_size)
     xq, dx = quantize_rows_q8(x)
     y = torch.empty(x.size(0), N)
     lib.gemv_q8(xq.data_ptr(), dx.data_ptr(), x.size(0), q.contiguous().data_ptr(), s.contiguous().data_ptr(), g,
@@ -208,12 +212,12 @@ def linear_q8(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor
     return y
 
 
-def linear_q4(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x: fp32 (M, K); q: uint8 (N, K/2) in Q4_0 nibble order; s: fp32 (N, K/g) -> fp32 (M, N) ~=
-    x @ dequantize_q4(q, s).T, the activations quantized per 32 as `quantize_rows_q8`."""
+def linear_q4(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """x: fp32 (M, K); q: uint8 (N, K/2) in Q4_0 nibble order; s: fp32 (N, ceil(K/g)) -> fp32 (M, N) ~=
+    x @ dequantize_q4(q, s, g).T, the activations quantized per 32 as `quantize_rows_q8`."""
     lib = _lib_or_raise()
     N, K = q.size(0), 2 * q.size(1)
-    g = _group(K, s)
+    g = _group(K, s, group_size)
     xq, dx = quantize_rows_q8(x)
     y = torch.empty(x.size(0), N)
     lib.gemv_q4(xq.data_ptr(), dx.data_ptr(), x.size(0), q.contiguous().data_ptr(), s.contiguous().data_ptr(), g,
@@ -224,18 +228,21 @@ def linear_q4(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor
 # -- the same formats in PyTorch: the reference the kernels are tested against, and the prefill path ----
 
 
-def dequantize_q8(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """int8 (N, K), fp32 (N, K/g) -> fp32 (N, K) = s per group * q."""
-    N, K = q.shape
-    G = s.size(1)
-    return (q.float().view(N, G, K // G) * s[:, :, None]).view(N, K)
+def _expand_scales(s: torch.Tensor, K: int, group_size: int | None) -> torch.Tensor:
+    """(N, G) group scales -> (N, K) per-column scales."""
+    g = group_size if group_size is not None else K // s.size(1)
+    return s.repeat_interleave(g, dim=1)[:, :K]
 
 
-def dequantize_q4(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, K/2) in Q4_0 nibble order, fp32 (N, K/g) -> fp32 (N, K) = s per group * (nibble - 8)."""
+def dequantize_q8(q: torch.Tensor, s: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """int8 (N, K), fp32 (N, ceil(K/g)) -> fp32 (N, K) = s per group * q (group_size None: K / G)."""
+    return q.float() * _expand_scales(s, q.size(1), group_size)
+
+
+def dequantize_q4(q: torch.Tensor, s: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """uint8 (N, K/2) in Q4_0 nibble order, fp32 (N, ceil(K/g)) -> fp32 (N, K) = s per group * (nibble - 8)."""
     N, half = q.shape
     K = 2 * half
     blocks = q.view(N, K // 32, 16)
     nib = torch.cat((blocks & 0x0F, blocks >> 4), dim=-1).view(N, K).float() - 8.0  # weights j, then j + 16
-    G = s.size(1)
-    return (nib.view(N, G, K // G) * s[:, :, None]).view(N, K)
+    return nib * _expand_scales(s, K, group_size)

@@ -89,7 +89,7 @@ void quant_rows_q8(const float *x, int64_t M, int64_t ldx, int8_t *xq, float *dx
 
 void gemv_q8(const int8_t *xq, const float *dx, int64_t M, const int8_t *q, const float *s, int64_t g,
              float *y, int64_t ldy, int64_t N, int64_t K, int threads) {
-    const int64_t G = K / g, B = K / 32, per = g / 32;
+    const int64_t G = (K + g - 1) / g, B = K / 32, per = g / 32;  /* the last group may be shorter */
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *qn = q + n * K;
@@ -120,7 +120,7 @@ void gemv_q8(const int8_t *xq, const float *dx, int64_t M, const int8_t *q, cons
 
 void gemv_q4(const int8_t *xq, const float *dx, int64_t M, const uint8_t *q, const float *s, int64_t g,
              float *y, int64_t ldy, int64_t N, int64_t K, int threads) {
-    const int64_t G = K / g, B = K / 32, per = g / 32;
+    const int64_t G = (K + g - 1) / g, B = K / 32, per = g / 32;  /* the last group may be shorter */
     #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qn = q + n * (K / 2);
