@@ -333,14 +333,3 @@ def test_fused_plan_names_what_it_does_not_cover(change, reason):
     model = Decoder(DecoderConfig(**{**LLAMA, **change})).eval()
     plan = FusedLayers.plan(model)
     assert isinstance(plan, str) and reason in plan
-
-
-def test_scale_search_never_loses_to_the_ggml_scale_and_usually_wins():
-    torch.manual_seed(9)
-    w = torch.randn(64, 256) * torch.rand(64, 1)
-    errors = {}
-    for search in (False, True):
-        q, s = quantize_groups(w, 4, 32, search=search)
-        errors[search] = ((kernels.dequantize_q4(q, s) - w) ** 2).view(64, 8, 32).sum(-1)
-    assert (errors[True] <= errors[False] + 1e-7).all()
-    assert errors[True].sum() < 0.9 * errors[False].sum()

@@ -9,9 +9,9 @@ with g (`group_size`) a multiple of 32 (a last group shorter than g when g does 
 what makes 4 bits usable: GPTQ / AWQ and llama.cpp's Q4_0 (Frantar et al. 2023, arXiv:2210.17323; Lin et
 al. 2024, arXiv:2306.00978) all quantize in groups of 32-128. The rounding is ggml's Q4_0 / Q8_0 reference
 (ggml-quants.c): per group, d = (the weight of largest magnitude) / -8 for INT4 (so that weight lands on
-code 0 exactly and the 16 codes span [-8d, 7d]) or max |w| / 127 for INT8, q = round(w / d); quantizing
-from fp32 (`from_linear`) then searches for the INT4 scale with the least squared error, as llama.cpp does
-for its k-quants (a quarter less weight error on SmolLM2; perplexities in docs/quantize.md). The INT4
+code 0 exactly and the 16 codes span [-8d, 7d]) or max |w| / 127 for INT8, q = round(w / d). (A search for
+the scale with the least squared weight error, llama.cpp's k-quant recipe, cut SmolLM2's weight error by a
+quarter but moved perplexity both ways, -2.6% at g 32 and +5.7% at g 64, so it is not used; docs/quantize.md.) The INT4
 nibble order is Q4_0's (within a block of 32, byte j holds weight j low and weight j + 16 high), so GGUF
 Q4_0 and Q8_0 tensors load with `from_gguf_blocks` as they are, without a round trip through fp32.
 
@@ -36,12 +36,8 @@ GGUF_Q4_0, GGUF_Q8_0 = 2, 8  # ggml type ids
 _BLOCK_BYTES = {GGUF_Q4_0: 18, GGUF_Q8_0: 34}  # fp16 scale + 16 bytes of nibbles / + 32 int8
 
 
-def quantize_groups(w: torch.Tensor, bits: int, group_size: int, search: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """w: float (N, K), K % 32 == 0 -> (qweight, scales) in the layout above, ggml's reference rounding per group.
-
-    search (4 bits): instead of ggml's one scale per group, try scales around it and keep the one with the
-    smallest squared error (`_search_scales`); the codes stay Q4_0's, only the scale differs.
 
     bits 4: qweight uint8 (N, K/2); bits 8: int8 (N, K); scales fp32 (N, ceil(K / group_size)): when the group
     size does not divide K (128 on a 576-wide model) the last group is shorter.
@@ -62,39 +58,11 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int, search: bool = 
         return q.contiguous(), d
     idx = wg.abs().argmax(-1, keepdim=True)
     d = wg.gather(-1, idx).squeeze(-1) / -8.0  # the largest-magnitude weight lands on code 0 (= -8 d) exactly
-    if search:
-        d = _search_scales(wg, d)
     inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
     codes = torch.floor(wg * inv[..., None] + 8.5).clamp_(0, 15).to(torch.uint8).reshape(N, -1)[:, :K]
     codes = codes.reshape(N, K // 32, 2, 16)
     packed = codes[:, :, 0] | (codes[:, :, 1] << 4)  # weights j (low nibble) and j + 16 (high) of each block
     return packed.reshape(N, K // 2).contiguous(), d
-
-
-def _search_scales(wg: torch.Tensor, d_ggml: torch.Tensor) -> torch.Tensor:
-    """Per group of wg (N, G, g): the INT4 scale with the least squared error among ggml's d = max / -8 scaled by
-    0.8 .. 1.2 (and the same for max / 7, which puts the extreme weight on the positive end of [-8, 7]), then a
-    least-squares refit d = sum(w q) / sum(q^2) for the chosen codes, kept where it helps. The grid search is
-    llama.cpp's own recipe for its k-quants (`make_qx_quants`); ggml's scale is one of the candidates, so the
-    error never grows. Returns (N, G)."""
-    mx = -8.0 * d_ggml  # the largest-magnitude weight of each group, with its sign
-
-    def error(d):
-        inv = torch.where(d != 0, 1.0 / d, torch.zeros_like(d))
-        q = torch.clamp(torch.floor(wg * inv[..., None] + 0.5), -8, 7)  # ggml's round-half-up
-        return ((wg - q * d[..., None]) ** 2).sum(-1), q
-
-    best_d, (best_e, _) = d_ggml, error(d_ggml)
-    for f in torch.linspace(0.8, 1.2, 21).tolist():
-        for denom in (-8.0, 7.0):
-            d = mx / denom * f
-            e, _ = error(d)
-            better = e < best_e
-            best_e, best_d = torch.where(better, e, best_e), torch.where(better, d, best_d)
-    _, q = error(best_d)
-    refit = (wg * q).sum(-1) / (q * q).sum(-1).clamp_min(1e-12)
-    e, _ = error(refit)
-    return torch.where(e < best_e, refit, best_d)
 
 
 class WeightOnlyLinear(nn.Module):
@@ -123,11 +91,10 @@ class WeightOnlyLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32, search: bool = True
-                    ) -> WeightOnlyLinear:
-        """Quantize `linear`'s weight (`quantize_groups`; `search`: the least-error INT4 scales)."""
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 32) -> WeightOnlyLinear:
+        """Quantize `linear`'s weight (`quantize_groups`)."""
         m = cls(linear.in_features, linear.out_features, linear.bias is not None, bits, group_size)
-        q, s = quantize_groups(linear.weight, bits, group_size, search=search and bits == 4)
+        q, s = quantize_groups(linear.weight, bits, group_size)
         m.qweight.copy_(q)
         m.scales.copy_(s)
         if linear.bias is not None:
