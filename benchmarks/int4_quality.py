@@ -45,8 +45,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from llmkit.infer import kernels
+    from llmkit.infer.gguf_quantized import load_gguf_quantized
     from llmkit.infer.quantize import QuantConfig, load_quantized, quantize_dir
-    from llmkit.infer.weight_only import load_gguf_quantized
     from llmkit.models.gguf import export_gguf, import_gguf
     from llmkit.models.io import load_model
     from llmkit.tokenizer import Tokenizer

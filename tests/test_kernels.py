@@ -16,6 +16,7 @@ from gguf import GGMLQuantizationType as Q
 from llmkit.cli import main
 from llmkit.infer import kernels
 from llmkit.infer.engine import Engine, RequestParams
+from llmkit.infer.gguf_quantized import load_gguf_quantized
 from llmkit.infer.kernels.linear import KernelLinear, use_decode_kernels
 from llmkit.infer.quantize import (
     Int8Linear,
@@ -25,7 +26,7 @@ from llmkit.infer.quantize import (
     quantize_model,
     save_quantized,
 )
-from llmkit.infer.weight_only import WeightOnlyLinear, load_gguf_quantized, quantize_groups
+from llmkit.infer.weight_only import WeightOnlyLinear, quantize_groups
 from llmkit.models.decoder import Decoder, DecoderConfig
 from llmkit.models.gguf import export_gguf, import_gguf
 from llmkit.models.io import save_model
@@ -333,3 +334,27 @@ def test_fused_plan_names_what_it_does_not_cover(change, reason):
     model = Decoder(DecoderConfig(**{**LLAMA, **change})).eval()
     plan = FusedLayers.plan(model)
     assert isinstance(plan, str) and reason in plan
+
+
+# -- the engine on the kernels ------------------------------------------------------------------------------
+
+
+def test_engine_greedy_is_unchanged_by_the_fused_decode(monkeypatch):
+    prompts = [[5, 6, 7], [9, 1, 2, 3, 4, 8, 8], [42], [3] * 20]
+    params = RequestParams(max_new_tokens=12, temperature=0, stop_at_eos=False)
+    plain = Engine(_tiny_decoder(seed=4), max_batch=4, column_major=False, kernels=False)
+    fast = Engine(_tiny_decoder(seed=4), max_batch=4)
+    assert fast.fused is not None and fast.fused_unavailable is None
+    assert isinstance(fast.model.lm_head, KernelLinear)
+    want = plain.generate(prompts, params)
+    assert fast.generate(prompts, params) == want
+    monkeypatch.setattr(kernels, "MAX_ROWS", 2)  # 4 running rows > MAX_ROWS: the PyTorch layers, same tokens
+    assert fast.generate(prompts, params) == want
+
+
+def test_engine_says_why_a_model_is_not_fused():
+    gpt2 = Decoder(DecoderConfig(vocab_size=96, block_size=64, n_layer=2, d_model=64, n_head=4)).eval()
+    engine = Engine(gpt2, max_batch=2)
+    assert engine.fused is None and "learned position embeddings" in engine.fused_unavailable
+    assert isinstance(engine.model.lm_head, KernelLinear)  # its Linears still decode through the kernels
+    assert engine.generate([[1, 2, 3]], RequestParams(max_new_tokens=5, temperature=0, stop_at_eos=False))

@@ -41,15 +41,17 @@ def test_column_major_model_saves_row_major_and_reloads_equal(tmp_path):
     assert all(p.is_contiguous() for p in model.parameters())
 
 
-def test_engine_relays_weights_on_cpu_by_default_and_not_when_told():
+def test_engine_relays_weights_on_cpu_without_the_kernels_and_not_when_told():
+    """Without the decode kernels (kernels=False) the CPU engine re-stores Linear weights column-major; with
+    them (the default where they build) weights stay row-major, the layout the kernels stream."""
     params = RequestParams(max_new_tokens=10, temperature=0, stop_at_eos=False)
     prompt = list(range(1, 15))
     plain = tiny()
-    kept = Engine(plain, max_batch=2, column_major=False)
+    kept = Engine(plain, max_batch=2, column_major=False, kernels=False)
     assert plain.lm_head.weight.is_contiguous()
     want = kept.generate([prompt], params)[0]
     relaid = tiny()
-    eng = Engine(relaid, max_batch=2)
+    eng = Engine(relaid, max_batch=2, kernels=False)
     assert relaid.lm_head.weight.stride() == (1, 61)
     assert eng.generate([prompt], params)[0] == want
 

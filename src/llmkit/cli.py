@@ -137,7 +137,8 @@ def _export_hf(args) -> None:
 
 def _import_gguf(args) -> None:
     if args.keep_quantized:
-        from llmkit.infer.weight_only import WeightOnlyLinear, load_gguf_quantized
+        from llmkit.infer.gguf_quantized import load_gguf_quantized
+        from llmkit.infer.weight_only import WeightOnlyLinear
 
         model = load_gguf_quantized(args.from_file, args.out)
         kept = sum(isinstance(m, WeightOnlyLinear) for m in model.modules())

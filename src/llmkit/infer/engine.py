@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmkit.infer import kernels as cpu_kernels
 from llmkit.infer.generate import SamplingParams, eos_set
 from llmkit.models.decoder import Decoder
 from llmkit.models.layers import causal_mask
@@ -214,14 +215,20 @@ class Engine:
     max_prefill_tokens: most padded tokens (rows * longest prompt) prefilled in one forward; at least one
     request is always prefilled per step.
     column_major: re-store the model's Linear weights column-major in place (`llmkit.models.layout`; same
-    values and shapes) so batch-1 decoding streams them contiguously; None -> on CPU only.
+    values and shapes) so batch-1 decoding streams them contiguously; None -> on CPU only, when the decode
+    kernels are not used.
+    kernels: decode through `llmkit.infer.kernels` (C matrix-vector kernels; fp32 Linears become `KernelLinear`
+    in place) and, for Llama-style layers, one fused C call per layer per step (`kernels.fused`; the reason it
+    is not used is in `fused_unavailable`); None -> on CPU when the kernels build here. Up to
+    `kernels.MAX_ROWS` running requests decode that way, more go through PyTorch as before.
 
     KV memory is 2 * n_layer * max_batch * H_kv * max_len * head_dim elements in the model's dtype.
     """
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | Sequence[int] | None = None,
-                 max_prefill_tokens: int = 8192, column_major: bool | None = None, vocab_limit: int | None = None):
+                 max_prefill_tokens: int = 8192, column_major: bool | None = None, vocab_limit: int | None = None,
+                 kernels: bool | None = None):
         if not isinstance(model, Decoder):
             raise TypeError(f"Engine serves llmkit decoder-only models (Decoder), not {type(model).__name__}; "
                             "encoders and encoder-decoders are not supported")
@@ -235,7 +242,18 @@ class Engine:
         self.max_len = min(max_len or cfg.block_size, cfg.block_size)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        if column_major if column_major is not None else self.device.type == "cpu":
+        if kernels is None:
+            kernels = self.device.type == "cpu" and cpu_kernels.available()
+        self.fused = None
+        self.fused_unavailable: str | None = "kernels off"
+        if kernels:
+            from llmkit.infer.kernels.fused import FusedLayers
+            from llmkit.infer.kernels.linear import use_decode_kernels
+
+            use_decode_kernels(model)
+            plan = FusedLayers.plan(model)
+            self.fused, self.fused_unavailable = (None, plan) if isinstance(plan, str) else (plan, None)
+        elif column_major if column_major is not None else self.device.type == "cpu":
             column_major_linears(model)
         shape = (cfg.n_layer, max_batch, cfg.kv_heads, self.max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
@@ -599,15 +617,38 @@ class Engine:
     def _decode(self) -> torch.Tensor:
         """One token for every running request at its own position. Returns logits (n, vocab).
 
-        Shapes: tokens/positions (n,); x (n, 1, d_model); q (n, H, 1, hd); keys read (n, H_kv, L, hd) with
-        L = longest length + 1 and a keep-mask (n, 1, 1, L) of each row's valid keys.
+        Up to `kernels.MAX_ROWS` rows of a fusable model go through one C call per layer (`kernels.fused`),
+        the rest through `_decode_layers`.
         """
-        m, cfg = self.model, self.config
+        m = self.model
         n = len(self.running)
         dev = self.device
         tokens = torch.tensor([r.last_token for r in self.running], device=dev)
         pos = torch.tensor([r.length for r in self.running], device=dev)
-        L = int(max(r.length for r in self.running)) + 1
+        seq_lens = [r.length + 1 for r in self.running]
+        if self.fused is not None and n <= cpu_kernels.MAX_ROWS:
+            # slot i is one block of max_len positions of the cache: block table row i = [i]
+            table = torch.arange(n, device=dev)[:, None]
+            logits = m.head(self.fused.decode_hidden(m, tokens, pos, seq_lens, self.k, self.v, table))
+        else:
+            logits = self._decode_layers(tokens, pos, seq_lens)
+        for j, r in enumerate(self.running):
+            if m.long_rope_crossing(r.length, 1):
+                logits[j] = self._recompute_long_rope(r)
+            r.length += 1
+        self.decode_steps += 1
+        return logits
+
+    def _decode_layers(self, tokens: torch.Tensor, pos: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+        """The decode step's layers in PyTorch. Returns logits (n, vocab).
+
+        Shapes: tokens/positions (n,); x (n, 1, d_model); q (n, H, 1, hd); keys read (n, H_kv, L, hd) with
+        L = longest length + 1 and a keep-mask (n, 1, 1, L) of each row's valid keys.
+        """
+        m, cfg = self.model, self.config
+        n = tokens.size(0)
+        dev = self.device
+        L = max(seq_lens)
         keys = torch.arange(L, device=dev)[None, :]
         masks = {None: (keys <= pos[:, None]).view(n, 1, 1, L)}  # keep-mask per sliding window
         for w in {b.attn.window for b in m.blocks} - {None}:
@@ -618,10 +659,9 @@ class Engine:
         if m.pos_emb is not None:
             x = x + m.pos_emb(pos)[:, None]
         else:
-            cos, sin = m.rope_at(pos, [r.length + 1 for r in self.running])
+            cos, sin = m.rope_at(pos, seq_lens)
             rope = (cos[:, None, None], sin[:, None, None])  # (n, 1, 1, hd/2)
-        H = cfg.n_head
-        hd = cfg.head_dim
+        H, hd = cfg.n_head, cfg.head_dim
         for i, block in enumerate(m.blocks):
             attn = block.attn
             q, k, v = attn.project_qkv(block.norm1(x), rope)  # (n, H, 1, hd), (n, H_kv, 1, hd) x 2
@@ -631,10 +671,4 @@ class Engine:
             y = attn.attend(q, kc[:n, :, :L], vc[:n, :, :L], mask=masks[attn.window])
             x = block.attn_residual(x, attn.proj(y.transpose(1, 2).reshape(n, 1, H * hd)))
             x = block.mlp_residual(x)
-        logits = m.head(x[:, 0])
-        for j, r in enumerate(self.running):
-            if m.long_rope_crossing(r.length, 1):
-                logits[j] = self._recompute_long_rope(r)
-            r.length += 1
-        self.decode_steps += 1
-        return logits
+        return m.head(x[:, 0])

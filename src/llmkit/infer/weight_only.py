@@ -13,7 +13,8 @@ code 0 exactly and the 16 codes span [-8d, 7d]) or max |w| / 127 for INT8, q = r
 the scale with the least squared weight error, llama.cpp's k-quant recipe, cut SmolLM2's weight error by a
 quarter but moved perplexity both ways, -2.6% at g 32 and +5.7% at g 64, so it is not used; docs/quantize.md.) The INT4
 nibble order is Q4_0's (within a block of 32, byte j holds weight j low and weight j + 16 high), so GGUF
-Q4_0 and Q8_0 tensors load with `from_gguf_blocks` as they are, without a round trip through fp32.
+Q4_0 and Q8_0 tensors load with `from_gguf_blocks` as they are, without a round trip through fp32
+(`llmkit.infer.gguf_quantized` loads whole GGUF files that way).
 
 Forward: up to `kernels.MAX_ROWS` tokens (decode steps) go through `llmkit.infer.kernels`: the weight is read
 once at its packed size and multiplied with the activations quantized to int8 per block of 32 (as ggml's
@@ -147,58 +148,3 @@ class WeightOnlyLinear(nn.Module):
         else:
             y = F.linear(x2, self.dequantized_weight(), self.bias)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
-
-
-# HF tensor names (after "model.layers.N.") -> the llmkit Linear (after "blocks.N.") that holds their rows, in
-# row order; q, k and v are one fused Linear in llmkit
-_LAYER_LINEARS = {
-    "attn.qkv": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "attn.proj": ("self_attn.o_proj.weight",),
-    "mlp.gate": ("mlp.gate_proj.weight",), "mlp.up": ("mlp.up_proj.weight",), "mlp.down": ("mlp.down_proj.weight",),
-}
-
-
-def load_gguf_quantized(path, out_dir=None) -> nn.Module:
-    """A GGUF file as an llmkit `Decoder` whose Q4_0 / Q8_0 Linear weights load as `WeightOnlyLinear` (INT4 /
-    INT8, group 32) with the file's own codes and scales: no dequantize / requantize round trip, so the
-    model computes with exactly the weights llama.cpp does. Other tensors (norms, F32 / F16 / k-quant
-    weights, a Linear whose q/k/v parts differ in type) are dequantized to fp32 as `import_gguf` does; the
-    token embedding is dequantized for lookups and, when the head is tied to it, the head keeps its codes.
-    Returns the model in eval mode; with `out_dir`, also writes it there as a quantized model directory
-    (`llmkit.infer.quantize.save_quantized` + the file's tokenizer, chat template and generation config).
-    """
-    from gguf.quants import dequantize
-
-    from llmkit.models.gguf import read_gguf
-    from llmkit.models.hf import decoder_from_hf
-
-    meta, hf, weights, raw = read_gguf(path, frozenset({GGUF_Q4_0, GGUF_Q8_0}))
-    plan: dict[str, tuple[str, ...]] = {}  # llmkit Linear path -> HF names of its rows, all raw, one type
-    for i in range(hf["num_hidden_layers"]):
-        for linear, parts in _LAYER_LINEARS.items():
-            names = tuple(f"model.layers.{i}.{p}" for p in parts)
-            if all(n in raw for n in names) and len({raw[n][1] for n in names}) == 1:
-                plan[f"blocks.{i}.{linear}"] = names
-    head = "lm_head.weight" if "lm_head.weight" in weights else "model.embed_tokens.weight"
-    if head in raw:
-        plan["lm_head"] = (head,)
-    used = {n for names in plan.values() for n in names}
-    for name, (blocks, qtype) in raw.items():  # what stays fp32: dequantize it here
-        if name not in used or name == "model.embed_tokens.weight":
-            weights[name] = torch.from_numpy(np.asarray(dequantize(blocks, qtype), dtype=np.float32)
-                                             .reshape(weights[name].shape))
-    model = decoder_from_hf(hf, weights)
-    for path_, names in plan.items():
-        linear = model.get_submodule(path_)
-        blocks = np.concatenate([raw[n][0] for n in names], axis=0)
-        layer = WeightOnlyLinear.from_gguf_blocks(blocks, raw[names[0]][1], linear.out_features,
-                                                  linear.in_features, linear.bias)
-        parent, _, child = path_.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
-    model.eval()
-    if out_dir is not None:
-        from llmkit.infer.quantize import save_quantized
-        from llmkit.models.gguf import write_model_dir
-
-        write_model_dir(meta, model, out_dir, save_quantized)
-    return model

@@ -148,3 +148,22 @@ class FusedLayers:
             L["H"], L["Hkv"], L["hd"], L["scale"], L["window"], _ptr(cos), _ptr(sin),
             k_pool.data_ptr(), v_pool.data_ptr(), k_pool.size(2), block_table.data_ptr(), block_table.size(1),
             pos.data_ptr(), max_keys, self._scratch.data_ptr(), torch.get_num_threads())
+
+    def decode_hidden(self, model, tokens: torch.Tensor, pos: torch.Tensor, seq_lens: list[int],
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+        """One decode step of n requests through every layer: their last hidden states (n, d_model), before the
+        model's final norm and head.
+
+        tokens / pos: int64 (n,) each row's newest token and its position; seq_lens: pos + 1 per row (for
+        length-dependent RoPE); k_cache / v_cache: (n_layer, num_blocks, H_kv, block_size, head_dim) fp32, written
+        at each row's position through block_table (int64 (n, max blocks)).
+        """
+        x = model.embed(tokens).float().contiguous()
+        cos, sin = model.rope_at(pos, seq_lens)
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        pos = pos.to(torch.int64).contiguous()
+        table = block_table.to(torch.int64).contiguous()
+        max_keys = int(pos.max()) + 1
+        for i in range(len(self.layers)):
+            self.layer(i, x, cos, sin, k_cache[i], v_cache[i], table, pos, max_keys)
+        return x
