@@ -269,6 +269,20 @@ class KVCache:
         self.length = 0
         self.prefix_len = 0
 
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` slots (the prefix's slots count), dropping every later position, so
+        that the next forward pass writes from slot `length` (speculative decoding rolls back rejected draft
+        tokens this way). Nothing is zeroed: slots past `length` are never read before they are rewritten.
+
+        Refused for a rolling buffer (`window` set: a later position has already overwritten the slot of an
+        earlier one, which truncation cannot bring back; build the cache with ``rolling=False``), and for a
+        `length` below `prefix_len` or above `length`."""
+        if self.window is not None:
+            raise ValueError("truncate: a rolling KV cache cannot be rolled back (build it with rolling=False)")
+        if not self.prefix_len <= length <= self.length:
+            raise ValueError(f"truncate: length must be in [{self.prefix_len}, {self.length}], got {length}")
+        self.length = length
+
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm1(x)), then x + mlp(norm2(x)).
