@@ -481,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     _shorthand(g, "--top-k", key="top_k", type=int)
     _shorthand(g, "--top-p", key="top_p", type=float, help="default 0.9")
     _shorthand(g, "--seed", key="seed", type=int)
+    _shorthand(g, "--speculative", key="speculative", choices=["ngram", "draft"],
+               help="speculative decoding: prompt lookup (ngram) or a draft model (draft); same output distribution")
+    _shorthand(g, "--draft-model", key="draft_model",
+               help="--speculative draft: a model dir with the same tokenizer, int8 (default) or layers:K")
+    _shorthand(g, "--num-draft", key="num_draft", type=int, help="draft tokens per target forward (default 4)")
     _device_arguments(g, shorthand=True)
     g.set_defaults(func=_generate)
 

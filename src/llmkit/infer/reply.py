@@ -204,8 +204,22 @@ class GenerateConfig:
     device: str = "auto"
     """cpu, cuda[:i] or auto (a GPU when one is visible)."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    speculative: Literal["ngram", "draft"] | None = None
+    """Speculative decoding (`llmkit.infer.speculative`, docs/speculative.md): prompt lookup (ngram) or a draft
+    model (draft); the output is distributed as without it (greedy: the same tokens). Stats go to stderr."""
+    draft_model: str | None = None
+    """speculative=draft: a model directory with the same tokenizer, "int8" (the default: an INT8 copy of the
+    model) or "layers:K" (the model's first K layers, its final norm and head)."""
+    num_draft: int = 4
+    """Draft tokens proposed per target forward pass."""
 
     def validate(self) -> None:
+        if self.speculative is not None and self.speculative not in ("ngram", "draft"):
+            raise ValueError(f"speculative: must be ngram or draft, got {self.speculative!r}")
+        if self.num_draft < 1:
+            raise ValueError(f"num_draft: must be >= 1, got {self.num_draft}")
+        if self.speculative and self.parallel:
+            raise ValueError("speculative: not with parallel decoding")
         if not self.model:
             raise ValueError("model: required (a model directory or registry URI)")
         if self.max_new_tokens < 0:
@@ -234,8 +248,27 @@ def generate_text(cfg: GenerateConfig) -> Iterator[str]:
         template = None
     if template is None:
         yield cfg.prompt
-    yield from stream_chat_reply(model, tok, template, [{"role": "user", "content": cfg.prompt}], cfg.sampling())
+    messages = [{"role": "user", "content": cfg.prompt}]
+    if cfg.speculative:
+        yield from _generate_speculative(cfg, model, tok, template, messages)
+    else:
+        yield from stream_chat_reply(model, tok, template, messages, cfg.sampling())
     yield "\n"
+
+
+def _generate_speculative(cfg: GenerateConfig, model, tok, template, messages: Messages) -> Iterator[str]:
+    """`stream_chat_reply` through `stream_speculative`; its `SpecStats` as one JSON line on stderr."""
+    import json
+
+    from llmkit.infer.speculative import SpecStats, drafter_from_config, stream_speculative
+
+    drafter = drafter_from_config(cfg.speculative, model, cfg.draft_model, cfg.device, cfg.dtype)
+    stats = SpecStats()
+    ids, stops = reply_prompt_ids(tok, template, messages), reply_stop_ids(tok, template)
+    with _eval_mode(model):
+        yield from stream_text(tok, stream_speculative(model, ids, cfg.sampling(), drafter, cfg.num_draft, stops,
+                                                       len(tok), stats))
+    print(json.dumps({"speculative": cfg.speculative, **stats.as_dict()}), file=sys.stderr)
 
 
 def _generate_parallel(cfg: GenerateConfig) -> Iterator[str]:
