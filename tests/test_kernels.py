@@ -358,3 +358,27 @@ def test_engine_says_why_a_model_is_not_fused():
     assert engine.fused is None and "learned position embeddings" in engine.fused_unavailable
     assert isinstance(engine.model.lm_head, KernelLinear)  # its Linears still decode through the kernels
     assert engine.generate([[1, 2, 3]], RequestParams(max_new_tokens=5, temperature=0, stop_at_eos=False))
+
+
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 128), (8, 64), (8, 576)])
+def test_c_dequantization_equals_the_torch_reference(bits, group, monkeypatch):
+    torch.manual_seed(group)
+    q, s = quantize_groups(torch.randn(10, 576), bits, group)
+    fn = kernels.dequantize_q4 if bits == 4 else kernels.dequantize_q8
+    fast = fn(q, s, group)
+    monkeypatch.setattr(kernels, "_load", lambda: None)  # the PyTorch reference
+    assert torch.equal(fast, fn(q, s, group))
+
+
+def test_weight_only_prefill_keeps_its_weight_for_backward():
+    """Prefill dequantizes into a buffer shared by all layers; with autograd on, each layer must keep its own
+    weight, or a second layer's call would overwrite what the first one's backward reads."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(64, 64), nn.Linear(64, 64)
+    qa, qb = WeightOnlyLinear.from_linear(a, 4, 32), WeightOnlyLinear.from_linear(b, 4, 32)
+    x = torch.randn(20, 64, requires_grad=True)  # 20 rows: past MAX_ROWS, the dequantize + F.linear path
+    qb(qa(x)).sum().backward()
+    want = x.detach().clone().requires_grad_()
+    F_ = torch.nn.functional
+    F_.linear(F_.linear(want, qa.dequantized_weight(), qa.bias), qb.dequantized_weight(), qb.bias).sum().backward()
+    assert torch.allclose(x.grad, want.grad, atol=1e-5)

@@ -24,6 +24,8 @@ the weight and call `F.linear` on the fp32 activations. Between layers activatio
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 import torch.nn as nn
@@ -34,6 +36,7 @@ from llmkit.infer import kernels
 __all__ = ["WeightOnlyLinear", "quantize_groups"]
 
 GGUF_Q4_0, GGUF_Q8_0 = 2, 8  # ggml type ids
+_SCRATCH = threading.local()  # per thread: the dequantized weight of the layer running now; see _dequantized_into_scratch
 _BLOCK_BYTES = {GGUF_Q4_0: 18, GGUF_Q8_0: 34}  # fp16 scale + 16 bytes of nibbles / + 32 int8
 
 
@@ -133,6 +136,18 @@ class WeightOnlyLinear(nn.Module):
             return kernels.dequantize_q4(self.qweight, self.scales, self.group_size)
         return kernels.dequantize_q8(self.qweight, self.scales, self.group_size)
 
+    def _dequantized_into_scratch(self) -> torch.Tensor:
+        """The fp32 weight in a buffer shared by every layer (valid until the next layer's call): a fresh
+        allocation per call would cost more in page faults than the dequantization itself."""
+        fn = kernels.dequantize_q4 if self.bits == 4 else kernels.dequantize_q8
+        if self.qweight.device.type != "cpu":
+            return fn(self.qweight, self.scales, self.group_size)
+        n = self.out_features * self.in_features
+        buf = getattr(_SCRATCH, "buf", None)
+        if buf is None or buf.numel() < n:
+            buf = _SCRATCH.buf = torch.empty(n)
+        return fn(self.qweight, self.scales, self.group_size, out=buf[:n].view(self.out_features, self.in_features))
+
     def weight_bytes(self) -> int:
         """Bytes this layer holds: codes + scales + bias."""
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.bias) if t is not None)
@@ -146,5 +161,8 @@ class WeightOnlyLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         else:
-            y = F.linear(x2, self.dequantized_weight(), self.bias)
+            # autograd keeps the weight for backward: the shared scratch buffer would be overwritten by then
+            keeps_weight = torch.is_grad_enabled() and x2.requires_grad
+            w = self.dequantized_weight() if keeps_weight else self._dequantized_into_scratch()
+            y = F.linear(x2, w, self.bias)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

@@ -109,6 +109,9 @@ def _load() -> ctypes.CDLL | None:
     lib.gemv_q4.argtypes = [p, p, i64, p, p, i64, p, i64, i64, i64, c_int]
     for f in (lib.gemv_f32, lib.quant_rows_q8, lib.gemv_q8, lib.gemv_q4):
         f.restype = None
+    lib.dequant_q8.argtypes = [p, p, i64, p, i64, i64, c_int]
+    lib.dequant_q4.argtypes = [p, p, i64, p, i64, i64, c_int]
+    lib.dequant_q8.restype = lib.dequant_q4.restype = None
     lib.decode_layer_scratch.argtypes = [i64] * 7
     lib.decode_layer_scratch.restype = i64
     f32 = ctypes.c_float
@@ -234,15 +237,32 @@ def _expand_scales(s: torch.Tensor, K: int, group_size: int | None) -> torch.Ten
     return s.repeat_interleave(g, dim=1)[:, :K]
 
 
-def dequantize_q8(q: torch.Tensor, s: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
-    """int8 (N, K), fp32 (N, ceil(K/g)) -> fp32 (N, K) = s per group * q (group_size None: K / G)."""
-    return q.float() * _expand_scales(s, q.size(1), group_size)
+def dequantize_q8(q: torch.Tensor, s: torch.Tensor, group_size: int | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 (N, K), fp32 (N, ceil(K/g)) -> fp32 (N, K) = s per group * q (group_size None: K / G). In C when the
+    kernels are loaded (memory speed; the PyTorch version below is the reference and the fallback)."""
+    N, K = q.shape
+    if _load() is not None and q.device.type == "cpu":
+        g = _group(K, s, group_size)
+        out = torch.empty(N, K) if out is None else out
+        _lib.dequant_q8(q.contiguous().data_ptr(), s.contiguous().data_ptr(), g, out.data_ptr(), N, K,
+                        torch.get_num_threads())
+        return out
+    return q.float() * _expand_scales(s, K, group_size)
 
 
-def dequantize_q4(q: torch.Tensor, s: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
-    """uint8 (N, K/2) in Q4_0 nibble order, fp32 (N, ceil(K/g)) -> fp32 (N, K) = s per group * (nibble - 8)."""
+def dequantize_q4(q: torch.Tensor, s: torch.Tensor, group_size: int | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (N, K/2) in Q4_0 nibble order, fp32 (N, ceil(K/g)) -> fp32 (N, K) = s per group * (nibble - 8), into
+    `out` (fp32 (N, K) contiguous) when given. In C when the kernels are loaded; the PyTorch lines below are the reference and the fallback."""
     N, half = q.shape
     K = 2 * half
+    if _load() is not None and q.device.type == "cpu":
+        g = _group(K, s, group_size)
+        out = torch.empty(N, K) if out is None else out
+        _lib.dequant_q4(q.contiguous().data_ptr(), s.contiguous().data_ptr(), g, out.data_ptr(), N, K,
+                        torch.get_num_threads())
+        return out
     blocks = q.view(N, K // 32, 16)
     nib = torch.cat((blocks & 0x0F, blocks >> 4), dim=-1).view(N, K).float() - 8.0  # weights j, then j + 16
     return nib * _expand_scales(s, K, group_size)

@@ -155,6 +155,31 @@ void gemv_q4(const int8_t *xq, const float *dx, int64_t M, const uint8_t *q, con
     }
 }
 
+/* The weights back to fp32, out: (N, K): for inputs of many rows (prefill, large batches) a BLAS matrix product
+ * of the dequantized weight beats the matrix-vector kernels, and dequantizing in C streams at memory speed. */
+void dequant_q8(const int8_t *q, const float *s, int64_t g, float *out, int64_t N, int64_t K, int threads) {
+    const int64_t G = (K + g - 1) / g;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++) out[n * K + k] = s[n * G + k / g] * (float)q[n * K + k];
+}
+
+void dequant_q4(const uint8_t *q, const float *s, int64_t g, float *out, int64_t N, int64_t K, int threads) {
+    const int64_t G = (K + g - 1) / g;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *qn = q + n * (K / 2);
+        float *o = out + n * K;
+        for (int64_t j = 0; j < K; j += 32) {
+            const float d = s[n * G + j / g];
+            for (int t = 0; t < 16; t++) {
+                o[j + t] = d * (float)((int)(qn[j / 2 + t] & 0x0F) - 8);
+                o[j + t + 16] = d * (float)((int)(qn[j / 2 + t] >> 4) - 8);
+            }
+        }
+    }
+}
+
 /* ---------------------------------------------------------------------------------------------------------
  * One decoder layer of a decode step, fused: the Llama block (RMSNorm, fused qkv, optional q/k RMSNorm, RoPE,
  * grouped-query attention over a block-paged KV cache, output projection, RMSNorm, SwiGLU MLP, residuals) for
