@@ -130,7 +130,7 @@ def bench_generate(model: torch.nn.Module, batches: Sequence[int] = (1, 8, 32), 
     if hf is not None:
         hf.generate(torch.tensor(warm), max_new_tokens=4, do_sample=False, pad_token_id=0)
     out: dict = {"threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "prompt_len": prompt_len,
-                 "new_tokens": new_tokens, "weight_MB": round(weight_bytes(model) / 1e6, 1), "batches": {}}
+                 "new_tokens": new_tokens, "weight_MB": round(weight_bytes(model) / 1e6, 4), "batches": {}}
     if reference == "hf" and hf is None:
         out["reference_skipped"] = why_not
     for b in batches:
@@ -162,7 +162,7 @@ def bench_generate(model: torch.nn.Module, batches: Sequence[int] = (1, 8, 32), 
         bw = measure_read_bandwidth()
         wb = weight_bytes(model)
         out["batch1_memory"] = {"measured_read_GB_s": round(bw / 1e9, 1),
-                                "weight_read_GB_s": round(b1["decode_tok_s"] * wb / 1e9, 1),
+                                "weight_read_GB_s": round(b1["decode_tok_s"] * wb / 1e9, 4),
                                 "share_of_bandwidth": round(b1["decode_tok_s"] * wb / bw, 3),
                                 "ceiling_tok_s": round(bw / wb, 1)}
     return out
