@@ -14,9 +14,16 @@ FAMILIES = {
 
 
 def make_model(family: str) -> Decoder:
+    """A random model whose greedy continuations vary (the default init repeats one token: a wrong cache
+    would go unseen)."""
     torch.manual_seed(0)
     cfg = DecoderConfig(vocab_size=V, block_size=96, n_layer=2, d_model=64, **FAMILIES[family])
-    return Decoder(cfg).eval()
+    model = Decoder(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return model
 
 
 def prompts(lengths, seed=1):
@@ -324,7 +331,7 @@ def test_failed_multi_group_prefill_requeues_and_cancel_is_defensive():
     # the first group's request is running, the other two are back in the queue, in order
     assert [r.request_id for r in eng.running] == [ids[0]]
     assert [r.request_id for r in eng.waiting] == ids[1:]
-    assert all(r.slot == -1 and r.length == 0 for r in eng.waiting)
+    assert all(r.blocks == [] and r.length == 0 for r in eng.waiting)
     eng._prefill_batch = real_prefill
     eng.run()
     for rid, p in zip(ids, ps):

@@ -1,24 +1,26 @@
-"""Continuous-batching inference engine for llmkit decoders, with a slot KV cache and a prefix cache.
+"""Continuous-batching inference engine for llmkit decoders, with a paged KV cache and a prefix cache.
 
 Requests arrive at any time (`Engine.add_request`); every `Engine.step()` advances each running request by
 one token. This is iteration-level scheduling as in Orca (Yu et al. 2022, "Orca: A Distributed Serving
 System for Transformer-Based Generative Models", OSDI): a new request is prefilled and joins the running
-batch at the next step, and a finished or cancelled one leaves it and frees its cache slot at once, instead
+batch at the next step, and a finished or cancelled one leaves it and frees its KV blocks at once, instead
 of the whole batch waiting for its longest member.
 
-KV memory: one preallocated slot per running request, `k`/`v` of shape
-(n_layer, max_batch, H_kv, max_len, head_dim) with per-slot lengths; running requests occupy slots
-[0, n) (a freed slot is refilled by moving the last slot into it), so the batched decode step reads a
-view of the cache and masks keys past each row's length. H_kv < n_head (grouped-query attention) is
-passed to `F.scaled_dot_product_attention(enable_gqa=True)` without repeating keys.
+KV memory (`llmkit.infer.kv_blocks`): a pool of blocks of `prefix_block` positions, as in PagedAttention
+(Kwon et al. 2023, SOSP); each request holds a block table and takes a block when its sequence reaches it,
+so memory follows the actual lengths, not max_batch x max_len. The decode step reads each row's keys
+through its table (the fused C layer directly; the PyTorch path gathers them) and masks keys past each
+row's length. H_kv < n_head (grouped-query attention) is passed to
+`F.scaled_dot_product_attention(enable_gqa=True)` without repeating keys. When a decode step finds no free
+block, the newest running request is preempted: its blocks are released and it goes back to the front of
+the queue, to be prefilled again over its prompt and the tokens it already has (vLLM's recompute
+preemption); its output is unchanged by this.
 
-Prefix cache: prompt keys/values are kept in blocks of `block_size` tokens, keyed by a hash chained over
-the token ids of the block and of every block before it, as in vLLM's automatic prefix caching (Kwon et
-al. 2023, "Efficient Memory Management for Large Language Model Serving with PagedAttention", SOSP). A
-new prompt whose leading blocks are cached copies their keys/values into its slot and prefills only the
-rest. The cache holds at most `prefix_cache_tokens` tokens and evicts the least recently used block first
-(the deepest block of a chain goes before its parents). Unlike vLLM the blocks are copied into a
-contiguous slot rather than paged in place: simpler, at the cost of one copy per hit.
+Prefix cache: full prompt blocks are keyed by a hash chained over the token ids of the block and of every
+block before it (vLLM's automatic prefix caching); a new prompt whose leading blocks are cached references
+those very blocks in its table (shared, not copied) and prefills only the rest. The cache holds at most
+`prefix_cache_tokens` tokens, evicts the least recently used block first (the deepest block of a chain
+before its parents), and gives back blocks only it references when the pool runs short.
 
 Per request (`RequestParams`): max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p, repetition,
 presence and frequency penalties, seed (a per-request `torch.Generator`, so the same seed gives the same
@@ -27,7 +29,7 @@ strings (need a tokenizer). Sampling is vectorised over the batch (`llmkit.sampl
 itself runs per row, on that row's generator. Tokens go to an optional per-request callback and to
 `Engine.stream`.
 
-Prefill is batched: the waiting requests that fit the free slots (and `max_prefill_tokens` padded tokens)
+Prefill is batched: the waiting requests that fit the batch, the free blocks and `max_prefill_tokens` padded tokens
 run through the model in right-padded forwards, one per group of similar prompt lengths (`padding_groups`:
 padding stays under 25% of the real tokens), each row at its own start position (after its cached prefix)
 with a causal keep-mask over its own keys.
@@ -44,7 +46,7 @@ model skip the prefix cache.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -52,6 +54,7 @@ import torch
 
 from llmkit.infer import kernels as cpu_kernels
 from llmkit.infer.generate import SamplingParams, eos_set
+from llmkit.infer.kv_blocks import BlockPool, PrefixCache
 from llmkit.models.decoder import Decoder
 from llmkit.models.layers import causal_mask
 from llmkit.models.layout import column_major_linears
@@ -98,7 +101,8 @@ class RequestParams(SamplingParams):
 
 @dataclass
 class Request:
-    """One request's state. `length` is how many of its tokens sit in the KV cache; `slot` its cache row."""
+    """One request's state. `length` is how many of its tokens sit in the KV cache, in the pool blocks
+    `blocks` (its block table: block i holds positions i*block_size .. (i+1)*block_size - 1)."""
 
     request_id: str
     prompt: list[int]
@@ -107,7 +111,7 @@ class Request:
     generator: torch.Generator | None
     on_token: Callable[[str, int], None] | None = None
     output: list[int] = field(default_factory=list)
-    slot: int = -1
+    blocks: list[int] = field(default_factory=list)
     length: int = 0
     last_token: int = -1
     finished: bool = False
@@ -122,66 +126,6 @@ class Request:
     """With params.logprobs set: per emitted token, (its logprob, [(alternative id, logprob)] best first)."""
     text: str | None = None
     """With stop strings: the decoded output, cut before the stop string that ended it."""
-
-
-@dataclass
-class _Block:
-    parent: int | None
-    tokens: tuple[int, ...]
-    k: torch.Tensor  # (n_layer, H_kv, block_size, head_dim)
-    v: torch.Tensor
-
-
-class PrefixCache:
-    """LRU store of prompt KV blocks keyed by chained hashes (vLLM-style), at most `max_tokens` tokens."""
-
-    def __init__(self, max_tokens: int, block_size: int = 16):
-        self.block_size = block_size
-        self.max_blocks = max_tokens // block_size
-        self.blocks: OrderedDict[int, _Block] = OrderedDict()
-        self.hits = 0
-        self.misses = 0
-        self.evictions = 0
-
-    def chain(self, tokens: Sequence[int], n_blocks: int) -> list[tuple[int, int | None, tuple[int, ...]]]:
-        """(hash, parent hash, block tokens) for the first n_blocks full blocks of `tokens`."""
-        out, parent = [], None
-        bs = self.block_size
-        for j in range(n_blocks):
-            blk = tuple(tokens[j * bs:(j + 1) * bs])
-            h = hash((parent, blk))
-            out.append((h, parent, blk))
-            parent = h
-        return out
-
-    def lookup(self, chain) -> list[_Block]:
-        """The cached leading blocks of `chain` (stops at the first miss); counts hits and misses per block."""
-        found = []
-        for h, parent, blk in chain:
-            b = self.blocks.get(h)
-            if b is None or b.parent != parent or b.tokens != blk:  # verify: a hash is not proof
-                self.misses += len(chain) - len(found)
-                break
-            found.append(b)
-        self.hits += len(found)
-        return found
-
-    def insert(self, chain, kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Add the blocks of `chain` not cached yet (kv(j) gives block j's keys/values), then evict LRU."""
-        if self.max_blocks <= 0:
-            return
-        for j, (h, parent, blk) in enumerate(chain):
-            if h not in self.blocks:
-                k, v = kv(j)
-                self.blocks[h] = _Block(parent, blk, k, v)
-        for h, _, _ in reversed(chain):  # parents most recent: evict chains from their tail
-            self.blocks.move_to_end(h)
-        while len(self.blocks) > self.max_blocks:
-            self.blocks.popitem(last=False)
-            self.evictions += 1
-
-    def clear(self) -> None:
-        self.blocks.clear()
 
 
 def padding_groups(reqs: list[Request], waste: float = 0.25) -> list[list[Request]]:
@@ -209,9 +153,13 @@ class Engine:
     tokenizer: optional, for its end-of-sequence ids (`eos_ids`: every one the model declares; or pass `eos_id`,
     one id or a list), `decode` (stop strings) and its size: ids at or above `vocab_limit` (default
     ``len(tokenizer)``), the rows of a padded embedding, are never sampled.
-    max_batch: cache slots = most requests decoding together; later requests wait in a queue.
-    max_len: cache positions per slot (prompt + new tokens); None -> the model's block_size.
-    prefix_cache_tokens: prefix-cache budget in tokens (0 disables it); prefix_block: tokens per block.
+    max_batch: most requests decoding together; later requests wait in a queue.
+    max_len: most positions of one request (prompt + new tokens); None -> the model's block_size.
+    kv_cache_tokens: positions the KV pool holds over all requests (rounded up to whole blocks); None ->
+    max_batch * max_len + prefix_cache_tokens (every request can reach max_len at once). Smaller pools admit
+    fewer or shorter requests at a time and preempt the newest when the pool runs out.
+    prefix_cache_tokens: most tokens the prefix cache keeps (0 disables it); prefix_block: positions per KV
+    block (the pool's and the prefix cache's granularity).
     max_prefill_tokens: most padded tokens (rows * longest prompt) prefilled in one forward; at least one
     request is always prefilled per step.
     column_major: re-store the model's Linear weights column-major in place (`llmkit.models.layout`; same
@@ -222,13 +170,14 @@ class Engine:
     is not used is in `fused_unavailable`); None -> on CPU when the kernels build here. Up to
     `kernels.MAX_ROWS` running requests decode that way, more go through PyTorch as before.
 
-    KV memory is 2 * n_layer * max_batch * H_kv * max_len * head_dim elements in the model's dtype.
+    KV memory is 2 * n_layer * H_kv * head_dim elements in the model's dtype per position of the pool
+    (`stats()` reports the blocks in use and their peak).
     """
 
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | Sequence[int] | None = None,
                  max_prefill_tokens: int = 8192, column_major: bool | None = None, vocab_limit: int | None = None,
-                 kernels: bool | None = None):
+                 kernels: bool | None = None, kv_cache_tokens: int | None = None):
         if not isinstance(model, Decoder):
             raise TypeError(f"Engine serves llmkit decoder-only models (Decoder), not {type(model).__name__}; "
                             "encoders and encoder-decoders are not supported")
@@ -255,9 +204,10 @@ class Engine:
             self.fused, self.fused_unavailable = (None, plan) if isinstance(plan, str) else (plan, None)
         elif column_major if column_major is not None else self.device.type == "cpu":
             column_major_linears(model)
-        shape = (cfg.n_layer, max_batch, cfg.kv_heads, self.max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=self.device, dtype=self.dtype)
-        self.v = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        if kv_cache_tokens is None:
+            kv_cache_tokens = max_batch * -(-self.max_len // prefix_block) * prefix_block + prefix_cache_tokens
+        self.pool = BlockPool(cfg.n_layer, -(-kv_cache_tokens // prefix_block), cfg.kv_heads, prefix_block,
+                              cfg.head_dim, self.device, self.dtype)
         if eos_id is None:  # every end-of-sequence id the model declares (generation_config's list too)
             eos_id = getattr(tokenizer, "eos_ids", None) or getattr(tokenizer, "eos_id", None)
         self.eos_ids = eos_set(eos_id)
@@ -269,12 +219,13 @@ class Engine:
             vocab_limit = len(tokenizer)
         self.vocab_limit = vocab_limit if vocab_limit is not None and vocab_limit < cfg.vocab_size else None
         self.max_prefill_tokens = max_prefill_tokens
-        self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens, prefix_block, self.pool)
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # running[i].slot == i
+        self.running: list[Request] = []  # in admission order: the newest is preempted first
         self.prefill_tokens = 0  # prompt tokens actually run through the model
         self.decode_steps = 0
+        self.preemptions = 0
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ requests
@@ -282,7 +233,8 @@ class Engine:
                     request_id: str | None = None, on_token: Callable[[str, int], None] | None = None) -> str:
         """Queue a request; returns its id. on_token(request_id, token) is called for every new token.
 
-        The prompt is cut to its last min(block_size, max_len) - 1 tokens, as `stream_tokens` does.
+        The prompt is cut to its last min(block_size, max_len) - 1 tokens, as `stream_tokens` does, and
+        max_new_tokens to what max_len and the KV pool leave.
         """
         params = params or RequestParams()
         if not prompt_ids:
@@ -293,7 +245,11 @@ class Engine:
         if rid in self.requests and not self.requests[rid].finished:
             raise ValueError(f"request id {rid!r} is already active")
         ids = [int(t) for t in prompt_ids][-(self.max_len - 1):]
-        budget = min(params.max_new_tokens, self.max_len - len(ids))
+        pool_tokens = self.pool.num_blocks * self.pool.block_size
+        if len(ids) >= pool_tokens:
+            raise ValueError(f"a prompt of {len(ids)} tokens does not fit the KV pool of {pool_tokens} positions: "
+                             "raise Engine(kv_cache_tokens=...)")
+        budget = min(params.max_new_tokens, self.max_len - len(ids), pool_tokens - len(ids))
         gen = None
         if params.seed is not None:
             gen = torch.Generator(device=self.device)
@@ -309,12 +265,12 @@ class Engine:
         return rid
 
     def cancel(self, request_id: str) -> None:
-        """Stop a request now: it leaves the queue or the batch and its cache slot is free at once.
+        """Stop a request now: it leaves the queue or the batch and its KV blocks are free at once.
         Unknown ids (already popped) and finished requests are left alone."""
         req = self.requests.get(request_id)
         if req is None or req.finished:
             return
-        if req.slot >= 0:
+        if req in self.running:
             self._free(req)
         elif req in self.waiting:
             self.waiting.remove(req)
@@ -338,26 +294,36 @@ class Engine:
         pc = self.prefix_cache
         return {"running": len(self.running), "waiting": len(self.waiting), "prefill_tokens": self.prefill_tokens,
                 "decode_steps": self.decode_steps, "prefix_hits": pc.hits, "prefix_misses": pc.misses,
-                "prefix_blocks": len(pc.blocks), "prefix_evictions": pc.evictions}
+                "prefix_blocks": len(pc.blocks), "prefix_evictions": pc.evictions,
+                "kv_blocks": self.pool.num_blocks, "kv_blocks_in_use": self.pool.in_use,
+                "kv_blocks_peak": self.pool.peak_in_use, "kv_block_bytes": self.pool.block_bytes,
+                "preemptions": self.preemptions}
 
     # ------------------------------------------------------------------ scheduling
     @torch.no_grad()
     def step(self) -> dict[str, int]:
         """One iteration: every running request gets one token (batched decode), then waiting requests
-        take the free slots, are prefilled and get their first token. Returns {request_id: token} emitted."""
+        take the free places in the batch and the pool, are prefilled and get their first token. Returns
+        {request_id: token} emitted."""
         emitted: dict[str, int] = {}
+        if self.running:
+            self._make_room()
         if self.running:
             logits = self._decode()  # (n, vocab)
             self._sample_all(self.running, logits, emitted)
         while self.waiting and self.free_slots > 0:
-            batch, longest = [self.waiting.popleft()], 0
-            longest = len(batch[0].prompt)
+            batch, longest, blocks = [], 0, 0
+            available = self.pool.num_free + self.prefix_cache.reclaimable()
             while self.waiting and len(batch) < self.free_slots:
-                t = max(longest, len(self.waiting[0].prompt))
-                if (len(batch) + 1) * t > self.max_prefill_tokens:
+                n_tokens = len(self.waiting[0].prompt) + len(self.waiting[0].output)
+                t = max(longest, n_tokens)
+                need = self._blocks_for(n_tokens + 1)  # + the first decoded token's position
+                if batch and (len(batch) + 1) * t > self.max_prefill_tokens or blocks + need > available:
                     break
                 batch.append(self.waiting.popleft())
-                longest = t
+                longest, blocks = t, blocks + need
+            if not batch:  # the pool is full: the running requests free blocks as they finish
+                break
             try:
                 for group in padding_groups(batch):
                     logits = self._prefill_batch(group)  # (len(group), vocab)
@@ -368,13 +334,14 @@ class Engine:
         return emitted
 
     def _requeue_unstarted(self, batch: list[Request]) -> None:
-        """After a failed prefill: the requests of `batch` that got no first token leave their slots (if
-        they took one) and go back to the front of the queue, in order. Without this they would be in
-        neither `waiting` nor `running`, so `cancel` could not find them and the next decode step would
-        read a slot holding no token."""
+        """After a failed prefill: the requests of `batch` that got no token from it leave the batch (if they
+        joined it) and go back to the front of the queue, in order. Without this they would be in neither
+        `waiting` nor `running`, so `cancel` could not find them and the next decode step would read a
+        request holding no token."""
         unstarted = [r for r in batch if not r.finished and r.last_token < 0]
-        for req in sorted((r for r in unstarted if r.slot >= 0), key=lambda r: -r.slot):
-            self._free(req)
+        for req in unstarted:
+            if req in self.running:
+                self._free(req)
         for req in reversed(unstarted):
             req.length, req.cached_tokens = 0, 0
             self.waiting.appendleft(req)
@@ -465,7 +432,7 @@ class Engine:
             if len(req.output) >= req.budget:
                 req.finish_reason = "length"
                 done.append(req)
-        for req in sorted(done, key=lambda r: -r.slot):  # last slots first: fewer moves
+        for req in done:
             self._free(req)
             req.finished = True
 
@@ -489,52 +456,111 @@ class Engine:
         return True
 
     def _free(self, req: Request) -> None:
-        """Release req's slot; the last running request moves into it so slots [0, n) stay dense."""
-        s = req.slot
-        last = self.running[-1]
-        if last is not req:
-            n = last.length
-            self.k[:, s, :, :n] = self.k[:, last.slot, :, :n]
-            self.v[:, s, :, :n] = self.v[:, last.slot, :, :n]
-            last.slot = s
-            self.running[s] = last
-        self.running.pop()
-        req.slot = -1
+        """Take req out of the batch and drop its references to its blocks (cached prefix blocks stay)."""
+        self.running.remove(req)
+        for b in req.blocks:
+            self.pool.release(b)
+        req.blocks = []
+
+    def _blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.pool.block_size)
+
+    def _allocate(self) -> int | None:
+        """A free block, giving back prefix-cache-only blocks if none is free; None if the pool is full."""
+        if self.pool.num_free == 0:
+            self.prefix_cache.reclaim(1)
+        return self.pool.allocate()
+
+    def _preempt(self, req: Request) -> None:
+        """Free a running request's blocks and put it back at the front of the queue; it is prefilled again
+        over prompt + output when blocks are free (its output so far is kept)."""
+        self._free(req)
+        req.length, req.cached_tokens, req.last_token = 0, 0, -1
+        self.waiting.appendleft(req)
+        self.preemptions += 1
+
+    def _make_room(self) -> None:
+        """Before a decode step: give every running request the block its next position falls in, and a
+        private copy of any shared block a longrope recompute is about to overwrite; when the pool is full,
+        preempt the newest running request (possibly the one asking) until it is not."""
+        bs, m = self.pool.block_size, self.model
+        for req in list(self.running):  # oldest first
+            if req not in self.running:  # preempted for an older one
+                continue
+            if m.long_rope_crossing(req.length, 1):
+                for j, b in enumerate(req.blocks):
+                    if self.pool.refs[b] > 1:  # shared with the prefix cache or another request
+                        new = self._take_block(req)
+                        if new is None:
+                            break
+                        self.pool.release(b)
+                        req.blocks[j] = new
+            if req in self.running and req.length // bs >= len(req.blocks):
+                new = self._take_block(req)
+                if new is not None:
+                    req.blocks.append(new)
+
+    def _take_block(self, req: Request) -> int | None:
+        """A block for `req`, preempting the newest running requests while none is free; None when `req`
+        itself had to go."""
+        while (b := self._allocate()) is None:
+            victim = self.running[-1]
+            self._preempt(victim)
+            if victim is req:
+                return None
+        return b
+
+    def _block_table(self, reqs: list[Request], n_blocks: int | None = None) -> torch.Tensor:
+        """int64 (len(reqs), n_blocks) block tables, padded with block 0 (never read unmasked)."""
+        n_blocks = n_blocks or max(len(r.blocks) for r in reqs)
+        return torch.tensor([r.blocks[:n_blocks] + [0] * (n_blocks - len(r.blocks[:n_blocks])) for r in reqs],
+                            dtype=torch.int64, device=self.device)
+
+    def _gather(self, cache: torch.Tensor, table: torch.Tensor, L: int) -> torch.Tensor:
+        """Keys (or values) of the rows of `table` from one layer's pool (num_blocks, H_kv, bs, hd), their first
+        L positions: (n, H_kv, L, hd)."""
+        n, nb = table.shape
+        blocks = cache[table]  # (n, nb, H_kv, bs, hd)
+        return blocks.transpose(1, 2).reshape(n, cache.size(1), nb * cache.size(2), cache.size(3))[:, :, :L]
 
     def _prefill(self, req: Request) -> torch.Tensor:
         """Prefill one request (see `_prefill_batch`). Returns (1, vocab)."""
         return self._prefill_batch([req])
 
     def _prefill_batch(self, reqs: list[Request]) -> torch.Tensor:
-        """Put each request in a free slot, reuse its cached prefix blocks, and run the rest of all the
-        prompts through the model in one right-padded forward, writing each slot's keys/values. Returns
-        every request's last-position logits, (n, vocab).
+        """Give each request its block table (cached prefix blocks referenced, new blocks for the rest), and
+        run the rest of all the sequences (the prompt, plus the output of a preempted request) through the
+        model in one right-padded forward, writing their keys/values into their blocks. Returns every
+        request's last-position logits, (n, vocab).
 
         Shapes: ids/positions (n, T) with T the longest uncached part and row i at positions
-        start_i .. start_i + T - 1; q (n, H, T, hd); keys read from the slots (n, H_kv, L, hd) with
+        start_i .. start_i + T - 1; q (n, H, T, hd); keys gathered through the tables (n, H_kv, L, hd) with
         L = max(start_i + len_i) and a keep-mask (n, 1, T, L): query t of row i sees keys <= start_i + t.
         Padded queries only see their own row's keys and are dropped; padded keys are never written.
         """
         m, cfg, dev = self.model, self.config, self.device
         pc = self.prefix_cache
         bs = pc.block_size
-        s0 = len(self.running)
         starts, news = [], []
         for req in reqs:
-            s = len(self.running)
-            req.slot = s
             self.running.append(req)
-            ids, start = req.prompt, 0
+            ids, start = req.prompt + req.output, 0
             if self._prefix_cacheable(ids):
                 chain = pc.chain(ids, (len(ids) - 1) // bs)  # keep >= 1 token to compute logits from
-                for j, b in enumerate(pc.lookup(chain)):
-                    self.k[:, s, :, j * bs:(j + 1) * bs] = b.k
-                    self.v[:, s, :, j * bs:(j + 1) * bs] = b.v
-                    start = (j + 1) * bs
+                for b in pc.lookup(chain):
+                    self.pool.retain(b)
+                    req.blocks.append(b)
+                start = len(req.blocks) * bs
+            while len(req.blocks) < self._blocks_for(len(ids)):
+                b = self._allocate()
+                if b is None:  # admission counted the blocks: only a bug gets here
+                    raise RuntimeError(f"KV pool exhausted while prefilling {req.request_id}")
+                req.blocks.append(b)
             req.cached_tokens = start
             starts.append(start)
             news.append(ids[start:])
         n = len(reqs)
+        table = self._block_table(reqs)  # (n, most blocks)
         lens_l = [len(x) for x in news]
         T = max(lens_l)
         lens = torch.tensor(lens_l, device=dev)
@@ -563,33 +589,31 @@ class Engine:
             else:
                 masks[w] = masks[None] & (torch.arange(L, device=dev)[None, None, :] > pos[:, :, None] - w
                                           ).view(n, 1, T, L)
-        rows_flat = (s0 + torch.arange(n, device=dev))[:, None].expand(n, T)[valid]
+        rows_flat = torch.arange(n, device=dev)[:, None].expand(n, T)[valid]
         pos_flat = pos[valid]
+        blocks_flat, offsets_flat = table[rows_flat, pos_flat // bs], pos_flat % bs
         H, hd = cfg.n_head, cfg.head_dim
         for i, block in enumerate(m.blocks):
             attn = block.attn
             q, k, v = attn.project_qkv(block.norm1(x), rope)  # (n, H, T, hd), (n, H_kv, T, hd) x 2
-            kc, vc = self.k[i], self.v[i]  # (max_batch, H_kv, max_len, hd)
-            kc[rows_flat, :, pos_flat] = k.transpose(1, 2)[valid]
-            vc[rows_flat, :, pos_flat] = v.transpose(1, 2)[valid]
+            kc, vc = self.pool.k[i], self.pool.v[i]  # (num_blocks, H_kv, bs, hd)
+            kc[blocks_flat, :, offsets_flat] = k.transpose(1, 2)[valid]
+            vc[blocks_flat, :, offsets_flat] = v.transpose(1, 2)[valid]
             mask = masks[attn.window]
             if uniform:
                 y = attn.attend(q, k, v, mask=mask, is_causal=mask is None)
             else:
-                y = attn.attend(q, kc[s0:s0 + n, :, :L], vc[s0:s0 + n, :, :L], mask=mask)
+                y = attn.attend(q, self._gather(kc, table, L), self._gather(vc, table, L), mask=mask)
             x = block.attn_residual(x, attn.proj(y.transpose(1, 2).reshape(n, T, H * hd)))
             x = block.mlp_residual(x)
         for req in reqs:
-            req.length = len(req.prompt)
+            req.length = len(req.prompt) + len(req.output)
         self.prefill_tokens += sum(lens_l)
         if pc.max_blocks > 0:
             for req in reqs:
-                s, ids = req.slot, req.prompt
-                if not self._prefix_cacheable(ids):
-                    continue
-                full = pc.chain(ids, len(ids) // bs)
-                pc.insert(full, lambda j, s=s: (self.k[:, s, :, j * bs:(j + 1) * bs].clone(),
-                                                self.v[:, s, :, j * bs:(j + 1) * bs].clone()))
+                ids = req.prompt + req.output
+                if self._prefix_cacheable(ids):  # its full blocks: never written again (decode writes later)
+                    pc.insert(pc.chain(ids, len(ids) // bs), lambda j, req=req: req.blocks[j])
         last = x[torch.arange(n, device=dev), lens - 1]
         return m.head(last)
 
@@ -603,15 +627,20 @@ class Engine:
         return orig is None or len(ids) <= orig
 
     def _recompute_long_rope(self, req: Request) -> torch.Tensor:
-        """A longrope request passing the original context: recompute its slot's keys/values with the long
-        factors over its whole sequence (the model's own cached forward) and return its next-token logits."""
+        """A longrope request passing the original context: recompute its keys/values with the long factors
+        over its whole sequence (the model's own cached forward) into its blocks (made private beforehand by
+        `_make_room`) and return its next-token logits."""
         from llmkit.models.decoder import KVCache
 
         ids = req.prompt + req.output  # the cache holds all but the last token
         cache = KVCache(self.config, 1, len(ids), device=self.device, dtype=self.dtype, rolling=False)
         logits, _ = self.model(torch.tensor([ids], device=self.device), cache=cache)
-        self.k[:, req.slot, :, :len(ids)] = cache.k[:, 0]
-        self.v[:, req.slot, :, :len(ids)] = cache.v[:, 0]
+        bs = self.pool.block_size
+        for j in range(self._blocks_for(len(ids))):
+            part = slice(j * bs, min(len(ids), (j + 1) * bs))
+            n = part.stop - part.start
+            self.pool.k[:, req.blocks[j], :, :n] = cache.k[:, 0, :, part]
+            self.pool.v[:, req.blocks[j], :, :n] = cache.v[:, 0, :, part]
         return logits[0, -1]
 
     def _decode(self) -> torch.Tensor:
@@ -626,12 +655,11 @@ class Engine:
         tokens = torch.tensor([r.last_token for r in self.running], device=dev)
         pos = torch.tensor([r.length for r in self.running], device=dev)
         seq_lens = [r.length + 1 for r in self.running]
+        table = self._block_table(self.running)  # (n, most blocks)
         if self.fused is not None and n <= cpu_kernels.MAX_ROWS:
-            # slot i is one block of max_len positions of the cache: block table row i = [i]
-            table = torch.arange(n, device=dev)[:, None]
-            logits = m.head(self.fused.decode_hidden(m, tokens, pos, seq_lens, self.k, self.v, table))
+            logits = m.head(self.fused.decode_hidden(m, tokens, pos, seq_lens, self.pool.k, self.pool.v, table))
         else:
-            logits = self._decode_layers(tokens, pos, seq_lens)
+            logits = self._decode_layers(tokens, pos, seq_lens, table)
         for j, r in enumerate(self.running):
             if m.long_rope_crossing(r.length, 1):
                 logits[j] = self._recompute_long_rope(r)
@@ -639,11 +667,13 @@ class Engine:
         self.decode_steps += 1
         return logits
 
-    def _decode_layers(self, tokens: torch.Tensor, pos: torch.Tensor, seq_lens: list[int]) -> torch.Tensor:
+    def _decode_layers(self, tokens: torch.Tensor, pos: torch.Tensor, seq_lens: list[int],
+                       table: torch.Tensor) -> torch.Tensor:
         """The decode step's layers in PyTorch. Returns logits (n, vocab).
 
-        Shapes: tokens/positions (n,); x (n, 1, d_model); q (n, H, 1, hd); keys read (n, H_kv, L, hd) with
-        L = longest length + 1 and a keep-mask (n, 1, 1, L) of each row's valid keys.
+        Shapes: tokens/positions (n,); table (n, blocks) int64; x (n, 1, d_model); q (n, H, 1, hd); keys
+        gathered through the table (n, H_kv, L, hd) with L = longest length + 1 and a keep-mask (n, 1, 1, L)
+        of each row's valid keys.
         """
         m, cfg = self.model, self.config
         n = tokens.size(0)
@@ -653,7 +683,10 @@ class Engine:
         masks = {None: (keys <= pos[:, None]).view(n, 1, 1, L)}  # keep-mask per sliding window
         for w in {b.attn.window for b in m.blocks} - {None}:
             masks[w] = masks[None] & (keys > pos[:, None] - w).view(n, 1, 1, L)
+        bs = self.pool.block_size
+        table = table[:, :self._blocks_for(L)]
         rows = torch.arange(n, device=dev)
+        blocks, offsets = table[rows, pos // bs], pos % bs
         x = m.embed(tokens)[:, None]
         rope = None
         if m.pos_emb is not None:
@@ -665,10 +698,10 @@ class Engine:
         for i, block in enumerate(m.blocks):
             attn = block.attn
             q, k, v = attn.project_qkv(block.norm1(x), rope)  # (n, H, 1, hd), (n, H_kv, 1, hd) x 2
-            kc, vc = self.k[i], self.v[i]  # (max_batch, H_kv, max_len, hd)
-            kc[rows, :, pos] = k[:, :, 0]
-            vc[rows, :, pos] = v[:, :, 0]
-            y = attn.attend(q, kc[:n, :, :L], vc[:n, :, :L], mask=masks[attn.window])
+            kc, vc = self.pool.k[i], self.pool.v[i]  # (num_blocks, H_kv, bs, hd)
+            kc[blocks, :, offsets] = k[:, :, 0]
+            vc[blocks, :, offsets] = v[:, :, 0]
+            y = attn.attend(q, self._gather(kc, table, L), self._gather(vc, table, L), mask=masks[attn.window])
             x = block.attn_residual(x, attn.proj(y.transpose(1, 2).reshape(n, 1, H * hd)))
             x = block.mlp_residual(x)
         return m.head(x[:, 0])
