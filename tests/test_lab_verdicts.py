@@ -236,3 +236,62 @@ def test_mixing_verdicts():
     assert mixing.verdict({0.0: unmixed, 0.1: [0.5, 0.55, 0.45], 0.2: [0.4, 0.44, 0.36]})[0] == "partly holds"
     assert mixing.verdict({0.0: unmixed, 0.1: [0.95, 1.1, 0.9], 0.2: [0.9, 1.0, 0.85]})[0] == "does not hold"
     assert mixing.verdict({0.0: [-0.01, 0.0, -0.02], 0.1: [0.0, 0.0, 0.0]})[0] == "not measured"
+
+
+# -- codesign (§5: chip-targeted operators, >= 3x inference throughput) ------------------------------------
+
+
+@pytest.mark.parametrize("speedups, expected", [
+    ({"fp32": [3.4, 3.1, 3.2], "INT8": [5.0, 5.2, 4.9], "INT4": [6.1, 6.0, 6.3]}, "holds"),
+    ({"fp32": [2.1, 2.2, 2.0], "INT8": [3.5, 3.6, 3.4], "INT4": [4.0, 4.1, 3.9]}, "partly holds"),
+    ({"fp32": [1.2, 1.1, 1.3], "INT8": [2.9, 2.95, 2.9], "INT4": [2.0, 2.1, 1.9]}, "does not hold"),
+    ({"fp32": [3.0], "INT8": [3.0], "INT4": [3.0]}, "holds"),  # "3倍以上": 3x itself counts
+    ({"fp32": [], "INT8": [], "INT4": []}, "not measured"),
+])
+def test_codesign_verdicts(speedups, expected):
+    from llmkit.lab.experiments import codesign
+
+    assert codesign.verdict(speedups)[0] == expected
+
+
+def test_codesign_verdict_takes_the_mean_over_seeds():
+    from llmkit.lab.experiments import codesign
+
+    decided, reason = codesign.verdict({"fp32": [1.0, 1.0, 7.5]})  # mean 3.17 reaches 3x
+    assert decided == "holds" and "fp32 3.17x" in reason
+    assert codesign.verdict({"fp32": [2.0, 2.0, 4.9]})[0] == "does not hold"  # mean 2.97
+
+
+def test_codesign_token_agreement():
+    from llmkit.lab.experiments import codesign
+
+    assert codesign.agreement([1, 2, 3, 4], [1, 2, 3, 4]) == 1.0
+    assert codesign.agreement([1, 2, 3, 4], [1, 9, 3, 4]) == 0.75
+    assert codesign.agreement([1, 2, 3, 4], [1, 2]) == 0.5  # a shorter output counts its missing tokens as different
+    assert codesign.first_difference([1, 2, 3], [1, 2, 3]) is None
+    assert codesign.first_difference([1, 2, 3], [1, 5, 3]) == 1
+    assert codesign.first_difference([1, 2, 3], [1, 2]) == 2
+
+
+def test_codesign_quick_run_fp32_kernels_decode_the_eager_tokens(tmp_path):
+    """The quick run (tiny random Llama-style model) goes through both engines at every precision; the fp32
+    kernel path must reproduce the eager greedy tokens exactly (the same math in another summation order)."""
+    import math
+
+    from llmkit.infer import kernels
+    from llmkit.lab.claim import VERDICTS, ExperimentContext
+    from llmkit.lab.experiments import codesign
+
+    if not kernels.available():
+        pytest.skip(f"CPU kernels unavailable: {kernels.why_not()}")
+    result = codesign.CLAIM.run(ExperimentContext(seeds=[0], quick=True, out_dir=tmp_path))
+    assert result.verdict in VERDICTS and result.verdict != "not measured"
+    by_name = {m.name: m for m in result.measurements}
+    assert len(by_name) == 9
+    for m in result.measurements:
+        assert len(m.values) == 1 and all(math.isfinite(v) and v >= 0 for v in m.values), m.name
+        if m.unit == "x":
+            assert m.values[0] > 0, m.name
+    assert by_name["greedy tokens identical, fp32"].values == [100.0]
+    assert "fused C layer + kernels" in result.details  # the chip-targeted side really took the fused path
+    assert (tmp_path / result.plots[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
