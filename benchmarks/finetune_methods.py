@@ -69,8 +69,8 @@ def one_method(method: str, steps: int) -> dict:
     import torch
 
     from llmkit.finetune.sft import SFTTrainConfig
-    from llmkit.train.loop import make_optimizer
     from llmkit.models.decoder import Decoder, DecoderConfig
+    from llmkit.train.loop import make_optimizer
 
     torch.manual_seed(0)
     model = apply_method(Decoder(DecoderConfig(**CPU_MODEL)), method)

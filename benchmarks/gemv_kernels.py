@@ -84,7 +84,7 @@ def main() -> None:
 
     def run(step):
         def go():
-            for i, (n, k) in enumerate(shapes):
+            for i, (_, k) in enumerate(shapes):
                 step(i, xs[k])
         return go
 
