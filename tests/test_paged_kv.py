@@ -2,40 +2,17 @@
 and a pool too small for every request preempts and resumes without changing a token."""
 
 import pytest
-import torch
 
 from llmkit.infer import kernels as cpu_kernels
 from llmkit.infer.engine import Engine, RequestParams
 from llmkit.infer.generate import stream_tokens
 from llmkit.infer.kv_blocks import BlockPool, PrefixCache
-from llmkit.models.decoder import Decoder, DecoderConfig
 
-V = 97
-GREEDY = RequestParams(max_new_tokens=12, temperature=0, stop_at_eos=False)
-FAMILIES = {
-    "gpt2": dict(n_head=4),
-    "llama_gqa": dict(n_head=4, n_kv_head=2, positions="rope", norm="rmsnorm", activation="swiglu"),
-}
+# the same models and prompts as tests/test_engine.py (random weights whose greedy continuations vary)
+from test_engine import FAMILIES, GREEDY, make_model, prompts  # noqa: E402
+
 # the fused C layer (llama, kernels on), the kernels per Linear (gpt2, kernels on) and plain PyTorch
 PATHS = [(f, k) for f in sorted(FAMILIES) for k in (True, False) if cpu_kernels.available() or not k]
-
-
-def make_model(family: str) -> Decoder:
-    """A random model whose greedy continuations vary (the default init repeats one token: a wrong cache
-    would go unseen)."""
-    torch.manual_seed(0)
-    cfg = DecoderConfig(vocab_size=V, block_size=96, n_layer=2, d_model=64, **FAMILIES[family])
-    model = Decoder(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.3)
-    return model
-
-
-def prompts(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
 
 
 def blocks_for(n_tokens: int, block: int) -> int:
