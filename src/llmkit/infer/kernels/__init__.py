@@ -237,32 +237,34 @@ def _expand_scales(s: torch.Tensor, K: int, group_size: int | None) -> torch.Ten
     return s.repeat_interleave(g, dim=1)[:, :K]
 
 
+
+def _dequantize_in_c(fn, q: torch.Tensor, s: torch.Tensor, group_size: int | None, N: int, K: int,
+                     out: torch.Tensor | None) -> torch.Tensor:
+    """fp32 (N, K) from codes `q` and scales `s` through the C routine `fn` (dequant_q8 / dequant_q4), into
+    `out` when given (contiguous fp32 (N, K))."""
+    out = torch.empty(N, K) if out is None else out
+    fn(q.contiguous().data_ptr(), s.contiguous().data_ptr(), _group(K, s, group_size), out.data_ptr(), N, K,
+       torch.get_num_threads())
+    return out
 def dequantize_q8(q: torch.Tensor, s: torch.Tensor, group_size: int | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """int8 (N, K), fp32 (N, ceil(K/g)) -> fp32 (N, K) = s per group * q (group_size None: K / G). In C when the
     kernels are loaded (memory speed; the PyTorch version below is the reference and the fallback)."""
     N, K = q.shape
     if _load() is not None and q.device.type == "cpu":
-        g = _group(K, s, group_size)
-        out = torch.empty(N, K) if out is None else out
-        _lib.dequant_q8(q.contiguous().data_ptr(), s.contiguous().data_ptr(), g, out.data_ptr(), N, K,
-                        torch.get_num_threads())
-        return out
+        return _dequantize_in_c(_lib.dequant_q8, q, s, group_size, N, K, out)
     return q.float() * _expand_scales(s, K, group_size)
 
 
 def dequantize_q4(q: torch.Tensor, s: torch.Tensor, group_size: int | None = None,
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (N, K/2) in Q4_0 nibble order, fp32 (N, ceil(K/g)) -> fp32 (N, K) = s per group * (nibble - 8), into
-    `out` (fp32 (N, K) contiguous) when given. In C when the kernels are loaded; the PyTorch lines below are the reference and the fallback."""
+    `out` (fp32 (N, K) contiguous) when given. In C when the kernels are loaded; the PyTorch lines below are the
+    reference and the fallback."""
     N, half = q.shape
     K = 2 * half
     if _load() is not None and q.device.type == "cpu":
-        g = _group(K, s, group_size)
-        out = torch.empty(N, K) if out is None else out
-        _lib.dequant_q4(q.contiguous().data_ptr(), s.contiguous().data_ptr(), g, out.data_ptr(), N, K,
-                        torch.get_num_threads())
-        return out
+        return _dequantize_in_c(_lib.dequant_q4, q, s, group_size, N, K, out)
     blocks = q.view(N, K // 32, 16)
     nib = torch.cat((blocks & 0x0F, blocks >> 4), dim=-1).view(N, K).float() - 8.0  # weights j, then j + 16
     return nib * _expand_scales(s, K, group_size)
