@@ -360,7 +360,7 @@ def test_engine_says_why_a_model_is_not_fused():
     assert engine.generate([[1, 2, 3]], RequestParams(max_new_tokens=5, temperature=0, stop_at_eos=False))
 
 
-@pytest.mark.parametrize("bits, group", [(4, 32), (4, 128), (8, 64), (8, 576)])
+@pytest.mark.parametrize("bits, group", [(4, 32), (4, 128), (8, 64), (8, 128), (8, 576)])
 def test_c_dequantization_equals_the_torch_reference(bits, group, monkeypatch):
     torch.manual_seed(group)
     q, s = quantize_groups(torch.randn(10, 576), bits, group)

@@ -160,8 +160,15 @@ void gemv_q4(const int8_t *xq, const float *dx, int64_t M, const uint8_t *q, con
 void dequant_q8(const int8_t *q, const float *s, int64_t g, float *out, int64_t N, int64_t K, int threads) {
     const int64_t G = (K + g - 1) / g;
     #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k++) out[n * K + k] = s[n * G + k / g] * (float)q[n * K + k];
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *qn = q + n * K;
+        float *o = out + n * K;
+        for (int64_t j = 0; j < K; j += g) {  /* one scale per group: the inner loop vectorizes */
+            const float d = s[n * G + j / g];
+            const int64_t end = j + g < K ? j + g : K;
+            for (int64_t k = j; k < end; k++) o[k] = d * (float)qn[k];
+        }
+    }
 }
 
 void dequant_q4(const uint8_t *q, const float *s, int64_t g, float *out, int64_t N, int64_t K, int threads) {
