@@ -15,9 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from real_model import smol_path, wiki_text  # noqa: E402
 
 
 def main() -> None:
@@ -34,16 +38,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from llmkit.infer.engine import Engine, RequestParams
-    from llmkit.lab.common import data_file
-    from llmkit.lab.experiments.codesign import smol_gguf
     from llmkit.models.gguf import import_gguf
     from llmkit.models.io import load_model
     from llmkit.tokenizer import Tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="kv-memory-"))
-    import_gguf(smol_gguf(), work / "fp32")
+    import_gguf(smol_path(), work / "fp32")
     model, tok = load_model(work / "fp32").eval(), Tokenizer.load(work / "fp32")
-    ids = tok.encode(data_file("en/wiki_demo.txt").read_text(encoding="utf-8"))
+    ids = tok.encode(wiki_text())
     rng = random.Random(args.seed)
     prompts = []
     for _ in range(args.requests):
@@ -76,7 +78,7 @@ def main() -> None:
             "slot_layout_MB": round(b * max_len * position_bytes / 1e6, 1),
             "preemptions": st["preemptions"],
             "identical_to_batch_1": f"{sum(a == r for a, r in zip(outputs, reference))}/{len(prompts)}"}
-        print(json.dumps({b: out["batches"][str(b)]}), flush=True, file=__import__("sys").stderr)
+        print(json.dumps({b: out["batches"][str(b)]}), flush=True, file=sys.stderr)
     print(json.dumps(out, indent=1))
 
 
