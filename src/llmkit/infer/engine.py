@@ -510,11 +510,11 @@ class Engine:
                 return None
         return b
 
-    def _block_table(self, reqs: list[Request], n_blocks: int | None = None) -> torch.Tensor:
-        """int64 (len(reqs), n_blocks) block tables, padded with block 0 (never read unmasked)."""
-        n_blocks = n_blocks or max(len(r.blocks) for r in reqs)
-        return torch.tensor([r.blocks[:n_blocks] + [0] * (n_blocks - len(r.blocks[:n_blocks])) for r in reqs],
-                            dtype=torch.int64, device=self.device)
+    def _block_table(self, reqs: list[Request]) -> torch.Tensor:
+        """int64 (len(reqs), most blocks) block tables, padded with block 0 (never read unmasked)."""
+        n_blocks = max(len(r.blocks) for r in reqs)
+        return torch.tensor([r.blocks + [0] * (n_blocks - len(r.blocks)) for r in reqs], dtype=torch.int64,
+                            device=self.device)
 
     def _gather(self, cache: torch.Tensor, table: torch.Tensor, L: int) -> torch.Tensor:
         """Keys (or values) of the rows of `table` from one layer's pool (num_blocks, H_kv, bs, hd), their first
