@@ -62,12 +62,12 @@ def test_activation_blocks_round_to_nearest_within_half_a_step():
 
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("M", [1, 2, 5])
 def test_quantized_kernels_compute_exactly_on_the_quantized_operands(bits, group, M):
     """Integer accumulation is exact: the kernel equals (quantized x) @ (dequantized W).T up to fp32 rounding
-    of the per-block sums."""
+    of the per-block sums. An odd number of output rows: the kernels take rows in pairs."""
     torch.manual_seed(bits + group + M)
-    N, K = 72, 256
+    N, K = 73, 256
     q, s = quantize_groups(torch.randn(N, K), bits, group)
     w = kernels.dequantize_q4(q, s) if bits == 4 else kernels.dequantize_q8(q, s)
     x = torch.randn(M, K)
@@ -348,8 +348,23 @@ def test_engine_greedy_is_unchanged_by_the_fused_decode(monkeypatch):
     assert isinstance(fast.model.lm_head, KernelLinear)
     want = plain.generate(prompts, params)
     assert fast.generate(prompts, params) == want
-    monkeypatch.setattr(kernels, "MAX_ROWS", 2)  # 4 running rows > MAX_ROWS: the PyTorch layers, same tokens
+    monkeypatch.setattr(kernels, "MAX_ROWS", 2)  # 4 rows > MAX_ROWS: the fused layers, the head in BLAS
+    calls = []
+    monkeypatch.setattr(type(fast.fused), "layer", _counting(type(fast.fused).layer, calls))
     assert fast.generate(prompts, params) == want
+    assert calls  # the fused path ran with more rows than a lone kernel Linear takes
+    calls.clear()
+    monkeypatch.setattr(kernels, "FUSED_MAX_ROWS", 2)  # 4 rows > FUSED_MAX_ROWS: the PyTorch layers, same tokens
+    assert fast.generate(prompts, params) == want
+    assert not any(n > 2 for n in calls)
+
+
+def _counting(fn, calls):
+    """fn, recording the row count (its x argument's first dimension) of every call in `calls`."""
+    def wrapped(self, i, x, *a, **kw):
+        calls.append(x.size(0))
+        return fn(self, i, x, *a, **kw)
+    return wrapped
 
 
 def test_engine_says_why_a_model_is_not_fused():
@@ -370,13 +385,15 @@ def test_c_dequantization_equals_the_torch_reference(bits, group, monkeypatch):
     assert torch.equal(fast, fn(q, s, group))
 
 
-def test_weight_only_prefill_keeps_its_weight_for_backward():
+@pytest.mark.parametrize("rows", [3, kernels.MAX_ROWS + 4])
+def test_weight_only_prefill_keeps_its_weight_for_backward(rows):
     """Prefill dequantizes into a buffer shared by all layers; with autograd on, each layer must keep its own
-    weight, or a second layer's call would overwrite what the first one's backward reads."""
+    weight, or a second layer's call would overwrite what the first one's backward reads. Few rows that need
+    a gradient (a LoRA on a quantized base) skip the kernels, which have no backward."""
     torch.manual_seed(0)
     a, b = nn.Linear(64, 64), nn.Linear(64, 64)
     qa, qb = WeightOnlyLinear.from_linear(a, 4, 32), WeightOnlyLinear.from_linear(b, 4, 32)
-    x = torch.randn(20, 64, requires_grad=True)  # 20 rows: past MAX_ROWS, the dequantize + F.linear path
+    x = torch.randn(rows, 64, requires_grad=True)
     qb(qa(x)).sum().backward()
     want = x.detach().clone().requires_grad_()
     F_ = torch.nn.functional

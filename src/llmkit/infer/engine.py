@@ -168,7 +168,8 @@ class Engine:
     kernels: decode through `llmkit.infer.kernels` (C matrix-vector kernels; fp32 Linears become `KernelLinear`
     in place) and, for Llama-style layers, one fused C call per layer per step (`kernels.fused`; the reason it
     is not used is in `fused_unavailable`); None -> on CPU when the kernels build here. Up to
-    `kernels.MAX_ROWS` running requests decode that way, more go through PyTorch as before.
+    `kernels.FUSED_MAX_ROWS` running requests of a fusable model (`kernels.MAX_ROWS` of others) decode that way,
+    more go through PyTorch as before.
 
     KV memory is 2 * n_layer * H_kv * head_dim elements in the model's dtype per position of the pool
     (`stats()` reports the blocks in use and their peak).
@@ -646,7 +647,7 @@ class Engine:
     def _decode(self) -> torch.Tensor:
         """One token for every running request at its own position. Returns logits (n, vocab).
 
-        Up to `kernels.MAX_ROWS` rows of a fusable model go through one C call per layer (`kernels.fused`),
+        Up to `kernels.FUSED_MAX_ROWS` rows of a fusable model go through one C call per layer (`kernels.fused`),
         the rest through `_decode_layers`.
         """
         m = self.model
@@ -656,7 +657,7 @@ class Engine:
         pos = torch.tensor([r.length for r in self.running], device=dev)
         seq_lens = [r.length + 1 for r in self.running]
         table = self._block_table(self.running)  # (n, most blocks)
-        if self.fused is not None and n <= cpu_kernels.MAX_ROWS:
+        if self.fused is not None and n <= cpu_kernels.FUSED_MAX_ROWS:
             logits = m.head(self.fused.decode_hidden(m, tokens, pos, seq_lens, self.pool.k, self.pool.v, table))
         else:
             logits = self._decode_layers(tokens, pos, seq_lens, table)

@@ -155,14 +155,14 @@ class WeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).float()
-        if x2.size(0) <= kernels.MAX_ROWS and x2.device.type == "cpu" and kernels.available():
+        grad = torch.is_grad_enabled() and x2.requires_grad  # the kernels have no backward
+        if x2.size(0) <= kernels.MAX_ROWS and not grad and x2.device.type == "cpu" and kernels.available():
             fn = kernels.linear_q4 if self.bits == 4 else kernels.linear_q8
             y = fn(x2, self.qweight, self.scales, self.group_size)
             if self.bias is not None:
                 y = y + self.bias
         else:
             # autograd keeps the weight for backward: the shared scratch buffer would be overwritten by then
-            keeps_weight = torch.is_grad_enabled() and x2.requires_grad
-            w = self.dequantized_weight() if keeps_weight else self._dequantized_into_scratch()
+            w = self.dequantized_weight() if grad else self._dequantized_into_scratch()
             y = F.linear(x2, w, self.bias)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)

@@ -34,17 +34,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_ROWS", "available", "dequantize_q4", "dequantize_q8", "linear_f32", "linear_q4", "linear_q8",
-           "quantize_rows_q8", "turned_off", "why_not"]
-
-MAX_ROWS = 16
-"""Most input rows (tokens) the kernels take per call: past that a matrix-matrix product (BLAS) reuses each
-weight from cache across rows and wins; callers switch to it."""
-
-_SOURCE = Path(__file__).with_name("gemv.c")
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
-_loaded = False
+__all__ = ["FUSED_MAX_ROWS", "MAX_ROWS", "available", "dequantize_q4", "dequantize_q8", "linear_f32", "linear_q4",
+           "linear_q8", "quantize_rows_q8", "turned_off", "why_not"]
 
 
 def _cpu_flags() -> str:
@@ -55,6 +46,24 @@ def _cpu_flags() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+MAX_ROWS = 64 if "avx512f" in _cpu_flags().split() else 16
+"""Most input rows (tokens) the kernels take per call: past that a matrix-matrix product (BLAS) reuses each
+weight from cache across rows and wins; callers switch to it. With AVX-512 the fp32 kernel's 4 x 4 register
+tiles beat MKL up to 64 rows (2x at 32 rows on the 2-core Zen 4 this is measured on:
+`benchmarks/gemv_kernels.py --rows 1,8,32,64`); with AVX2 only, its dot products fall behind BLAS past ~16."""
+
+FUSED_MAX_ROWS = 64
+"""Most rows (running requests) a fused decode layer (`kernels.fused`) takes, whatever `MAX_ROWS`: even where a
+lone Linear is faster in BLAS, the fused layer spares the PyTorch path's per-layer KV gather,
+attention over padded keys and ~40 operator dispatches, and quantized weights stay quantized (no per-step
+dequantization); at 32 rows on SmolLM2 it measured faster in fp32, INT8 and INT4 (docs/engine.md)."""
+
+_SOURCE = Path(__file__).with_name("gemv.c")
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_loaded = False
 
 
 def _omp_link_args() -> list[str]:
@@ -135,14 +144,14 @@ def why_not() -> str | None:
 
 @contextlib.contextmanager
 def turned_off():
-    """Inside this block every layer takes its PyTorch path (`MAX_ROWS` is 0): the eager reference the kernels
+    """Inside this block every layer takes its PyTorch path (`MAX_ROWS`, `FUSED_MAX_ROWS` 0): the eager reference the kernels
     are measured against, on the same model objects."""
-    global MAX_ROWS
-    saved, MAX_ROWS = MAX_ROWS, 0
+    global MAX_ROWS, FUSED_MAX_ROWS
+    saved, MAX_ROWS, FUSED_MAX_ROWS = (MAX_ROWS, FUSED_MAX_ROWS), 0, 0
     try:
         yield
     finally:
-        MAX_ROWS = saved
+        MAX_ROWS, FUSED_MAX_ROWS = saved
 
 
 def _check(x: torch.Tensor, K: int) -> torch.Tensor:
