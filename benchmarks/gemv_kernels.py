@@ -1,14 +1,15 @@
-"""Batch-1 matrix-vector products at the memory-bandwidth ceiling: the llmkit CPU kernels against MKL and
-PyTorch's own weight-only kernels, on a real decoder's weight shapes, out of cache.
+"""Decode-time matrix products at the memory-bandwidth and compute ceilings: the llmkit CPU kernels against MKL
+and PyTorch's own weight-only kernels, on a real decoder's weight shapes, out of cache.
 
-    python benchmarks/gemv_kernels.py                   # SmolLM2-135M shapes, 2 threads
+    python benchmarks/gemv_kernels.py                   # SmolLM2-135M shapes, 2 threads, batch-1 (one row)
+    python benchmarks/gemv_kernels.py --rows 1,8,32,64  # also 8 / 32 / 64 rows (tokens of a batched step)
     python benchmarks/gemv_kernels.py --d-model 768 --d-ff 3072 --kv-dim 768 --layers 12   # GPT-2-small
 
 Every layer's weights are distinct tensors (qkv, o, gate, up, down per layer: a 30-layer SmolLM2 holds ~430 MB
 of fp32 Linear weights, far beyond the caches), and one pass multiplies one token through all of them, as a
 decode step does. The ceiling is the machine's streaming-read bandwidth, measured here the same way: the best
 of several `torch.sum` passes over a 1 GiB fp32 buffer. Each contestant's figure is weight bytes read per pass /
-median pass time, and its share of the ceiling:
+median pass time, and its share of the ceiling; with more rows, also GFLOP/s (2 x rows x weights per pass):
 
 * MKL fp32: `F.linear` on (out, in) weights and on column-major ones (the layout the Engine used before);
 * llmkit fp32 / INT8 (per-output-channel, g = in) / INT4 (group 32): `llmkit.infer.kernels`;
@@ -56,6 +57,7 @@ def main() -> None:
     ap.add_argument("--kv-dim", type=int, default=192, help="k and v rows of the fused qkv (n_kv_head * head_dim)")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--passes", type=int, default=7)
+    ap.add_argument("--rows", default="1", help="comma-separated input rows per product, e.g. 1,8,32,64")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from llmkit.infer import kernels
@@ -67,7 +69,6 @@ def main() -> None:
     shapes = [(d + 2 * args.kv_dim, d), (d, d), (ff, d), (ff, d), (d, ff)] * args.layers
     torch.manual_seed(0)
     weights = [torch.randn(n, k) * 0.02 for n, k in shapes]
-    xs = {k: torch.randn(1, k) for k in {k for _, k in shapes}}
     fp32_bytes = sum(w.numel() * 4 for w in weights)
     col = [w.t().contiguous().t() for w in weights]
     q8 = [quantize_groups(w, 8, w.size(1)) for w in weights]
@@ -81,6 +82,8 @@ def main() -> None:
         codes = torch.clamp(torch.round(wg / scale[..., None]) + 8, 0, 15).to(torch.int32).view(n, k)
         sz = torch.stack([scale, -8 * scale], dim=-1).transpose(0, 1).contiguous()  # (k/32, n, 2)
         i4pack.append((torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), sz))
+
+    xs: dict[int, torch.Tensor] = {}  # input width -> the current rows' activations, set per row count below
 
     def run(step):
         def go():
@@ -105,21 +108,26 @@ def main() -> None:
     ceiling = read_bandwidth()
     out = {"benchmark": "gemv_kernels", "threads": args.threads, "layers": args.layers,
            "shapes_per_layer": [list(s) for s in shapes[:5]], "read_bandwidth_gb_s": round(ceiling, 1),
-           "fp32_weight_mb": round(fp32_bytes / 1e6, 1), "contestants": {}}
+           "fp32_weight_mb": round(fp32_bytes / 1e6, 1), "rows": {}}
     names = list(contestants)
-    per: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(3):  # rounds, rotating the order
-        for name in names[r:] + names[:r]:
-            fn, _ = contestants[name]
-            per[name].append(timed(fn, args.passes))
-    for name, (_, nbytes) in contestants.items():
-        t = statistics.median(per[name])
-        gbs = nbytes / t / 1e9
-        out["contestants"][name] = {"ms_per_pass": round(t * 1e3, 2), "weight_mb": round(nbytes / 1e6, 1),
-                                    "gb_s": round(gbs, 1), "share_of_ceiling": round(gbs / ceiling, 2)}
-    base = out["contestants"]["MKL fp32 column-major"]["ms_per_pass"]
-    for c in out["contestants"].values():
-        c["speedup_vs_mkl_column_major"] = round(base / c["ms_per_pass"], 2)
+    flops_per_row = 2 * sum(n * k for n, k in shapes)
+    for rows in (int(r) for r in args.rows.split(",")):
+        xs.update({k: torch.randn(rows, k) for k in {k for _, k in shapes}})
+        per: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(3):  # rounds, rotating the order
+            for name in names[r:] + names[:r]:
+                fn, _ = contestants[name]
+                per[name].append(timed(fn, args.passes))
+        table = out["rows"][str(rows)] = {}
+        for name, (_, nbytes) in contestants.items():
+            t = statistics.median(per[name])
+            gbs = nbytes / t / 1e9
+            table[name] = {"ms_per_pass": round(t * 1e3, 2), "weight_mb": round(nbytes / 1e6, 1),
+                           "gb_s": round(gbs, 1), "share_of_ceiling": round(gbs / ceiling, 2),
+                           "gflop_s": round(rows * flops_per_row / t / 1e9, 1)}
+        base = table["MKL fp32 (out, in)"]["ms_per_pass"]
+        for c in table.values():
+            c["speedup_vs_mkl"] = round(base / c["ms_per_pass"], 2)
     print(json.dumps(out, indent=1))
 
 
