@@ -82,6 +82,16 @@ def _finetune(args) -> None:
     print(json.dumps(summary))
 
 
+def _distill(args) -> None:
+    from llmkit.config import load_config
+    from llmkit.distill.recipe import DistillConfig, distill
+
+    cfg = load_config(DistillConfig, args.config, args.overrides)
+    summary = distill(cfg, resume=args.resume)
+    summary.pop("history", None)
+    print(json.dumps(summary))
+
+
 def _model_path(value: str) -> Path:
     """A model dir argument: a path, or a registry URI (models:/NAME@ALIAS, runs:/...) resolved to one."""
     from llmkit.registry import resolve_model
@@ -344,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     ft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ft.set_defaults(func=_finetune)
+
+    ds = sub.add_parser("distill", help="knowledge distillation: a smaller student trained on a teacher's "
+                        "distributions (forward / reverse KL, JSD), the teacher's outputs cached by content")
+    ds.add_argument("--config", required=True)
+    ds.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    ds.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    ds.set_defaults(func=_distill)
 
     qz = sub.add_parser("quantize", help="INT8 weights (dynamic, weight-only or calibrated static activations) or "
                                          "group-wise INT4 weights")

@@ -140,6 +140,9 @@ class MixedBatches:
         self.pretrain_rows = 0
         self.last_pretrain_rows = 0
         """Pretraining rows in the last batch (its last rows)."""
+        self.last_examples: list[int] = []
+        """Indices into ``sft_data.train`` of the last batch's SFT rows, in row order (distillation looks up
+        each row's cached teacher outputs with them)."""
         self._order = self._permutation(0)
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -156,12 +159,15 @@ class MixedBatches:
         n_pre = self._n_pretrain(self.batches)
         x = np.empty((B, T), dtype=np.int64)
         y = np.empty((B, T), dtype=np.int64)
+        self.last_examples = []
         for r in range(B - n_pre):
             if self.position >= len(self._order):
                 self.epoch += 1
                 self.position = 0
                 self._order = self._permutation(self.epoch)
-            _fill_row(x[r], y[r], self.sft.train[self._order[self.position]], self.sft.pad_id)
+            i = int(self._order[self.position])
+            _fill_row(x[r], y[r], self.sft.train[i], self.sft.pad_id)
+            self.last_examples.append(i)
             self.position += 1
         if n_pre:
             which = (self._rng.choice(len(self._shards), size=n_pre, p=self._shard_p) if len(self._shards) > 1

@@ -1,0 +1,326 @@
+"""Knowledge distillation of an instruction-tuned decoder into a smaller one (guide §5, "模型蒸馏").
+
+    teacher model dir -> student (a layer-dropped copy, a smaller config, or a model dir with the same
+    tokenizer) -> instruction data in the teacher's chat template -> the teacher's top-k logits at every
+    response position, cached by content (`teacher_cache`) -> `train_loop` on
+    alpha x KD divergence (forward KL / reverse KL / JSD at temperature T) + (1 - alpha) x cross-entropy
+    -> held-out loss, KL to the teacher and top-1 agreement; exact match / ROUGE-L of greedy answers
+    -> final/ (full: a model dir; lora: an adapter dir over out/student_init) + results.json
+
+The loop (`llmkit.train.loop`) owns resume, precision, accumulation, clipping, the schedule and preemption,
+as for every recipe; the teacher runs once per example and content, never per step. Pretraining rows mixed
+in (data.mix_pretrain) have no teacher outputs and train on their hard labels only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from llmkit import runtime
+from llmkit.chat import load_chat_template, save_chat_template
+from llmkit.data.tokenized import file_sha256
+from llmkit.distill.losses import Divergence, kd_divergence
+from llmkit.distill.student import StudentConfig, drop_layers, smaller_config
+from llmkit.distill.teacher_cache import TeacherOutputs, teacher_outputs
+from llmkit.finetune.sft import SFTEvalConfig, SFTTrainConfig, generation_eval
+from llmkit.finetune.sft_batches import MixedBatches, eval_batches, open_pretrain_tokens
+from llmkit.finetune.sft_data import InstructDataConfig, build_sft_data
+from llmkit.models.adapters import save_adapter
+from llmkit.models.io import load_generation_config, load_model, save_model
+from llmkit.models.lora import LoRAConfig, apply_lora, lora_parameters
+from llmkit.registry import resolve_model
+from llmkit.tokenizer import Tokenizer
+from llmkit.track import TrackConfig, Tracker
+from llmkit.train import loop
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass
+class KDLossConfig:
+    """The ``loss:`` section."""
+
+    kind: Divergence = "forward_kl"
+    """forward_kl (Hinton et al.), reverse_kl (MiniLLM) or jsd (GKD's generalised JSD with `beta`)."""
+    temperature: float = 2.0
+    """Softens both distributions; the divergence is multiplied by T^2."""
+    alpha: float = 0.5
+    """Weight of the divergence; 1 - alpha weighs the cross-entropy on the hard labels. 0: no distillation
+    (the same student trained on the labels alone, the baseline of a comparison)."""
+    beta: float = 0.5
+    """JSD's mixture weight, in (0, 1)."""
+    top_k: int = 64
+    """Teacher logits kept per position (the cache's size grows with it)."""
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature: must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha: must be in [0, 1], got {self.alpha}")
+        if self.kind == "jsd" and not 0.0 < self.beta < 1.0:
+            raise ValueError(f"beta: must be in (0, 1) for jsd, got {self.beta}")
+        if self.top_k < 1:
+            raise ValueError(f"top_k: must be >= 1, got {self.top_k}")
+
+
+@dataclass
+class DistillDataConfig(InstructDataConfig):
+    """The ``data:`` section: instruction data as for SFT, without pretraining rows unless asked for (they
+    have no teacher outputs and train on their labels only)."""
+
+    mix_pretrain: float = 0.0
+
+
+@dataclass
+class DistillConfig:
+    task: Literal["distill"] = "distill"
+    out_dir: str = "runs/distill"
+    teacher: str = ""
+    """The teacher: an llmkit decoder model dir (e.g. an imported SmolLM2-135M-Instruct) or a registry URI."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    method: Literal["full", "lora"] = "full"
+    """How the student trains: every weight, or LoRA adapters on it."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    loss: KDLossConfig = field(default_factory=KDLossConfig)
+    teacher_cache: str = "~/.cache/llmkit/teacher"
+    """Where the teacher's outputs are kept, by content: shared by runs and students."""
+    data: DistillDataConfig = field(default_factory=DistillDataConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    """The shared loop settings with instruction tuning's defaults (lr 3e-5: raise it for a pruned student)."""
+    eval: SFTEvalConfig = field(default_factory=SFTEvalConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
+
+    def validate(self) -> None:
+        if not self.teacher:
+            raise ValueError("teacher: required (an llmkit decoder model directory)")
+
+
+# -- teacher and student ------------------------------------------------------------------------------
+def build_student(cfg: DistillConfig, teacher, tokenizer: Tokenizer) -> torch.nn.Module:
+    """The student before training (see `StudentConfig`); refuses a student whose tokenizer differs."""
+    s = cfg.student
+    if s.keep_layers:
+        return drop_layers(teacher, s.keep_layers)
+    if s.config:
+        return smaller_config(teacher, s.config)
+    student_dir = resolve_model(s.model)
+    theirs = Tokenizer.load(student_dir)
+    if theirs.digest() != tokenizer.digest():
+        raise ValueError(f"student.model: {student_dir} has another tokenizer than the teacher ({theirs.vocab_size} "
+                         f"vs {tokenizer.vocab_size} tokens, digest {theirs.digest()[:12]} vs "
+                         f"{tokenizer.digest()[:12]}): distillation compares the two models' distributions token "
+                         "by token, so both must use the same vocabulary")
+    return load_model(student_dir)
+
+
+def _check_vocab(model, tokenizer: Tokenizer, who: str) -> None:
+    if model.config.FAMILY != "decoder":
+        raise ValueError(f"{who}: a {model.config.FAMILY} model; distillation here takes decoders")
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ValueError(f"{who}: {model.config.vocab_size} output rows, fewer than the tokenizer's "
+                         f"{tokenizer.vocab_size} tokens")
+
+
+def model_size(model) -> dict[str, int]:
+    """Parameters and bytes of every tensor of the model's state (embeddings and buffers included; a tied
+    weight once, as its file holds it)."""
+    params = sum(p.numel() for p in model.parameters())
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    return {"params": params, "bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+
+
+# -- the loss and the held-out figures -----------------------------------------------------------------
+def gather_teacher(cache: TeacherOutputs, examples: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached teacher outputs of these examples' loss positions, concatenated in row order: (N, k) x 2."""
+    parts = [cache.example(i) for i in examples]
+    if not parts:
+        k = cache.top_k
+        return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def kd_batch_loss(logits: torch.Tensor, y: torch.Tensor, kd_rows: int, teacher_ids: torch.Tensor,
+                  teacher_values: torch.Tensor, loss: KDLossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, kd, ce) of a batch: logits (B, T, V), y (B, T) with -100 off the loss; the first `kd_rows` rows
+    are SFT examples whose loss positions (row-major order) match teacher_ids / teacher_values (N, k)."""
+    trained = y != -100
+    ce = F.cross_entropy(logits[trained].float(), y[trained]) if trained.any() else logits.sum() * 0.0
+    kd_logits = logits[:kd_rows][trained[:kd_rows]]
+    if kd_logits.size(0) != teacher_ids.size(0):
+        raise RuntimeError(f"{kd_logits.size(0)} loss positions in the batch, {teacher_ids.size(0)} cached teacher "
+                           "positions: the teacher cache does not match the data")
+    kd = kd_divergence(kd_logits, teacher_ids, teacher_values, loss.kind, loss.temperature, loss.beta)
+    return loss.alpha * kd + (1.0 - loss.alpha) * ce, kd, ce
+
+
+@torch.no_grad()
+def heldout_figures(model, batches: list, cache: TeacherOutputs, device, autocast) -> dict[str, float]:
+    """Held-out cross-entropy on the responses, forward KL to the teacher at T = 1 over its top-k, and top-1
+    agreement (the student's argmax is the teacher's), token-weighted over the eval examples."""
+    was_training = model.training
+    model.eval()
+    ce_sum = kl_sum = agree = n = 0.0
+    row = 0
+    for x, y in batches:
+        with autocast():
+            logits, _ = model(x.to(device))
+        y = y.to(device)
+        ids, values = gather_teacher(cache, list(range(row, row + x.size(0))))
+        row += x.size(0)
+        trained = y != -100
+        sel = logits[trained].float()
+        if sel.size(0) == 0:
+            continue
+        ids, values = ids.to(device), values.to(device)
+        ce_sum += F.cross_entropy(sel, y[trained], reduction="sum").item()
+        kl_sum += kd_divergence(sel, ids, values, "forward_kl", 1.0).item() * sel.size(0)
+        agree += (sel.argmax(-1) == ids[:, 0]).sum().item()
+        n += sel.size(0)
+    model.train(was_training)
+    n = max(1.0, n)
+    return {"eval_loss": ce_sum / n, "eval_ppl": math.exp(min(ce_sum / n, 50.0)), "eval_kl_to_teacher": kl_sum / n,
+            "eval_top1_agreement": agree / n}
+
+
+# -- the recipe ---------------------------------------------------------------------------------------
+def distill(cfg: DistillConfig, resume: bool = False) -> dict:
+    """Distil `cfg.teacher` into the configured student; returns a summary dict.
+
+    Writes `<out_dir>/final`, metrics.jsonl, results.json (student and teacher figures and sizes, answers)
+    and checkpoints; tracked in MLflow with the teacher as the parent model.
+    """
+    cfg.teacher = str(resolve_model(cfg.teacher))
+    tracker = Tracker(cfg.track, cfg.out_dir)
+    with tracker:
+        return _distill(cfg, resume, tracker)
+
+
+def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
+    t_cfg = cfg.train
+    out = Path(cfg.out_dir)
+    checkpoint = loop.open_run(out, resume)
+    device = runtime.resolve_device(t_cfg.device)
+    autocast = loop.forward_context(device, runtime.resolve_dtype(t_cfg.precision, device))
+
+    # -- teacher, student, data
+    torch.manual_seed(t_cfg.seed)
+    tokenizer = Tokenizer.load(cfg.teacher)
+    template = load_chat_template(cfg.teacher)
+    teacher = load_model(cfg.teacher).to(device).eval()
+    _check_vocab(teacher, tokenizer, "teacher")
+    teacher_sha256 = file_sha256(Path(cfg.teacher) / "model.safetensors")
+    student = build_student(cfg, teacher, tokenizer)
+    _check_vocab(student, tokenizer, "student")
+    student_init = None
+    if cfg.method == "lora":  # the adapter needs its base on disk
+        student_init = out / "student_init"
+        if not student_init.is_dir():
+            save_model(student, student_init, tokenizer, generation_config=load_generation_config(cfg.teacher))
+            save_chat_template(student_init, template)
+        apply_lora(student, cfg.lora)
+        for p in student.parameters():
+            p.requires_grad_(False)
+        trainable = lora_parameters(student)
+        for p in trainable:
+            p.requires_grad_(True)
+    else:
+        trainable = list(student.parameters())
+    student = student.to(device)
+    loop.restore_weights(student, checkpoint)
+    block = min(teacher.config.block_size, student.config.block_size)
+    data = build_sft_data(cfg.data, tokenizer, template, block)
+    width = min(block, max(1, max(len(e.ids) for e in [*data.train, *data.eval]) - 1))
+    pretrain_tokens = open_pretrain_tokens(cfg.data, tokenizer) if cfg.data.mix_pretrain > 0 else None
+    batches = MixedBatches(data, pretrain_tokens, t_cfg.batch_size, width, cfg.data.mix_pretrain, cfg.data.seed)
+    held_out = eval_batches(data, t_cfg.batch_size, width)
+    if cfg.eval.loss_batches is not None:
+        held_out = held_out[:cfg.eval.loss_batches]
+    n_eval = sum(x.size(0) for x, _ in held_out)
+    k = min(cfg.loss.top_k, tokenizer.vocab_size)
+    train_cache = teacher_outputs(teacher, teacher_sha256, data.train, data.digest + ":train", data.pad_id, k,
+                                  tokenizer.vocab_size, cfg.teacher_cache, t_cfg.batch_size, device)
+    eval_cache = teacher_outputs(teacher, teacher_sha256, data.eval[:n_eval], data.digest + f":eval{n_eval}",
+                                 data.pad_id, k, tokenizer.vocab_size, cfg.teacher_cache, t_cfg.batch_size, device)
+    teacher_eval = heldout_figures(teacher, held_out, eval_cache, device, autocast)
+    teacher_size, student_size = model_size(teacher), model_size(student)
+    del teacher  # the cache holds all the training needs of it
+
+    # -- tracking: the teacher is the parent model
+    n_total, n_trainable = loop.start_tracking(tracker, cfg, out, checkpoint, student)
+    tracker.set_tags({"llmkit.parent_model": cfg.teacher, "llmkit.parent_model_sha256": teacher_sha256,
+                      "llmkit.teacher_model": cfg.teacher})
+    tracker.log_dataset("teacher-model", teacher_sha256, cfg.teacher, context="teacher")
+    tracker.log_dataset("instructions", data.digest, ",".join(cfg.data.paths), context="training",
+                        profile={"train": len(data.train), "eval": len(data.eval)})
+    tracker.log_params({"teacher_params": teacher_size["params"], "student_params": student_size["params"],
+                        "teacher_outputs": str(train_cache.path), "teacher_outputs_computed": train_cache.computed})
+    log.info("student %d parameters (teacher %d), %d train; teacher outputs %s (%s)", student_size["params"],
+             teacher_size["params"], n_trainable, train_cache.path, "computed" if train_cache.computed else "cached")
+
+    # -- what the loop runs
+    def next_batch() -> dict:
+        x, y = batches.next()
+        ids, values = gather_teacher(train_cache, batches.last_examples)
+        return {"x": x.to(device), "y": y.to(device), "kd_rows": len(batches.last_examples),
+                "ids": ids.to(device), "values": values.to(device), "tokens": int((y != -100).sum())}
+
+    def batch_loss(b: dict) -> torch.Tensor:
+        logits, _ = student(b["x"])
+        return kd_batch_loss(logits, b["y"], b["kd_rows"], b["ids"], b["values"], cfg.loss)[0]
+
+    def evaluate() -> dict[str, float]:
+        return heldout_figures(student, held_out, eval_cache, device, autocast)
+
+    job = loop.Job(model=student, optimizer=loop.make_optimizer(t_cfg, [(trainable, 1.0)]), next_batch=next_batch,
+                   loss=batch_loss, evaluate=evaluate, data=batches, autocast=autocast,
+                   tokens=lambda b: b["tokens"],
+                   facts={"method": cfg.method, "loss": cfg.loss.kind, "teacher_sha256": teacher_sha256},
+                   name=f"distill ({cfg.loss.kind}, {cfg.method})")
+    result = loop.train_loop(t_cfg, job, out, tracker, checkpoint)
+
+    # -- answers, sizes and the student
+    final_dir = out / "final"
+    results: dict = {}
+    if not result.stopped:
+        gen = generation_eval(student, tokenizer, template, data.eval_conversations, cfg.eval)
+        results = {"method": cfg.method, "loss": vars(cfg.loss), "step": result.step, **result.last_eval,
+                   "exact_match": gen["exact_match"], "rouge_l": gen["rouge_l"],
+                   "student": student_size, "teacher": {**teacher_size, **teacher_eval},
+                   "size_ratio": student_size["bytes"] / teacher_size["bytes"],
+                   "teacher_outputs": {"path": str(train_cache.path), "computed": train_cache.computed,
+                                       "top_k": k},
+                   "answers": gen["answers"], "samples": gen["samples"]}
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        tracker.log_metrics({"exact_match": gen["exact_match"], "rouge_l": gen["rouge_l"],
+                             **{f"teacher_{k_}": v for k_, v in teacher_eval.items()}}, result.step)
+        tracker.log_artifact(out / RESULTS_FILE)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        if cfg.method == "full":
+            save_model(student, final_dir, tokenizer, generation_config=load_generation_config(cfg.teacher))
+        else:
+            save_adapter(student, final_dir, str(student_init.resolve()))
+            tokenizer.save(final_dir)
+        save_chat_template(final_dir, template)
+        tracker.log_artifact(final_dir, "model" if cfg.method == "full" else "adapter")
+    tracker.end("KILLED" if result.stopped else "FINISHED")
+    return {"step": result.step, "stopped_by_signal": result.stopped, "method": cfg.method, "loss": cfg.loss.kind,
+            "student_params": student_size["params"], "teacher_params": teacher_size["params"],
+            "eval_loss": result.last_eval.get("eval_loss"),
+            "eval_kl_to_teacher": result.last_eval.get("eval_kl_to_teacher"),
+            "eval_top1_agreement": result.last_eval.get("eval_top1_agreement"),
+            "teacher_eval_loss": teacher_eval["eval_loss"], "exact_match": results.get("exact_match"),
+            "rouge_l": results.get("rouge_l"), "teacher_outputs_computed": train_cache.computed,
+            "final": str(final_dir) if not result.stopped else None, "tracking_run_id": tracker.run_id,
+            "history": result.history}
