@@ -276,7 +276,10 @@ BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermed
     ("Phi3ForCausalLM", dict(rope_scaling={"type": "longrope", "short_factor": [1.0] * 8}), "rope_scaling"),
     ("LlamaForCausalLM", dict(partial_rotary_factor=0.75), "partial_rotary_factor"),
     ("LlamaForCausalLM", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
-    ("Qwen2MoeForCausalLM", {}, "architectures"),
+    ("Qwen2MoeForCausalLM", dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                                 mlp_only_layers=[1]), "mlp_only_layers"),
+    ("Qwen2MoeForCausalLM", {}, "num_experts"),
+    ("MixtralForCausalLM", {}, "num_local_experts"),
 ])
 def test_unsupported_options_are_refused_naming_the_key(tmp_path, arch, extra, field):
     d = write_config(tmp_path / "m", architectures=[arch], **{**BASE, **extra})

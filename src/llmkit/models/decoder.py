@@ -46,6 +46,7 @@ from llmkit.models.layers import (
     rope_frequencies,
     softcap,
 )
+from llmkit.models.moe import MoEConfig, MoEFeedForward
 
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -143,11 +144,16 @@ class DecoderConfig:
     """Attention logits -> c * tanh(logits / c) (Gemma 2: 50). Such layers cannot use fused SDPA kernels."""
     final_softcap: float | None = None
     """Output logits -> c * tanh(logits / c) (Gemma 2: 30)."""
+    moe: MoEConfig | None = None
+    """Mixture-of-experts MLPs in every layer (`llmkit.models.moe`: experts, top_k, shared experts, capacity,
+    router losses); None: dense. A dict is read as a MoEConfig. Needs activation swiglu."""
     hf_architecture: str | None = None
     """The Hugging Face architecture the model came from (e.g. Qwen2ForCausalLM), so `export_hf` writes
     the same one back; None: export picks one from the options."""
 
     def __post_init__(self):
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
         if self.n_head is None:
             self.n_head = max(1, self.d_model // 64)
         if self.d_ff is None:
@@ -159,6 +165,10 @@ class DecoderConfig:
             self.head_dim = self.d_model // self.n_head
 
     def validate(self) -> None:
+        if self.moe is not None:
+            self.moe.validate()
+            if self.activation != "swiglu":
+                raise ValueError(f"moe: experts are SwiGLU MLPs; activation must be swiglu, got {self.activation}")
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ValueError(f"vocab_size: must be >= 1, got {self.vocab_size}")
         for name in ("block_size", "n_layer", "d_model", "n_head", "d_ff"):
@@ -303,7 +313,8 @@ class Block(nn.Module):
                               head_dim=c.head_dim, qkv_bias=c.qkv_bias, qk_norm_eps=c.norm_eps if c.qk_norm else None,
                               softcap=c.attn_softcap, window=c.layer_window(layer), rotary_dim=c.rotary_dim)
         self.norm2 = norm()
-        self.mlp = FeedForward(c.d_model, c.d_ff, c.activation, c.bias, c.dropout)
+        self.mlp = (FeedForward(c.d_model, c.d_ff, c.activation, c.bias, c.dropout) if c.moe is None
+                    else MoEFeedForward(c.d_model, c.d_ff, c.moe, c.bias))
         self.attn_out_norm = norm() if c.post_norms else None
         self.mlp_out_norm = norm() if c.post_norms else None
 
@@ -494,12 +505,20 @@ class Decoder(nn.Module):
         if cache is not None:
             cache.length += T
         if not return_logits and targets is not None:
-            return None, chunked_lm_loss(self.head, x, targets)
+            return None, self._with_router_losses(chunked_lm_loss(self.head, x, targets))
         logits = self.head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = self._with_router_losses(loss)
         return logits, loss
+
+    def _with_router_losses(self, loss: torch.Tensor) -> torch.Tensor:
+        """In training, a mixture-of-experts model's loss plus every layer's weighted router losses
+        (`MoEFeedForward.aux_loss`); the loss as it is otherwise (evaluation reports the plain LM loss)."""
+        if self.config.moe is None or not self.training:
+            return loss
+        return loss + sum(b.mlp.aux_loss for b in self.blocks if b.mlp.aux_loss is not None)
 
     @property
     def num_prefix_tokens(self) -> int:

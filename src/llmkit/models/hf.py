@@ -13,10 +13,16 @@ Supported architectures (see docs/hf.md for the full name mapping):
   on export, longrope), ``GemmaForCausalLM`` (GeGLU, scaled embeddings, (1 + w) RMSNorm),
   ``Gemma2ForCausalLM`` (Gemma plus pre and post norms, soft-capping, query_pre_attn_scalar, alternating
   local / global attention).
+* Mixture-of-experts decoders (`llmkit.models.moe`): ``MixtralForCausalLM`` (Mistral attention, top-k routed
+  SwiGLU experts, top-k weights renormalised) and ``Qwen2MoeForCausalLM`` (Qwen2 attention, routed experts
+  plus a sigmoid-gated shared expert, `norm_topk_prob` as configured; every layer sparse). Expert weights
+  are read in transformers 5's fused layout (``mlp.experts.gate_up_proj`` / ``down_proj``) and in the
+  per-expert one of older checkpoints (``block_sparse_moe.experts.j.w1/w2/w3``,
+  ``mlp.experts.j.gate_proj/up_proj/down_proj``).
 
 Import records the architecture in `DecoderConfig.hf_architecture` and export writes the same one back.
 Everything else is refused with a `ValueError` naming the config key that llmkit cannot reproduce exactly
-(partial rotary, MoE architectures, unknown RoPE types, ...). Neither function needs `transformers`: the HF
+(unknown RoPE types, MoE layouts with dense layers in between, ...). Neither function needs `transformers`: the HF
 files (config.json, safetensors) are read and written directly.
 """
 
@@ -39,7 +45,8 @@ from llmkit.models.layers import ROPE_SCALING_KEYS, ROPE_SCALING_TYPES
 __all__ = ["SUPPORTED_ARCHITECTURES", "export_hf", "import_hf"]
 
 SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM")
+                           "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
+                           "MixtralForCausalLM", "Qwen2MoeForCausalLM")
 
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
@@ -116,10 +123,38 @@ _GATED_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu_tanh", "gelu_new": "
 _GATED_ACT_OUT = {"swiglu": "silu", "geglu_tanh": "gelu_pytorch_tanh", "geglu": "gelu"}
 
 
+MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
+
+QWEN_STYLE = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM")
+"""Architectures whose sliding window is off unless use_sliding_window, and on from max_window_layers up."""
+
+
+def _moe_config(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    """`DecoderConfig.moe` of a Mixtral / Qwen2-MoE config; refuses layouts llmkit does not reproduce."""
+    need = ("num_local_experts",) if arch == "MixtralForCausalLM" else (
+        "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
+    missing = [k for k in need if k not in hf]
+    if missing:
+        raise ValueError(f"{missing[0]}: missing from the {arch} config (needed: {', '.join(need)})")
+    if arch == "MixtralForCausalLM":
+        return {"experts": hf["num_local_experts"], "top_k": hf.get("num_experts_per_tok", 2),
+                "norm_topk_prob": True, "router_aux_loss": float(hf.get("router_aux_loss_coef", 0.02)),
+                "router_z_loss": 0.0}
+    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
+        raise ValueError(f"mlp_only_layers / decoder_sparse_step: {hf.get('mlp_only_layers')} / "
+                         f"{hf.get('decoder_sparse_step')}: dense layers between sparse ones are not supported "
+                         "(supported: every layer sparse)")
+    return {"experts": hf["num_experts"], "top_k": hf.get("num_experts_per_tok", 4),
+            "expert_d_ff": hf["moe_intermediate_size"], "shared_experts": 1,
+            "shared_d_ff": hf["shared_expert_intermediate_size"], "shared_gate": True,
+            "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+            "router_aux_loss": float(hf.get("router_aux_loss_coef", 0.001)), "router_z_loss": 0.0}
+
+
 def _sliding(hf: dict[str, Any], arch: str, n_layer: int) -> tuple[int | None, list[str] | None]:
     """(sliding_window, layer_types) as HF builds them per architecture; layer_types None = all slide."""
     window = hf.get("sliding_window")
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not hf.get("use_sliding_window", False):
+    if arch in QWEN_STYLE and not hf.get("use_sliding_window", False):
         window = None
     if arch in ("LlamaForCausalLM", "GemmaForCausalLM"):
         window = None  # no sliding window in these
@@ -127,7 +162,7 @@ def _sliding(hf: dict[str, Any], arch: str, n_layer: int) -> tuple[int | None, l
     if window is None:
         return None, None
     if types is None:
-        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+        if arch in QWEN_STYLE:
             first = hf.get("max_window_layers", 28)  # layers from max_window_layers on slide
             types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layer)]
         elif arch == "Gemma2ForCausalLM":  # even layers local, odd layers global
@@ -166,7 +201,7 @@ def _llama_config(hf: dict[str, Any], arch: str) -> DecoderConfig:
             raise ValueError(f"attention_bias/mlp_bias: {attn_bias}/{mlp_bias} differ; llmkit biases the "
                              "attention output and the MLP together (supported: both true or both false)")
         bias = attn_bias
-    elif arch == "Qwen2ForCausalLM":
+    elif arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"):
         qkv_bias = True  # Qwen2: biases on q/k/v only
     elif hf.get("attention_bias", False):
         raise ValueError(f"attention_bias: true is not supported for {arch} (it biases o_proj too, "
@@ -181,6 +216,8 @@ def _llama_config(hf: dict[str, Any], arch: str) -> DecoderConfig:
     window, types = _sliding(hf, arch, n_layer)
     if arch == "Qwen3ForCausalLM":
         extra["qk_norm"] = True
+    if arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM"):
+        extra["moe"] = _moe_config(hf, arch)
     if arch == "GemmaForCausalLM":  # Gemma 1: scaled embeddings and (1 + w) RMSNorm, no Gemma 2 additions
         extra.update(scale_embeddings=True, norm_unit_offset=True)
     if arch == "Gemma2ForCausalLM":
@@ -203,7 +240,8 @@ def _llama_config(hf: dict[str, Any], arch: str) -> DecoderConfig:
 
 _MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM"}
+                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
+                "qwen2_moe": "Qwen2MoeForCausalLM"}
 
 
 def hf_config_to_llmkit(hf: dict[str, Any]) -> tuple[str, DecoderConfig]:
@@ -265,6 +303,8 @@ def _llama_renames(cfg: DecoderConfig, arch: str) -> list[tuple[str, str]]:
                       (b + "attn.k_norm.weight", h + "self_attn.k_norm.weight")]
         for n in names:
             pairs.append((b + f"attn.proj.{n}", h + f"self_attn.o_proj.{n}"))
+            if cfg.moe is not None:  # experts: `_experts_to_llmkit`
+                continue
             pairs.append((b + f"mlp.down.{n}", h + f"mlp.down_proj.{n}"))
             if arch != "Phi3ForCausalLM":
                 pairs += [(b + f"mlp.gate.{n}", h + f"mlp.gate_proj.{n}"), (b + f"mlp.up.{n}", h + f"mlp.up_proj.{n}")]
@@ -289,6 +329,8 @@ def _llama_to_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig, arch: str 
                 out[b + f"attn.qkv.{n}"] = torch.cat([sd.pop(h + f"self_attn.{p}_proj.{n}") for p in "qkv"], dim=0)
         if arch == "Phi3ForCausalLM":  # gate_up_proj rows [gate; up]
             out[b + "mlp.gate.weight"], out[b + "mlp.up.weight"] = sd.pop(h + "mlp.gate_up_proj.weight").chunk(2, dim=0)
+        if cfg.moe is not None:
+            out.update(_experts_to_llmkit(sd, h, b, cfg.moe.experts))
         sd.pop(h + "self_attn.rotary_emb.inv_freq", None)  # buffer in old checkpoints
     sd.pop("model.rotary_emb.inv_freq", None)
     lm = sd.pop("lm_head.weight", None)
@@ -297,6 +339,32 @@ def _llama_to_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig, arch: str 
     out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else lm
     no_leftovers(sd)
     return out
+
+
+def _experts_to_llmkit(sd: dict[str, torch.Tensor], h: str, b: str, experts: int) -> dict[str, torch.Tensor]:
+    """One layer's router, experts (and Qwen2-MoE's shared expert) popped from `sd`, under llmkit's names.
+    Experts come fused (transformers 5: gate_up_proj (E, 2 ff, d) rows [gate; up], down_proj (E, d, ff)) or
+    one Linear per expert (Mixtral's w1 gate / w3 up / w2 down, Qwen2-MoE's gate/up/down_proj)."""
+    out = {}
+    if h + "block_sparse_moe.gate.weight" in sd:  # Mixtral before transformers 5
+        out[b + "mlp.router.weight"] = sd.pop(h + "block_sparse_moe.gate.weight")
+        e = h + "block_sparse_moe.experts."
+        for dst, src in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+            out[b + f"mlp.{dst}"] = torch.stack([sd.pop(f"{e}{j}.{src}.weight") for j in range(experts)])
+    else:
+        out[b + "mlp.router.weight"] = sd.pop(h + "mlp.gate.weight")
+        e = h + "mlp.experts."
+        if e + "gate_up_proj" in sd:
+            out[b + "mlp.gate"], out[b + "mlp.up"] = sd.pop(e + "gate_up_proj").chunk(2, dim=1)
+            out[b + "mlp.down"] = sd.pop(e + "down_proj")
+        else:
+            for dst in ("gate", "up", "down"):
+                out[b + f"mlp.{dst}"] = torch.stack([sd.pop(f"{e}{j}.{dst}_proj.weight") for j in range(experts)])
+    if h + "mlp.shared_expert_gate.weight" in sd:  # Qwen2-MoE
+        out[b + "mlp.shared_gate.weight"] = sd.pop(h + "mlp.shared_expert_gate.weight")
+        for dst in ("gate", "up", "down"):
+            out[b + f"mlp.shared.{dst}.weight"] = sd.pop(h + f"mlp.shared_expert.{dst}_proj.weight")
+    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _build(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> Decoder:
@@ -409,6 +477,10 @@ def _hf_arch(cfg: DecoderConfig) -> str:
                 _refuse(name, value, "GPT2LMHeadModel", "GPT-2 has no such option")
         return "GPT2LMHeadModel"
     arch = cfg.hf_architecture
+    if cfg.moe is not None and arch not in MOE_ARCHITECTURES:
+        arch = "Qwen2MoeForCausalLM" if cfg.moe.shared_experts or cfg.qkv_bias else "MixtralForCausalLM"
+    if cfg.moe is None and arch in MOE_ARCHITECTURES:
+        _refuse("moe", None, arch, "a mixture-of-experts architecture needs moe settings")
     if arch is None or arch == "GPT2LMHeadModel":
         if any(getattr(cfg, f) not in (None, False) for f in _GEMMA2_ONLY) or cfg.layer_types is not None \
                 and cfg.activation.startswith("geglu"):
@@ -440,10 +512,12 @@ def _check_exportable(cfg: DecoderConfig, arch: str) -> None:
     if cfg.activation not in acts:
         _refuse("activation", cfg.activation, arch, f"supported: {', '.join(acts)}")
     qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
+    if arch in MOE_ARCHITECTURES:
+        _check_moe_exportable(cfg, arch)
     if arch == "LlamaForCausalLM":
         if qkv_bias != cfg.bias:
             _refuse("qkv_bias", cfg.qkv_bias, arch, "Llama's attention_bias covers q/k/v and o_proj alike")
-    elif arch == "Qwen2ForCausalLM":
+    elif arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM"):
         if cfg.bias:
             _refuse("bias", cfg.bias, arch, "Qwen2 has biases on q/k/v only")
     elif cfg.bias or qkv_bias:
@@ -468,6 +542,33 @@ def _check_exportable(cfg: DecoderConfig, arch: str) -> None:
     kind = (cfg.rope_scaling or {}).get("rope_type")
     if arch == "Phi3ForCausalLM" and kind not in (None, "longrope"):
         _refuse("rope_scaling", kind, arch, "Phi-3 takes longrope only")
+
+
+def _check_moe_exportable(cfg: DecoderConfig, arch: str) -> None:
+    moe = cfg.moe
+    if moe.capacity_factor is not None:
+        _refuse("moe.capacity_factor", moe.capacity_factor, arch, "Hugging Face MoE layers are dropless")
+    if arch == "MixtralForCausalLM":
+        if moe.shared_experts:
+            _refuse("moe.shared_experts", moe.shared_experts, arch, "Mixtral has no shared experts (Qwen2-MoE has)")
+        if not moe.norm_topk_prob:
+            _refuse("moe.norm_topk_prob", False, arch, "Mixtral always renormalises the top-k weights")
+        if moe.expert_d_ff not in (None, cfg.d_ff):
+            _refuse("moe.expert_d_ff", moe.expert_d_ff, arch, "Mixtral's experts are intermediate_size wide")
+    elif moe.shared_experts != 1 or not moe.shared_gate:
+        _refuse("moe.shared_experts", moe.shared_experts, arch, "Qwen2-MoE has one sigmoid-gated shared expert")
+
+
+def _experts_from_llmkit(sd: dict[str, torch.Tensor], b: str, h: str) -> dict[str, torch.Tensor]:
+    """One layer's router and experts in transformers 5's fused layout (and Qwen2-MoE's shared expert)."""
+    out = {h + "mlp.gate.weight": sd[b + "mlp.router.weight"],
+           h + "mlp.experts.gate_up_proj": torch.cat((sd[b + "mlp.gate"], sd[b + "mlp.up"]), dim=1),
+           h + "mlp.experts.down_proj": sd[b + "mlp.down"]}
+    if b + "mlp.shared_gate.weight" in sd:
+        out[h + "mlp.shared_expert_gate.weight"] = sd[b + "mlp.shared_gate.weight"]
+        for n in ("gate", "up", "down"):
+            out[h + f"mlp.shared_expert.{n}_proj.weight"] = sd[b + f"mlp.shared.{n}.weight"]
+    return out
 
 
 def _gpt2_from_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
@@ -505,7 +606,9 @@ def _llama_from_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig, arch: st
                 q, k, v = sd[b + f"attn.qkv.{n}"].split((q_dim, kv_dim, kv_dim), dim=0)
                 out[h + f"self_attn.q_proj.{n}"], out[h + f"self_attn.k_proj.{n}"] = q, k
                 out[h + f"self_attn.v_proj.{n}"] = v
-        if arch == "Qwen2ForCausalLM" and not cfg.qkv_bias:  # Qwen2 always has q/k/v biases: zeros are the same
+        if cfg.moe is not None:
+            out.update(_experts_from_llmkit(sd, b, h))
+        if arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM") and not cfg.qkv_bias:  # Qwen2 always has q/k/v biases: zeros are the same
             for p, rows in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
                 out[h + f"self_attn.{p}_proj.bias"] = torch.zeros(rows)
         if arch == "Phi3ForCausalLM":
@@ -557,8 +660,18 @@ def _hf_config(cfg: DecoderConfig, arch: str, gen: dict[str, Any]) -> dict[str, 
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
     elif arch in ("Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM"):
         out["attention_bias"] = False
+    moe = cfg.moe
+    if arch == "MixtralForCausalLM":
+        out.update(num_local_experts=moe.experts, num_experts_per_tok=moe.top_k,
+                   router_aux_loss_coef=moe.router_aux_loss, output_router_logits=False, router_jitter_noise=0.0)
+    elif arch == "Qwen2MoeForCausalLM":
+        ff = moe.expert_d_ff or cfg.d_ff
+        out.update(num_experts=moe.experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=ff,
+                   shared_expert_intermediate_size=moe.shared_d_ff or ff, norm_topk_prob=moe.norm_topk_prob,
+                   decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=moe.router_aux_loss,
+                   output_router_logits=False)
     window = cfg.sliding_window
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM"):
+    if arch in QWEN_STYLE:
         types = cfg.layer_types or ["sliding_attention" if window else "full_attention"] * cfg.n_layer
         out.update(use_sliding_window=window is not None, sliding_window=window, max_window_layers=cfg.n_layer,
                    layer_types=types)

@@ -157,6 +157,20 @@ def ensure_prepared(cfg: PretrainConfig, tokenizer, info: DistInfo) -> Path:
     return data_dir
 
 
+def router_stats(model) -> dict[str, float]:
+    """A mixture-of-experts model's routing over its last forward (the held-out batches): the experts' load
+    imbalance (coefficient of variation of their shares, mean over layers), assignments dropped past capacity,
+    and the router's mean entropy (nats). Empty for a dense model."""
+    from llmkit.models.moe import MoEFeedForward, load_balance
+
+    layers = [m.stats for m in getattr(model, "module", model).modules() if isinstance(m, MoEFeedForward) and m.stats]
+    if not layers:
+        return {}
+    return {"moe_load_cv": sum(load_balance(s["load"]) for s in layers) / len(layers),
+            "moe_dropped": float(sum(s["dropped"] for s in layers)),
+            "moe_router_entropy": sum(s["entropy"] for s in layers) / len(layers)}
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = False) -> dict:
     """Train `cfg.model` on `cfg.data` and write `<out_dir>/final` (a model directory).
 
@@ -248,7 +262,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, info: DistInfo, tracker: Tracke
                   for split, batches in eval_sets.items()}
         if objective_name == "causal":  # bits per byte of text: only next-token prediction has that meaning
             losses["val_bpb"] = losses["val_loss"] / math.log(2) / val_split.bytes_per_token
-        return losses
+        return {**losses, **router_stats(model)}
 
     def restart_data(step: int):
         job.data = make_sampler(train_split, t_cfg, block, info, seed=t_cfg.seed + step)

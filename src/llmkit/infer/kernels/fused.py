@@ -10,7 +10,7 @@ grouped-query attention over it (optionally a sliding window), output projection
 down projection, with the weights in fp32, INT8 or INT4 (`kernels.linear_*` formats).
 
 `plan` returns None (and `why_not_fused` says why) for layers it does not cover: LayerNorm or unit-offset
-norms, non-SwiGLU MLPs, post-norms, soft-capped attention, partial rotary, adapters (LoRA / prefix), dtypes
+norms, non-SwiGLU or mixture-of-experts MLPs, post-norms, soft-capped attention, partial rotary, adapters (LoRA / prefix), dtypes
 other than fp32, static / weight-only-limbs INT8. Those decode through PyTorch as before.
 """
 
@@ -25,6 +25,7 @@ from llmkit.infer import kernels
 from llmkit.infer.kernels.linear import KernelLinear
 from llmkit.infer.weight_only import WeightOnlyLinear
 from llmkit.models.layers import RMSNorm
+from llmkit.models.moe import MoEFeedForward
 
 
 class _Linear(ctypes.Structure):
@@ -95,6 +96,8 @@ class FusedLayers:
                 why = "norms are not plain RMSNorm with one eps"
             elif block.attn_out_norm is not None or block.mlp_out_norm is not None:
                 why = "post-norms"
+            elif isinstance(mlp, MoEFeedForward):
+                why = "mixture-of-experts MLP (routed experts decode through PyTorch)"
             elif getattr(mlp, "activation", None) != "swiglu":
                 why = f"MLP activation {getattr(mlp, 'activation', type(mlp).__name__)}"
             elif attn.softcap is not None or attn.rotary_dim is not None or attn.cross:
