@@ -294,3 +294,17 @@ def test_codesign_quick_run_fp32_kernels_decode_the_eager_tokens(tmp_path):
     assert by_name["greedy tokens identical, fp32"].values == [100.0]
     assert "fused C layer + kernels" in result.details  # the chip-targeted side really took the fused path
     assert (tmp_path / result.plots[0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- distill (§5: a student keeps most of the teacher's quality at a fraction of its size) ----------------------
+@pytest.mark.parametrize("teacher, kd, hard, ratio, expected", [
+    ([2.0, 2.0], [2.1, 2.15], [2.4, 2.5], 0.47, "holds"),             # within 10%, better than hard labels
+    ([2.0, 2.0], [2.5, 2.6], [2.8, 2.9], 0.47, "partly holds"),       # beats hard labels, 25-30% off the teacher
+    ([2.0, 2.0], [2.1, 2.1], [2.3, 2.3], 0.8, "partly holds"),        # close, but the student is not small
+    ([2.0, 2.0], [2.6, 2.7], [2.5, 2.6], 0.47, "does not hold"),      # hard labels do better
+    ([], [], [], 0.47, "not measured"),
+])
+def test_distill_verdicts(teacher, kd, hard, ratio, expected):
+    from llmkit.lab.experiments import distill
+
+    assert distill.verdict(teacher, kd, hard, ratio)[0] == expected

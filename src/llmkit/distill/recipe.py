@@ -294,7 +294,8 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
     results: dict = {}
     if not result.stopped:
         gen = generation_eval(student, tokenizer, template, data.eval_conversations, cfg.eval)
-        results = {"method": cfg.method, "loss": vars(cfg.loss), "step": result.step, **result.last_eval,
+        results = {"method": cfg.method, "loss": vars(cfg.loss), "step": result.step,
+                   "train_examples": len(data.train), "eval_examples": n_eval, **result.last_eval,
                    "exact_match": gen["exact_match"], "rouge_l": gen["rouge_l"],
                    "student": student_size, "teacher": {**teacher_size, **teacher_eval},
                    "size_ratio": student_size["bytes"] / teacher_size["bytes"],
