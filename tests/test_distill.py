@@ -236,3 +236,41 @@ track: {{enabled: false}}
     assert summary["step"] == 3 and summary["loss"] == "reverse_kl" and summary["student_params"] < summary[
         "teacher_params"]
     assert (tmp_path / "cli" / "final" / "model.safetensors").is_file()
+
+
+def test_sequence_level_trains_on_the_teachers_own_answers_generated_once(teacher_dir, tmp_path):
+    """The training conversations end with the teacher's greedy answers (the held-out ones keep their
+    references); a second run reads the answers from the cache."""
+    from llmkit.chat import load_chat_template
+    from llmkit.distill.sequence_level import teacher_answers
+    from llmkit.finetune.sft_data import build_sft_data
+    from llmkit.infer.generate import SamplingParams
+    from llmkit.infer.reply import chat_reply
+    from llmkit.models.io import load_model
+    from llmkit.tokenizer import Tokenizer
+
+    cache = tmp_path / "cache"
+    seq = {"sequence_level": True, "answer_max_new_tokens": 12, "loss.alpha": 0.0, "train.max_steps": 2,
+           "train.eval_interval": 2, "eval.answers": 0}
+    first = distill(_cfg(teacher_dir, tmp_path / "a", cache, **seq))
+    second = distill(_cfg(teacher_dir, tmp_path / "b", cache, **seq))
+    assert first["teacher_answers_computed"] and second["teacher_answers_computed"] is False
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert results["sequence_level"]["answers_computed"]
+    # the cached answers are what the teacher says to those prompts, greedily
+    cfg = _cfg(teacher_dir, tmp_path / "c", cache, **seq)
+    tok, template = Tokenizer.load(teacher_dir), load_chat_template(teacher_dir)
+    teacher = load_model(teacher_dir)
+    data = build_sft_data(cfg.data, tok, template, 96)
+    answers, computed = teacher_answers(teacher, "unused-digest", data, tok, 12, tmp_path / "other")
+    assert computed and len(answers) == len(data.train)
+    for ex, answer in list(zip(data.train, answers))[:3]:
+        assert answer == chat_reply(teacher, tok, template, ex.messages[:-1],
+                                    SamplingParams(max_new_tokens=12, temperature=0.0))
+    from llmkit.distill.sequence_level import with_teacher_answers
+
+    answers[0] = "   "  # an empty answer is dropped and counted, not trained on
+    replaced, dropped = with_teacher_answers(data, answers, tok)
+    assert dropped >= 1 and replaced.eval == data.eval and replaced.digest != data.digest
+    assert replaced.train[0].messages[:-1] == data.train[1].messages[:-1]
+    assert replaced.train[0].messages[-1]["content"] == answers[1]

@@ -4,6 +4,7 @@
     tokenizer) -> instruction data in the teacher's chat template -> the teacher's top-k logits at every
     response position, cached by content (`teacher_cache`) -> `train_loop` on
     alpha x KD divergence (forward KL / reverse KL / JSD at temperature T) + (1 - alpha) x cross-entropy
+    (sequence_level: the teacher's own greedy answers replace the references first, `sequence_level`)
     -> held-out loss, KL to the teacher and top-1 agreement; exact match / ROUGE-L of greedy answers
     -> final/ (full: a model dir; lora: an adapter dir over out/student_init) + results.json
 
@@ -29,6 +30,7 @@ from llmkit import runtime
 from llmkit.chat import load_chat_template, save_chat_template
 from llmkit.data.tokenized import file_sha256
 from llmkit.distill.losses import Divergence, kd_divergence
+from llmkit.distill.sequence_level import teacher_answers, with_teacher_answers
 from llmkit.distill.student import StudentConfig, drop_layers, smaller_config
 from llmkit.distill.teacher_cache import TeacherOutputs, teacher_outputs
 from llmkit.finetune.sft import SFTEvalConfig, SFTTrainConfig, generation_eval
@@ -95,6 +97,11 @@ class DistillConfig:
     loss: KDLossConfig = field(default_factory=KDLossConfig)
     teacher_cache: str = "~/.cache/llmkit/teacher"
     """Where the teacher's outputs are kept, by content: shared by runs and students."""
+    sequence_level: bool = False
+    """Train on the teacher's greedy answers instead of the reference answers (Kim & Rush 2016;
+    `sequence_level.py`); held-out examples keep their references."""
+    answer_max_new_tokens: int = 256
+    """Longest teacher answer generated for sequence-level distillation."""
     data: DistillDataConfig = field(default_factory=DistillDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     """The shared loop settings with instruction tuning's defaults (lr 3e-5: raise it for a pruned student)."""
@@ -240,6 +247,11 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
     loop.restore_weights(student, checkpoint)
     block = min(teacher.config.block_size, student.config.block_size)
     data = build_sft_data(cfg.data, tokenizer, template, block)
+    answers_computed, answers_dropped = None, 0
+    if cfg.sequence_level:
+        answers, answers_computed = teacher_answers(teacher, teacher_sha256, data, tokenizer,
+                                                    cfg.answer_max_new_tokens, cfg.teacher_cache)
+        data, answers_dropped = with_teacher_answers(data, answers, tokenizer)
     width = min(block, max(1, max(len(e.ids) for e in [*data.train, *data.eval]) - 1))
     pretrain_tokens = open_pretrain_tokens(cfg.data, tokenizer) if cfg.data.mix_pretrain > 0 else None
     batches = MixedBatches(data, pretrain_tokens, t_cfg.batch_size, width, cfg.data.mix_pretrain, cfg.data.seed)
@@ -285,7 +297,8 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
     job = loop.Job(model=student, optimizer=loop.make_optimizer(t_cfg, [(trainable, 1.0)]), next_batch=next_batch,
                    loss=batch_loss, evaluate=evaluate, data=batches, autocast=autocast,
                    tokens=lambda b: b["tokens"],
-                   facts={"method": cfg.method, "loss": cfg.loss.kind, "teacher_sha256": teacher_sha256},
+                   facts={"method": cfg.method, "loss": cfg.loss.kind, "teacher_sha256": teacher_sha256,
+                          "sequence_level": cfg.sequence_level},
                    name=f"distill ({cfg.loss.kind}, {cfg.method})")
     result = loop.train_loop(t_cfg, job, out, tracker, checkpoint)
 
@@ -301,6 +314,8 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
                    "size_ratio": student_size["bytes"] / teacher_size["bytes"],
                    "teacher_outputs": {"path": str(train_cache.path), "computed": train_cache.computed,
                                        "top_k": k},
+                   "sequence_level": {"answers_computed": answers_computed, "dropped": answers_dropped}
+                   if cfg.sequence_level else None,
                    "answers": gen["answers"], "samples": gen["samples"]}
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         tracker.log_metrics({"exact_match": gen["exact_match"], "rouge_l": gen["rouge_l"],
@@ -323,5 +338,6 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
             "eval_top1_agreement": result.last_eval.get("eval_top1_agreement"),
             "teacher_eval_loss": teacher_eval["eval_loss"], "exact_match": results.get("exact_match"),
             "rouge_l": results.get("rouge_l"), "teacher_outputs_computed": train_cache.computed,
+            "teacher_answers_computed": answers_computed,
             "final": str(final_dir) if not result.stopped else None, "tracking_run_id": tracker.run_id,
             "history": result.history}

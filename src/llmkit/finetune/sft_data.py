@@ -144,6 +144,21 @@ def _canonical(messages: Conversation) -> str:
     return json.dumps([[m["role"], m["content"].strip()] for m in messages], ensure_ascii=False)
 
 
+def sft_digest(tokenizer, template, max_len: int, train: list[SFTExample], eval_: list[SFTExample]) -> str:
+    """`SFTData.digest`: sha256 of the tokenizer, template, max_len and every example's ids and mask."""
+    h = hashlib.sha256()
+    h.update(tokenizer.digest().encode())
+    h.update(template.fingerprint().encode())
+    h.update(str(max_len).encode())
+    for name, examples in (("train", train), ("eval", eval_)):
+        h.update(name.encode())
+        for ex in examples:
+            h.update(len(ex.ids).to_bytes(8, "little"))
+            h.update(ex.ids.astype("<i8").tobytes())
+            h.update(np.packbits(ex.loss_mask).tobytes())
+    return h.hexdigest()
+
+
 def build_sft_data(cfg: InstructDataConfig, tokenizer, template: ChatTemplate | JinjaChatTemplate | None,
                    block_size: int) -> SFTData:
     """Read, deduplicate, tokenize and split the instruction data of `cfg` (see the module docstring).
@@ -226,17 +241,6 @@ def build_sft_data(cfg: InstructDataConfig, tokenizer, template: ChatTemplate | 
     if not splits["train"]:
         raise ValueError(f"no training example fits max_len={max_len} tokens ({dropped} dropped as too long)")
 
-    h = hashlib.sha256()
-    h.update(tokenizer.digest().encode())
-    h.update(template.fingerprint().encode())
-    h.update(str(max_len).encode())
-    for name in ("train", "eval"):
-        h.update(name.encode())
-        for ex in splits[name]:
-            h.update(len(ex.ids).to_bytes(8, "little"))
-            h.update(ex.ids.astype("<i8").tobytes())
-            h.update(np.packbits(ex.loss_mask).tobytes())
-
     counts = {
         "records": n_records, "malformed": len(malformed), "conversations": len(convs),
         "duplicates": duplicates, "too_long_dropped": dropped, "truncated": truncated,
@@ -244,5 +248,6 @@ def build_sft_data(cfg: InstructDataConfig, tokenizer, template: ChatTemplate | 
         "train_tokens": int(sum(len(e.ids) for e in splits["train"])),
         "train_loss_tokens": int(sum(int(e.loss_mask.sum()) for e in splits["train"])),
     }
-    return SFTData(train=splits["train"], eval=splits["eval"], digest=h.hexdigest(), counts=counts,
+    digest = sft_digest(tokenizer, template, max_len, splits["train"], splits["eval"])
+    return SFTData(train=splits["train"], eval=splits["eval"], digest=digest, counts=counts,
                    malformed=malformed, files=files, template=template, max_len=max_len, pad_id=tokenizer.pad_id)
