@@ -1,4 +1,5 @@
-"""Speculative decoding on SmolLM2-135M-Instruct: plain greedy vs prompt lookup vs an INT8 draft model.
+"""Speculative decoding on SmolLM2-135M-Instruct: plain greedy vs prompt lookup vs an INT8 draft model vs
+self-speculative decoding (the model's own first layers as the draft).
 
     .venv/bin/python benchmarks/speculative.py                  # prints one JSON object (~4-5 minutes, 2 cores)
     .venv/bin/python benchmarks/speculative.py --new-tokens 32 --rounds 3 --threads 2 --num-draft 4
@@ -10,7 +11,9 @@ model's chat template, up to --new-tokens tokens per reply (a reply may end earl
   repeats much of the prompt: what prompt lookup is for);
 * chat: open questions (little to copy from the prompt).
 Methods: `stream_tokens` greedy (plain), `speculative_generate` with `NGramDrafter()` (ngram: max_ngram 3,
-down to 1-grams), `NGramDrafter(min_ngram=2)` (ngram_min2: no single-token matches) and with `ModelDrafter(make_draft(model, "int8"))` (draft: dynamic INT8 copy of the target), --num-draft
+down to 1-grams), `NGramDrafter(min_ngram=2)` (ngram_min2: no single-token matches) and with `ModelDrafter(make_draft(model, "int8"))` (draft: dynamic INT8 copy of the target) and
+`ModelDrafter(make_draft(model, "layers", K))` (draft_layers: the target's first --draft-layers layers with its
+final norm and head, no training: self-speculative decoding), --num-draft
 tokens per round. Each of --rounds rounds runs every method on every prompt, the methods' order rotating
 per round; a method's tok/s in a round is its new tokens over its seconds (prefill included) summed over the
 workload's prompts. Reported per workload and method: median tok/s over rounds, the median of per-round
@@ -51,6 +54,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds, method order rotating (default 3)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--num-draft", type=int, default=4, help="draft tokens per round (default 4)")
+    ap.add_argument("--draft-layers", type=int, default=15, help="layers of the self-speculative draft (default 15)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -64,6 +68,7 @@ def main() -> None:
     import_gguf(smol_path(), work / "smol")
     model, tok, template = load_for_inference(work / "smol", device="cpu")
     draft = make_draft(model, "int8")
+    early = make_draft(model, "layers", args.draft_layers)
     edit = [f"{verb} {p}" for verb, p in zip(
         ("Fix the grammar of this paragraph:", "Summarise this paragraph:", "Rewrite this paragraph in simpler words:"),
         paragraphs(wiki_text(), 3))]
@@ -84,9 +89,13 @@ def main() -> None:
     def drafted(ids):
         return speculative_generate(model, ids, params, ModelDrafter(draft), args.num_draft, stops, V)
 
-    methods = {"plain": plain, "ngram": ngram, "ngram_min2": ngram2, "draft_int8": drafted}
+    def self_speculative(ids):
+        return speculative_generate(model, ids, params, ModelDrafter(early), args.num_draft, stops, V)
+
+    methods = {"plain": plain, "ngram": ngram, "ngram_min2": ngram2, "draft_int8": drafted,
+               "draft_layers": self_speculative}
     out: dict = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF imported to fp32)", "threads": torch.get_num_threads(),
-                 "new_tokens": args.new_tokens, "num_draft": args.num_draft, "rounds": args.rounds,
+                 "new_tokens": args.new_tokens, "num_draft": args.num_draft, "draft_layers": args.draft_layers, "rounds": args.rounds,
                  "greedy": True, "workloads": {}}
     t_start = time.perf_counter()
     with torch.no_grad():
