@@ -34,18 +34,6 @@ CONTESTANTS = {
 }
 
 
-def active_params(model) -> int:
-    """Parameters one token uses: everything but the experts it is not routed to."""
-    from llmkit.models.moe import MoEFeedForward
-
-    total = sum(p.numel() for p in model.parameters())
-    for m in model.modules():
-        if isinstance(m, MoEFeedForward):
-            per_expert = (m.gate.numel() + m.up.numel() + m.down.numel()) // m.cfg.experts
-            total -= per_expert * (m.cfg.experts - m.cfg.top_k)
-    return total
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=600)
@@ -72,7 +60,7 @@ def main() -> None:
         model = load_model(run_dir / "final")
         entry = {"val_loss": statistics.fmean(r["val_loss"] for r in rows),
                  "val_loss_per_seed": [round(r["val_loss"], 4) for r in rows],
-                 "params": sum(p.numel() for p in model.parameters()), "active_params": active_params(model),
+                 "params": sum(p.numel() for p in model.parameters()), "active_params": model.num_active_params(),
                  "train_tokens_per_s": statistics.fmean(r["tokens_per_s"] for r in rows if r["tokens_per_s"])}
         if "moe_load_cv" in rows[0]:
             entry["load_cv"] = statistics.fmean(r["moe_load_cv"] for r in rows)

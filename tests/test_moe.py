@@ -110,6 +110,18 @@ def _moe_decoder(seed=0, **moe) -> Decoder:
     return Decoder(cfg)
 
 
+def test_active_parameters_and_flops_count_top_k_experts():
+    moe = _moe_decoder()
+    per_expert = 3 * 32 * moe.config.d_ff  # gate, up, down of one expert
+    assert moe.num_params() - moe.num_active_params() == 2 * (4 - 2) * per_expert  # 2 layers, 2 idle experts
+    dense_cfg = DecoderConfig(**{**moe.config.__dict__, "moe": None, "d_ff": 2 * moe.config.d_ff})
+    torch.manual_seed(0)
+    dense = Decoder(dense_cfg)
+    routers = 2 * 4 * 32
+    assert moe.num_active_params() == dense.num_active_params() + routers
+    assert moe.flops_per_token() - dense.flops_per_token() == 6 * routers
+
+
 def test_training_adds_the_router_losses_and_evaluation_does_not():
     model = _moe_decoder(router_aux_loss=0.5)
     idx = torch.randint(0, 96, (2, 12))

@@ -542,12 +542,24 @@ class Decoder(nn.Module):
             n -= self.pos_emb.weight.numel()
         return n
 
+    def num_active_params(self) -> int:
+        """Parameters one token uses: `num_params()` less, in every mixture-of-experts layer, the experts it is
+        not routed to (experts - top_k of them); equal to `num_params()` for a dense model."""
+        n = self.num_params()
+        for block in self.blocks:
+            mlp = block.mlp
+            if isinstance(mlp, MoEFeedForward):
+                per_expert = (mlp.gate.numel() + mlp.up.numel() + mlp.down.numel()) // mlp.cfg.experts
+                n -= per_expert * (mlp.cfg.experts - mlp.cfg.top_k)
+        return n
+
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token (forward + backward): 6N + 12 * n_layer * d_attn * T (PaLM, appendix B),
+        N the active parameters (`num_active_params`: a mixture of experts counts top_k experts per layer),
         d_attn = n_head * head_dim (= d_model unless head_dim is set); a sliding-window layer attends to at
         most `sliding_window` keys, so it counts min(T, window)."""
         c = self.config
         T = seq_len or c.block_size
         d_attn = c.n_head * c.head_dim
         keys = sum(min(T, c.layer_window(i) or T) for i in range(c.n_layer))
-        return 6 * self.num_params() + 12 * d_attn * keys
+        return 6 * self.num_active_params() + 12 * d_attn * keys
