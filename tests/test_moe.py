@@ -49,7 +49,7 @@ def test_capacity_drops_the_assignments_past_it_in_token_order():
     layer = _moe(capacity_factor=0.5)
     x = torch.randn(20, 16)
     with torch.no_grad():
-        _, weights, experts = layer.route(x)
+        _, _, weights, experts = layer.route(x)
     cap = math.ceil(0.5 * 20 * 2 / 4)
     counts = torch.bincount(experts.reshape(-1), minlength=4)
     assert layer(x) is not None and layer.stats["dropped"] == int((counts - counts.clamp(max=cap)).sum()) > 0

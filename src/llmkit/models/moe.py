@@ -98,20 +98,20 @@ class MoEFeedForward(nn.Module):
         """The last forward's weighted router losses (load balancing + z), a scalar; None before any."""
         self.stats: dict[str, float | list[float]] = {}
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (N, d) -> router logits (N, E), top-k weights (N, k) and expert ids (N, k)."""
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (N, d) -> router logits (N, E), probabilities (N, E) fp32, top-k weights (N, k), expert ids (N, k)."""
         logits = self.router(x)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, experts = probs.topk(self.cfg.top_k, dim=-1)
         if self.cfg.norm_topk_prob:
             weights = weights / weights.sum(-1, keepdim=True)
-        return logits, weights.to(x.dtype), experts
+        return logits, probs, weights.to(x.dtype), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         n, E, k = flat.size(0), self.cfg.experts, self.cfg.top_k
-        logits, weights, experts = self.route(flat)
+        logits, probs, weights, experts = self.route(flat)
         expert_of = experts.reshape(-1)  # (n k,) assignment -> expert
         token_of = torch.arange(n, device=x.device).repeat_interleave(k)
         weight_of = weights.reshape(-1)
@@ -136,18 +136,17 @@ class MoEFeedForward(nn.Module):
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(flat)) * s
             out = out + s
-        self._router_losses(logits, counts, n * k)
-        dropped = int((counts - keep).sum())
-        probs = torch.softmax(logits.detach().float(), dim=-1)
-        self.stats = {"load": (counts.float() / max(1, n * k)).tolist(), "dropped": dropped,
-                      "entropy": float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()) if n else 0.0}
+        self._router_losses(logits, probs, counts, n * k)
+        p = probs.detach()
+        self.stats = {"load": (counts.float() / max(1, n * k)).tolist(), "dropped": int((counts - keep).sum()),
+                      "entropy": float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()) if n else 0.0}
         return out.reshape(shape)
 
-    def _router_losses(self, logits: torch.Tensor, counts: torch.Tensor, assignments: int) -> None:
+    def _router_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
+                       assignments: int) -> None:
         if logits.size(0) == 0:
             self.aux_loss = logits.sum() * 0.0
             return
-        probs = torch.softmax(logits.float(), dim=-1)
         load = counts.float() / assignments  # f_e: not differentiable (an argmax), P_e carries the gradient
         balance = self.cfg.experts * (load * probs.mean(0)).sum()
         z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()

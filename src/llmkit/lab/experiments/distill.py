@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from llmkit.lab.claim import Claim, ExperimentContext, Measurement, Result
+from llmkit.lab.common import data_file
 from llmkit.lab.plots import bars
 
 WITHIN = 0.10  # "most of the teacher's quality": held-out loss at most 10% above the teacher's
@@ -58,7 +59,6 @@ def verdict(teacher: list[float], kd: list[float], hard: list[float], size_ratio
 def _teacher(work: Path, quick: bool) -> Path:
     """The teacher's model dir, made once under `work`."""
     if quick:
-        from llmkit.lab.experiments.lora_lr import data_file
         from llmkit.models.decoder import Decoder, DecoderConfig
         from llmkit.models.io import save_model
         from llmkit.tokenizer import train_tokenizer
@@ -98,8 +98,6 @@ def _decode_tps(model_dir: Path, new: int) -> float:
 def run(ctx: ExperimentContext) -> Result:
     from llmkit.config import load_config
     from llmkit.distill.recipe import DistillConfig, distill
-    from llmkit.lab.experiments.lora_lr import data_file
-
     work = ctx.out_dir / "work"
     work.mkdir(parents=True, exist_ok=True)
     teacher = _teacher(work, ctx.quick)
