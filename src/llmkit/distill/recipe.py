@@ -158,17 +158,20 @@ def gather_teacher(cache: TeacherOutputs, examples: list[int]) -> tuple[torch.Te
 
 
 def kd_batch_loss(logits: torch.Tensor, y: torch.Tensor, kd_rows: int, teacher_ids: torch.Tensor,
-                  teacher_values: torch.Tensor, loss: KDLossConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(total, kd, ce) of a batch: logits (B, T, V), y (B, T) with -100 off the loss; the first `kd_rows` rows
-    are SFT examples whose loss positions (row-major order) match teacher_ids / teacher_values (N, k)."""
+                  teacher_values: torch.Tensor, loss: KDLossConfig) -> torch.Tensor:
+    """alpha x divergence + (1 - alpha) x cross-entropy of a batch: logits (B, T, V), y (B, T) with -100 off the
+    loss; the first `kd_rows` rows are SFT examples whose loss positions (row-major order) match teacher_ids /
+    teacher_values (N, k). alpha 0 (the hard-label baseline) skips the divergence."""
     trained = y != -100
     ce = F.cross_entropy(logits[trained].float(), y[trained]) if trained.any() else logits.sum() * 0.0
     kd_logits = logits[:kd_rows][trained[:kd_rows]]
     if kd_logits.size(0) != teacher_ids.size(0):
         raise RuntimeError(f"{kd_logits.size(0)} loss positions in the batch, {teacher_ids.size(0)} cached teacher "
                            "positions: the teacher cache does not match the data")
+    if loss.alpha == 0.0:
+        return ce
     kd = kd_divergence(kd_logits, teacher_ids, teacher_values, loss.kind, loss.temperature, loss.beta)
-    return loss.alpha * kd + (1.0 - loss.alpha) * ce, kd, ce
+    return loss.alpha * kd + (1.0 - loss.alpha) * ce
 
 
 @torch.no_grad()
@@ -289,7 +292,7 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
 
     def batch_loss(b: dict) -> torch.Tensor:
         logits, _ = student(b["x"])
-        return kd_batch_loss(logits, b["y"], b["kd_rows"], b["ids"], b["values"], cfg.loss)[0]
+        return kd_batch_loss(logits, b["y"], b["kd_rows"], b["ids"], b["values"], cfg.loss)
 
     def evaluate() -> dict[str, float]:
         return heldout_figures(student, held_out, eval_cache, device, autocast)
