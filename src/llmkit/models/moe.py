@@ -16,6 +16,8 @@ Router losses, added to the training loss by `Decoder.forward` (coefficients in 
   P_e is the mean router probability of e. It is 1 when the load is uniform and grows as it concentrates.
 - z-loss (ST-MoE, Zoph et al. 2022): the mean of logsumexp(router logits)^2, which keeps logits small.
 
+`expert_parallel` shards the experts over processes (all-to-all dispatch), for training under torchrun.
+
 `stats` after a forward holds each expert's share of the load, the assignments dropped and the mean
 entropy of the router's distribution.
 """
@@ -26,8 +28,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from llmkit.models import expert_parallel
 
 
 @dataclass
@@ -97,6 +102,8 @@ class MoEFeedForward(nn.Module):
         self.aux_loss: torch.Tensor | None = None
         """The last forward's weighted router losses (load balancing + z), a scalar; None before any."""
         self.stats: dict[str, float | list[float]] = {}
+        self.expert_group = None
+        """The process group the experts are sharded over (`expert_parallel.shard_experts`); None: all here."""
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d) -> router logits (N, E), probabilities (N, E) fp32, top-k weights (N, k), expert ids (N, k)."""
@@ -121,34 +128,56 @@ class MoEFeedForward(nn.Module):
         if self.cfg.capacity_factor is not None:
             capacity = math.ceil(self.cfg.capacity_factor * n * k / E)
             keep = counts.clamp(max=capacity)
-        out = torch.zeros_like(flat)
-        start = 0
-        for e, (c, kept) in enumerate(zip(counts.tolist(), keep.tolist())):
-            if kept:
-                idx = order[start:start + kept]
-                tokens = token_of[idx]
-                h = flat[tokens]
-                y = F.linear(F.silu(F.linear(h, self.gate[e])) * F.linear(h, self.up[e]), self.down[e])
-                out.index_add_(0, tokens, y * weight_of[idx, None])
-            start += c
+        if self.expert_group is not None:
+            out = self._sharded_experts(flat, order, expert_of, token_of, weight_of, counts, keep)
+        else:
+            out = torch.zeros_like(flat)
+            start = 0
+            for e, (c, kept) in enumerate(zip(counts.tolist(), keep.tolist())):
+                if kept:
+                    idx = order[start:start + kept]
+                    tokens = token_of[idx]
+                    h = flat[tokens]
+                    y = F.linear(F.silu(F.linear(h, self.gate[e])) * F.linear(h, self.up[e]), self.down[e])
+                    out.index_add_(0, tokens, y * weight_of[idx, None])
+                start += c
         if self.shared is not None:
             s = self.shared(flat)
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(flat)) * s
             out = out + s
-        self._router_losses(logits, probs, counts, n * k)
+        mean_probs = probs.mean(0)
+        if self.expert_group is not None:  # the load and the mean probabilities of every process's tokens
+            counts, keep = counts.clone(), keep.clone()
+            dist.all_reduce(counts, group=self.expert_group)
+            dist.all_reduce(keep, group=self.expert_group)
+            tokens = torch.tensor(float(n), device=x.device)
+            dist.all_reduce(tokens, group=self.expert_group)
+            mean_probs = expert_parallel.all_reduce_sum(probs.sum(0), self.expert_group) / tokens.clamp_min(1)
+        assignments = int(counts.sum())
+        self._router_losses(logits, mean_probs, counts, assignments)
         p = probs.detach()
-        self.stats = {"load": (counts.float() / max(1, n * k)).tolist(), "dropped": int((counts - keep).sum()),
+        self.stats = {"load": (counts.float() / max(1, assignments)).tolist(), "dropped": int((counts - keep).sum()),
                       "entropy": float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()) if n else 0.0}
         return out.reshape(shape)
 
-    def _router_losses(self, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
+    def _sharded_experts(self, flat, order, expert_of, token_of, weight_of, counts, keep) -> torch.Tensor:
+        """The experts' output when they are sharded over processes (`expert_parallel.shard_experts`)."""
+        sorted_expert = expert_of[order]
+        first_of_expert = counts.cumsum(0) - counts
+        place_in_expert = torch.arange(order.numel(), device=flat.device) - first_of_expert[sorted_expert]
+        kept = order[place_in_expert < keep[sorted_expert]]
+        weights = tuple(expert_parallel.local_experts(w, self.expert_group) for w in (self.gate, self.up, self.down))
+        return expert_parallel.experts_forward(flat, token_of[kept], weight_of[kept], expert_of[kept], keep,
+                                               weights, self.expert_group)
+
+    def _router_losses(self, logits: torch.Tensor, mean_probs: torch.Tensor, counts: torch.Tensor,
                        assignments: int) -> None:
         if logits.size(0) == 0:
             self.aux_loss = logits.sum() * 0.0
             return
         load = counts.float() / assignments  # f_e: not differentiable (an argmax), P_e carries the gradient
-        balance = self.cfg.experts * (load * probs.mean(0)).sum()
+        balance = self.cfg.experts * (load * mean_probs).sum()
         z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
         self.aux_loss = self.cfg.router_aux_loss * balance + self.cfg.router_z_loss * z
 

@@ -21,8 +21,12 @@ from torch.distributed.checkpoint.state_dict import (
 from llmkit.runtime import DistInfo
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str, expert_parallel: bool = False
+               ) -> torch.nn.Module:
     """strategy: "ddp" replicates the model; "fsdp" shards every block and the root (FSDP2).
+
+    expert_parallel (with "ddp"): a mixture-of-experts model's experts are sharded over all processes
+    (`llmkit.models.expert_parallel`) and DDP replicates the rest.
 
     Call after the weights are loaded (a resume loads the full state dict into the plain model first) and
     before the optimizer is built: FSDP replaces the parameters with sharded DTensors. Under FSDP the root
@@ -31,6 +35,11 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str) -> torch.n
     """
     if strategy not in ("ddp", "fsdp"):
         raise ValueError(f"train.strategy: expected 'ddp' or 'fsdp', got {strategy!r}")
+    if expert_parallel and strategy != "ddp":
+        raise ValueError("train.expert_parallel: needs train.strategy ddp (experts are sharded over the "
+                         "processes, the rest is replicated)")
+    if expert_parallel and getattr(getattr(model, "config", None), "moe", None) is None:
+        raise ValueError("train.expert_parallel: the model has no mixture-of-experts layers (set model.moe)")
     if not info.enabled:
         return model
     if strategy == "fsdp":
@@ -42,6 +51,10 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str) -> torch.n
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    if expert_parallel:
+        from llmkit.models.expert_parallel import shard_experts
+
+        DDP._set_params_and_buffers_to_ignore_for_model(model, shard_experts(model))
     return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
 
 
@@ -90,3 +103,23 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
     """Inverse of full_optimizer_state: every rank passes the full dict and keeps its own shard."""
     set_optimizer_state_dict(unwrap(model), optimizer, state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over parameters some of which may be sharded DTensors (expert
+    parallelism) and the rest plain tensors: the total norm covers every shard, so every process scales its
+    gradients by the same factor. Returns the total norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
+    with_grad = [p for p in params if p.grad is not None]
+    sharded = [p for p in with_grad if isinstance(p.grad, DTensor)]
+    if not sharded:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    plain = [p for p in with_grad if not isinstance(p.grad, DTensor)]
+    sharded_norm = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
+    plain_norm = torch.nn.utils.get_total_norm([p.grad for p in plain]) if plain else torch.zeros_like(sharded_norm)
+    total = torch.sqrt(sharded_norm ** 2 + plain_norm ** 2)
+    for group in (sharded, plain):
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total

@@ -17,6 +17,7 @@ checkpoint and return normally (`LoopResult.stopped`), so the process exits 0 an
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import time
@@ -32,6 +33,7 @@ from llmkit.config import flatten, save_config, to_dict
 from llmkit.runtime import DistInfo
 from llmkit.track import Tracker
 from llmkit.train.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
+from llmkit.train.distributed import clip_grad_norm
 from llmkit.train.preemption import StopSignal
 from llmkit.train.schedule import warmup_cosine
 
@@ -219,12 +221,13 @@ def start_tracking(tracker: Tracker, run_config: Any, out: Path, checkpoint: Che
 def make_optimizer(cfg: LoopConfig, groups: list[tuple[list[torch.nn.Parameter], float]],
                    fused: bool = True) -> torch.optim.AdamW:
     """AdamW over (parameters, lr scale) groups: weight decay on matrices only (not norms, biases), each group
-    at cfg.lr x scale; the fused kernel where the device has one (not under FSDP: `fused=False`)."""
+    at cfg.lr x scale; the fused kernel where the device has one (not under FSDP: `fused=False`).
+    Sharded (DTensor) parameters and plain ones go to separate groups: foreach kernels take one kind."""
     param_groups = []
     for params, scale in groups:
         params = [p for p in params if p.requires_grad]
-        for decayed in (True, False):
-            chosen = [p for p in params if (p.dim() >= 2) == decayed]
+        for decayed, sharded in itertools.product((True, False), (False, True)):
+            chosen = [p for p in params if (p.dim() >= 2) == decayed and hasattr(p, "device_mesh") == sharded]
             if chosen:
                 param_groups.append({"params": chosen, "weight_decay": cfg.weight_decay if decayed else 0.0,
                                      "lr": cfg.lr * scale})
@@ -395,7 +398,7 @@ def train_loop(cfg: LoopConfig, job: Job, out: Path, tracker: Tracker, checkpoin
                 step_loss += loss.detach().float() / cfg.grad_accum
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                clip_grad_norm(trainable, cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -69,6 +69,9 @@ class TrainConfig(loop.LoopConfig):
     """Scaled-dot-product-attention kernel; auto lets PyTorch choose. On CPU in bf16 with short
     sequences the composite `math` kernel is faster than the fused one (docs/benchmarks.md)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
+    expert_parallel: bool = False
+    """With a mixture-of-experts model under torchrun: shard the experts over the processes (all-to-all
+    dispatch, `llmkit.models.expert_parallel`); needs strategy ddp and experts divisible by the world size."""
     objective: Literal["auto", "causal", "mlm", "span"] = "auto"
     """auto: causal for decoders, mlm for encoders, span corruption for encoder-decoders."""
     mlm_probability: float = 0.15
@@ -226,9 +229,13 @@ def _pretrain(cfg: PretrainConfig, resume: bool, info: DistInfo, tracker: Tracke
     loop.restore_weights(raw_model, checkpoint)
     # DDP returns a wrapper around raw_model; FSDP shards raw_model in place, replacing its parameters,
     # so the optimizer is built after wrapping.
-    model = D.wrap_model(raw_model, info, t_cfg.strategy)
+    model = D.wrap_model(raw_model, info, t_cfg.strategy, t_cfg.expert_parallel)
+    if t_cfg.expert_parallel and info.enabled and info.is_main:
+        experts = cfg.model.moe.experts
+        log.info("experts sharded over %d processes: %d of %d per process", info.world_size,
+                 experts // info.world_size, experts)
     optimizer = loop.make_optimizer(t_cfg, [(list(raw_model.parameters()), 1.0)],
-                                    fused=not (info.enabled and t_cfg.strategy == "fsdp"))
+                                    fused=not (info.enabled and (t_cfg.strategy == "fsdp" or t_cfg.expert_parallel)))
     if t_cfg.compile:
         model = torch.compile(model)
     dtype = runtime.resolve_dtype(t_cfg.precision, device)
