@@ -13,19 +13,21 @@ import re
 import torch
 from safetensors.torch import load_file
 
+import test_distributed
 from llmkit.models import load_model
 from llmkit.train import pretrain as pretrain_recipe
-from test_distributed import (  # noqa: F401  (corpus is a fixture)
+from test_distributed import (
     WORLD,
     _BothRanksSampler,
     _in_process,
-    corpus,
     loss_rows,
     max_diff,
     overrides,
     torchrun,
     weights,
 )
+
+corpus = test_distributed.corpus  # the fixture: ~100 KB of tinyshakespeare, a char tokenizer, its shards
 
 MOE = dict(model__dropout=0.0, model__d_ff=48, model__activation="swiglu", model__bias="false", train__grad_accum=2, train__max_steps=8, train__decay_steps=8,
            train__checkpoint_interval=4,
