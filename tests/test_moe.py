@@ -102,11 +102,11 @@ def test_shared_experts_add_a_dense_mlp_every_token_sees():
     assert torch.allclose(layer(x), routed + shared, atol=1e-5)
 
 
-def _moe_decoder(seed=0, **moe) -> Decoder:
+def _moe_decoder(seed=0, model_kw=None, **moe) -> Decoder:
     torch.manual_seed(seed)
-    cfg = DecoderConfig(vocab_size=96, block_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2,
-                        positions="rope", norm="rmsnorm", activation="swiglu",
-                        moe={"experts": 4, "top_k": 2, **moe})
+    cfg = DecoderConfig(**{"vocab_size": 96, "block_size": 64, "n_layer": 2, "d_model": 32, "n_head": 4,
+                           "n_kv_head": 2, "positions": "rope", "norm": "rmsnorm", "activation": "swiglu",
+                           "moe": {"experts": 4, "top_k": 2, **moe}, **(model_kw or {})})
     return Decoder(cfg)
 
 
@@ -194,16 +194,21 @@ MOE_SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num
                  pad_token_id=0)
 
 
-def _hf_moe(name: str):
+def _hf_moe(name: str, **extra):
     transformers = pytest.importorskip("transformers")
     from test_hf_architectures import randomize
 
     if name == "mixtral":
         cfg = transformers.MixtralConfig(**MOE_SMALL, num_local_experts=4, num_experts_per_tok=2, sliding_window=8)
-    else:
+    elif name.startswith("qwen2-moe"):
         cfg = transformers.Qwen2MoeConfig(**MOE_SMALL, num_experts=4, num_experts_per_tok=2,
                                           moe_intermediate_size=48, shared_expert_intermediate_size=80,
                                           norm_topk_prob=name.endswith("norm"))
+    else:  # qwen3-moe: head_dim != hidden_size / heads; the -norm variant also slides an 8-token window
+        norm = name.endswith("norm")
+        cfg = transformers.Qwen3MoeConfig(**{**MOE_SMALL, "num_experts": 4, "num_experts_per_tok": 2,
+                                             "moe_intermediate_size": 48, "head_dim": 24, "norm_topk_prob": norm,
+                                             "use_sliding_window": norm, "sliding_window": 8, **extra})
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
@@ -212,7 +217,9 @@ def _hf_moe(name: str):
 
 
 @pytest.mark.parametrize("name, arch", [("mixtral", "MixtralForCausalLM"), ("qwen2-moe", "Qwen2MoeForCausalLM"),
-                                        ("qwen2-moe-norm", "Qwen2MoeForCausalLM")])
+                                        ("qwen2-moe-norm", "Qwen2MoeForCausalLM"),
+                                        ("qwen3-moe", "Qwen3MoeForCausalLM"),
+                                        ("qwen3-moe-norm", "Qwen3MoeForCausalLM")])
 def test_hf_moe_checkpoints_import_with_equal_logits_and_decode_in_the_engine(name, arch, tmp_path):
     from llmkit.infer.engine import Engine, RequestParams
     from llmkit.models.hf import import_hf
@@ -222,7 +229,9 @@ def test_hf_moe_checkpoints_import_with_equal_logits_and_decode_in_the_engine(na
     with pytest.warns(UserWarning, match="tokenizer"):
         model = import_hf(tmp_path / "hf", tmp_path / "ours")
     assert model.config.hf_architecture == arch and model.config.moe.experts == 4
-    assert model.config.moe.norm_topk_prob == (name != "qwen2-moe")
+    assert model.config.moe.norm_topk_prob == (name == "mixtral" or name.endswith("norm"))
+    assert model.config.qk_norm == (arch == "Qwen3MoeForCausalLM")
+    assert model.config.sliding_window == (8 if name in ("mixtral", "qwen3-moe-norm") else None)
     idx = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (model(idx)[0] - hf(idx).logits).abs().max().item()
@@ -244,21 +253,76 @@ def test_hf_moe_checkpoints_import_with_equal_logits_and_decode_in_the_engine(na
         assert (model(idx)[0] - back(idx).logits).abs().max().item() <= 1e-4
 
 
-def test_a_native_moe_model_exports_as_the_architecture_that_expresses_it(tmp_path):
+@pytest.mark.parametrize("model_kw, moe, arch", [
+    ({}, {}, "MixtralForCausalLM"),
+    ({"sliding_window": 5}, {}, "MixtralForCausalLM"),
+    ({"qkv_bias": True}, {"shared_experts": 1, "shared_gate": True, "expert_d_ff": 24}, "Qwen2MoeForCausalLM"),
+    ({"qk_norm": True, "head_dim": 16}, {"norm_topk_prob": False, "expert_d_ff": 40}, "Qwen3MoeForCausalLM"),
+    ({"qk_norm": True, "sliding_window": 5}, {}, "Qwen3MoeForCausalLM"),
+])
+def test_a_native_moe_model_exports_as_the_architecture_that_expresses_it(model_kw, moe, arch, tmp_path):
+    """Shared experts or q/k/v biases -> Qwen2-MoE, else q/k norms -> Qwen3-MoE, else Mixtral (docs/moe.md)."""
     from llmkit.models.hf import export_hf
     from llmkit.models.io import save_model
+    from test_hf_architectures import randomize
 
     transformers = pytest.importorskip("transformers")
-    model = _moe_decoder(seed=5).eval()
+    model = _moe_decoder(seed=5, model_kw=model_kw, **moe).eval()
+    randomize(model)  # q/k norms away from 1, so a misplaced norm changes the logits
     out = export_hf(save_model(model, tmp_path / "ours"), tmp_path / "hf")
     back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
-    assert type(back).__name__ == "MixtralForCausalLM"
-    idx = torch.randint(0, 96, (1, 12))
+    assert type(back).__name__ == arch
+    idx = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (model(idx)[0] - back(idx).logits).abs().max().item() <= 1e-4
-    dropping = _moe_decoder(capacity_factor=1.0)
-    with pytest.raises(ValueError, match="capacity_factor"):
-        export_hf(save_model(dropping, tmp_path / "dropping"), tmp_path / "hf2")
+
+
+@pytest.mark.parametrize("model_kw, moe, field", [
+    ({}, {"capacity_factor": 1.0}, "moe.capacity_factor"),
+    ({"qk_norm": True}, {"shared_experts": 1, "shared_gate": True}, "qk_norm"),  # Qwen2-MoE has no q/k norms
+    ({"qkv_bias": True}, {}, "moe.shared_experts"),  # Qwen2-MoE always has a gated shared expert
+    ({"qk_norm": True, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"]}, {},
+     "layer_types"),  # Qwen3-MoE's window covers every layer
+    ({}, {"norm_topk_prob": False}, "moe.norm_topk_prob"),  # Mixtral always renormalises
+])
+def test_a_native_moe_model_no_architecture_expresses_is_refused_by_name(model_kw, moe, field, tmp_path):
+    from llmkit.models.hf import export_hf
+
+    with pytest.raises(ValueError, match=f"^{field}"):
+        export_hf(_moe_decoder(model_kw=model_kw, **moe), tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("extra, field", [({"mlp_only_layers": [1]}, "mlp_only_layers"),
+                                          ({"mlp_only_layers": [0]}, "mlp_only_layers"),
+                                          ({"decoder_sparse_step": 2}, "decoder_sparse_step")])
+def test_qwen3_moe_with_dense_layers_is_refused_naming_the_setting(extra, field, tmp_path):
+    # transformers builds those layers as dense MLPs; llmkit's MoE decoder has experts in every layer
+    from llmkit.models.hf import import_hf
+
+    hf = _hf_moe("qwen3-moe", **extra)
+    assert any(not hasattr(layer.mlp, "experts") for layer in hf.model.layers)  # really a mixed checkpoint
+    hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ValueError, match=f"^{field}: .*dense MLP"):
+        import_hf(tmp_path / "hf")
+
+
+def test_qwen3_moe_imports_from_the_fused_layout_and_the_hub_config_spelling():
+    """transformers 5 holds Qwen3-MoE experts fused (gate_up_proj, down_proj) in memory and writes them per
+    expert; its config.json says num_local_experts, the hub's num_experts. The save_pretrained test covers
+    per-expert files with num_local_experts; this one the fused tensors with num_experts."""
+    from llmkit.models.hf import decoder_from_hf
+
+    hf = _hf_moe("qwen3-moe-norm")
+    sd = hf.state_dict()
+    assert "model.layers.0.mlp.experts.gate_up_proj" in sd
+    config = hf.config.to_dict()
+    config["num_experts"] = config.pop("num_local_experts")
+    model = decoder_from_hf(config, sd)
+    assert model.config.moe.experts == 4 and model.config.moe.expert_d_ff == 48
+    idx = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max() <= 1e-4
 
 
 def test_per_expert_checkpoints_of_older_transformers_import_too(tmp_path):

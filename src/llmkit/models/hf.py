@@ -13,11 +13,13 @@ Supported architectures (see docs/hf.md for the full name mapping):
   on export, longrope), ``GemmaForCausalLM`` (GeGLU, scaled embeddings, (1 + w) RMSNorm),
   ``Gemma2ForCausalLM`` (Gemma plus pre and post norms, soft-capping, query_pre_attn_scalar, alternating
   local / global attention).
-* Mixture-of-experts decoders (`llmkit.models.moe`): ``MixtralForCausalLM`` (Mistral attention, top-k routed
-  SwiGLU experts, top-k weights renormalised) and ``Qwen2MoeForCausalLM`` (Qwen2 attention, routed experts
-  plus a sigmoid-gated shared expert, `norm_topk_prob` as configured; every layer sparse). Expert weights
-  are read in transformers 5's fused layout (``mlp.experts.gate_up_proj`` / ``down_proj``) and in the
-  per-expert one of older checkpoints (``block_sparse_moe.experts.j.w1/w2/w3``,
+* Mixture-of-experts decoders (`llmkit.models.moe`, mapped in `llmkit.models.hf_moe`): ``MixtralForCausalLM``
+  (Mistral attention, top-k routed SwiGLU experts, top-k weights renormalised), ``Qwen2MoeForCausalLM``
+  (Qwen2 attention, routed experts plus a sigmoid-gated shared expert, `norm_topk_prob` as configured) and
+  ``Qwen3MoeForCausalLM`` (Qwen3 attention with q/k RMSNorm, routed experts, `norm_topk_prob` as
+  configured); every layer sparse. Expert weights are read in transformers 5's fused layout
+  (``mlp.experts.gate_up_proj`` / ``down_proj``) and in the per-expert one of older checkpoints and of
+  transformers 5's Qwen-MoE files (``block_sparse_moe.experts.j.w1/w2/w3``,
   ``mlp.experts.j.gate_proj/up_proj/down_proj``).
 
 Import records the architecture in `DecoderConfig.hf_architecture` and export writes the same one back.
@@ -38,6 +40,15 @@ import torch
 from safetensors.torch import save_file
 
 from llmkit.models.decoder import Decoder, DecoderConfig
+from llmkit.models.hf_moe import (
+    MOE_ARCHITECTURES,
+    check_moe_exportable,
+    experts_from_llmkit,
+    experts_to_llmkit,
+    moe_config,
+    moe_hf_config,
+    native_moe_arch,
+)
 from llmkit.models.hf_weights import no_leftovers, read_hf_weights
 from llmkit.models.io import load_generation_config, load_model, require_plain, save_model
 from llmkit.models.layers import ROPE_SCALING_KEYS, ROPE_SCALING_TYPES
@@ -46,7 +57,7 @@ __all__ = ["SUPPORTED_ARCHITECTURES", "export_hf", "import_hf"]
 
 SUPPORTED_ARCHITECTURES = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "Phi3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM",
-                           "MixtralForCausalLM", "Qwen2MoeForCausalLM")
+                           "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
 
 _GPT2_ACT = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 _GPT2_ACT_OUT = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
@@ -123,37 +134,25 @@ _GATED_ACT = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu_tanh", "gelu_new": "
 _GATED_ACT_OUT = {"swiglu": "silu", "geglu_tanh": "gelu_pytorch_tanh", "geglu": "gelu"}
 
 
-MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
-
 QWEN_STYLE = ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM")
 """Architectures whose sliding window is off unless use_sliding_window, and on from max_window_layers up."""
 
+QK_NORM = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+"""Architectures with an RMSNorm over each head's q and k (always)."""
 
-def _moe_config(hf: dict[str, Any], arch: str) -> dict[str, Any]:
-    """`DecoderConfig.moe` of a Mixtral / Qwen2-MoE config; refuses layouts llmkit does not reproduce."""
-    need = ("num_local_experts",) if arch == "MixtralForCausalLM" else (
-        "num_experts", "moe_intermediate_size", "shared_expert_intermediate_size")
-    missing = [k for k in need if k not in hf]
-    if missing:
-        raise ValueError(f"{missing[0]}: missing from the {arch} config (needed: {', '.join(need)})")
-    if arch == "MixtralForCausalLM":
-        return {"experts": hf["num_local_experts"], "top_k": hf.get("num_experts_per_tok", 2),
-                "norm_topk_prob": True, "router_aux_loss": float(hf.get("router_aux_loss_coef", 0.02)),
-                "router_z_loss": 0.0}
-    if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-        raise ValueError(f"mlp_only_layers / decoder_sparse_step: {hf.get('mlp_only_layers')} / "
-                         f"{hf.get('decoder_sparse_step')}: dense layers between sparse ones are not supported "
-                         "(supported: every layer sparse)")
-    return {"experts": hf["num_experts"], "top_k": hf.get("num_experts_per_tok", 4),
-            "expert_d_ff": hf["moe_intermediate_size"], "shared_experts": 1,
-            "shared_d_ff": hf["shared_expert_intermediate_size"], "shared_gate": True,
-            "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
-            "router_aux_loss": float(hf.get("router_aux_loss_coef", 0.001)), "router_z_loss": 0.0}
+EVERY_LAYER_WINDOW = ("MistralForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen3MoeForCausalLM")
+"""Architectures whose sliding window, when set, covers every layer (their transformers models ignore
+layer_types)."""
 
 
 def _sliding(hf: dict[str, Any], arch: str, n_layer: int) -> tuple[int | None, list[str] | None]:
     """(sliding_window, layer_types) as HF builds them per architecture; layer_types None = all slide."""
     window = hf.get("sliding_window")
+    if arch == "Qwen3MoeForCausalLM":
+        # transformers 5 (like 4.5x) gives every Qwen3-MoE layer the window when use_sliding_window is set, and
+        # reads neither max_window_layers nor layer_types for it
+        window = window if hf.get("use_sliding_window", False) else None
+        return (None if window is None else int(window)), None
     if arch in QWEN_STYLE and not hf.get("use_sliding_window", False):
         window = None
     if arch in ("LlamaForCausalLM", "GemmaForCausalLM"):
@@ -214,10 +213,10 @@ def _llama_config(hf: dict[str, Any], arch: str) -> DecoderConfig:
     if partial != 1.0:  # HF: int(head_dim * partial_rotary_factor) dimensions rotate
         extra["rotary_dim"] = int(head_dim * partial)
     window, types = _sliding(hf, arch, n_layer)
-    if arch == "Qwen3ForCausalLM":
+    if arch in QK_NORM:
         extra["qk_norm"] = True
-    if arch in ("MixtralForCausalLM", "Qwen2MoeForCausalLM"):
-        extra["moe"] = _moe_config(hf, arch)
+    if arch in MOE_ARCHITECTURES:
+        extra["moe"] = moe_config(hf, arch, n_layer)
     if arch == "GemmaForCausalLM":  # Gemma 1: scaled embeddings and (1 + w) RMSNorm, no Gemma 2 additions
         extra.update(scale_embeddings=True, norm_unit_offset=True)
     if arch == "Gemma2ForCausalLM":
@@ -241,7 +240,7 @@ def _llama_config(hf: dict[str, Any], arch: str) -> DecoderConfig:
 _MODEL_TYPES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM",
                 "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "mixtral": "MixtralForCausalLM",
-                "qwen2_moe": "Qwen2MoeForCausalLM"}
+                "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 
 
 def hf_config_to_llmkit(hf: dict[str, Any]) -> tuple[str, DecoderConfig]:
@@ -303,7 +302,7 @@ def _llama_renames(cfg: DecoderConfig, arch: str) -> list[tuple[str, str]]:
                       (b + "attn.k_norm.weight", h + "self_attn.k_norm.weight")]
         for n in names:
             pairs.append((b + f"attn.proj.{n}", h + f"self_attn.o_proj.{n}"))
-            if cfg.moe is not None:  # experts: `_experts_to_llmkit`
+            if cfg.moe is not None:  # experts: `hf_moe.experts_to_llmkit`
                 continue
             pairs.append((b + f"mlp.down.{n}", h + f"mlp.down_proj.{n}"))
             if arch != "Phi3ForCausalLM":
@@ -330,7 +329,7 @@ def _llama_to_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig, arch: str 
         if arch == "Phi3ForCausalLM":  # gate_up_proj rows [gate; up]
             out[b + "mlp.gate.weight"], out[b + "mlp.up.weight"] = sd.pop(h + "mlp.gate_up_proj.weight").chunk(2, dim=0)
         if cfg.moe is not None:
-            out.update(_experts_to_llmkit(sd, h, b, cfg.moe.experts))
+            out.update(experts_to_llmkit(sd, h, b, cfg.moe.experts))
         sd.pop(h + "self_attn.rotary_emb.inv_freq", None)  # buffer in old checkpoints
     sd.pop("model.rotary_emb.inv_freq", None)
     lm = sd.pop("lm_head.weight", None)
@@ -339,32 +338,6 @@ def _llama_to_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig, arch: str 
     out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else lm
     no_leftovers(sd)
     return out
-
-
-def _experts_to_llmkit(sd: dict[str, torch.Tensor], h: str, b: str, experts: int) -> dict[str, torch.Tensor]:
-    """One layer's router, experts (and Qwen2-MoE's shared expert) popped from `sd`, under llmkit's names.
-    Experts come fused (transformers 5: gate_up_proj (E, 2 ff, d) rows [gate; up], down_proj (E, d, ff)) or
-    one Linear per expert (Mixtral's w1 gate / w3 up / w2 down, Qwen2-MoE's gate/up/down_proj)."""
-    out = {}
-    if h + "block_sparse_moe.gate.weight" in sd:  # Mixtral before transformers 5
-        out[b + "mlp.router.weight"] = sd.pop(h + "block_sparse_moe.gate.weight")
-        e = h + "block_sparse_moe.experts."
-        for dst, src in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
-            out[b + f"mlp.{dst}"] = torch.stack([sd.pop(f"{e}{j}.{src}.weight") for j in range(experts)])
-    else:
-        out[b + "mlp.router.weight"] = sd.pop(h + "mlp.gate.weight")
-        e = h + "mlp.experts."
-        if e + "gate_up_proj" in sd:
-            out[b + "mlp.gate"], out[b + "mlp.up"] = sd.pop(e + "gate_up_proj").chunk(2, dim=1)
-            out[b + "mlp.down"] = sd.pop(e + "down_proj")
-        else:
-            for dst in ("gate", "up", "down"):
-                out[b + f"mlp.{dst}"] = torch.stack([sd.pop(f"{e}{j}.{dst}_proj.weight") for j in range(experts)])
-    if h + "mlp.shared_expert_gate.weight" in sd:  # Qwen2-MoE
-        out[b + "mlp.shared_gate.weight"] = sd.pop(h + "mlp.shared_expert_gate.weight")
-        for dst in ("gate", "up", "down"):
-            out[b + f"mlp.shared.{dst}.weight"] = sd.pop(h + f"mlp.shared_expert.{dst}_proj.weight")
-    return {k: v.contiguous() for k, v in out.items()}
 
 
 def _build(cfg: DecoderConfig, state: dict[str, torch.Tensor]) -> Decoder:
@@ -406,7 +379,8 @@ def _import_decoder(src: Path, hf: dict[str, Any]) -> Decoder:
 def import_hf(src_dir: str | Path, out_dir: str | Path | None = None) -> torch.nn.Module:
     """Read a local Hugging Face model directory into an llmkit model (fp32, eval mode).
 
-    GPT-2 / Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma / Gemma 2 become a `Decoder`, BERT an `Encoder` (or `EncoderClassifier`), T5 an
+    GPT-2 / Llama / Mistral / Qwen2 / Qwen3 / Phi-3 / Gemma / Gemma 2 and the MoE Mixtral / Qwen2-MoE /
+    Qwen3-MoE become a `Decoder`, BERT an `Encoder` (or `EncoderClassifier`), T5 an
     `EncoderDecoder`, chosen by config.json's `architectures`. `src_dir` holds config.json and the weights
     (model.safetensors, sharded safetensors with an index, or pytorch_model.bin). With `out_dir`, also writes
     an llmkit model directory there, with the model's own tokenizer: any HF ``tokenizer.json`` with its
@@ -462,7 +436,8 @@ _GEMMA2_ONLY = ("post_norms", "attn_softcap", "final_softcap", "attn_scale")
 
 def _hf_arch(cfg: DecoderConfig) -> str:
     """The HF architecture an llmkit decoder exports as: `hf_architecture` when the model came from one,
-    otherwise the simplest that expresses its options; refuses (naming the field) what none can."""
+    otherwise the simplest that expresses its options (a MoE model: `hf_moe.native_moe_arch`); refuses (naming
+    the field) what none can."""
     if cfg.positions == "learned":
         if cfg.norm != "layernorm":
             _refuse("norm", cfg.norm, "GPT2LMHeadModel", "learned positions export as GPT-2, which uses layernorm")
@@ -478,7 +453,7 @@ def _hf_arch(cfg: DecoderConfig) -> str:
         return "GPT2LMHeadModel"
     arch = cfg.hf_architecture
     if cfg.moe is not None and arch not in MOE_ARCHITECTURES:
-        arch = "Qwen2MoeForCausalLM" if cfg.moe.shared_experts or cfg.qkv_bias else "MixtralForCausalLM"
+        arch = native_moe_arch(cfg)
     if cfg.moe is None and arch in MOE_ARCHITECTURES:
         _refuse("moe", None, arch, "a mixture-of-experts architecture needs moe settings")
     if arch is None or arch == "GPT2LMHeadModel":
@@ -513,7 +488,7 @@ def _check_exportable(cfg: DecoderConfig, arch: str) -> None:
         _refuse("activation", cfg.activation, arch, f"supported: {', '.join(acts)}")
     qkv_bias = cfg.bias if cfg.qkv_bias is None else cfg.qkv_bias
     if arch in MOE_ARCHITECTURES:
-        _check_moe_exportable(cfg, arch)
+        check_moe_exportable(cfg, arch)
     if arch == "LlamaForCausalLM":
         if qkv_bias != cfg.bias:
             _refuse("qkv_bias", cfg.qkv_bias, arch, "Llama's attention_bias covers q/k/v and o_proj alike")
@@ -522,8 +497,8 @@ def _check_exportable(cfg: DecoderConfig, arch: str) -> None:
             _refuse("bias", cfg.bias, arch, "Qwen2 has biases on q/k/v only")
     elif cfg.bias or qkv_bias:
         _refuse("bias" if cfg.bias else "qkv_bias", True, arch, "no biases in this architecture")
-    if cfg.qk_norm != (arch == "Qwen3ForCausalLM"):
-        _refuse("qk_norm", cfg.qk_norm, arch, "Qwen3 always has q/k norms, the others never")
+    if cfg.qk_norm != (arch in QK_NORM):
+        _refuse("qk_norm", cfg.qk_norm, arch, "Qwen3 and Qwen3-MoE always have q/k norms, the others never")
     for name in _GEMMA_FIELDS:
         value = getattr(cfg, name)
         required = ("scale_embeddings", "norm_unit_offset") + (("post_norms",) if arch == "Gemma2ForCausalLM" else ())
@@ -535,40 +510,13 @@ def _check_exportable(cfg: DecoderConfig, arch: str) -> None:
     if cfg.sliding_window is not None:
         if arch in ("LlamaForCausalLM", "GemmaForCausalLM"):
             _refuse("sliding_window", cfg.sliding_window, arch, "no sliding window in this architecture (Mistral has)")
-        if cfg.layer_types is not None and arch in ("MistralForCausalLM", "Phi3ForCausalLM"):
+        if cfg.layer_types is not None and arch in EVERY_LAYER_WINDOW:
             _refuse("layer_types", cfg.layer_types, arch, "its sliding window covers every layer")
     if cfg.rotary_dim not in (None, cfg.head_dim) and arch != "Phi3ForCausalLM":
         _refuse("rotary_dim", cfg.rotary_dim, arch, "only Phi3ForCausalLM rotates part of each head")
     kind = (cfg.rope_scaling or {}).get("rope_type")
     if arch == "Phi3ForCausalLM" and kind not in (None, "longrope"):
         _refuse("rope_scaling", kind, arch, "Phi-3 takes longrope only")
-
-
-def _check_moe_exportable(cfg: DecoderConfig, arch: str) -> None:
-    moe = cfg.moe
-    if moe.capacity_factor is not None:
-        _refuse("moe.capacity_factor", moe.capacity_factor, arch, "Hugging Face MoE layers are dropless")
-    if arch == "MixtralForCausalLM":
-        if moe.shared_experts:
-            _refuse("moe.shared_experts", moe.shared_experts, arch, "Mixtral has no shared experts (Qwen2-MoE has)")
-        if not moe.norm_topk_prob:
-            _refuse("moe.norm_topk_prob", False, arch, "Mixtral always renormalises the top-k weights")
-        if moe.expert_d_ff not in (None, cfg.d_ff):
-            _refuse("moe.expert_d_ff", moe.expert_d_ff, arch, "Mixtral's experts are intermediate_size wide")
-    elif moe.shared_experts != 1 or not moe.shared_gate:
-        _refuse("moe.shared_experts", moe.shared_experts, arch, "Qwen2-MoE has one sigmoid-gated shared expert")
-
-
-def _experts_from_llmkit(sd: dict[str, torch.Tensor], b: str, h: str) -> dict[str, torch.Tensor]:
-    """One layer's router and experts in transformers 5's fused layout (and Qwen2-MoE's shared expert)."""
-    out = {h + "mlp.gate.weight": sd[b + "mlp.router.weight"],
-           h + "mlp.experts.gate_up_proj": torch.cat((sd[b + "mlp.gate"], sd[b + "mlp.up"]), dim=1),
-           h + "mlp.experts.down_proj": sd[b + "mlp.down"]}
-    if b + "mlp.shared_gate.weight" in sd:
-        out[h + "mlp.shared_expert_gate.weight"] = sd[b + "mlp.shared_gate.weight"]
-        for n in ("gate", "up", "down"):
-            out[h + f"mlp.shared_expert.{n}_proj.weight"] = sd[b + f"mlp.shared.{n}.weight"]
-    return out
 
 
 def _gpt2_from_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig) -> dict[str, torch.Tensor]:
@@ -607,7 +555,7 @@ def _llama_from_llmkit(sd: dict[str, torch.Tensor], cfg: DecoderConfig, arch: st
                 out[h + f"self_attn.q_proj.{n}"], out[h + f"self_attn.k_proj.{n}"] = q, k
                 out[h + f"self_attn.v_proj.{n}"] = v
         if cfg.moe is not None:
-            out.update(_experts_from_llmkit(sd, b, h))
+            out.update(experts_from_llmkit(sd, b, h))
         if arch in ("Qwen2ForCausalLM", "Qwen2MoeForCausalLM") and not cfg.qkv_bias:  # Qwen2 always has q/k/v biases: zeros are the same
             for p, rows in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
                 out[h + f"self_attn.{p}_proj.bias"] = torch.zeros(rows)
@@ -658,18 +606,10 @@ def _hf_config(cfg: DecoderConfig, arch: str, gen: dict[str, Any]) -> dict[str, 
     }
     if arch == "LlamaForCausalLM":
         out.update(attention_bias=cfg.bias, mlp_bias=cfg.bias, pretraining_tp=1)
-    elif arch in ("Qwen3ForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM"):
+    elif arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM"):
         out["attention_bias"] = False
-    moe = cfg.moe
-    if arch == "MixtralForCausalLM":
-        out.update(num_local_experts=moe.experts, num_experts_per_tok=moe.top_k,
-                   router_aux_loss_coef=moe.router_aux_loss, output_router_logits=False, router_jitter_noise=0.0)
-    elif arch == "Qwen2MoeForCausalLM":
-        ff = moe.expert_d_ff or cfg.d_ff
-        out.update(num_experts=moe.experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=ff,
-                   shared_expert_intermediate_size=moe.shared_d_ff or ff, norm_topk_prob=moe.norm_topk_prob,
-                   decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=moe.router_aux_loss,
-                   output_router_logits=False)
+    if arch in MOE_ARCHITECTURES:
+        out.update(moe_hf_config(cfg, arch))
     window = cfg.sliding_window
     if arch in QWEN_STYLE:
         types = cfg.layer_types or ["sliding_attention" if window else "full_attention"] * cfg.n_layer
@@ -680,8 +620,10 @@ def _hf_config(cfg: DecoderConfig, arch: str, gen: dict[str, Any]) -> dict[str, 
         out.update(hidden_activation=out.pop("hidden_act"), sliding_window=window or cfg.block_size,
                    layer_types=types, query_pre_attn_scalar=_query_pre_attn_scalar(cfg),
                    attn_logit_softcapping=cfg.attn_softcap, final_logit_softcapping=cfg.final_softcap)
-    elif arch != "GemmaForCausalLM":  # Mistral, Phi-3: one window for every layer (or none)
+    elif arch != "GemmaForCausalLM":  # Mistral, Phi-3, Mixtral, Qwen3-MoE: one window for every layer (or none)
         out["sliding_window"] = window
+        if arch == "Qwen3MoeForCausalLM":  # its config drops sliding_window unless use_sliding_window
+            out["use_sliding_window"] = window is not None
     if arch == "Phi3ForCausalLM":
         partial = cfg.rope_dim / cfg.head_dim
         out.update(resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, partial_rotary_factor=partial)
