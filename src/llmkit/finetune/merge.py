@@ -1,6 +1,7 @@
 """`llmkit merge`: fold a LoRA adapter into its base model, giving a plain model directory.
 
-W' = W + (alpha / r) * B @ A for every adapted projection (Hu et al. 2021, §4.1): the merged model has
+W' = W + (alpha / r) * B @ A for every adapted projection (Hu et al. 2021, §4.1), and per expert
+W_e' = W_e + (alpha / r) * B_e @ A_e for a mixture-of-experts layer's expert adapters: the merged model has
 the base's architecture and speed, and its logits equal the adapted model's. Prefix tuning adds keys and
 values rather than changing weights, so a prefix adapter cannot be merged: load it with `--adapter`.
 """

@@ -549,7 +549,10 @@ class Decoder(nn.Module):
         for block in self.blocks:
             mlp = block.mlp
             if isinstance(mlp, MoEFeedForward):
-                per_expert = (mlp.gate.numel() + mlp.up.numel() + mlp.down.numel()) // mlp.cfg.experts
+                per_expert = mlp.gate.numel() + mlp.up.numel() + mlp.down.numel()
+                if mlp.lora_experts is not None:  # per-expert LoRA factors idle with their experts
+                    per_expert += sum(p.numel() for p in mlp.lora_experts.parameters())
+                per_expert //= mlp.cfg.experts
                 n -= per_expert * (mlp.cfg.experts - mlp.cfg.top_k)
         return n
 

@@ -132,16 +132,19 @@ def shard_experts(model: torch.nn.Module, group=None) -> list[str]:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from llmkit.models.moe import MoEFeedForward
-
+    # a mixture-of-experts layer (`llmkit.models.moe.MoEFeedForward`, which imports this module) is what has an
+    # `expert_group`
+    layers = [(n, m) for n, m in model.named_modules() if hasattr(m, "expert_group")]
+    adapted = [n for n, m in layers if getattr(m, "lora_experts", None) is not None]
+    if adapted:
+        raise ValueError(f"train.expert_parallel: {adapted[0]} carries LoRA on its experts, which does not run on "
+                         "sharded experts; merge the adapter (merge_lora) first, or train it without expert_parallel")
     group = group or dist.group.WORLD
     world = dist.get_world_size(group)
     device = next(model.parameters()).device
     mesh = DeviceMesh.from_group(group, device.type)
     names = []
-    for module_name, module in model.named_modules():
-        if not isinstance(module, MoEFeedForward):
-            continue
+    for module_name, module in layers:
         if module.cfg.experts % world:
             raise ValueError(f"train.expert_parallel: {module.cfg.experts} experts do not split evenly over "
                              f"{world} processes (use a world size that divides moe.experts)")

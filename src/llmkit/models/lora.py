@@ -19,6 +19,13 @@ model PEFT trains on a Llama checkpoint. Target names follow Hugging Face (see `
 llmkit module path (`blocks.0.attn.qkv` = the whole fused matrix, `blocks.0.attn.qkv.q` = its q slice).
 Embeddings, norms and output heads are never adapted.
 
+Mixture-of-experts layers (`llmkit.models.moe`) add `MOE_TARGETS`: "router" (the router Linear, a plain
+`LoRALinear`), "shared_expert_gate" (Qwen2-MoE's shared-expert gate) and "experts.gate_proj" /
+"experts.up_proj" / "experts.down_proj" ("experts" = all three) on the stacked expert weights. There
+`LoRAExperts` keeps per-expert factors, A (experts, r, in) and B (experts, out, r), and the layer's expert
+loop adds s * (x A_e^T) B_e^T on each expert's own tokens (W_e + s B_e A_e, as separate LoRAs per expert
+would, without forming a merged weight). "all-linear" does not include them: name them beside it.
+
 `save_lora` / `load_lora` in `llmkit.models.lora_peft` keep adapters on disk in Hugging Face PEFT's layout
 (that module builds on this one; this one does not import it).
 """
@@ -37,13 +44,14 @@ import torch.nn.functional as F
 from llmkit.models.encdec import T5FeedForward
 from llmkit.models.encoder import EncoderClassifier
 from llmkit.models.layers import Attention, FeedForward
+from llmkit.models.moe import MoEFeedForward
 from llmkit.models.trainable_tokens import apply_trainable_tokens, merge_trainable_tokens, trainable_tokens
 
 __all__ = [
-    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CANONICAL_TARGETS", "FUSED_QKV", "TARGET_ALIASES", "AdapterSite",
-    "LoRAConfig", "LoRALinear", "adaptable_sites", "apply_lora", "available_targets", "base_linear",
-    "freeze_all_but_lora", "has_lora", "lora_modules", "lora_parameters", "merge_lora", "replace_module",
-    "trainable_share", "unmerge_lora",
+    "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "CANONICAL_TARGETS", "FUSED_QKV", "MOE_TARGETS", "TARGET_ALIASES",
+    "AdapterSite", "LoRAConfig", "LoRAExperts", "LoRALinear", "adaptable_sites", "apply_lora", "available_targets",
+    "base_linear", "freeze_all_but_lora", "has_lora", "lora_expert_modules", "lora_modules", "lora_parameters",
+    "merge_lora", "replace_module", "trainable_share", "unmerge_lora",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -63,7 +71,14 @@ TARGET_ALIASES: dict[str, tuple[str, ...]] = {
     "wi": ("up_proj",), "wi_0": ("gate_proj",), "wi_1": ("up_proj",), "wo": ("down_proj",),
     # GPT-2: c_proj is both the attention output and the MLP down projection, as in PEFT
     "c_proj": ("o_proj", "down_proj"), "c_fc": ("up_proj",),
+    # mixture of experts: the routed experts' three projections
+    "experts": ("experts.gate_proj", "experts.up_proj", "experts.down_proj"),
 }
+# Mixture-of-experts pieces (`llmkit.models.moe.MoEFeedForward`), never part of "all-linear": the router and
+# Qwen2-MoE's shared-expert gate (Linears) and the stacked experts' projections (per-expert LoRA, `LoRAExperts`).
+# Shared experts are an ordinary MLP: gate_proj / up_proj / down_proj reach them.
+MOE_TARGETS = ("router", "shared_expert_gate", "experts.gate_proj", "experts.up_proj", "experts.down_proj")
+_EXPERT_WEIGHTS = {"experts.gate_proj": "gate", "experts.up_proj": "up", "experts.down_proj": "down"}
 # The whole fused self-attention matrix as one adapter (GPT-2's c_attn, PEFT's meaning of that name).
 FUSED_QKV = "c_attn"
 _FULL = "full"  # slice name of an adapter over a linear's whole output
@@ -84,8 +99,10 @@ class LoRAConfig:
     """Dropout on the adapter's input (training only; the frozen path never sees it)."""
     targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
     """What to adapt: HF-style names (`CANONICAL_TARGETS`, aliases in `TARGET_ALIASES`, `c_attn` = the
-    whole fused q/k/v matrix), "all-linear" (every projection in the blocks), or "re:<regex>" matched in
-    full against llmkit module paths (`blocks.3.attn.qkv`, slices as `blocks.3.attn.qkv.v`)."""
+    whole fused q/k/v matrix), "all-linear" (every projection in the blocks), mixture-of-experts pieces
+    (`MOE_TARGETS`: router, shared_expert_gate, experts.gate_proj / up_proj / down_proj, "experts" = all
+    three), or "re:<regex>" matched in full against llmkit module paths (`blocks.3.attn.qkv`, slices as
+    `blocks.3.attn.qkv.v`, expert weights as `blocks.3.mlp.gate`)."""
     rslora: bool = False
     """Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)."""
     lr_ratio: float = 10.0
@@ -232,31 +249,122 @@ class LoRALinear(nn.Module):
         self.merged = False
 
 
+class LoRAExperts(nn.Module):
+    """Per-expert LoRA on a mixture-of-experts layer's stacked expert weights (`MoEFeedForward.gate` / `up`
+    (experts, ff, d), `down` (experts, d, ff), each expert's slice in nn.Linear's (out, in) layout).
+
+    `adapters` maps a weight name ("gate", "up", "down") to (rank, scaling). Each gets
+    ``lora_A[name]`` (experts, rank, in), Kaiming-uniform per expert as LoRA's A, and ``lora_B[name]``
+    (experts, out, rank) = 0, so expert e's weight acts as W_e + scaling * B_e A_e. The layer keeps it as
+    `lora_experts` and calls it inside its expert loop: ``self(y, name, e, x)`` = y + scaling * B_e A_e
+    dropout(x) for expert e's tokens x (n, in) and its base output y (n, out). fp16/bf16 experts get fp32
+    factors (the branch computes in fp32), as `LoRALinear` does.
+    """
+
+    def __init__(self, moe: nn.Module, adapters: dict[str, tuple[int, float]], dropout: float = 0.0):
+        super().__init__()
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        for name in ("gate", "up", "down"):  # the forward order
+            if name not in adapters:
+                continue
+            rank, scale = adapters[name]
+            w = getattr(moe, name)
+            if w.dim() != 3:
+                raise ValueError(f"LoRAExperts: {name} must be a stacked (experts, out, in) weight, "
+                                 f"got shape {tuple(w.shape)}")
+            experts, out_f, in_f = w.shape
+            dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+            a = torch.empty(experts, rank, in_f, device=w.device, dtype=dtype)
+            for e in range(experts):  # fan_in = in_f, per expert, as nn.Linear(in_f, rank) would have
+                nn.init.kaiming_uniform_(a[e], a=math.sqrt(5))
+            self.lora_A[name] = nn.Parameter(a)
+            self.lora_B[name] = nn.Parameter(torch.zeros(experts, out_f, rank, device=w.device, dtype=dtype))
+            self.scaling[name] = float(scale)
+        unknown = set(adapters) - set(self.scaling)
+        if unknown or not self.scaling:
+            raise ValueError(f"LoRAExperts: adapters must name some of gate, up, down; got {sorted(adapters)}")
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.train(moe.training)
+
+    def extra_repr(self) -> str:
+        parts = [f"{n}: experts={self.lora_A[n].shape[0]} r={self.lora_A[n].shape[1]} s={self.scaling[n]:g}"
+                 for n in self.scaling]
+        return ", ".join(parts) + (", merged" if self.merged else "")
+
+    def forward(self, y: torch.Tensor, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or name not in self.scaling:
+            return y
+        a = self.lora_A[name]
+        h = F.linear(self.lora_dropout(x).to(a.dtype), a[e])
+        return y + (F.linear(h, self.lora_B[name][e]) * self.scaling[name]).to(y.dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B_e A_e for every expert: (experts, out, in), what merging adds to the stacked weight."""
+        return torch.bmm(self.lora_B[name], self.lora_A[name]) * self.scaling[name]
+
+    @torch.no_grad()
+    def merge(self, moe: nn.Module) -> None:
+        """Fold every adapter into `moe`'s stacked weights (W_e += s B_e A_e); forward then skips them."""
+        if self.merged:
+            return
+        for n in self.scaling:
+            w = getattr(moe, n)
+            w += self.delta_weight(n).to(w.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, moe: nn.Module) -> None:
+        """Undo `merge` (W_e -= s B_e A_e), up to float rounding."""
+        if not self.merged:
+            return
+        for n in self.scaling:
+            w = getattr(moe, n)
+            w -= self.delta_weight(n).to(w.dtype)
+        self.merged = False
+
+
 # -- where adapters can go --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class AdapterSite:
-    """One adaptable piece: rows [start, end) of the Linear at `module` (`slice` "full" = all of it)."""
+    """One adaptable piece: rows [start, end) of the Linear at `module` (`slice` "full" = all of it), or
+    (kind "experts") the stacked expert weight `slice` ("gate" / "up" / "down", `end` = its rows per expert)
+    of the mixture-of-experts layer at `module`."""
 
     module: str
     slice: str
     start: int
     end: int
-    canonical: str | None  # CANONICAL_TARGETS name, "c_attn" for the whole fused qkv, None otherwise
+    canonical: str | None  # CANONICAL_TARGETS / MOE_TARGETS name, "c_attn" for the whole fused qkv, None otherwise
+    kind: str = "linear"  # "linear" (a LoRALinear slice) or "experts" (a LoRAExperts weight)
 
     @property
     def path(self) -> str:
-        """The name "re:" targets match: the module path, plus ".q"/".k"/".v" for a slice."""
-        return self.module if self.slice == _FULL else f"{self.module}.{self.slice}"
+        """The name "re:" targets match: the module path, plus ".q"/".k"/".v" for a slice (an expert weight's
+        parameter path, e.g. blocks.0.mlp.gate)."""
+        if self.slice == _FULL:
+            return self.module
+        return f"{self.module}.{self.slice}" if self.module else self.slice
 
 
 def adaptable_sites(model: nn.Module) -> list[AdapterSite]:
-    """Every projection inside the model's attention and feed-forward blocks, in module order."""
+    """Every projection inside the model's attention and feed-forward blocks, in module order (for a
+    mixture-of-experts layer: its router, shared-expert gate and stacked expert weights)."""
     out: list[AdapterSite] = []
     for name, mod in model.named_modules():
         p = f"{name}." if name else ""
-        if isinstance(mod, Attention):
+        if isinstance(mod, MoEFeedForward):
+            out.append(AdapterSite(p + "router", _FULL, 0, base_linear(mod.router).out_features, "router"))
+            if mod.shared_gate is not None:
+                out.append(AdapterSite(p + "shared_gate", _FULL, 0, base_linear(mod.shared_gate).out_features,
+                                       "shared_expert_gate"))
+            for target, attr in _EXPERT_WEIGHTS.items():
+                out.append(AdapterSite(name, attr, 0, getattr(mod, attr).shape[1], target, "experts"))
+        elif isinstance(mod, Attention):
             qd, kvd = mod.n_head * mod.head_dim, mod.n_kv_head * mod.head_dim
             if mod.cross:
                 out.append(AdapterSite(p + "q", _FULL, 0, qd, "q_proj"))
@@ -284,6 +392,7 @@ def available_targets(model: nn.Module) -> list[str]:
     names = [t for t in CANONICAL_TARGETS if t in present]
     if FUSED_QKV in present:
         names.append(FUSED_QKV)
+    names += [t for t in MOE_TARGETS if t in present]
     names += [a for a, canon in TARGET_ALIASES.items() if any(c in present for c in canon)]
     return names
 
@@ -306,14 +415,14 @@ def _resolve(model: nn.Module, targets: list[str]) -> list[AdapterSite]:
                 raise ValueError(f"targets: {t!r} matches no module path of this {kind} "
                                  f"(paths look like: {examples}, ...)")
         else:
-            if t in CANONICAL_TARGETS or t == FUSED_QKV:
+            if t in CANONICAL_TARGETS or t == FUSED_QKV or t in MOE_TARGETS:
                 canon: tuple[str, ...] = (t,)
             elif t in TARGET_ALIASES:
                 canon = TARGET_ALIASES[t]
             else:
                 raise ValueError(
                     f"targets: unknown target {t!r}; available: {', '.join(CANONICAL_TARGETS)}, "
-                    f"{FUSED_QKV}, "
+                    f"{FUSED_QKV}, mixture-of-experts {', '.join(MOE_TARGETS)}, "
                     f"aliases {', '.join(TARGET_ALIASES)}, 'all-linear', or 're:<regex on module paths>'")
             sel = [s for s in sites if s.canonical in canon]
             if not sel:
@@ -323,7 +432,8 @@ def _resolve(model: nn.Module, targets: list[str]) -> list[AdapterSite]:
             chosen[(s.module, s.slice)] = s
     by_module: dict[str, set[str]] = {}
     for s in chosen.values():
-        by_module.setdefault(s.module, set()).add(s.slice)
+        if s.kind == "linear":
+            by_module.setdefault(s.module, set()).add(s.slice)
     for module, names in by_module.items():
         if _FULL in names and len(names) > 1:
             raise ValueError(f"targets: {module} is selected both whole and as slices "
@@ -335,11 +445,17 @@ def _resolve(model: nn.Module, targets: list[str]) -> list[AdapterSite]:
 
 
 def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, LoRALinear) for m in model.modules())
+    return any(isinstance(m, (LoRALinear, LoRAExperts)) for m in model.modules())
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def lora_expert_modules(model: nn.Module) -> list[tuple[str, LoRAExperts]]:
+    """(path of the mixture-of-experts layer, its `LoRAExperts`) for every layer with expert adapters."""
+    return [(n, m.lora_experts) for n, m in model.named_modules()
+            if isinstance(m, MoEFeedForward) and m.lora_experts is not None]
 
 
 def _default_modules_to_save(model: nn.Module) -> list[str]:
@@ -377,7 +493,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, tokenizer=None) -> list[str]:
     """Wrap the Linear layers `cfg.targets` selects in `LoRALinear` (in place) and freeze the rest.
 
     Each module gets one adapter per selected slice (q/k/v of a fused qkv, k/v of a cross-attention kv)
-    of rank `cfg.r`, scale `cfg.scaling`. Returns the wrapped module paths in model order. The config is
+    of rank `cfg.r`, scale `cfg.scaling`; a mixture-of-experts layer whose expert weights are selected gets
+    a `LoRAExperts` (`<layer>.lora_experts`) with per-expert factors of that rank. Returns the wrapped (or
+    added) module paths in model order. The config is
     kept as `model.lora_config` (save_lora writes it). ValueError for unknown targets, for targets that
     select nothing in this model, and for a model that already carries LoRA. `cfg.trainable_tokens` are
     looked up in `tokenizer` (ValueError when a token is not in its vocabulary or no tokenizer is given).
@@ -391,10 +509,26 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, tokenizer=None) -> list[str]:
         modules_to_save = _default_modules_to_save(model)
     _check_modules_to_save(model, modules_to_save)
     slices: dict[str, dict[str, tuple[int, int, int, float]]] = {}
+    experts: dict[str, dict[str, tuple[int, float]]] = {}
+    order: list[str] = []
     for s in _resolve(model, cfg.targets):
+        if s.kind == "experts":
+            if s.module not in experts:
+                order.append(f"{s.module}.lora_experts" if s.module else "lora_experts")
+            experts.setdefault(s.module, {})[s.slice] = (cfg.r, cfg.scaling)
+            continue
+        if s.module not in slices:
+            order.append(s.module)
         slices.setdefault(s.module, {})[s.slice] = (s.start, s.end, cfg.r, cfg.scaling)
+    for path in experts:
+        if model.get_submodule(path).expert_group is not None:
+            raise ValueError(f"targets: {path}'s experts are sharded (train.expert_parallel); LoRA on the experts "
+                             "needs unsharded experts (the router and attention can still be adapted)")
     for path, sl in slices.items():
         replace_module(model, path, LoRALinear(model.get_submodule(path), sl, cfg.dropout))
+    for path, ad in experts.items():
+        moe = model.get_submodule(path)
+        moe.lora_experts = LoRAExperts(moe, ad, cfg.dropout)
     model.lora_config = dataclasses.replace(cfg, modules_to_save=list(modules_to_save))
     freeze_all_but_lora(model, modules_to_save)
     if cfg.trainable_tokens:
@@ -405,16 +539,20 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, tokenizer=None) -> list[str]:
         if missing:
             raise ValueError(f"trainable_tokens: {missing} are not tokens of this tokenizer")
         apply_trainable_tokens(model, ids).values.requires_grad_(True)
-    return list(slices)
+    return order
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Every LoRA A and B matrix of `model`, in module order, then the trainable token rows if any (for an
     optimizer group at lr_ratio x lr)."""
     params: list[nn.Parameter] = []
-    for _, m in lora_modules(model):
-        for n in m.ranges:
-            params += [m.lora_A[n], m.lora_B[n]]
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            for n in m.ranges:
+                params += [m.lora_A[n], m.lora_B[n]]
+        elif isinstance(m, LoRAExperts):
+            for n in m.scaling:
+                params += [m.lora_A[n], m.lora_B[n]]
     tokens = trainable_tokens(model)
     if tokens is not None:
         params.append(tokens.values)
@@ -431,17 +569,24 @@ def trainable_share(model: nn.Module) -> tuple[int, int, float]:
 
 
 def merge_lora(model: nn.Module, keep_adapters: bool = False) -> nn.Module:
-    """Fold every adapter into its base weight (W += s B A); returns `model` (changed in place).
+    """Fold every adapter into its base weight (W += s B A; per expert W_e += s B_e A_e); returns `model`
+    (changed in place).
 
-    By default the wrappers are replaced by their plain `nn.Linear` layers, every parameter becomes
-    trainable again and `model.lora_config` is dropped: `save_model` then writes an ordinary model dir.
-    `keep_adapters=True` merges in place but keeps the wrappers, so `unmerge_lora` can take it back.
+    By default the wrappers are replaced by their plain `nn.Linear` layers (and expert adapters dropped),
+    every parameter becomes trainable again and `model.lora_config` is dropped: `save_model` then writes an
+    ordinary model dir. `keep_adapters=True` merges in place but keeps the wrappers, so `unmerge_lora` can
+    take it back.
     """
     mods = lora_modules(model)
     for path, m in mods:
         m.merge()
         if not keep_adapters:
             replace_module(model, path, m.base)
+    for path, m in lora_expert_modules(model):
+        moe = model.get_submodule(path)
+        m.merge(moe)
+        if not keep_adapters:
+            moe.lora_experts = None
     if not keep_adapters:
         merge_trainable_tokens(model)
         for p in model.parameters():
@@ -455,4 +600,6 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
     """Subtract merged adapters again (after `merge_lora(model, keep_adapters=True)`)."""
     for _, m in lora_modules(model):
         m.unmerge()
+    for path, m in lora_expert_modules(model):
+        m.unmerge(model.get_submodule(path))
     return model

@@ -8,6 +8,18 @@ rank-2r adapter on `c_attn` with A = [A_q; A_v] and block-structured B (zero row
 `rank_pattern` / `alpha_pattern` entries keeping the scale s (and `fan_in_fan_out: true` for Conv1D).
 llmkit's own slice layout rides in the safetensors metadata, so a save / load round trip is exact;
 adapters that PEFT itself saved load too.
+
+Mixture-of-experts layers are written as PEFT (>= 0.17) adapts transformers 5's Mixtral / Qwen2-MoE:
+through `target_parameters`, which wraps a parameter (`lora.ParamWrapper`) rather than a Linear. The
+router is the parameter `mlp.gate.weight` (A (r, d), B (experts, r)). The experts are the 3-d parameters
+`mlp.experts.gate_up_proj` (experts, 2 ff, d), rows [gate; up], and `mlp.experts.down_proj`
+(experts, d, ff): PEFT keeps the factors of all experts in one A (experts r, in), expert e's rows
+[e r, (e + 1) r), and one B (out, r experts), expert e's columns e, e + experts, ... . llmkit's separate
+gate and up adapters become the exact per-expert rank-2r adapter on gate_up_proj (A_e = [A_gate,e; A_up,e],
+block-diagonal B_e), as Phi-3's gate_up_proj is written. When one module's gate_up_proj and down_proj are
+both adapted PEFT nests the wrappers: gate_up_proj's tensors are `mlp.experts.base_layer.lora_*`,
+down_proj's `mlp.experts.lora_*`. PEFT refuses `lora_dropout` on parameter targets, so such an adapter is
+written with lora_dropout 0 (dropout only acts in training) and llmkit's dropout rides in the metadata.
 """
 
 from __future__ import annotations
@@ -30,15 +42,19 @@ from llmkit.models.lora import (
     ADAPTER_WEIGHTS,
     CANONICAL_TARGETS,
     FUSED_QKV,
+    MOE_TARGETS,
     LoRAConfig,
+    LoRAExperts,
     LoRALinear,
     adaptable_sites,
     base_linear,
     freeze_all_but_lora,
     has_lora,
+    lora_expert_modules,
     lora_modules,
     replace_module,
 )
+from llmkit.models.moe import MoEFeedForward
 from llmkit.models.trainable_tokens import apply_trainable_tokens, trainable_tokens
 
 _PEFT_PREFIX = "base_model.model."
@@ -65,13 +81,24 @@ class _HFLayout:
     # and (llmkit path, HF module) -> the HF row where that Linear's rows start
     fused_rows: dict[str, int] = None
     offsets: dict[tuple[str, str], int] = None
+    # mixture of experts: HF modules PEFT adapts through `target_parameters` -> the parameter (the router's
+    # "weight"), and llmkit MoE layer -> its HF experts module (gate_up_proj / down_proj parameters)
+    params: dict[str, str] = None
+    experts: dict[str, str] = None
 
     def __post_init__(self) -> None:
         self.fused_rows = self.fused_rows or {}
         self.offsets = self.offsets or {}
+        self.params = self.params or {}
+        self.experts = self.experts or {}
 
     def all_hf_linears(self) -> list[str]:
         return [hf for parts in self.linears.values() for hf, _, _ in parts] + self.heads
+
+    def all_hf_params(self) -> list[str]:
+        """Every parameter `target_parameters` could name (the router's, the experts', every Linear's weight)."""
+        return ([f"{hf}.weight" for hf in self.all_hf_linears()]
+                + [f"{hf}.{p}" for hf in self.experts.values() for p in _EXPERT_PARAMS])
 
 
 def _attn_names(out: dict, attn: Attention, path: str, q: str, k: str, v: str, o: str) -> None:
@@ -90,6 +117,23 @@ def _mlp_names(out: dict, mlp: nn.Module, path: str, names: dict[str, str]) -> N
             out[f"{path}.{attr}"] = [(names[attr], 0, base_linear(getattr(mlp, attr)).out_features)]
 
 
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # transformers 5's fused expert parameters, in declaration order
+
+
+def _moe_names(lin: dict, params: dict, experts: dict, heads: list, mlp: MoEFeedForward, b: str, h: str) -> None:
+    """One mixture-of-experts layer under transformers 5's Mixtral / Qwen2-MoE names (hf.py's export):
+    router `mlp.gate` (a parameter target), experts `mlp.experts`, Qwen2-MoE's shared expert and its gate."""
+    lin[b + "mlp.router"] = [(h + "mlp.gate", 0, base_linear(mlp.router).out_features)]
+    params[h + "mlp.gate"] = "weight"
+    experts[b + "mlp"] = h + "mlp.experts"
+    heads.append(h + "mlp.experts")  # not a Linear: target_modules suffixes must never reach it
+    if mlp.shared is not None:
+        _mlp_names(lin, mlp.shared, b + "mlp.shared", {a: h + f"mlp.shared_expert.{a}_proj"
+                                                       for a in ("gate", "up", "down")})
+    if mlp.shared_gate is not None:
+        lin[b + "mlp.shared_gate"] = [(h + "mlp.shared_expert_gate", 0, 1)]
+
+
 def _hf_layout(model: nn.Module) -> _HFLayout:
     """Names of `llmkit.models.hf*.export_*` for `model`'s family (see hf.py, hf_bert.py, hf_t5.py).
 
@@ -103,9 +147,21 @@ def _hf_layout(model: nn.Module) -> _HFLayout:
         arch = "GPT2LMHeadModel" if gpt2 else _decoder_arch(model)
         fused_rows: dict[str, int] = {}
         offsets: dict[tuple[str, str], int] = {}
+        params: dict[str, str] = {}
+        experts: dict[str, str] = {}
+        heads = ["lm_head"]
         for i, blk in enumerate(model.blocks):
             b = f"blocks.{i}."
-            if gpt2:
+            if isinstance(blk.mlp, MoEFeedForward):
+                h = f"transformer.h.{i}." if gpt2 else f"model.layers.{i}."
+                if gpt2:
+                    qkv = base_linear(blk.attn.qkv)
+                    lin[b + "attn.qkv"] = [(h + "attn.c_attn", 0, qkv.out_features)]
+                    lin[b + "attn.proj"] = [(h + "attn.c_proj", 0, base_linear(blk.attn.proj).out_features)]
+                else:
+                    _attn_names(lin, blk.attn, b + "attn", *(h + f"self_attn.{p}_proj" for p in "qkvo"))
+                _moe_names(lin, params, experts, heads, blk.mlp, b, h)
+            elif gpt2:
                 h = f"transformer.h.{i}."
                 qkv = base_linear(blk.attn.qkv)
                 lin[b + "attn.qkv"] = [(h + "attn.c_attn", 0, qkv.out_features)]
@@ -129,7 +185,7 @@ def _hf_layout(model: nn.Module) -> _HFLayout:
                 h = f"model.layers.{i}."
                 _attn_names(lin, blk.attn, b + "attn", *(h + f"self_attn.{p}_proj" for p in "qkvo"))
                 _mlp_names(lin, blk.mlp, b + "mlp", {a: h + f"mlp.{a}_proj" for a in ("gate", "up", "down")})
-        return _HFLayout(arch, "CAUSAL_LM", gpt2, lin, ["lm_head"], {}, fused_rows, offsets)
+        return _HFLayout(arch, "CAUSAL_LM", gpt2, lin, heads, {}, fused_rows, offsets, params, experts)
     if isinstance(model, (Encoder, EncoderClassifier)):
         enc, p = (model.encoder, "encoder.") if isinstance(model, EncoderClassifier) else (model, "")
         for i, blk in enumerate(enc.blocks):
@@ -174,12 +230,16 @@ def _decoder_arch(model: Decoder) -> str:
     try:
         return _hf_arch(model.config)
     except ValueError:
+        moe = model.config.moe
+        if moe is not None:  # named as the MoE architecture that comes closest (hf.py's choice)
+            return "Qwen2MoeForCausalLM" if moe.shared_experts or model.config.qkv_bias else "MixtralForCausalLM"
         return "LlamaForCausalLM"
 
 
-def _suffixes(selected: list[str], universe: list[str]) -> list[str]:
-    """Shortest dotted suffixes that select exactly `selected` among `universe` under PEFT's rule
-    (a name matches target t when it equals t or ends with "." + t), e.g. ["q_proj", "v_proj"]."""
+def _suffixes(selected: list[str], universe: list[str], min_parts: int = 1) -> list[str]:
+    """Shortest dotted suffixes (of at least `min_parts` parts) that select exactly `selected` among
+    `universe` under PEFT's rule (a name matches target t when it equals t or ends with "." + t), e.g.
+    ["q_proj", "v_proj"]."""
     chosen = set(selected)
     out: list[str] = []
     left = set(selected)
@@ -187,7 +247,7 @@ def _suffixes(selected: list[str], universe: list[str]) -> list[str]:
         if name not in left:
             continue
         parts = name.split(".")
-        for k in range(1, len(parts) + 1):
+        for k in range(min(min_parts, len(parts)), len(parts) + 1):
             suf = ".".join(parts[-k:])
             hits = {u for u in universe if u == suf or u.endswith("." + suf)}
             if hits <= chosen:
@@ -215,13 +275,15 @@ def save_lora(model: nn.Module, out_dir: str | Path, base_model: str | None = No
     B: (out, r), Linear layout also for GPT-2's Conv1D) plus the modules_to_save tensors;
     `adapter_config.json` is a PEFT `LoraConfig` (peft_type LORA, r, lora_alpha, target_modules,
     rank_pattern / alpha_pattern where a HF module's rank differs from r, fan_in_fan_out for GPT-2,
-    use_rslora, base_model_name_or_path = `base_model`). llmkit's slice layout rides along in the
+    use_rslora, base_model_name_or_path = `base_model`). A mixture-of-experts model's router and experts go
+    to `target_parameters` (see the module docstring). llmkit's slice layout rides along in the
     safetensors metadata so `load_lora` restores the exact same modules.
     """
     from safetensors.torch import save_file
 
     mods = lora_modules(model)
-    if not mods:
+    expert_mods = lora_expert_modules(model)
+    if not mods and not expert_mods:
         raise ValueError("model carries no LoRA adapters (apply_lora or load_lora first)")
     cfg: LoRAConfig = getattr(model, "lora_config", None) or LoRAConfig()
     layout = _hf_layout(model)
@@ -267,10 +329,23 @@ def save_lora(model: nn.Module, out_dir: str | Path, base_model: str | None = No
             col += rank
         tensors[f"{_PEFT_PREFIX}{hf}.lora_A.weight"] = torch.cat(a_list).contiguous()
         tensors[f"{_PEFT_PREFIX}{hf}.lora_B.weight"] = b_hf.contiguous()
-        ranks[hf] = r_hf
+        key = f"{hf}.{layout.params[hf]}" if hf in layout.params else hf  # what PEFT's patterns match
+        ranks[key] = r_hf
         # alpha_hf / r_hf (or / sqrt(r_hf)) must equal our scale
-        alphas[hf] = ref * (math.sqrt(r_hf) if cfg.rslora else r_hf)
+        alphas[key] = ref * (math.sqrt(r_hf) if cfg.rslora else r_hf)
         slice_meta[hf] = meta
+    param_keys = [f"{hf}.{layout.params[hf]}" for hf in blocks if hf in layout.params]
+    for path, lx in expert_mods:
+        if lx.merged:
+            raise ValueError(f"{path}: expert adapter is merged into the experts; unmerge_lora before saving")
+        if path not in layout.experts:
+            raise ValueError(f"{path}: no Hugging Face name for these experts")
+        for key, r_hf, scale, meta in _save_experts(tensors, lx, layout.experts[path],
+                                                           model.get_submodule(path)):
+            ranks[key] = r_hf
+            alphas[key] = scale * (math.sqrt(r_hf) if cfg.rslora else r_hf)
+            slice_meta[key] = meta
+            param_keys.append(key)
     for name in cfg.modules_to_save or []:
         hf_mod, names = layout.saved[name]
         mod = model.get_submodule(name)
@@ -284,13 +359,15 @@ def save_lora(model: nn.Module, out_dir: str | Path, base_model: str | None = No
         tensors[f"{_PEFT_PREFIX}{_embed_name(layout)}.{_TOKENS_SUFFIX}"] = \
             tokens.values.detach().float().cpu().contiguous().clone()
     adapted = list(ranks)
-    universe = layout.all_hf_linears()
-    rank_pattern = _group_patterns(ranks, cfg.r, adapted)
-    alpha_pattern = _group_patterns(alphas, cfg.alpha, adapted)
+    modules = [k for k in adapted if k not in param_keys]
+    rank_pattern = _group_patterns(ranks, cfg.r, adapted, param_keys)
+    alpha_pattern = _group_patterns(alphas, cfg.alpha, adapted, param_keys)
     config = {
         "peft_type": "LORA", "task_type": layout.task_type, "base_model_name_or_path": base_model,
-        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_rslora": cfg.rslora,
-        "target_modules": sorted(_suffixes(adapted, universe)), "rank_pattern": rank_pattern,
+        # PEFT's parameter targets refuse dropout (it only acts in training): 0 there, llmkit's in the metadata
+        "r": cfg.r, "lora_alpha": cfg.alpha, "lora_dropout": 0.0 if param_keys else cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "target_modules": sorted(_suffixes(modules, layout.all_hf_linears())), "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "fan_in_fan_out": layout.fan_in_fan_out, "bias": "none",
         "modules_to_save": [layout.saved[n][0] for n in cfg.modules_to_save or []] or None,
         "init_lora_weights": True, "inference_mode": True, "use_dora": False, "lora_bias": False,
@@ -298,13 +375,63 @@ def save_lora(model: nn.Module, out_dir: str | Path, base_model: str | None = No
         "revision": None, "peft_version": _peft_version(),
         "trainable_token_indices": tokens.ids.tolist() if tokens is not None else None,
     }
+    if param_keys:  # only then: PEFT before 0.17 knows no target_parameters
+        config["target_parameters"] = sorted(_suffixes(param_keys, layout.all_hf_params(), min_parts=3))
     meta = {"architecture": layout.arch, "family": type(model).__name__, "targets": cfg.targets,
-            "lr_ratio": cfg.lr_ratio, "slices": slice_meta}
+            "lr_ratio": cfg.lr_ratio, "dropout": cfg.dropout, "slices": slice_meta}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt", _META_KEY: json.dumps(meta)})
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _save_experts(tensors: dict[str, torch.Tensor], lx: LoRAExperts, hf: str, moe: MoEFeedForward) -> list:
+    """Write one layer's expert adapters as PEFT's ParamWrapper tensors on `hf` (`...mlp.experts`); returns
+    [(pattern key: the parameter's name, rank per expert, scale, slice metadata)]."""
+    ff = moe.gate.shape[1]
+    written = []
+    # gate_up_proj rows [gate; up]: per expert A_e = [A_gate,e; A_up,e], B_e block-diagonal; one scale per
+    # parameter in PEFT, so another slice's scale is folded into its B
+    gate_up = [(n, off) for n, off in (("gate", 0), ("up", ff)) if n in lx.scaling]
+    if gate_up:
+        ref = lx.scaling[gate_up[0][0]]
+        r_hf = sum(lx.lora_A[n].shape[1] for n, _ in gate_up)
+        E, d = moe.gate.shape[0], moe.gate.shape[2]
+        a3 = torch.zeros(E, r_hf, d)
+        b3 = torch.zeros(E, 2 * ff, r_hf)
+        meta, col = [], 0
+        for n, off in gate_up:
+            a, b = lx.lora_A[n].detach().float().cpu(), lx.lora_B[n].detach().float().cpu()
+            rank = a.shape[1]
+            a3[:, col:col + rank] = a
+            b3[:, off:off + ff, col:col + rank] = b * (lx.scaling[n] / ref)
+            meta.append([n, off, off + ff, rank])
+            col += rank
+        # PEFT nests the wrappers in parameter order: with down_proj adapted too, gate_up_proj is the inner one
+        module = f"{hf}.base_layer" if "down" in lx.scaling else hf
+        _put_expert_factors(tensors, module, a3, b3)
+        written.append((f"{hf}.gate_up_proj", r_hf, ref, meta))
+    if "down" in lx.scaling:
+        a, b = lx.lora_A["down"].detach().float().cpu(), lx.lora_B["down"].detach().float().cpu()
+        _put_expert_factors(tensors, hf, a, b)
+        rows = b.shape[1]
+        written.append((f"{hf}.down_proj", a.shape[1], lx.scaling["down"], [["down", 0, rows, a.shape[1]]]))
+    return written
+
+
+def _put_expert_factors(tensors: dict[str, torch.Tensor], module: str, a3: torch.Tensor, b3: torch.Tensor) -> None:
+    """A (E, r, in), B (E, out, r) -> PEFT's ParamWrapper lora_A (E r, in), rows e r + j, and lora_B
+    (out, r E), columns j E + e (peft.tuners.lora.layer.ParamWrapper.get_delta_weight)."""
+    E, r, d_in = a3.shape
+    tensors[f"{_PEFT_PREFIX}{module}.lora_A.weight"] = a3.reshape(E * r, d_in).contiguous()
+    tensors[f"{_PEFT_PREFIX}{module}.lora_B.weight"] = b3.permute(1, 2, 0).reshape(b3.shape[1], r * E).contiguous()
+
+
+def _expert_factors(a: torch.Tensor, b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of `_put_expert_factors`: PEFT's lora_A (E r, in), lora_B (out, r E) -> (E, r, in), (E, out, r)."""
+    r = a.shape[0] // experts
+    return a.reshape(experts, r, a.shape[1]), b.reshape(b.shape[0], r, experts).permute(2, 0, 1)
 
 
 def _peft_version() -> str:
@@ -317,13 +444,17 @@ def _peft_version() -> str:
         return "0.0.0+llmkit"
 
 
-def _group_patterns(values: dict[str, float], default: float, adapted: list[str]) -> dict[str, float]:
-    """{suffix: value} for the modules whose value differs from `default` (PEFT rank/alpha_pattern)."""
+def _group_patterns(values: dict[str, float], default: float, adapted: list[str],
+                    params: list[str] = ()) -> dict[str, float]:
+    """{suffix: value} for the modules whose value differs from `default` (PEFT rank/alpha_pattern).
+    Parameter targets (`params`, matched by PEFT under their parameter name) get suffixes of at least three
+    parts, as `target_parameters` does (mlp.gate.weight, not weight)."""
     out: dict[str, float] = {}
     for v in sorted({v for v in values.values() if v != default}):
         group = [n for n in adapted if values[n] == v]
-        for suf in _suffixes(group, adapted):
-            out[suf] = int(v) if float(v).is_integer() else v
+        for names, min_parts in (([n for n in group if n not in params], 1), ([n for n in group if n in params], 3)):
+            for suf in _suffixes(names, adapted, min_parts):
+                out[suf] = int(v) if float(v).is_integer() else v
     return out
 
 
@@ -397,16 +528,34 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         pairs.setdefault(m["mod"], {})[m["ab"]] = t
     if not pairs:
         raise ValueError(f"{adapter_dir}: no LoRA tensors in {ADAPTER_WEIGHTS}")
-    sites = {(s.module, s.start, s.end): s.slice for s in adaptable_sites(model)}
+    sites = {(s.module, s.start, s.end): s.slice for s in adaptable_sites(model) if s.kind == "linear"}
+    hf_experts = {hf: path for path, hf in layout.experts.items()}
     pieces: dict[str, list] = {}
+    expert_pieces: dict[str, dict[str, tuple]] = {}
     for hf, ab in pairs.items():
+        outer = hf
+        while outer.endswith(".base_layer"):  # PEFT's nested ParamWrappers (gate_up_proj inside down_proj)
+            outer = outer.removesuffix(".base_layer")
+        if outer in hf_experts:
+            if set(ab) != {"A", "B"}:
+                raise ValueError(f"{adapter_dir}: {hf} lacks lora_{'A' if 'A' not in ab else 'B'}")
+            path = hf_experts[outer]
+            got = expert_pieces.setdefault(path, {})
+            for name, a3, b3, scale in _expert_pieces(adapter_dir, hf, outer, model.get_submodule(path),
+                                                      ab["A"].float(), ab["B"].float(), alpha_pattern, alpha0,
+                                                      rslora, meta.get("slices", {})):
+                if name in got:
+                    raise ValueError(f"{adapter_dir}: {outer} carries two adapters for the experts' {name}")
+                got[name] = (a3, b3, scale)
+            continue
         if hf not in hf_to_llmkit:
             raise ValueError(f"{adapter_dir}: adapter module {hf!r} does not exist in this "
                              f"{layout.arch}-named {type(model).__name__} (wrong base model?)")
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{adapter_dir}: {hf} lacks lora_{'A' if 'A' not in ab else 'B'}")
         a, b = ab["A"].float(), ab["B"].float()
-        alpha = _pattern_value(alpha_pattern, hf, alpha0)
+        # PEFT matches a parameter target's patterns against the parameter's name (the router's mlp.gate.weight)
+        alpha = _pattern_value(alpha_pattern, f"{hf}.{layout.params[hf]}" if hf in layout.params else hf, alpha0)
         if hf in layout.fused_rows:  # several llmkit Linears in one HF module (Phi-3's gate_up_proj)
             for name, path, start, end, a_part, b_part in _split_fused(
                     adapter_dir, hf, hf_to_llmkit[hf], layout.fused_rows[hf], meta.get("slices", {}).get(hf),
@@ -423,7 +572,16 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         scale = alpha / (math.sqrt(r_hf) if rslora else r_hf)
         for name, lo, hi, a_part, b_part in _split(meta.get("slices", {}).get(hf), a, b, sites, path, hs, he):
             pieces.setdefault(path, []).append((name, hs + lo, hs + hi, a_part, b_part, scale))
-    dropout = float(config.get("lora_dropout", 0.0))
+    # PEFT's parameter targets need lora_dropout 0 in the file: llmkit's own dropout rides in the metadata
+    dropout = float(meta.get("dropout", config.get("lora_dropout", 0.0)))
+    for path, ad in expert_pieces.items():
+        moe = model.get_submodule(path)
+        lx = LoRAExperts(moe, {n: (a3.shape[1], sc) for n, (a3, _, sc) in ad.items()}, dropout)
+        with torch.no_grad():
+            for n, (a3, b3, _) in ad.items():
+                lx.lora_A[n].copy_(a3)
+                lx.lora_B[n].copy_(b3)
+        moe.lora_experts = lx
     for path, plist in pieces.items():
         sl = _assemble(path, plist, sites)
         wrapper = LoRALinear(model.get_submodule(path), {n: (s, e, a.shape[0], sc) for n, (s, e, a, _, sc)
@@ -462,7 +620,7 @@ def load_lora(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         with torch.no_grad():
             tokens.values.copy_(rows)
     targets = meta.get("targets") or _canonical_targets(model)
-    model.lora_config = LoRAConfig(r=r0, alpha=alpha0, dropout=float(config.get("lora_dropout", 0.0)),
+    model.lora_config = LoRAConfig(r=r0, alpha=alpha0, dropout=dropout,
                                    targets=list(targets), rslora=rslora,
                                    lr_ratio=float(meta.get("lr_ratio", LoRAConfig.lr_ratio)),
                                    modules_to_save=modules_to_save)
@@ -480,6 +638,48 @@ def _embed_name(layout: _HFLayout) -> str:
     if layout.arch not in names:
         raise ValueError(f"trainable tokens are supported on decoders, not {layout.arch}")
     return names[layout.arch]
+
+
+def _expert_pieces(adapter_dir, hf: str, experts_hf: str, moe: MoEFeedForward, a: torch.Tensor, b: torch.Tensor,
+                   alpha_pattern: dict, alpha0: float, rslora: bool, meta_slices: dict) -> list:
+    """One PEFT ParamWrapper on a layer's experts (`hf`: `experts_hf` or a nested `.base_layer`) -> the llmkit
+    expert adapters [(gate / up / down, A (E, r, in), B (E, out, r), scale)]. Which parameter it adapts
+    follows from the shapes (gate_up_proj: A (E r, d), B (2 ff, r E); down_proj: A (E r, ff), B (d, r E)).
+    A gate_up_proj adapter splits back into the gate and up adapters save_lora wrote (its metadata, B zero
+    off their blocks); otherwise gate and up each get the whole A and their rows of B (the same function)."""
+    E, ff, d = moe.gate.shape
+    found = []
+    if a.dim() == 2 and b.dim() == 2 and a.shape[0] % E == 0 and a.shape[0] and b.shape[1] == a.shape[0]:
+        if a.shape[1] == d and b.shape[0] == 2 * ff:
+            found.append("gate_up_proj")
+        if a.shape[1] == ff and b.shape[0] == d:
+            found.append("down_proj")
+    if len(found) != 1:
+        raise ValueError(f"{adapter_dir}: {hf} has A {tuple(a.shape)}, B {tuple(b.shape)}; these experts need "
+                         f"gate_up_proj A ({E} r, {d}), B ({2 * ff}, r {E}) or down_proj A ({E} r, {ff}), "
+                         f"B ({d}, r {E})")
+    param = found[0]
+    a3, b3 = _expert_factors(a, b, E)
+    r_hf = a3.shape[1]
+    key = f"{experts_hf}.{param}"
+    scale = _pattern_value(alpha_pattern, key, alpha0) / (math.sqrt(r_hf) if rslora else r_hf)
+    if param == "down_proj":
+        return [("down", a3, b3, scale)]
+    recorded = meta_slices.get(key)
+    if recorded and all(len(m) == 4 and m[0] in ("gate", "up") for m in recorded) \
+            and sum(m[3] for m in recorded) == r_hf:
+        out, col = [], 0
+        mask = torch.zeros(b3.shape[1:], dtype=torch.bool)
+        for name, lo, hi, rank in recorded:
+            if (lo, hi) != ((0, ff) if name == "gate" else (ff, 2 * ff)):
+                break
+            mask[lo:hi, col:col + rank] = True
+            out.append((name, a3[:, col:col + rank], b3[:, lo:hi, col:col + rank], scale))
+            col += rank
+        else:
+            if not torch.count_nonzero(b3[:, ~mask]):
+                return out
+    return [("gate", a3, b3[:, :ff], scale), ("up", a3, b3[:, ff:], scale)]
 
 
 def _split(meta_slices, a: torch.Tensor, b: torch.Tensor, sites: dict, path: str, hs: int, he: int):
@@ -574,4 +774,5 @@ def _canonical_targets(model: nn.Module) -> list[str]:
     """Target names that describe the adapters `model` carries (for a PEFT-written adapter)."""
     sites = {(s.module, s.slice): s.canonical for s in adaptable_sites(model)}
     names = {sites.get((path, n)) for path, m in lora_modules(model) for n in m.ranges}
-    return [t for t in (*CANONICAL_TARGETS, FUSED_QKV) if t in names] or ["all-linear"]
+    names |= {sites.get((path, n)) for path, m in lora_expert_modules(model) for n in m.scaling}
+    return [t for t in (*CANONICAL_TARGETS, FUSED_QKV, *MOE_TARGETS) if t in names] or ["all-linear"]

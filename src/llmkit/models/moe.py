@@ -18,6 +18,9 @@ Router losses, added to the training loss by `Decoder.forward` (coefficients in 
 
 `expert_parallel` shards the experts over processes (all-to-all dispatch), for training under torchrun.
 
+LoRA (`llmkit.models.lora`, targets "router" and "experts"): the router is a Linear like any other, and
+`lora_experts` holds per-expert factors that `_expert` applies on each expert's own tokens.
+
 `stats` after a forward holds each expert's share of the load, the assignments dropped and the mean
 entropy of the router's distribution.
 """
@@ -104,6 +107,9 @@ class MoEFeedForward(nn.Module):
         self.stats: dict[str, float | list[float]] = {}
         self.expert_group = None
         """The process group the experts are sharded over (`expert_parallel.shard_experts`); None: all here."""
+        self.lora_experts: nn.Module | None = None
+        """Per-expert low-rank updates of gate / up / down (`llmkit.models.lora.LoRAExperts`, set by
+        `apply_lora` for the `experts*` targets); None: the experts are plain."""
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, d) -> router logits (N, E), probabilities (N, E) fp32, top-k weights (N, k), expert ids (N, k)."""
@@ -137,8 +143,7 @@ class MoEFeedForward(nn.Module):
                 if kept:
                     idx = order[start:start + kept]
                     tokens = token_of[idx]
-                    h = flat[tokens]
-                    y = F.linear(F.silu(F.linear(h, self.gate[e])) * F.linear(h, self.up[e]), self.down[e])
+                    y = self._expert(e, flat[tokens])
                     out.index_add_(0, tokens, y * weight_of[idx, None])
                 start += c
         if self.shared is not None:
@@ -161,8 +166,20 @@ class MoEFeedForward(nn.Module):
                       "entropy": float(-(p * p.clamp_min(1e-12).log()).sum(-1).mean()) if n else 0.0}
         return out.reshape(shape)
 
+    def _expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU over its tokens h (n, d), with its LoRA updates when it carries unmerged ones:
+        each adapted projection adds s * (x A_e^T) B_e^T on these tokens, no merged weight is formed."""
+        lora = self.lora_experts
+        if lora is None or lora.merged:
+            return F.linear(F.silu(F.linear(h, self.gate[e])) * F.linear(h, self.up[e]), self.down[e])
+        a = F.silu(lora(F.linear(h, self.gate[e]), "gate", e, h)) * lora(F.linear(h, self.up[e]), "up", e, h)
+        return lora(F.linear(a, self.down[e]), "down", e, a)
+
     def _sharded_experts(self, flat, order, expert_of, token_of, weight_of, counts, keep) -> torch.Tensor:
         """The experts' output when they are sharded over processes (`expert_parallel.shard_experts`)."""
+        if self.lora_experts is not None and not self.lora_experts.merged:
+            raise ValueError("LoRA on the experts does not run under expert parallelism (train.expert_parallel): "
+                             "merge the adapter (merge_lora) or train it on unsharded experts")
         sorted_expert = expert_of[order]
         first_of_expert = counts.cumsum(0) - counts
         place_in_expert = torch.arange(order.numel(), device=flat.device) - first_of_expert[sorted_expert]
