@@ -144,3 +144,64 @@ def test_the_whole_lab_in_full(tmp_path):
         assert r.verdict in VERDICTS, cid
         assert not r.summary.startswith("the experiment failed"), (cid, r.summary)
     assert NOT_RUN not in (tmp_path / "claims.md").read_text(encoding="utf-8")
+
+
+# -- moe (§5: dynamic routing; MoE below dense at equal active parameters, experts kept evenly loaded) -----------
+DENSE = [1.872, 1.868, 1.864]
+MOE_BETTER = [1.852, 1.853, 1.850]                 # lower by 0.014-0.020 nats on every seed
+MOE_CLOSE = [1.866, 1.862, 1.858]                  # lower by 0.006 only: inside the 0.01 margin
+MOE_ONE_SEED = [1.812, 1.868, 1.866]               # mean gain 0.019, carried by one seed
+MOE_WORSE = [1.880, 1.875, 1.879]
+EVEN, UNEVEN, COLLAPSED = [0.11, 0.12, 0.10], [0.45, 0.50, 0.40], [0.86, 0.90, 0.81]
+
+
+@pytest.mark.parametrize("moe, moe_cv, free_cv, ratio, expected", [
+    (MOE_BETTER, EVEN, COLLAPSED, 1.006, "holds"),
+    (MOE_BETTER, UNEVEN, COLLAPSED, 1.006, "partly holds"),      # lower loss, load above the 0.3 bound
+    (MOE_BETTER, EVEN, [0.09, 0.10, 0.08], 1.006, "partly holds"),  # even without the router losses too
+    (MOE_CLOSE, EVEN, COLLAPSED, 1.006, "partly holds"),         # balanced, but not lower beyond the margin
+    (MOE_ONE_SEED, EVEN, COLLAPSED, 1.006, "partly holds"),      # mean beyond the margin on 1 of 3 seeds only
+    (MOE_WORSE, UNEVEN, COLLAPSED, 1.006, "does not hold"),
+    (MOE_CLOSE, EVEN, [0.10, 0.09, 0.11], 1.006, "does not hold"),  # the loss does not do the balancing
+    (MOE_BETTER, EVEN, COLLAPSED, 1.5, "not measured"),          # not at equal active parameters
+    ([], [], [], 1.0, "not measured"),
+])
+def test_moe_verdicts(moe, moe_cv, free_cv, ratio, expected):
+    from llmkit.lab.experiments import moe as moe_claim
+
+    decided, reason = moe_claim.verdict(DENSE, moe, moe_cv, free_cv, ratio)
+    assert decided == expected, reason
+    assert decided in VERDICTS and reason
+
+
+def test_moe_verdict_reason_states_the_figures():
+    from llmkit.lab.experiments import moe as moe_claim
+
+    _, reason = moe_claim.verdict(DENSE, MOE_BETTER, EVEN, COLLAPSED)
+    assert "dense 1.868" in reason and "MoE 1.852" in reason and "3/3 seeds" in reason
+    assert "0.110 with router losses vs 0.857 without" in reason
+
+
+def test_moe_quick_run_is_well_formed(tmp_path):
+    """One seed of the quick run (seconds): every contestant trains through pretrain, figures are finite,
+    MoE and dense have equal active parameters, plots are PNGs. Numbers from it are not evidence."""
+    import math
+
+    from conftest import shared_file
+    from llmkit.lab.claim import ExperimentContext, Result
+    from llmkit.lab.experiments import moe as moe_claim
+
+    shared_file("en/tinyshakespeare.txt")
+    claim = get(["moe"])[0]
+    assert claim is moe_claim.CLAIM and claim.section == "§5" and claim.guide_zh == "轻量化推理:模型蒸馏、动态路由架构"
+    result = claim.run(ExperimentContext(seeds=[0], quick=True, out_dir=tmp_path / "moe"))
+    assert isinstance(result, Result) and result.verdict in VERDICTS and result.verdict != "not measured"
+    by_name = {m.name: m for m in result.measurements}
+    for m in result.measurements:
+        assert len(m.values) == 1 and all(math.isfinite(v) for v in m.values), m.name
+    assert abs(by_name["MoE / dense active parameters per token"].values[0] - 1) < moe_claim.MAX_ACTIVE_GAP
+    assert by_name["MoE / dense total parameters"].values[0] > 2
+    assert all(0 <= v for k, m in by_name.items() if k.startswith("expert load CV") for v in m.values)
+    assert "Quick run (not evidence)" in result.summary and "| dense, d_ff 256 |" in result.details
+    for p in result.plots:
+        assert (tmp_path / "moe" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", p
