@@ -55,6 +55,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--num-draft", type=int, default=4, help="draft tokens per round (default 4)")
     ap.add_argument("--draft-layers", type=int, default=15, help="layers of the self-speculative draft (default 15)")
+    ap.add_argument("--exit-adapter", help="an exit adapter dir (`llmkit distill-exit`): adds draft_exit and "
+                    "draft_exit_conf (its first K layers + the adapter, without and with confidence stopping)")
+    ap.add_argument("--draft-confidence", type=float, default=0.4, help="draft_exit_conf's threshold (default 0.4)")
+    ap.add_argument("--methods", help="comma-separated subset of the methods (default: all)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -94,8 +98,27 @@ def main() -> None:
 
     methods = {"plain": plain, "ngram": ngram, "ngram_min2": ngram2, "draft_int8": drafted,
                "draft_layers": self_speculative}
+    if args.exit_adapter:
+        from llmkit.infer.speculative import drafter_from_config
+
+        exit_draft = drafter_from_config("draft", model, f"exit:{args.exit_adapter}")
+        exit_conf = drafter_from_config("draft", model, f"exit:{args.exit_adapter}",
+                                        min_confidence=args.draft_confidence)
+        args.draft_layers = len(exit_draft.model.blocks) - 1  # the K the adapter was trained for
+        early = make_draft(model, "layers", args.draft_layers)
+        methods["draft_exit"] = lambda ids: speculative_generate(model, ids, params, exit_draft, args.num_draft,
+                                                                 stops, V)
+        methods["draft_exit_conf"] = lambda ids: speculative_generate(model, ids, params, exit_conf,
+                                                                      args.num_draft, stops, V)
+    if args.methods:
+        unknown = set(args.methods.split(",")) - set(methods)
+        if unknown:
+            sys.exit(f"--methods: unknown {sorted(unknown)}; known: {list(methods)}")
+        methods = {m: f for m, f in methods.items() if m in args.methods.split(",") or m == "plain"}
     out: dict = {"model": "SmolLM2-135M-Instruct (Q4_1 GGUF imported to fp32)", "threads": torch.get_num_threads(),
-                 "new_tokens": args.new_tokens, "num_draft": args.num_draft, "draft_layers": args.draft_layers, "rounds": args.rounds,
+                 "new_tokens": args.new_tokens, "num_draft": args.num_draft, "draft_layers": args.draft_layers,
+                 "exit_adapter": args.exit_adapter, "draft_confidence": args.draft_confidence if args.exit_adapter else None,
+                 "rounds": args.rounds,
                  "greedy": True, "workloads": {}}
     t_start = time.perf_counter()
     with torch.no_grad():

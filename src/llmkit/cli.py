@@ -92,6 +92,15 @@ def _distill(args) -> None:
     print(json.dumps(summary))
 
 
+def _distill_exit(args) -> None:
+    from llmkit.config import load_config
+    from llmkit.distill.exit_adapter import ExitConfig, train_exit_adapter
+
+    summary = train_exit_adapter(load_config(ExitConfig, args.config, args.overrides), resume=args.resume)
+    summary.pop("history", None)
+    print(json.dumps(summary))
+
+
 def _model_path(value: str) -> Path:
     """A model dir argument: a path, or a registry URI (models:/NAME@ALIAS, runs:/...) resolved to one."""
     from llmkit.registry import resolve_model
@@ -362,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ds.set_defaults(func=_distill)
 
+    de = sub.add_parser("distill-exit", help="train an early-exit adapter for self-speculative decoding (the "
+                        "model stays frozen; its first K layers + the adapter draft, all layers verify)")
+    de.add_argument("--config", required=True)
+    de.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    de.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    de.set_defaults(func=_distill_exit)
+
     qz = sub.add_parser("quantize", help="INT8 weights (dynamic, weight-only or calibrated static activations) or "
                                          "group-wise INT4 weights")
     _config_arguments(qz, "quantization (llmkit.infer.quantize.QuantizeDirConfig)")
@@ -501,8 +517,11 @@ def build_parser() -> argparse.ArgumentParser:
     _shorthand(g, "--speculative", key="speculative", choices=["ngram", "draft"],
                help="speculative decoding: prompt lookup (ngram) or a draft model (draft); same output distribution")
     _shorthand(g, "--draft-model", key="draft_model",
-               help="--speculative draft: a model dir with the same tokenizer, int8 (default) or layers:K")
+               help="--speculative draft: a model dir with the same tokenizer, int8 (default), layers:K or "
+               "exit:DIR (first K layers + the exit adapter `llmkit distill-exit` trained)")
     _shorthand(g, "--num-draft", key="num_draft", type=int, help="draft tokens per target forward (default 4)")
+    _shorthand(g, "--draft-confidence", key="draft_confidence", type=float,
+               help="stop drafting at a token the draft gives less than this probability (default 0: never)")
     _device_arguments(g, shorthand=True)
     g.set_defaults(func=_generate)
 

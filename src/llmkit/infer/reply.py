@@ -209,15 +209,20 @@ class GenerateConfig:
     model (draft); the output is distributed as without it (greedy: the same tokens). Stats go to stderr."""
     draft_model: str | None = None
     """speculative=draft: a model directory with the same tokenizer, "int8" (the default: an INT8 copy of the
-    model) or "layers:K" (the model's first K layers, its final norm and head)."""
+    model), "layers:K" (the model's first K layers, its final norm and head) or "exit:DIR" (the first K layers
+    and a trained exit adapter, `llmkit distill-exit`)."""
     num_draft: int = 4
     """Draft tokens proposed per target forward pass."""
+    draft_confidence: float = 0.0
+    """speculative=draft: stop drafting at a token the draft gives less than this probability."""
 
     def validate(self) -> None:
         if self.speculative is not None and self.speculative not in ("ngram", "draft"):
             raise ValueError(f"speculative: must be ngram or draft, got {self.speculative!r}")
         if self.num_draft < 1:
             raise ValueError(f"num_draft: must be >= 1, got {self.num_draft}")
+        if not 0.0 <= self.draft_confidence < 1.0:
+            raise ValueError(f"draft_confidence: must be in [0, 1), got {self.draft_confidence}")
         if self.speculative and self.parallel:
             raise ValueError("speculative: not with parallel decoding")
         if not self.model:
@@ -262,7 +267,8 @@ def _generate_speculative(cfg: GenerateConfig, model, tok, template, messages: M
 
     from llmkit.infer.speculative import SpecStats, drafter_from_config, stream_speculative
 
-    drafter = drafter_from_config(cfg.speculative, model, cfg.draft_model, cfg.device, cfg.dtype)
+    drafter = drafter_from_config(cfg.speculative, model, cfg.draft_model, cfg.device, cfg.dtype,
+                                  cfg.draft_confidence, target_dir=None if cfg.adapter else str(cfg.model))
     stats = SpecStats()
     ids, stops = reply_prompt_ids(tok, template, messages), reply_stop_ids(tok, template)
     with _eval_mode(model):

@@ -191,8 +191,13 @@ class ModelDrafter(Drafter):
     so rejected drafts are dropped and only the new tokens are fed. The draft must have the target's
     vocabulary (same ids; its vocab_size is checked against the target's in `stream_speculative`)."""
 
-    def __init__(self, model: Decoder):
+    def __init__(self, model: Decoder, min_confidence: float = 0.0):
+        if not 0.0 <= min_confidence < 1.0:
+            raise ValueError(f"min_confidence: must be in [0, 1), got {min_confidence}")
         self.model = model
+        self.min_confidence = min_confidence
+        """Stop drafting at the first token whose draft probability is below this (Kangaroo's second early
+        exit): a draft the model is unsure of is likely rejected and would cost a draft forward for nothing."""
         self.cache: KVCache | None = None
         self.cached: list[int] = []
 
@@ -226,15 +231,22 @@ class ModelDrafter(Drafter):
         qs: list[torch.Tensor] = []
         for j in range(k):
             if params.temperature <= 0:
-                x = int(mask_padded_vocab(logits.float().clone(), vocab_limit)[0].argmax())
+                masked = mask_padded_vocab(logits.float().clone(), vocab_limit)[0]
+                x = int(masked.argmax())
+                confidence = float(torch.softmax(masked, -1)[x]) if self.min_confidence else 1.0
             else:
                 q = target_probs(logits, params, vocab_limit)[0]
                 x = int(torch.multinomial(q, 1, generator=generator))
+                confidence = float(q.max())
+            if confidence < self.min_confidence:
+                self.cached = list(ids) + drafts  # every draft so far was fed
+                return drafts, (torch.stack(qs) if qs else None)
+            if params.temperature > 0:
                 qs.append(q)
             drafts.append(x)
             if j < k - 1:
                 logits = self._forward([x])
-        self.cached = list(ids) + drafts[:-1]
+        self.cached = list(ids) + drafts[:-1]  # the last draft was not fed
         return drafts, (torch.stack(qs) if qs else None)
 
 
@@ -243,7 +255,8 @@ def _cache_dtype(model: Decoder) -> torch.dtype:
     return model.tok_emb.weight.dtype
 
 
-def make_draft(target: Decoder, kind: str = "int8", layers: int | None = None) -> Decoder:
+def make_draft(target: Decoder, kind: str = "int8", layers: int | None = None,
+               exit_adapter: torch.nn.Module | None = None) -> Decoder:
     """A draft model built from `target` (eval mode).
 
     kind "int8": a deep copy with every block Linear dynamically quantized to INT8
@@ -252,7 +265,8 @@ def make_draft(target: Decoder, kind: str = "int8", layers: int | None = None) -
     kind "layers": the target's first `layers` blocks, then its final norm and head (LayerSkip-style early
     exit, Elhoushi et al. 2024); the modules are shared, not copied (no extra memory), and its cost is
     layers / n_layer of the target's blocks. Without LayerSkip's early-exit training the shallow exit agrees
-    with the target less often."""
+    with the target less often. `exit_adapter` (kind "layers"): a trained block run after the first K
+    (`llmkit.distill.exit_adapter`, Kangaroo), which brings the exit much closer to the last layer."""
     if kind == "int8":
         from llmkit.infer.quantize import QuantConfig, quantize_model
 
@@ -266,10 +280,14 @@ def make_draft(target: Decoder, kind: str = "int8", layers: int | None = None) -
         draft._modules = dict(target._modules)
         draft._parameters = dict(target._parameters)
         draft._buffers = dict(target._buffers)
-        draft.blocks = torch.nn.ModuleList(list(target.blocks)[:layers])
+        blocks = list(target.blocks)[:layers]
         c = target.config
-        draft.config = dataclasses.replace(c, n_layer=layers,
-                                           layer_types=None if c.layer_types is None else c.layer_types[:layers])
+        types = None if c.layer_types is None else c.layer_types[:layers]
+        if exit_adapter is not None:  # a block of the last layer's kind (its copy, trained)
+            blocks.append(exit_adapter)
+            types = None if types is None else [*types, c.layer_types[-1]]
+        draft.blocks = torch.nn.ModuleList(blocks)
+        draft.config = dataclasses.replace(c, n_layer=len(blocks), layer_types=types)
         return draft.eval()
     raise ValueError(f"kind: 'int8' or 'layers', got {kind!r}")
 
@@ -351,22 +369,33 @@ def speculative_generate(target: Decoder, prompt_ids: list[int], params: Samplin
 
 
 def drafter_from_config(kind: str, target: Decoder, draft_model: str | None = None,
-                        device: str | torch.device = "cpu", dtype: str = "auto") -> Drafter:
-    """The drafter `llmkit generate --speculative KIND [--draft-model SPEC]` uses.
+                        device: str | torch.device = "cpu", dtype: str = "auto", min_confidence: float = 0.0,
+                        target_dir: str | None = None) -> Drafter:
+    """The drafter `llmkit generate --speculative KIND [--draft-model SPEC] [--draft-confidence C]` uses.
 
     kind "ngram": `NGramDrafter()`. kind "draft": `ModelDrafter` of `draft_model`, which is a model directory
-    (or registry URI) loaded like the target, "int8" (the default: `make_draft(target, "int8")`) or
-    "layers:K" (`make_draft(target, "layers", K)`)."""
+    (or registry URI) loaded like the target, "int8" (the default: `make_draft(target, "int8")`),
+    "layers:K" (`make_draft(target, "layers", K)`) or "exit:DIR" (the first K layers and the exit adapter
+    `llmkit distill-exit` wrote to DIR; with `target_dir`, the adapter must have been trained on its weights).
+    min_confidence: see `ModelDrafter`."""
     if kind == "ngram":
         return NGramDrafter()
     if kind != "draft":
         raise ValueError(f"speculative: 'ngram' or 'draft', got {kind!r}")
     spec = draft_model or "int8"
     if spec == "int8":
-        return ModelDrafter(make_draft(target, "int8"))
+        return ModelDrafter(make_draft(target, "int8"), min_confidence)
     if spec.startswith("layers:"):
-        return ModelDrafter(make_draft(target, "layers", int(spec.split(":", 1)[1])))
+        return ModelDrafter(make_draft(target, "layers", int(spec.split(":", 1)[1])), min_confidence)
+    if spec.startswith("exit:"):
+        from llmkit.distill.exit_adapter import load_exit_adapter
+        from llmkit.models.layout import column_major_linears
+
+        adapter, layers = load_exit_adapter(target, spec.split(":", 1)[1], target_dir)
+        if next(target.parameters()).device.type == "cpu":
+            column_major_linears(adapter)  # the layout `load_for_inference` gives the target's own blocks
+        return ModelDrafter(make_draft(target, "layers", layers, exit_adapter=adapter), min_confidence)
     from llmkit.infer.load import load_for_inference
 
     model, _, _ = load_for_inference(spec, None, device, dtype)
-    return ModelDrafter(model.eval())
+    return ModelDrafter(model.eval(), min_confidence)
