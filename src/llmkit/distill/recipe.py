@@ -1,28 +1,34 @@
 """Knowledge distillation of an instruction-tuned decoder into a smaller one (guide §5, "模型蒸馏").
 
-    teacher model dir -> student (a layer-dropped copy, a smaller config, or a model dir with the same
-    tokenizer) -> instruction data in the teacher's chat template -> the teacher's top-k logits at every
-    response position, cached by content (`teacher_cache`) -> `train_loop` on
+    teacher model dir -> student (a copy of the teacher pruned in depth and / or width, a smaller config, or
+    a model dir with the same tokenizer) -> instruction data in the teacher's chat template -> the teacher's
+    top-k logits at every response position, cached by content (`teacher_cache`) -> `train_loop` on
     alpha x KD divergence (forward KL / reverse KL / JSD at temperature T) + (1 - alpha) x cross-entropy
-    (sequence_level: the teacher's own greedy answers replace the references first, `sequence_level`)
+    (sequence_level: the teacher's own greedy answers replace the references first, `sequence_level`;
+    on_policy: a share of the batches are the student's own sampled replies, scored by the teacher live,
+    on the divergence alone, `on_policy`)
     -> held-out loss, KL to the teacher and top-1 agreement; exact match / ROUGE-L of greedy answers
     -> final/ (full: a model dir; lora: an adapter dir over out/student_init) + results.json
 
 The loop (`llmkit.train.loop`) owns resume, precision, accumulation, clipping, the schedule and preemption,
-as for every recipe; the teacher runs once per example and content, never per step. Pretraining rows mixed
-in (data.mix_pretrain) have no teacher outputs and train on their hard labels only.
+as for every recipe; the teacher runs once per example and content, never per step (but for on-policy
+batches, whose sequences are new). Pretraining rows mixed in (data.mix_pretrain) have no teacher outputs and
+train on their hard labels only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -30,8 +36,24 @@ from llmkit import runtime
 from llmkit.chat import load_chat_template, save_chat_template
 from llmkit.data.tokenized import file_sha256
 from llmkit.distill.losses import Divergence, kd_divergence
+from llmkit.distill.on_policy import (
+    OnPolicyBatches,
+    OnPolicyConfig,
+    is_on_policy,
+    on_policy_batch,
+    reply_prompts,
+    stop_ids,
+)
 from llmkit.distill.sequence_level import teacher_answers, with_teacher_answers
-from llmkit.distill.student import StudentConfig, drop_layers, smaller_config
+from llmkit.distill.student import (
+    StudentConfig,
+    drop_layers,
+    example_batches,
+    kept_layers,
+    prune_width,
+    smaller_config,
+    width_importance,
+)
 from llmkit.distill.teacher_cache import TeacherOutputs, teacher_outputs
 from llmkit.finetune.sft import SFTEvalConfig, SFTTrainConfig, generation_eval
 from llmkit.finetune.sft_batches import MixedBatches, eval_batches, open_pretrain_tokens
@@ -102,6 +124,9 @@ class DistillConfig:
     `sequence_level.py`); held-out examples keep their references."""
     answer_max_new_tokens: int = 256
     """Longest teacher answer generated for sequence-level distillation."""
+    on_policy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
+    """On-policy distillation (GKD): a share of the batches are the student's own sampled replies, scored by
+    the teacher live (`on_policy.py`); fraction 0 (the default) is off."""
     data: DistillDataConfig = field(default_factory=DistillDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
     """The shared loop settings with instruction tuning's defaults (lr 3e-5: raise it for a pruned student)."""
@@ -111,12 +136,34 @@ class DistillConfig:
     def validate(self) -> None:
         if not self.teacher:
             raise ValueError("teacher: required (an llmkit decoder model directory)")
+        if self.on_policy.fraction > 0:
+            if self.loss.alpha == 0:
+                raise ValueError("on_policy.fraction: on-policy batches train on the divergence alone, and "
+                                 "loss.alpha 0 is the hard-label baseline without one: set on_policy.fraction 0 "
+                                 "or loss.alpha > 0")
+            if self.data.mix_pretrain > 0:
+                raise ValueError("on_policy.fraction: not with data.mix_pretrain > 0 (a pretraining row has no "
+                                 "prompt for the student to answer)")
 
 
 # -- teacher and student ------------------------------------------------------------------------------
-def build_student(cfg: DistillConfig, teacher, tokenizer: Tokenizer) -> torch.nn.Module:
-    """The student before training (see `StudentConfig`); refuses a student whose tokenizer differs."""
+def build_student(cfg: DistillConfig, teacher, tokenizer: Tokenizer, calibration=None,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+                  ) -> torch.nn.Module:
+    """The student before training (see `StudentConfig`); refuses a student whose tokenizer differs.
+
+    calibration: with student.prune_width, the batches ((x, valid) pairs, e.g. `calibration_batches`) the
+    teacher's activations are measured on (`width_importance`, under `autocast`), or a callable returning them."""
     s = cfg.student
+    if s.prune_width is not None:  # measured on the whole teacher, then the kept layers (or all) are sliced
+        if calibration is None:
+            raise ValueError("student.prune_width: calibration batches are needed to rank the neurons and heads")
+        importance = width_importance(teacher, calibration() if callable(calibration) else calibration, autocast)
+        base = teacher
+        if s.keep_layers:
+            layers = kept_layers(teacher.config.n_layer, s.keep_layers)
+            base, importance = drop_layers(teacher, layers), [importance[i] for i in layers]
+        return prune_width(base, importance, s.prune_width.mlp_hidden, s.prune_width.heads)
     if s.keep_layers:
         return drop_layers(teacher, s.keep_layers)
     if s.config:
@@ -174,6 +221,17 @@ def kd_batch_loss(logits: torch.Tensor, y: torch.Tensor, kd_rows: int, teacher_i
     return loss.alpha * kd + (1.0 - loss.alpha) * ce
 
 
+def on_policy_loss(logits: torch.Tensor, y: torch.Tensor, teacher_ids: torch.Tensor, teacher_values: torch.Tensor,
+                   loss: KDLossConfig) -> torch.Tensor:
+    """The loss of an on-policy batch (`on_policy.on_policy_batch`): the divergence alone (no cross-entropy: a
+    sampled reply is no label) at the positions predicting the replies' tokens (y != -100, row-major), whose
+    live teacher top-k logits are teacher_ids / teacher_values (N, k)."""
+    sel = logits[y != -100]
+    if sel.size(0) != teacher_ids.size(0):
+        raise RuntimeError(f"{sel.size(0)} reply positions in the batch, {teacher_ids.size(0)} teacher positions")
+    return kd_divergence(sel, teacher_ids, teacher_values, loss.kind, loss.temperature, loss.beta)
+
+
 @torch.no_grad()
 def heldout_figures(model, batches: list, cache: TeacherOutputs, device, autocast) -> dict[str, float]:
     """Held-out cross-entropy on the responses, forward KL to the teacher at T = 1 over its top-k, and top-1
@@ -203,6 +261,37 @@ def heldout_figures(model, batches: list, cache: TeacherOutputs, device, autocas
             "eval_top1_agreement": agree / n}
 
 
+def calibration_batches(cfg: DistillConfig, data) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Width pruning's calibration batches (`example_batches`): student.prune_width.calibration_batches batches
+    of train.batch_size training examples, drawn without replacement by a permutation seeded with data.seed."""
+    n = cfg.student.prune_width.calibration_batches * cfg.train.batch_size
+    order = np.random.Generator(np.random.PCG64([cfg.data.seed, 0xCA1])).permutation(len(data.train))[:n]
+    return example_batches([data.train[int(i)] for i in order], cfg.train.batch_size, data.pad_id)
+
+
+def _student_init(cfg: DistillConfig, student) -> dict:
+    """How the student started, for results.json: its source and, for a pruned copy, what it kept."""
+    s = cfg.student
+    if s.keep_layers or s.prune_width is not None:
+        c = student.config
+        out: dict = {"from": "teacher", "n_layer": c.n_layer, "d_ff": c.d_ff, "n_head": c.n_head,
+                     "n_kv_head": c.kv_heads}
+        if s.prune_width is not None:
+            out["prune_width"] = vars(s.prune_width)
+        return out
+    return {"from": "config" if s.config else "model"}
+
+
+def _on_policy_results(on: OnPolicyConfig, state: OnPolicyBatches, data, tokenizer) -> dict:
+    """results.json's `on_policy`: the settings, the tallies and the latest batch's first replies (decoded)."""
+    samples = [{"batch": smp["batch"], "prompt": data.train[smp["example"]].messages[-2]["content"],
+                "reply": tokenizer.decode(smp["reply_ids"], skip_special_tokens=True).strip(),
+                "reference": data.train[smp["example"]].messages[-1]["content"], "reply_ids": smp["reply_ids"]}
+               for smp in state.samples]
+    return {**vars(on), **state.figures(), "batches": state.on_batches, "sampled_rows": state.sampled_rows,
+            "reference_rows": state.reference_rows, "samples": samples}
+
+
 # -- the recipe ---------------------------------------------------------------------------------------
 def distill(cfg: DistillConfig, resume: bool = False) -> dict:
     """Distil `cfg.teacher` into the configured student; returns a summary dict.
@@ -230,7 +319,12 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
     teacher = load_model(cfg.teacher).to(device).eval()
     _check_vocab(teacher, tokenizer, "teacher")
     teacher_sha256 = file_sha256(Path(cfg.teacher) / "model.safetensors")
-    student = build_student(cfg, teacher, tokenizer)
+    data = None
+    calibration = None
+    if cfg.student.prune_width is not None:  # a copy of the teacher: the same block size
+        data = build_sft_data(cfg.data, tokenizer, template, teacher.config.block_size)
+        calibration = calibration_batches(cfg, data)
+    student = build_student(cfg, teacher, tokenizer, calibration, autocast)
     _check_vocab(student, tokenizer, "student")
     student_init = None
     if cfg.method == "lora":  # the adapter needs its base on disk
@@ -249,7 +343,8 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
     student = student.to(device)
     loop.restore_weights(student, checkpoint)
     block = min(teacher.config.block_size, student.config.block_size)
-    data = build_sft_data(cfg.data, tokenizer, template, block)
+    if data is None or block != teacher.config.block_size:
+        data = build_sft_data(cfg.data, tokenizer, template, block)
     answers_computed, answers_dropped = None, 0
     if cfg.sequence_level:
         answers, answers_computed = teacher_answers(teacher, teacher_sha256, data, tokenizer,
@@ -269,7 +364,12 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
                                  data.pad_id, k, tokenizer.vocab_size, cfg.teacher_cache, t_cfg.batch_size, device)
     teacher_eval = heldout_figures(teacher, held_out, eval_cache, device, autocast)
     teacher_size, student_size = model_size(teacher), model_size(student)
-    del teacher  # the cache holds all the training needs of it
+    on = cfg.on_policy
+    live_teacher = teacher if on.fraction > 0 else None  # on-policy batches are scored live
+    del teacher  # otherwise the cache holds all the training needs of it
+    prompts = reply_prompts(data.train, tokenizer, template) if live_teacher is not None else []
+    stops = stop_ids(tokenizer, template)
+    state = OnPolicyBatches(batches) if live_teacher is not None else None
 
     # -- tracking: the teacher is the parent model
     n_total, n_trainable = loop.start_tracking(tracker, cfg, out, checkpoint, student)
@@ -285,24 +385,36 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
 
     # -- what the loop runs
     def next_batch() -> dict:
+        index = batches.batches  # this batch's: it decides (with the seed) whether and how the student samples
         x, y = batches.next()
+        if live_teacher is not None and is_on_policy(index, on.fraction):
+            examples = batches.last_examples
+            b = on_policy_batch(student, live_teacher, [data.train[i] for i in examples], [prompts[i] for i in examples],
+                                on, tokenizer=tokenizer, stops=stops, max_len=data.max_len, pad_id=data.pad_id,
+                                vocab=tokenizer.vocab_size, top_k=k, seed=t_cfg.seed, batch_index=index,
+                                device=device, autocast=autocast)
+            state.add(index, examples, b)
+            return b
         ids, values = gather_teacher(train_cache, batches.last_examples)
         return {"x": x.to(device), "y": y.to(device), "kd_rows": len(batches.last_examples),
                 "ids": ids.to(device), "values": values.to(device), "tokens": int((y != -100).sum())}
 
     def batch_loss(b: dict) -> torch.Tensor:
         logits, _ = student(b["x"])
+        if b.get("on_policy"):
+            return on_policy_loss(logits, b["y"], b["ids"], b["values"], cfg.loss)
         return kd_batch_loss(logits, b["y"], b["kd_rows"], b["ids"], b["values"], cfg.loss)
 
     def evaluate() -> dict[str, float]:
-        return heldout_figures(student, held_out, eval_cache, device, autocast)
+        figures = heldout_figures(student, held_out, eval_cache, device, autocast)
+        return {**figures, **state.figures()} if state is not None else figures
 
     job = loop.Job(model=student, optimizer=loop.make_optimizer(t_cfg, [(trainable, 1.0)]), next_batch=next_batch,
-                   loss=batch_loss, evaluate=evaluate, data=batches, autocast=autocast,
-                   tokens=lambda b: b["tokens"],
+                   loss=batch_loss, evaluate=evaluate, data=state if state is not None else batches,
+                   autocast=autocast, tokens=lambda b: b["tokens"],
                    facts={"method": cfg.method, "loss": cfg.loss.kind, "teacher_sha256": teacher_sha256,
-                          "sequence_level": cfg.sequence_level},
-                   name=f"distill ({cfg.loss.kind}, {cfg.method})")
+                          "sequence_level": cfg.sequence_level, "on_policy": on.fraction},
+                   name=f"distill ({cfg.loss.kind}, {cfg.method}{', on-policy' if on.fraction > 0 else ''})")
     result = loop.train_loop(t_cfg, job, out, tracker, checkpoint)
 
     # -- answers, sizes and the student
@@ -319,6 +431,9 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
                                        "top_k": k},
                    "sequence_level": {"answers_computed": answers_computed, "dropped": answers_dropped}
                    if cfg.sequence_level else None,
+                   "on_policy": _on_policy_results(cfg.on_policy, state, data, tokenizer) if state is not None
+                   else None,
+                   "student_init": _student_init(cfg, student),
                    "answers": gen["answers"], "samples": gen["samples"]}
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         tracker.log_metrics({"exact_match": gen["exact_match"], "rouge_l": gen["rouge_l"],
@@ -342,5 +457,7 @@ def _distill(cfg: DistillConfig, resume: bool, tracker: Tracker) -> dict:
             "teacher_eval_loss": teacher_eval["eval_loss"], "exact_match": results.get("exact_match"),
             "rouge_l": results.get("rouge_l"), "teacher_outputs_computed": train_cache.computed,
             "teacher_answers_computed": answers_computed,
+            "on_policy_share": state.figures()["on_policy_share"] if state is not None else None,
+            "on_policy_new_tokens": state.figures()["on_policy_new_tokens"] if state is not None else None,
             "final": str(final_dir) if not result.stopped else None, "tracking_run_id": tracker.run_id,
             "history": result.history}

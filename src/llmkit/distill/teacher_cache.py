@@ -62,6 +62,14 @@ def cache_key(teacher_digest: str, data_digest: str, top_k: int, vocab: int) -> 
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def top_k_logits(logits: torch.Tensor, vocab: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's `top_k` largest logits over the real vocabulary (ids < `vocab`: padded rows are never
+    chosen) at each of N positions: logits (N, V') -> (ids int64 (N, k), values fp32 (N, k)), largest first.
+    The cache and on-policy distillation (which scores new sequences live) select the same way."""
+    top = logits[..., :vocab].float().topk(top_k, dim=-1)
+    return top.indices, top.values
+
+
 @torch.no_grad()
 def _compute(teacher, examples: list[SFTExample], pad_id: int, top_k: int, vocab: int, batch_size: int,
              device: torch.device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,12 +82,11 @@ def _compute(teacher, examples: list[SFTExample], pad_id: int, top_k: int, vocab
         for r, e in enumerate(chunk):
             x[r, :len(e.ids) - 1] = torch.from_numpy(e.ids[:-1].astype(np.int64))
         logits, _ = teacher(x.to(device))
-        logits = logits[..., :vocab].float()
         for r, e in enumerate(chunk):
             where = torch.from_numpy(np.flatnonzero(e.loss_mask[1:]))  # positions predicting a trained token
-            top = logits[r, where.to(device)].topk(top_k, dim=-1)
-            ids_parts.append(top.indices.to(torch.int32).cpu().numpy())
-            value_parts.append(top.values.to(torch.float16).cpu().numpy())
+            ids, values = top_k_logits(logits[r, where.to(device)], vocab, top_k)
+            ids_parts.append(ids.to(torch.int32).cpu().numpy())
+            value_parts.append(values.to(torch.float16).cpu().numpy())
             counts.append(len(where))
     offsets = np.zeros(len(counts) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum(counts)
