@@ -9,7 +9,9 @@
    one survivor per cluster - so the result is the same however the corpus was sharded.
 3. **perplexity** (per shard): score the survivors with the reference model (an n-gram model trained on
    the trusted sources is the offline default).
-4. **select** (global): perplexity thresholds (absolute or per-language percentile), then the domain mix.
+4. **select** (global): perplexity thresholds (absolute or per-language percentile), then the selection
+   step (`select:` - DSIR importance resampling, a quality classifier, a perplexity band, optionally
+   differentially private; `llmkit.data.select`), then the domain mix.
 5. **write** (per shard): the kept documents (augmented copies added) to `data/part-NNNNN.*`, every other
    document to `rejected/` with its reason; then `manifest.json`, the spot-check review page, optional
    token memmaps for `llmkit pretrain`, and the MLflow run.
@@ -57,6 +59,7 @@ from llmkit.data.perplexity import PerplexityConfig, load_scorer, summarize, thr
 from llmkit.data.quality import QualityConfig, QualityFilter
 from llmkit.data.report import FORMAT_VERSION, build_manifest, manifest_markdown, manifest_metrics
 from llmkit.data.safety import SafetyConfig, SafetyFilter
+from llmkit.data.select import SelectConfig, read_target_texts, run_selection
 from llmkit.data.shards import JsonlGzWriter, ParquetWriter, read_jsonl_gz
 from llmkit.data.sources import ReadTask, SourceConfig, plan_tasks, read_task
 from llmkit.data.spot_check import SpotCheckSampler
@@ -68,8 +71,9 @@ log = logging.getLogger(__name__)
 
 # final-phase fate of a document that survived the read phase
 KEEP, DEDUP_EXACT, DEDUP_NEAR, PPL_HIGH, MIX_OUT = 0, 1, 2, 3, 4
+SELECT_OUT = {"dsir": 5, "classifier": 6, "perplexity": 7}  # not selected by select.method
 FATE_REASON = {DEDUP_EXACT: "dedup.exact", DEDUP_NEAR: "dedup.near", PPL_HIGH: "perplexity.high",
-               MIX_OUT: "mix.not_sampled"}
+               MIX_OUT: "mix.not_sampled", **{code: f"select.{m}" for m, code in SELECT_OUT.items()}}
 # a token estimate when no tokenizer is configured: each CJK character, and each run of other
 # non-space characters, counts as one token
 _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
@@ -109,6 +113,7 @@ class CorpusConfig:
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     dedup: DedupConfig = field(default_factory=DedupConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
@@ -130,6 +135,13 @@ class CorpusConfig:
                                  "n-gram reference model on (or give scorer.path)")
             if unknown:
                 raise ValueError(f"perplexity.scorer.train_sources: {unknown} are not sources ({names})")
+        if self.select.enabled:
+            unknown = sorted(set(self.select.sources) - set(names))
+            if unknown:
+                raise ValueError(f"select.sources: {unknown} are not sources ({names})")
+            if self.select.method == "perplexity" and not self.perplexity.enabled:
+                raise ValueError("select.method: perplexity needs perplexity.enabled: true (its scorer gives "
+                                 "the scores; percentile: 100 keeps the filter itself from dropping anything)")
 
 
 # -- fingerprints: what each phase depends on ---------------------------------------------------------
@@ -144,7 +156,7 @@ def phase_fingerprints(cfg: CorpusConfig) -> dict[str, str]:
                     d["mix"]["unit"], d["output"]["tokenizer"], d["executor"]["split_mb"]])
     dedup = _digest([read, d["dedup"]])
     ppl = _digest([dedup, d["perplexity"]])
-    select = _digest([ppl, d["mix"]])
+    select = _digest([ppl, d["select"] if cfg.select.enabled else None, d["mix"]])
     write = _digest([select, d["augment"], d["output"]])
     return {"read": read, "dedup": dedup, "perplexity": ppl, "select": select, "write": write}
 
@@ -476,6 +488,9 @@ def select_phase(cfg: CorpusConfig, shards: list[dict], fate: np.ndarray, ppl: n
             "unit": _scorer(cfg).unit,
         }
         copies[high] = 0
+    sel_score = np.full(len(fate), np.nan)
+    if cfg.select.enabled:
+        info["select"], sel_score = _select_step(cfg, shards, fate, copies, cols, sources, ppl)
     if cfg.mix.enabled:
         alive = np.flatnonzero(fate == KEEP)
         sizes = cols["tokens"][alive] if cfg.mix.unit == "tokens" else np.ones(len(alive), dtype=np.int64)
@@ -486,14 +501,60 @@ def select_phase(cfg: CorpusConfig, shards: list[dict], fate: np.ndarray, ppl: n
         report["token_counter"] = (f"tokenizer {cfg.output.tokenizer}" if cfg.output.tokenizer else
                                    "estimate: CJK characters + runs of other non-space characters")
         info["mix"] = report
-    np.savez(work / "select.npz", fate=fate, copies=copies, ppl=ppl if ppl is not None else np.zeros(0))
+    np.savez(work / "select.npz", fate=fate, copies=copies, ppl=ppl if ppl is not None else np.zeros(0),
+             select_score=sel_score)
     _write_json_atomic(done_path, info)
     return info
 
 
+def _select_step(cfg: CorpusConfig, shards: list[dict], fate: np.ndarray, copies: np.ndarray,
+                 cols: dict[str, np.ndarray], sources: np.ndarray, ppl: np.ndarray | None
+                 ) -> tuple[dict, np.ndarray]:
+    """The selection step (`select:`) over the documents still alive: marks the candidates it does not
+    select (fate `select.<method>`, in place) and returns its report and a score per document (NaN for
+    non-candidates, and for every document of a private selection: its scores are the private input)."""
+    sc = cfg.select
+    t0 = time.perf_counter()
+    cand_mask = fate == KEEP
+    if sc.sources:
+        cand_mask &= np.isin(sources, sc.sources)
+    cand = np.flatnonzero(cand_mask)
+    texts: list[str] = []
+    target: list[str] = []
+    bad = 0
+    if sc.method != "perplexity":
+        work = Path(cfg.out_dir) / "work" / "read"
+        offset = 0
+        for s in shards:
+            n = s["docs_kept"]
+            want = cand_mask[offset:offset + n]
+            if want.any():
+                texts += [doc["text"] for ok, doc in zip(want, read_jsonl_gz(work / f"{s['key']}.docs.jsonl.gz"))
+                          if ok]
+            offset += n
+        target, bad = read_target_texts(sc, Normalizer(cfg.normalize) if cfg.normalize.enabled else None)
+    keep, score, report = run_selection(
+        sc, texts, [str(i) for i in cols["id"][cand]], sources[cand], cols["tokens"][cand], cols["chars"][cand],
+        cols["lang"][cand], None if ppl is None else ppl[cand], target)
+    fate[cand[~keep]] = SELECT_OUT[sc.method]
+    copies[cand[~keep]] = 0
+    out = np.full(len(fate), np.nan)
+    if not sc.dp.enabled:
+        out[cand] = score
+    report["reason"] = f"select.{sc.method}"
+    if sc.method != "perplexity":
+        report["target_files"] = list(sc.target)
+        report["target_unreadable_records"] = bad
+    report["token_counter"] = (f"tokenizer {cfg.output.tokenizer}" if cfg.output.tokenizer else
+                               "estimate: CJK characters + runs of other non-space characters")
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return report, out
+
+
 # -- phase 5: write --------------------------------------------------------------------------------------
 def write_shard(cfg: CorpusConfig, shard: dict, part: int, fate: np.ndarray, copies: np.ndarray,
-                ppl: np.ndarray | None, dup_ids: list[str | None], fingerprint: str) -> dict:
+                ppl: np.ndarray | None, dup_ids: list[str | None], fingerprint: str,
+                sel_score: np.ndarray | None = None) -> dict:
     """Phase 5 for one shard: output part file, rejected file, augmented copies, spot-check sample."""
     out = Path(cfg.out_dir)
     work = out / "work"
@@ -515,6 +576,8 @@ def write_shard(cfg: CorpusConfig, shard: dict, part: int, fate: np.ndarray, cop
     for i, doc in enumerate(read_jsonl_gz(work / "read" / f"{shard['key']}.docs.jsonl.gz")):
         if ppl is not None and not np.isnan(ppl[i]):
             doc["stats"]["perplexity"] = round(float(ppl[i]), 3)
+        if sel_score is not None and not np.isnan(sel_score[i]):
+            doc["stats"]["select"] = {"method": cfg.select.method, "score": round(float(sel_score[i]), 6)}
         if fate[i] != KEEP:
             reason = FATE_REASON[int(fate[i])]
             reasons[reason] += 1
@@ -605,6 +668,9 @@ def _run(cfg: CorpusConfig, fps: dict[str, str], t_start: float) -> dict:
     # later phases are valid only for exactly these read results (an input changed -> redo them)
     read_digest = _digest([[s["key"], s["input_state"], s["docs_kept"]] for s in shards])
     fps = {phase: (fp if phase == "read" else _digest([fp, read_digest])) for phase, fp in fps.items()}
+    if cfg.select.enabled and cfg.select.target:  # the target files are inputs of the select phase too
+        target_state = _digest(_target_state(cfg.select.target))
+        fps.update({p: _digest([fps[p], target_state]) for p in ("select", "write")})
     keys = {t.key for t in tasks}
     for stale in (out / "rejected").glob("*.jsonl.gz"):  # from shards of an earlier plan (split_mb, files)
         if stale.name.rsplit(".", 3)[0] not in keys:
@@ -633,6 +699,7 @@ def _run(cfg: CorpusConfig, fps: dict[str, str], t_start: float) -> dict:
     selection = select_phase(cfg, shards, fate, ppl, fps["select"])
     sel = np.load(work / "select.npz")
     fate, copies = sel["fate"], sel["copies"]
+    sel_score = sel["select_score"] if "select_score" in sel.files else np.full(len(fate), np.nan)
     # 5. write
     ids = (np.concatenate([np.load(work / "read" / f"{s['key']}.index.npz")["id"] for s in shards])
            if shards else np.zeros(0, dtype=str))
@@ -644,7 +711,8 @@ def _run(cfg: CorpusConfig, fps: dict[str, str], t_start: float) -> dict:
     written = run_tasks(write_shard, [
         (cfg, s, i, fate[offsets[i]:offsets[i + 1]], copies[offsets[i]:offsets[i + 1]],
          None if ppl is None else ppl[offsets[i]:offsets[i + 1]], dup_ids[offsets[i]:offsets[i + 1]],
-         fps["write"]) for i, s in enumerate(shards)], cfg.executor, "write")
+         fps["write"], sel_score[offsets[i]:offsets[i + 1]]) for i, s in enumerate(shards)], cfg.executor,
+        "write")
     tokens = _tokenize_output(cfg, written) if cfg.output.tokenizer else None
     review = _write_review(cfg, shards, written)
     manifest = build_manifest(cfg, inputs=input_digests(cfg, tasks), fingerprints=fps, shards=shards,
@@ -653,6 +721,17 @@ def _run(cfg: CorpusConfig, fps: dict[str, str], t_start: float) -> dict:
     _write_json_atomic(out / "manifest.json", manifest)
     (out / "report.md").write_text(manifest_markdown(manifest), encoding="utf-8")
     return manifest
+
+
+def _target_state(paths: list[str]) -> list:
+    """Size and mtime of every file behind select.target (files, directories, globs)."""
+    import glob
+
+    state = []
+    for p in paths:
+        files = [p] if Path(p).exists() else sorted(glob.glob(p, recursive=True))
+        state.append([[f, _file_state(f)] for f in files])
+    return state
 
 
 def input_digests(cfg: CorpusConfig, tasks: list[ReadTask]) -> list[dict]:

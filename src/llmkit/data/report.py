@@ -17,7 +17,7 @@ from llmkit.config import to_dict
 from llmkit.data.executor import total_workers
 
 FORMAT_VERSION = 1
-STEP_ORDER = ["read", "normalize", "quality", "safety", "dedup", "perplexity", "mix"]
+STEP_ORDER = ["read", "normalize", "quality", "safety", "dedup", "perplexity", "select", "mix"]
 
 
 def build_manifest(cfg, *, inputs: list[dict], fingerprints: dict[str, str], shards: list[dict],
@@ -75,6 +75,7 @@ def build_manifest(cfg, *, inputs: list[dict], fingerprints: dict[str, str], sha
         "reasons": dict(sorted(reasons.items())),
         "dedup": dedup and {k: v for k, v in dedup.items() if k != "fingerprint"},
         "perplexity": selection.get("perplexity"),
+        "select": selection.get("select"),
         "mix": selection.get("mix"),
         "output": {"format": cfg.output.format, "docs": out_docs, "augmented": augmented,
                    "files": [{k: w[k] for k in ("file", "docs", "bytes", "sha256")} for w in written],
@@ -135,6 +136,8 @@ def manifest_markdown(manifest: dict) -> str:
         for dom, s in p["by_domain"].items():
             lines.append(f"| {dom} | {s['count']} | {s['p10']:.2f} | {s['p50']:.2f} | {s['p90']:.2f} | "
                          f"{s['mean']:.2f} |")
+    if manifest.get("select"):
+        lines += _select_markdown(manifest["select"])
     if manifest.get("mix"):
         m = manifest["mix"]
         lines += ["", f"## Mix ({m['unit']}; {m['token_counter']})", "",
@@ -152,3 +155,29 @@ def manifest_markdown(manifest: dict) -> str:
     lines += ["", f"Output: {o['docs']} documents in {len(o['files'])} {o['format']} shard(s), digest "
                   f"{o['digest'][:16]}; review page: {', '.join(manifest['review']['files'])}."]
     return "\n".join(lines) + "\n"
+
+
+def _select_markdown(sel: dict) -> list[str]:
+    lines = ["", f"## Selection ({sel['method']}; dropped as {sel['reason']})", "",
+             f"{sel['selected']} of {sel['candidates']} candidates selected; tokens "
+             f"{sel['tokens']['selected']} of {sel['tokens']['candidates']}, characters "
+             f"{sel['chars']['selected']} of {sel['chars']['candidates']} ({sel['token_counter']}).", ""]
+    if "held_out_auc" in sel:
+        lines += [f"Classifier held-out AUC {sel['held_out_auc']:.3f} on {sel['held_out_docs']} documents "
+                  f"(train AUC {sel['train_auc']:.3f}).", ""]
+    if "kl_target_raw" in sel:
+        lines += [f"DSIR: KL(target || raw) of the hashed n-gram models {sel['kl_target_raw']:.3f} nats.", ""]
+    if "bands" in sel:
+        lines += ["Perplexity band per language: " + ", ".join(f"{k} [{lo:.2f}, {hi:.2f}]" for k, (lo, hi) in
+                                                               sel["bands"].items()), ""]
+    dp = sel.get("dp")
+    if dp:
+        share = "n/a" if dp["overlap_share"] is None else f"{dp['overlap_share']:.3f}"
+        rnd = "n/a" if dp["random_overlap_share"] is None else f"{dp['random_overlap_share']:.3f}"
+        lines += [f"Differentially private: ({dp['epsilon']}, {dp['delta']})-DP, {dp['mechanism']}; "
+                  f"sensitivity {dp['sensitivity']}, epsilon per pick {dp['epsilon_per_pick']:.4g}, Gumbel "
+                  f"scale {dp['noise_scale']:.4g}, {dp['composition']}. Overlap with the non-private top-k "
+                  f"{dp['overlap']} ({share}; random: {rnd}).", ""]
+    lines += ["| source | candidates | selected |", "|---|---:|---:|"]
+    lines += [f"| {s} | {v['candidates']} | {v['selected']} |" for s, v in sel["by_source"].items()]
+    return lines
