@@ -8,8 +8,9 @@ replies, then measure self-speculative decoding with it against plain greedy and
 2. Training text: the model's own greedy replies (the Engine, batched, --reply-tokens each) to the first
    --replies instructions of alpaca_en_demo.json, each rendered with the chat template as prompt + reply:
    the distribution the draft will be asked to predict (Kangaroo trains on the model's chat data).
-3. `train_exit_adapter` with K = --layers, --steps steps of 4 x 256 tokens. Held-out figures (the last 10%
-   of the text's tokens): KL to the full model and top-1 agreement, of the bare exit and of the trained one.
+3. `train_exit_adapter` with K = --layers, --steps steps of 4 x 256 tokens, --init (identity: starts as
+   the bare exit), the draft's head cut to the --draft-vocab most frequent tokens of the text. Held-out
+   figures (the last 10% of the text's tokens): KL to the full model and top-1 agreement, of the bare exit and of the trained one.
 4. `benchmarks/speculative.py --exit-adapter DIR` on its two workloads (edit, chat; prompts not in the
    training set): plain, bare exit, trained exit, trained exit with confidence-based stopping.
 Prints one JSON object (the training figures and the speculative benchmark's).
@@ -66,13 +67,15 @@ def train(args) -> dict:
             f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
     del model
 
-    overrides = {"model": work / "smol", "layers": args.layers, "out_dir": work / "exit",
+    overrides = {"model": work / "smol", "layers": args.layers, "out_dir": work / "exit", "init": args.init,
+                 "draft_vocab": args.draft_vocab or "null",
                  "data.inputs": f"[{data}]", "data.val_fraction": 0.1, "train.max_steps": args.steps,
                  "train.batch_size": 4, "train.block_size": 256, "train.eval_interval": max(1, args.steps // 3),
                  "train.checkpoint_interval": args.steps, "train.progress": False, "track.enabled": False}
     t0 = time.perf_counter()
     summary = train_exit_adapter(load_config(ExitConfig, None, [f"{k}={v}" for k, v in overrides.items()]))
     return {"adapter": summary["adapter"], "layers": args.layers, "n_layer": 30, "steps": summary["step"],
+            "init": args.init, "draft_vocab": args.draft_vocab,
             "replies": len(replies), "reply_generation_s": round(reply_s, 1),
             "train_s": round(time.perf_counter() - t0, 1),
             "bare_exit": {"kl": round(summary["baseline_exit_kl"], 4), "top1": round(summary["baseline_exit_top1"], 4)},
@@ -89,6 +92,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3, help="speculative benchmark rounds")
     ap.add_argument("--draft-confidence", type=float, default=0.4)
+    ap.add_argument("--init", choices=["identity", "last_block"], default="identity")
+    ap.add_argument("--draft-vocab", type=int, default=8192, help="draft only the N most frequent tokens; 0: all")
     ap.add_argument("--stage", choices=["train"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.stage == "train":

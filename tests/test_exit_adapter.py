@@ -14,9 +14,16 @@ import torch
 from conftest import tiny_overrides
 from llmkit.config import load_config
 from llmkit.data.tokenized import file_sha256
-from llmkit.distill.exit_adapter import ExitConfig, load_exit_adapter, train_exit_adapter
+from llmkit.distill.exit_adapter import (
+    ExitConfig,
+    _ExitPoint,
+    exit_logits,
+    load_exit_adapter,
+    new_adapter,
+    train_exit_adapter,
+)
 from llmkit.infer.generate import SamplingParams, stream_tokens
-from llmkit.infer.speculative import ModelDrafter, make_draft, speculative_generate
+from llmkit.infer.speculative import ModelDrafter, SubsetHead, make_draft, speculative_generate
 from llmkit.models import load_model
 from llmkit.tokenizer import Tokenizer
 
@@ -42,7 +49,8 @@ def _exit_config(model_dir: Path, text: Path, out: Path, **extra) -> ExitConfig:
     overrides = {"model": model_dir, "layers": LAYERS, "out_dir": out, "data.inputs": f"[{text}]",
                  "train.max_steps": 80, "train.block_size": 64, "train.batch_size": 8, "train.lr": 3e-3,
                  "train.warmup_steps": 5, "train.eval_interval": 40, "train.checkpoint_interval": 40,
-                 "train.log_interval": 10, "train.progress": False, "track.enabled": False, **extra}
+                 "train.log_interval": 10, "train.progress": False, "track.enabled": False, "draft_vocab": "null",
+                 **extra}
     return load_config(ExitConfig, None, [f"{k}={v}" for k, v in overrides.items()])
 
 
@@ -67,7 +75,8 @@ def test_the_trained_exit_agrees_with_the_model_more_than_the_bare_exit(adapter)
 def test_the_exit_draft_gives_the_models_greedy_tokens_and_is_accepted_more(trained, adapter, shakespeare_small):
     model = load_model(trained).eval()
     tok = Tokenizer.load(trained)
-    block, layers = load_exit_adapter(model, adapter[0], trained)
+    block, layers, vocab = load_exit_adapter(model, adapter[0], trained)
+    assert vocab is None  # draft_vocab: null in _exit_config
     trained_draft = make_draft(model, "layers", layers, exit_adapter=block)
     bare_draft = make_draft(model, "layers", layers)
     assert trained_draft.config.n_layer == LAYERS + 1 and trained_draft.blocks[0] is model.blocks[0]
@@ -92,7 +101,7 @@ def test_the_exit_draft_gives_the_models_greedy_tokens_and_is_accepted_more(trai
 
 def test_confidence_exit_drafts_less_and_keeps_the_output(trained, adapter):
     model = load_model(trained).eval()
-    block, layers = load_exit_adapter(model, adapter[0])
+    block, layers, _ = load_exit_adapter(model, adapter[0])
     draft = make_draft(model, "layers", layers, exit_adapter=block)
     prompt = Tokenizer.load(trained).encode("ROMEO:\nWhat light through yonder")
     for temperature in (0.0, 0.8):
@@ -159,3 +168,58 @@ def test_cli_distill_exit_then_generate_with_the_exit_draft(trained, shakespeare
     assert json.loads(got.err.strip().splitlines()[-1])["draft_forwards"] > 0
     assert main(["distill-exit", "--config", str(config), "layerz=1"]) == 2
     assert "layerz" in capsys.readouterr().err
+
+
+def test_identity_init_starts_as_the_bare_exit_and_last_block_init_does_not(trained):
+    model = load_model(trained).eval()
+    x = torch.randint(0, model.config.vocab_size, (2, 24))
+    point = _ExitPoint(model, LAYERS)
+    with torch.no_grad():
+        model(x)
+        bare = model.head(point.hidden)
+        identity = exit_logits(model, new_adapter(model, "identity"), point, LAYERS)
+        copied = exit_logits(model, new_adapter(model, "last_block"), point, LAYERS)
+    point.remove()
+    assert torch.allclose(identity, bare, atol=1e-5)
+    assert not torch.allclose(copied, bare, atol=1e-2)
+    with pytest.raises(ValueError, match="init"):
+        new_adapter(model, "zeros")
+
+
+def test_a_subset_head_drafts_only_its_tokens_and_keeps_the_greedy_output(trained, adapter, shakespeare_small,
+                                                                          tmp_path):
+    model = load_model(trained).eval()
+    V = model.config.vocab_size
+    ids = torch.tensor([0, 3, 5, 7, 11, 20, 31, 40])
+    head = SubsetHead(model.lm_head, ids, V)
+    h = torch.randn(3, model.config.d_model)
+    full, sub = model.lm_head(h), head(h)
+    assert torch.allclose(sub[:, ids], full[:, ids], atol=1e-6)
+    outside = torch.ones(V, dtype=torch.bool)
+    outside[ids] = False
+    assert torch.isinf(sub[:, outside]).all()
+
+    # an adapter trained with draft_vocab keeps the most frequent ids and drafts only them
+    s = train_exit_adapter(_exit_config(trained, shakespeare_small[0], tmp_path / "vocab", draft_vocab=12,
+                                        **{"train.max_steps": 20}))
+    block, layers, vocab = load_exit_adapter(model, s["adapter"], trained)
+    text = shakespeare_small[0].read_text()
+    tok = Tokenizer.load(trained)
+    counts = torch.bincount(torch.tensor(tok.encode(text[:180_000])), minlength=V)
+    assert vocab.numel() == 12 and set(vocab.tolist()) <= set(counts.argsort(descending=True)[:16].tolist())
+    draft = make_draft(model, "layers", layers, exit_adapter=block, draft_vocab=vocab)
+    prompt = tok.encode(text[5000:5040])
+    greedy = SamplingParams(max_new_tokens=30, temperature=0, stop_at_eos=False)
+    drafter = ModelDrafter(draft)
+    proposals = []
+    original = drafter.propose
+
+    def record(*args, **kw):
+        drafts, q = original(*args, **kw)
+        proposals.extend(drafts)
+        return drafts, q
+
+    drafter.propose = record
+    out, stats = speculative_generate(model, prompt, greedy, drafter, num_draft=4)
+    assert out == list(stream_tokens(model, prompt, greedy))
+    assert proposals and set(proposals) <= set(vocab.tolist())

@@ -255,8 +255,29 @@ def _cache_dtype(model: Decoder) -> torch.dtype:
     return model.tok_emb.weight.dtype
 
 
+class SubsetHead(torch.nn.Module):
+    """An LM head over a subset of the vocabulary: logits (..., vocab) with -inf outside `ids`, computed with
+    only those rows of the weight (len(ids) x d instead of vocab x d). A draft with it proposes only those
+    tokens (FR-Spec, Zhao et al. 2025: the most frequent ones); the target's verification is unchanged."""
+
+    def __init__(self, head: torch.nn.Linear, ids: torch.Tensor, vocab: int):
+        super().__init__()
+        ids = ids.to(head.weight.device)
+        # column-major (len(ids), d), as `llmkit.models.layout` stores decoding weights: a faster GEMV on CPU
+        self.weight = torch.nn.Parameter(head.weight.detach()[ids].t().contiguous().t(), requires_grad=False)
+        self.bias = None if head.bias is None else torch.nn.Parameter(head.bias.detach()[ids].clone(),
+                                                                     requires_grad=False)
+        self.register_buffer("ids", ids)
+        self.vocab = vocab
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sub = torch.nn.functional.linear(x, self.weight, self.bias)
+        out = sub.new_full((*sub.shape[:-1], self.vocab), float("-inf"))
+        return out.index_copy_(-1, self.ids, sub)
+
+
 def make_draft(target: Decoder, kind: str = "int8", layers: int | None = None,
-               exit_adapter: torch.nn.Module | None = None) -> Decoder:
+               exit_adapter: torch.nn.Module | None = None, draft_vocab: torch.Tensor | None = None) -> Decoder:
     """A draft model built from `target` (eval mode).
 
     kind "int8": a deep copy with every block Linear dynamically quantized to INT8
@@ -266,7 +287,8 @@ def make_draft(target: Decoder, kind: str = "int8", layers: int | None = None,
     exit, Elhoushi et al. 2024); the modules are shared, not copied (no extra memory), and its cost is
     layers / n_layer of the target's blocks. Without LayerSkip's early-exit training the shallow exit agrees
     with the target less often. `exit_adapter` (kind "layers"): a trained block run after the first K
-    (`llmkit.distill.exit_adapter`, Kangaroo), which brings the exit much closer to the last layer."""
+    (`llmkit.distill.exit_adapter`, Kangaroo), which brings the exit much closer to the last layer;
+    `draft_vocab` (token ids): its head computes only those rows (`SubsetHead`, FR-Spec), the rest never drafted."""
     if kind == "int8":
         from llmkit.infer.quantize import QuantConfig, quantize_model
 
@@ -288,6 +310,8 @@ def make_draft(target: Decoder, kind: str = "int8", layers: int | None = None,
             types = None if types is None else [*types, c.layer_types[-1]]
         draft.blocks = torch.nn.ModuleList(blocks)
         draft.config = dataclasses.replace(c, n_layer=len(blocks), layer_types=types)
+        if draft_vocab is not None:
+            draft.lm_head = SubsetHead(target.lm_head, draft_vocab, c.vocab_size)
         return draft.eval()
     raise ValueError(f"kind: 'int8' or 'layers', got {kind!r}")
 
@@ -391,10 +415,11 @@ def drafter_from_config(kind: str, target: Decoder, draft_model: str | None = No
         from llmkit.distill.exit_adapter import load_exit_adapter
         from llmkit.models.layout import column_major_linears
 
-        adapter, layers = load_exit_adapter(target, spec.split(":", 1)[1], target_dir)
+        adapter, layers, draft_vocab = load_exit_adapter(target, spec.split(":", 1)[1], target_dir)
         if next(target.parameters()).device.type == "cpu":
             column_major_linears(adapter)  # the layout `load_for_inference` gives the target's own blocks
-        return ModelDrafter(make_draft(target, "layers", layers, exit_adapter=adapter), min_confidence)
+        draft = make_draft(target, "layers", layers, exit_adapter=adapter, draft_vocab=draft_vocab)
+        return ModelDrafter(draft, min_confidence)
     from llmkit.infer.load import load_for_inference
 
     model, _, _ = load_for_inference(spec, None, device, dtype)
