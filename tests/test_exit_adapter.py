@@ -18,10 +18,10 @@ from llmkit.distill.exit_adapter import (
     ExitConfig,
     _ExitPoint,
     exit_logits,
-    load_exit_adapter,
     new_adapter,
     train_exit_adapter,
 )
+from llmkit.infer.exit_draft import load_exit_adapter
 from llmkit.infer.generate import SamplingParams, stream_tokens
 from llmkit.infer.speculative import ModelDrafter, SubsetHead, make_draft, speculative_generate
 from llmkit.models import load_model

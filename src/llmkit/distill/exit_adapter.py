@@ -29,14 +29,14 @@ parameters), and the draft only needs to propose likely tokens. The full model s
 so the output does not change; a token outside the subset is simply never drafted.
 
 Output: `<out_dir>/final/exit_adapter.safetensors` (the block, and `draft_vocab` ids when set) and
-`exit_adapter.json` (K, the base model's weights digest, held-out figures). `load_exit_draft` builds the draft; `llmkit generate --speculative draft
---draft-model exit:DIR` uses it.
+`exit_adapter.json` (K, the base model's weights digest, held-out figures): the format of
+`llmkit.infer.exit_draft`, whose `load_exit_adapter` reads it back for `make_draft` and for
+`llmkit generate --speculative draft --draft-model exit:DIR`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +45,10 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from llmkit import runtime
 from llmkit.data.tokenized import file_sha256, open_split, prepare_tokens, read_meta
+from llmkit.infer.exit_draft import check_layers, save_exit_adapter
 from llmkit.models.decoder import Block, Decoder
 from llmkit.track import TrackConfig, Tracker
 from llmkit.train import loop
@@ -56,9 +56,6 @@ from llmkit.train.sampler import WindowSampler, fixed_batches
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FILE = "exit_adapter.safetensors"
-META_FILE = "exit_adapter.json"
-DRAFT_VOCAB = "draft_vocab"  # the tensor of token ids the draft may propose, in the adapter file
 
 
 @dataclass
@@ -147,12 +144,6 @@ def frequent_tokens(split, n: int, vocab: int) -> torch.Tensor:
         counts += np.bincount(np.asarray(shard, dtype=np.int64), minlength=vocab)[:vocab]
     top = np.argsort(-counts, kind="stable")[:min(n, vocab)]
     return torch.from_numpy(np.sort(top))
-
-
-def check_layers(model: Decoder, layers: int) -> None:
-    n = model.config.n_layer
-    if not 1 <= layers < n:
-        raise ValueError(f"layers: an early exit needs 1 <= K < n_layer={n}, got {layers}")
 
 
 class _ExitPoint:
@@ -298,46 +289,3 @@ def train_exit_adapter(cfg: ExitConfig, resume: bool = False) -> dict:
             **{f"baseline_{k}": v for k, v in baseline.items()},
             "adapter": str(final) if not result.stopped else None, "tracking_run_id": tracker.run_id,
             "history": result.history}
-
-
-def save_exit_adapter(adapter: Block, out_dir: str | Path, layers: int, n_layer: int, base_model_sha256: str,
-                      metrics: dict[str, float] | None = None, draft_vocab: torch.Tensor | None = None) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
-    if draft_vocab is not None:
-        tensors[DRAFT_VOCAB] = draft_vocab.to(torch.int64).cpu()
-    save_file(tensors, str(out_dir / ADAPTER_FILE))
-    meta = {"layers": layers, "n_layer": n_layer, "base_model_sha256": base_model_sha256,
-            "draft_vocab": None if draft_vocab is None else int(draft_vocab.numel()), "metrics": metrics or {}}
-    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    return out_dir
-
-
-def load_exit_adapter(model: Decoder, adapter_dir: str | Path, model_dir: str | Path | None = None
-                      ) -> tuple[Block, int, torch.Tensor | None]:
-    """(adapter block on the model's device and dtype, K, draft vocabulary ids or None) from a dir
-    `save_exit_adapter` wrote.
-
-    With `model_dir`, its weights must be the ones the adapter was trained on (their sha256 is checked): an
-    adapter of another model would still run, only drafting badly, so a mismatch is refused by name."""
-    adapter_dir = Path(adapter_dir)
-    meta_path = adapter_dir / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{adapter_dir}: no {META_FILE} (write one with `llmkit distill-exit`)")
-    meta = json.loads(meta_path.read_text())
-    if meta["n_layer"] != model.config.n_layer:
-        raise ValueError(f"{adapter_dir}: trained for a model of {meta['n_layer']} layers, this one has "
-                         f"{model.config.n_layer}")
-    if model_dir is not None:
-        weights = Path(model_dir) / "model.safetensors"
-        if weights.is_file() and file_sha256(weights) != meta["base_model_sha256"]:
-            raise ValueError(f"{adapter_dir} was trained on other weights than {model_dir} "
-                             f"(sha256 {meta['base_model_sha256'][:12]} vs {file_sha256(weights)[:12]})")
-    check_layers(model, meta["layers"])
-    adapter = Block(model.config, layer=model.config.n_layer - 1)
-    tensors = load_file(str(adapter_dir / ADAPTER_FILE))
-    draft_vocab = tensors.pop(DRAFT_VOCAB, None)
-    adapter.load_state_dict(tensors)
-    p = next(model.parameters())
-    return adapter.to(p.device, model.tok_emb.weight.dtype).eval(), meta["layers"], draft_vocab

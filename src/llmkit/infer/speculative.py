@@ -412,7 +412,7 @@ def drafter_from_config(kind: str, target: Decoder, draft_model: str | None = No
     if spec.startswith("layers:"):
         return ModelDrafter(make_draft(target, "layers", int(spec.split(":", 1)[1])), min_confidence)
     if spec.startswith("exit:"):
-        from llmkit.distill.exit_adapter import load_exit_adapter
+        from llmkit.infer.exit_draft import load_exit_adapter
         from llmkit.models.layout import column_major_linears
 
         adapter, layers, draft_vocab = load_exit_adapter(target, spec.split(":", 1)[1], target_dir)
