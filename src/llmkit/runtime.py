@@ -171,6 +171,15 @@ def any_rank(flag: bool, info: DistInfo) -> bool:
     return bool(t.item())
 
 
+def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of a scalar tensor over every rank (itself in a single process); collective."""
+    if not info.enabled:
+        return value
+    t = value.detach().clone().to(info.device)
+    dist.all_reduce(t)
+    return t / info.world_size
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -412,7 +412,8 @@ def train_loop(cfg: LoopConfig, job: Job, out: Path, tracker: Tracker, checkpoin
             window_steps += 1
 
             if step % cfg.log_interval == 0 or step == cfg.max_steps:
-                row = {"step": step, "loss": step_loss.item(), "lr": lr, "step_time_s": window_time / window_steps}
+                # every rank's loss, averaged as DDP averages the gradients (rank 0's alone is a sample)
+                row = {"step": step, "loss": runtime.mean_over_ranks(step_loss, info).item(), "lr": lr, "step_time_s": window_time / window_steps}
                 if job.tokens is not None:
                     row["tokens_per_s"] = window.per_s
                     if job.flops_per_token and job.peak_flops and window.per_s:
