@@ -223,3 +223,17 @@ def test_a_subset_head_drafts_only_its_tokens_and_keeps_the_greedy_output(traine
     out, stats = speculative_generate(model, prompt, greedy, drafter, num_draft=4)
     assert out == list(stream_tokens(model, prompt, greedy))
     assert proposals and set(proposals) <= set(vocab.tolist())
+
+
+def test_shared_prepared_shards_are_retokenized_for_other_inputs(trained, shakespeare_small, tmp_path):
+    from llmkit.data.tokenized import read_meta
+
+    text = shakespeare_small[0]
+    other = tmp_path / "other.txt"
+    other.write_text(text.read_text()[100_000:160_000])
+    shards = tmp_path / "shards"
+    one = {"train.max_steps": 1, "train.eval_interval": 1, "data.prepared": shards}
+    train_exit_adapter(_exit_config(trained, text, tmp_path / "a", **one))
+    assert read_meta(shards)["sources"][0]["sha256"] == file_sha256(text)
+    train_exit_adapter(_exit_config(trained, other, tmp_path / "b", **one))
+    assert read_meta(shards)["sources"][0]["sha256"] == file_sha256(other)

@@ -221,8 +221,10 @@ def train_exit_adapter(cfg: ExitConfig, resume: bool = False) -> dict:
     tokenizer = Tokenizer.load(model_dir)
 
     data_dir = Path(cfg.data.prepared or out / "data")
-    try:
-        fresh = read_meta(data_dir)["tokenizer_digest"] == tokenizer.digest()
+    try:  # shards of these very files with this tokenizer are reused; anything else is tokenized again
+        meta = read_meta(data_dir)
+        fresh = meta["tokenizer_digest"] == tokenizer.digest() and (
+            not cfg.data.inputs or [s["sha256"] for s in meta["sources"]] == [file_sha256(p) for p in cfg.data.inputs])
     except FileNotFoundError:
         fresh = False
     if not fresh:
