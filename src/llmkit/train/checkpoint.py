@@ -7,9 +7,15 @@ Layout of one checkpoint, `<root>/step-000123/`:
     state.json          step, sampler positions of every rank, tracking run id, anything JSON-able
     meta.json           sha256 of every file above, written last
 
+A distributed checkpoint (`save_sharded_checkpoint`, training under `train.parallel`) has `shards/` instead of
+model.safetensors: every rank's shards of the model and optimizer, written by `torch.distributed.checkpoint`
+and readable under any other layout; optimizer.pt then holds only the LR scheduler. meta.json covers every
+file under shards/ too.
+
 A checkpoint is written under a temporary name, fsynced and renamed, so a kill at any moment leaves
-either the whole checkpoint or none. Loading verifies every checksum; a corrupt or incomplete latest
-checkpoint is skipped with a warning and the previous one is used. Only the newest `keep` are kept.
+either the whole checkpoint or none (the next save removes a killed writer's temporary directory). Loading
+verifies every checksum; a corrupt or incomplete latest checkpoint is skipped with a warning and the
+previous one is used. Only the newest `keep` are kept.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ class Checkpoint:
     optimizer: dict[str, Any]
     rng: dict[str, Any]
     state: dict[str, Any]
+    shards: Path | None = None
+    """A distributed checkpoint's shards directory (then `model` is empty); None for a full checkpoint."""
 
 
 def step_dir_name(step: int) -> str:
@@ -78,10 +86,42 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     # and let load_state_dict(strict=False) + tying restore the alias.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
     save_file(tensors, str(tmp / "model.safetensors"))
+    return _finish(root, tmp, final, step, optimizer_state, rng_state, state, keep, ["model.safetensors"])
+
+
+def save_sharded_checkpoint(root: str | Path, step: int, write_shards, scheduler_state: dict[str, Any],
+                            rng_state: dict[str, Any], state: dict[str, Any], keep: int, info) -> Path:
+    """A distributed checkpoint: every rank calls this (collective). `write_shards(dir)` writes this rank's
+    shards of the model and optimizer into `dir` (`torch.distributed.checkpoint.save`); rank 0 then adds the
+    scheduler, RNG and state files and meta.json, and renames the directory into place as `save_checkpoint`
+    does. `info`: the `DistInfo` of this process."""
+    from llmkit import runtime
+
+    root = Path(root)
+    final = root / step_dir_name(step)
+    tmp = root / f".{final.name}.tmp-shards"  # one name for every rank
+    if info.is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    runtime.barrier(info)
+    write_shards(tmp / "shards")
+    runtime.barrier(info)
+    if info.is_main:
+        shard_files = sorted(str(f.relative_to(tmp)) for f in (tmp / "shards").rglob("*") if f.is_file())
+        _finish(root, tmp, final, step, scheduler_state, rng_state, state, keep, shard_files)
+    runtime.barrier(info)
+    return final
+
+
+def _finish(root: Path, tmp: Path, final: Path, step: int, optimizer_state, rng_state, state, keep: int,
+            written: list[str]) -> Path:
+    """Write the small files next to the already-written `written` ones, fsync, checksum, rename, prune."""
     torch.save(optimizer_state, tmp / "optimizer.pt")
     torch.save(rng_state, tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2))
-    files = ["model.safetensors", "optimizer.pt", "rng.pt", "state.json"]
+    files = [*written, "optimizer.pt", "rng.pt", "state.json"]
     for name in files:
         with open(tmp / name, "rb") as f:
             os.fsync(f.fileno())
@@ -94,6 +134,8 @@ def save_checkpoint(root: str | Path, step: int, model_state: dict[str, torch.Te
     _fsync_dir(root)
     for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*.tmp-*"):  # half-written by a killed writer (one writer per root)
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -124,13 +166,15 @@ def verify_checkpoint(path: str | Path) -> dict:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
     path = Path(path)
     meta = verify_checkpoint(path)
+    shards = path / "shards"
     return Checkpoint(
         step=meta["step"],
         path=path,
-        model=load_file(str(path / "model.safetensors"), device=str(map_location)),
+        model={} if shards.is_dir() else load_file(str(path / "model.safetensors"), device=str(map_location)),
         optimizer=torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True),
         rng=torch.load(path / "rng.pt", map_location="cpu", weights_only=True),
         state=json.loads((path / "state.json").read_text()),
+        shards=shards if shards.is_dir() else None,
     )
 
 

@@ -105,21 +105,43 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """`torch.nn.utils.clip_grad_norm_` over parameters some of which may be sharded DTensors (expert
-    parallelism) and the rest plain tensors: the total norm covers every shard, so every process scales its
-    gradients by the same factor. Returns the total norm before clipping."""
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, across=None) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over parameters some of which may be sharded DTensors (FSDP, tensor or
+    expert parallelism) and the rest plain tensors: the total norm covers every shard, so every process scales
+    its gradients by the same factor. `across`: a process group whose ranks hold *other* parameters (pipeline
+    stages); their squared norms are summed in. Returns the total norm before clipping."""
     from torch.distributed.tensor import DTensor
 
     with_grad = [p for p in params if p.grad is not None]
     sharded = [p for p in with_grad if isinstance(p.grad, DTensor)]
-    if not sharded:
+    if not sharded and across is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     plain = [p for p in with_grad if not isinstance(p.grad, DTensor)]
-    sharded_norm = torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor()
-    plain_norm = torch.nn.utils.get_total_norm([p.grad for p in plain]) if plain else torch.zeros_like(sharded_norm)
-    total = torch.sqrt(sharded_norm ** 2 + plain_norm ** 2)
+    device = with_grad[0].grad.device if with_grad else torch.device("cpu")
+    squared = torch.zeros((), device=device)
+    if sharded:
+        squared = squared + torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor() ** 2
+    if plain:
+        squared = squared + torch.nn.utils.get_total_norm([p.grad for p in plain]) ** 2
+    if across is not None:
+        dist.all_reduce(squared, group=across)
+    total = torch.sqrt(squared)
     for group in (sharded, plain):
         if group:
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
+
+
+def local_state_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of model state this process holds: its shards of the parameters (a sharded DTensor counts its
+    local part) and of the optimizer state (AdamW's moments). Gradients are freed between steps and not
+    counted. A tied weight counts once."""
+    def nbytes(t: torch.Tensor) -> int:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        return local.numel() * local.element_size()
+
+    params = {id(p): p for p in module.parameters()}
+    total = sum(nbytes(p) for p in params.values())
+    for state in optimizer.state.values():
+        total += sum(nbytes(v) for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
     return total

@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,7 +33,12 @@ from llmkit import runtime
 from llmkit.config import flatten, save_config, to_dict
 from llmkit.runtime import DistInfo
 from llmkit.track import Tracker
-from llmkit.train.checkpoint import Checkpoint, load_latest_checkpoint, save_checkpoint
+from llmkit.train.checkpoint import (
+    Checkpoint,
+    load_latest_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from llmkit.train.distributed import clip_grad_norm
 from llmkit.train.preemption import StopSignal
 from llmkit.train.schedule import warmup_cosine
@@ -124,8 +130,21 @@ class Job:
     load_optimizer_state: Callable[[dict], None] | None = None
     """Defaults: optimizer.state_dict() / load_state_dict(); FSDP gathers and shards instead."""
     restart_data: Callable[[int], None] | None = None
-    """Called with the resumed step when the checkpoint came from another world size (its data positions
-    cannot be replayed); None -> such a resume is refused."""
+    """Called with the resumed step when the checkpoint came from another world size or layout (its data
+    positions cannot be replayed); None -> such a resume is refused."""
+    save_shards: Callable[[Path], None] | None = None
+    load_shards: Callable[[Path], None] | None = None
+    """Distributed checkpoints (`train.parallel`): every rank writes / reads its shards of the model and the
+    optimizer in a directory (collective, `llmkit.train.mesh`), instead of model_state / optimizer_state;
+    loading reshards when the checkpoint was written under another layout."""
+    forward_backward: Callable[[Any, float], torch.Tensor] | None = None
+    """Runs forward and backward of a micro-batch itself, gradients of loss x the factor (1 / grad_accum),
+    and returns the unscaled loss: a pipeline schedule (`llmkit.train.pipeline`). None: loss() + backward()."""
+    grad_norm_across: Any = None
+    """A process group whose ranks hold other parameters (pipeline stages): clipping sums their norms in."""
+    layout: dict[str, int] | None = None
+    """The process layout (e.g. {"dp": 2, "fsdp": 1, "tp": 2}); a checkpoint of another layout resumes with
+    restart_data, as one of another world size does."""
     facts: dict[str, Any] = field(default_factory=dict)
     """JSON-able facts a checkpoint must match to be resumed (e.g. the labels, the method)."""
     name: str = "train"
@@ -162,15 +181,41 @@ class TokenRate:
 
 
 # -- what a recipe calls before the loop -------------------------------------------------------------
+ELASTIC_MARKER = ".torchelastic-run"
+"""In out_dir: the TORCHELASTIC_RUN_ID of the torchrun job that last started there (see open_run)."""
+
+
 def open_run(out: Path, resume: bool, info: DistInfo | None = None) -> Checkpoint | None:
     """Create `out` and return the newest valid checkpoint under out/checkpoints when resuming (None when
-    there is none, or when not resuming). Refuses to start over a run's checkpoints without `resume`."""
+    there is none, or when not resuming). Refuses to start over a run's checkpoints without `resume`.
+
+    Under torchelastic (`torchrun --max-restarts N`, `--nnodes MIN:MAX`) a failed or resized worker group is
+    started again with the same command line, so the job resumes as with `resume` when out/ELASTIC_MARKER
+    names this job (TORCHELASTIC_RUN_ID: its `--rdzv-id`) and either some rank is a restart
+    (TORCHELASTIC_RESTART_COUNT > 0) or the job has an id of its own (not "none"; an agent whose workers are
+    restarted for another node's failure or a membership change does not count a restart). Rank 0 writes the
+    marker at every start that passes the check and removes it at a refusal, so a restart never continues
+    a run that its first attempt refused to start over. Collective under torchelastic without `resume`."""
     ckpt_root = out / "checkpoints"
-    if info is None or info.is_main:
+    marker = out / ELASTIC_MARKER
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    main = info is None or info.is_main
+    if run_id is not None and not resume:
+        ours = marker.is_file() and marker.read_text().strip() == run_id  # read by every rank before rank 0 writes
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0
+        resume = runtime.any_rank(ours and (restarted or run_id != "none"), info or DistInfo())
+        if resume and main:
+            log.warning("torchelastic job %r started again (restart %s of this agent): resuming from the newest "
+                        "checkpoint in %s, as with --resume", run_id, os.environ.get("TORCHELASTIC_RESTART_COUNT"),
+                        ckpt_root)
+    if main:
         out.mkdir(parents=True, exist_ok=True)
         if not resume and ckpt_root.is_dir() and any(ckpt_root.iterdir()):
+            marker.unlink(missing_ok=True)  # a restart of this job must refuse too
             raise FileExistsError(f"{ckpt_root} already holds checkpoints: pass --resume to continue that run, "
                                   "or set out_dir to a new directory")
+        if run_id is not None:
+            marker.write_text(run_id + "\n")
     if not resume:
         return None
     checkpoint = load_latest_checkpoint(ckpt_root, map_location="cpu")
@@ -188,7 +233,7 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def restore_weights(model: torch.nn.Module, checkpoint: Checkpoint | None) -> None:
     """Load a checkpoint's weights into the model; every trainable weight must be in it. The checkpoint's
     copy of the weights is dropped after (the loop restores the rest from it)."""
-    if checkpoint is None:
+    if checkpoint is None or checkpoint.shards is not None:  # distributed: the loop loads it after sharding
         return
     missing = set(trainable_state(model)) - set(checkpoint.model)
     unexpected = set(checkpoint.model) - set(model.state_dict())
@@ -295,6 +340,26 @@ def saved_positions(checkpoint: Checkpoint) -> tuple[list[dict], list[dict]]:
     raise ValueError(f"{checkpoint.path}: no data position in this checkpoint: it cannot be resumed exactly")
 
 
+def replay_source(saved_layout: dict | None, layout: dict | None, saved_ranks: int, info: DistInfo) -> int | None:
+    """The saved rank whose data position and RNG state this rank continues from, or None when the
+    checkpoint's data order cannot be replayed (then `Job.restart_data`).
+
+    Same layout (or none, plain DDP / FSDP): the same rank, when the world size is the same too. Another
+    layout (`train.parallel`) with the same number of data-parallel ranks: the saved rank of the same
+    data-parallel rank on the first pipeline stage (tensor-parallel ranks are the innermost mesh dimension and
+    pipeline stages the outermost; both share their batches), so resharding a run from fsdp 2 to fsdp 2 x tp 2
+    continues its exact data order."""
+    if saved_layout == layout:
+        return info.rank if saved_ranks == info.world_size else None
+    if saved_layout is None or layout is None:
+        return None
+    saved_tp, tp = saved_layout.get("tp", 1), layout.get("tp", 1)
+    saved_data, data = saved_ranks // (saved_tp * saved_layout.get("pp", 1)), info.world_size // (tp * layout.get("pp", 1))
+    if saved_data != data:
+        return None
+    return (info.rank // tp) % data * saved_tp  # the saved rank of this data rank on the first pipeline stage
+
+
 # -- the loop ----------------------------------------------------------------------------------------
 def train_loop(cfg: LoopConfig, job: Job, out: Path, tracker: Tracker, checkpoint: Checkpoint | None,
                info: DistInfo | None = None) -> LoopResult:
@@ -323,16 +388,24 @@ def train_loop(cfg: LoopConfig, job: Job, out: Path, tracker: Tracker, checkpoin
             if key in checkpoint.state and checkpoint.state[key] != value:  # (older checkpoints record fewer)
                 raise ValueError(f"{checkpoint.path}: written for {key} {checkpoint.state.get(key)!r}, this run has "
                                  f"{value!r}")
-        load_optimizer(checkpoint.optimizer["optimizer"])
+        if (checkpoint.shards is not None) != (job.load_shards is not None):
+            raise ValueError(f"{checkpoint.path} is a {'distributed' if checkpoint.shards else 'full'} checkpoint "
+                             f"and this run {'sets' if job.load_shards else 'does not set'} train.parallel: resume "
+                             "it with train.parallel set as it was (any layout), or unset, as it was")
+        if checkpoint.shards is not None:
+            job.load_shards(checkpoint.shards)
+        else:
+            load_optimizer(checkpoint.optimizer["optimizer"])
         scheduler.load_state_dict(checkpoint.optimizer["scheduler"])
         step = checkpoint.step
         data_states, rng_states = saved_positions(checkpoint)
-        if len(data_states) == info.world_size:
-            job.data.load_state_dict(data_states[info.rank])
-            set_rng_state(rng_states[info.rank], device)
+        source = replay_source(checkpoint.state.get("layout"), job.layout, len(data_states), info)
+        if source is not None:
+            job.data.load_state_dict(data_states[source])
+            set_rng_state(rng_states[source], device)
         elif job.restart_data is not None:
-            log.warning("checkpoint was written by %d processes, now %d: data order will differ",
-                        len(data_states), info.world_size)
+            log.warning("checkpoint was written by %d processes, now %d (layout %s, now %s): data order will differ",
+                        len(data_states), info.world_size, checkpoint.state.get("layout"), job.layout)
             job.restart_data(step)
         else:
             raise ValueError(f"{checkpoint.path} was written by {len(data_states)} processes, this run has "
@@ -360,10 +433,17 @@ def train_loop(cfg: LoopConfig, job: Job, out: Path, tracker: Tracker, checkpoin
             tracker.log_metrics({k: v for k, v in row.items() if k != "step"}, row["step"])
 
     def write_checkpoint() -> None:
-        weights = model_state()
-        optim = save_optimizer()
         data_states = runtime.all_gather_objects(job.data.state_dict(), info)
         rngs = runtime.all_gather_objects(rng_state(device), info)
+        if job.save_shards is not None:
+            save_sharded_checkpoint(ckpt_root, step, job.save_shards, {"scheduler": scheduler.state_dict()},
+                                    {"ranks": rngs}, {"data": data_states, "tracking_run_id": tracker.run_id,
+                                                      "world_size": info.world_size, "layout": job.layout,
+                                                      **job.facts},
+                                    keep=cfg.keep_checkpoints, info=info)
+            return
+        weights = model_state()
+        optim = save_optimizer()
         if info.is_main:
             save_checkpoint(ckpt_root, step, weights, {"optimizer": optim, "scheduler": scheduler.state_dict()},
                             {"ranks": rngs}, {"data": data_states, "tracking_run_id": tracker.run_id,
@@ -391,14 +471,18 @@ def train_loop(cfg: LoopConfig, job: Job, out: Path, tracker: Tracker, checkpoin
                 batch = job.next_batch()
                 if job.tokens is not None:
                     step_tokens += job.tokens(batch)
-                sync = job.model.no_sync() if ddp and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
-                with sync, job.autocast():
-                    loss = job.loss(batch)
-                scaler.scale(loss / cfg.grad_accum).backward()
+                if job.forward_backward is not None:
+                    with job.autocast():
+                        loss = job.forward_backward(batch, 1.0 / cfg.grad_accum)
+                else:
+                    sync = job.model.no_sync() if ddp and micro < cfg.grad_accum - 1 else contextlib.nullcontext()
+                    with sync, job.autocast():
+                        loss = job.loss(batch)
+                    scaler.scale(loss / cfg.grad_accum).backward()
                 step_loss += loss.detach().float() / cfg.grad_accum
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                clip_grad_norm(trainable, cfg.grad_clip)
+                clip_grad_norm(trainable, cfg.grad_clip, across=job.grad_norm_across)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

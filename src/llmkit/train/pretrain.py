@@ -31,8 +31,10 @@ from llmkit.tokenizer import Tokenizer
 from llmkit.track import TrackConfig, Tracker
 from llmkit.train import distributed as D
 from llmkit.train import loop
+from llmkit.train import mesh as mesh_parallel
 from llmkit.train.heldout_loss import fixed_batch_loss
 from llmkit.train.objectives import make_objective
+from llmkit.train.parallel import ParallelTraining
 from llmkit.train.sampler import EpochSampler, WindowSampler, fixed_batches
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,10 @@ class TrainConfig(loop.LoopConfig):
     expert_parallel: bool = False
     """With a mixture-of-experts model under torchrun: shard the experts over the processes (all-to-all
     dispatch, `llmkit.models.expert_parallel`); needs strategy ddp and experts divisible by the world size."""
+    parallel: mesh_parallel.ParallelConfig | None = None
+    """Composable data x tensor parallelism on one device mesh, `{dp, fsdp, tp}` (docs/distributed.md,
+    "Composable layouts"); decoders only. Replaces `strategy`, and checkpoints become distributed checkpoints
+    that resume under any other layout. None: `strategy` decides."""
     objective: Literal["auto", "causal", "mlm", "span"] = "auto"
     """auto: causal for decoders, mlm for encoders, span corruption for encoder-decoders."""
     mlm_probability: float = 0.15
@@ -84,6 +90,13 @@ class TrainConfig(loop.LoopConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.parallel is not None and (self.strategy != "ddp" or self.expert_parallel):
+            raise ValueError("parallel: replaces strategy and expert_parallel; leave those unset")
+        if self.parallel is not None and self.parallel.pp > 1:
+            microbatches = self.parallel.microbatches or self.parallel.pp
+            if self.batch_size % microbatches:
+                raise ValueError(f"parallel.microbatches: {microbatches} pipeline micro-batches do not divide "
+                                 f"batch_size {self.batch_size}")
         if self.eval_batches < 1:
             raise ValueError(f"eval_batches: must be >= 1, got {self.eval_batches}")
 
@@ -128,11 +141,12 @@ def resolve_objective(name: str, model_config) -> str:
     return name
 
 
-def make_sampler(split, cfg: TrainConfig, block_size: int, info: DistInfo, seed: int | None = None):
+def make_sampler(split, cfg: TrainConfig, block_size: int, rank: int, world: int, seed: int | None = None):
+    """The batches of data-parallel rank `rank` of `world` (tensor-parallel ranks of one group share one)."""
     seed = cfg.seed if seed is None else seed
     if cfg.sampling == "epoch":
-        return EpochSampler(split, cfg.batch_size, block_size, seed, info.rank, info.world_size)
-    return WindowSampler(split, cfg.batch_size, block_size, seed, info.rank)
+        return EpochSampler(split, cfg.batch_size, block_size, seed, rank, world)
+    return WindowSampler(split, cfg.batch_size, block_size, seed, rank)
 
 
 def ensure_prepared(data: DataConfig, out_dir: str | Path, tokenizer, info: DistInfo) -> Path:
@@ -229,28 +243,40 @@ def _pretrain(cfg: PretrainConfig, resume: bool, info: DistInfo, tracker: Tracke
     torch.manual_seed(t_cfg.seed)  # same initial weights on every rank
     raw_model = build_model(cfg.model).to(device)
     loop.restore_weights(raw_model, checkpoint)
-    # DDP returns a wrapper around raw_model; FSDP shards raw_model in place, replacing its parameters,
-    # so the optimizer is built after wrapping.
-    model = D.wrap_model(raw_model, info, t_cfg.strategy, t_cfg.expert_parallel)
+    n_params, flops_per_token = raw_model.num_params(), raw_model.flops_per_token(block)
+    dtype = runtime.resolve_dtype(t_cfg.precision, device)
+    layout = None
+    if t_cfg.parallel is not None:  # sharded in place (DTensors): the optimizer is built after
+        if t_cfg.parallel.pp > 1 and dtype == torch.float16:
+            raise ValueError("train.parallel.pp: fp16 needs loss scaling, which the pipeline schedules do not do; "
+                             "use train.precision bf16")
+        layout = ParallelTraining(raw_model, t_cfg.parallel, info)
+        model, params = layout.model, layout.params
+        data_rank, data_world = layout.data_rank, layout.data_world
+    else:
+        # DDP returns a wrapper around raw_model; FSDP shards raw_model in place, replacing its parameters,
+        # so the optimizer is built after wrapping.
+        model = D.wrap_model(raw_model, info, t_cfg.strategy, t_cfg.expert_parallel)
+        params = raw_model
+        data_rank, data_world = info.rank, info.world_size
     if t_cfg.expert_parallel and info.enabled and info.is_main:
         experts = cfg.model.moe.experts
         log.info("experts sharded over %d processes: %d of %d per process", info.world_size,
                  experts // info.world_size, experts)
-    optimizer = loop.make_optimizer(t_cfg, [(list(raw_model.parameters()), 1.0)],
-                                    fused=not (info.enabled and (t_cfg.strategy == "fsdp" or t_cfg.expert_parallel)))
+    sharded = info.enabled and (t_cfg.strategy == "fsdp" or t_cfg.expert_parallel or layout is not None)
+    optimizer = loop.make_optimizer(t_cfg, [(list(params.parameters()), 1.0)], fused=not sharded)
     if t_cfg.compile:
         model = torch.compile(model)
-    dtype = runtime.resolve_dtype(t_cfg.precision, device)
     kernel = (lambda: sdpa_kernel(_SDPA_BACKENDS[t_cfg.attention])) if t_cfg.attention != "auto" else None
     autocast = loop.forward_context(device, dtype, kernel)
 
     # -- tracking
-    tokens_per_step = t_cfg.batch_size * t_cfg.grad_accum * block * info.world_size
-    flops_per_token = raw_model.flops_per_token(block)
+    tokens_per_step = t_cfg.batch_size * t_cfg.grad_accum * block * data_world
     if info.is_main:
-        loop.start_tracking(tracker, cfg, out, checkpoint, raw_model, n_params=raw_model.num_params(),
+        layout_params = {f"parallel_{k}": v for k, v in layout.config.as_dict().items()} if layout else {}
+        loop.start_tracking(tracker, cfg, out, checkpoint, params, n_params=n_params,
                             flops_per_token=flops_per_token, world_size=info.world_size,
-                            tokens_per_step=tokens_per_step)
+                            tokens_per_step=tokens_per_step, **layout_params)
         tracker.log_dataset(f"{Path(cfg.data.tokenizer).name}-tokens", meta["splits"]["train"]["sha256"],
                             str(data_dir.resolve()), context="training",
                             profile={"tokens": meta["splits"]["train"]["tokens"],
@@ -259,7 +285,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, info: DistInfo, tracker: Tracke
                             context="validation", profile={"tokens": meta["splits"]["val"]["tokens"]})
         tracker.log_artifact(Path(cfg.data.tokenizer) / "tokenizer.json", "tokenizer")
         log.info("model: %.2fM parameters, %.3g FLOPs/token; %d tokens/step on %d process(es), %s, %s",
-                 raw_model.num_params() / 1e6, flops_per_token, tokens_per_step, info.world_size, device, dtype)
+                 n_params / 1e6, flops_per_token, tokens_per_step, info.world_size, device, dtype)
 
     # -- what the loop runs
     def next_batch() -> dict[str, torch.Tensor]:
@@ -271,26 +297,35 @@ def _pretrain(cfg: PretrainConfig, resume: bool, info: DistInfo, tracker: Tracke
                   for split, batches in eval_sets.items()}
         if objective_name == "causal":  # bits per byte of text: only next-token prediction has that meaning
             losses["val_bpb"] = losses["val_loss"] / math.log(2) / val_split.bytes_per_token
-        return {**losses, **router_stats(model)}
+        return {**losses, **router_stats(params)}
 
     def restart_data(step: int):
-        job.data = make_sampler(train_split, t_cfg, block, info, seed=t_cfg.seed + step)
+        job.data = make_sampler(train_split, t_cfg, block, data_rank, data_world, seed=t_cfg.seed + step)
 
-    job = loop.Job(model=model, optimizer=optimizer, next_batch=next_batch, loss=lambda batch: model(**batch)[1],
-                   evaluate=evaluate, data=make_sampler(train_split, t_cfg, block, info), autocast=autocast,
-                   tokens=lambda batch: t_cfg.batch_size * block * info.world_size,
+    if layout is not None:
+        state_hooks = layout.job_hooks(optimizer)
+    else:
+        state_hooks = dict(model_state=lambda: D.full_model_state(raw_model),
+                           optimizer_state=lambda: D.full_optimizer_state(raw_model, optimizer),
+                           load_optimizer_state=lambda state: D.load_full_optimizer_state(raw_model, optimizer,
+                                                                                          state))
+
+    job = loop.Job(model=params if layout is not None else model, optimizer=optimizer, next_batch=next_batch, loss=lambda batch: model(**batch)[1],
+                   evaluate=evaluate, data=make_sampler(train_split, t_cfg, block, data_rank, data_world),
+                   autocast=autocast, tokens=lambda batch: t_cfg.batch_size * block * data_world,
                    flops_per_token=flops_per_token, peak_flops=peak_flops(device, t_cfg.peak_flops),
-                   model_state=lambda: D.full_model_state(raw_model),
-                   optimizer_state=lambda: D.full_optimizer_state(raw_model, optimizer),
-                   load_optimizer_state=lambda state: D.load_full_optimizer_state(raw_model, optimizer, state),
-                   restart_data=restart_data, name="pretrain")
+                   restart_data=restart_data, name="pretrain", **state_hooks)
     result = loop.train_loop(t_cfg, job, out, tracker, checkpoint, info)
+    state_bytes = runtime.all_gather_objects(D.local_state_bytes(params, optimizer), info)
 
     # -- the final model
     final_dir = out / "final"
     if not result.stopped:
         # Under FSDP gathering the full weights is collective: every rank takes part.
-        final_state = D.full_model_state(raw_model) if info.enabled else None
+        if layout is not None:
+            final_state = layout.full_state()
+        else:
+            final_state = D.full_model_state(raw_model) if info.enabled else None
         if info.is_main:
             to_save = raw_model
             if final_state is not None:
@@ -311,7 +346,8 @@ def _pretrain(cfg: PretrainConfig, resume: bool, info: DistInfo, tracker: Tracke
         "val_loss": result.last_eval.get("val_loss"),
         "val_bpb": result.last_eval.get("val_bpb"),
         "tokens_per_s": result.tokens_per_s,
-        "n_params": raw_model.num_params(),
+        "n_params": n_params,
+        "state_bytes_per_rank": state_bytes,
         "out_dir": str(out),
         "final_model": str(final_dir) if not result.stopped else None,
         "tracking_run_id": tracker.run_id,
