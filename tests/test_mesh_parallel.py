@@ -73,6 +73,18 @@ def test_parallel_fsdp_equals_ddp(corpus, fsdp2, tmp_path):
     assert max_diff(weights(fsdp2 / "final"), weights(ddp / "final")) < TOL
 
 
+def test_bf16_gathers_in_bf16_and_keeps_fp32_master_weights(corpus, tmp_path):
+    """train.precision bf16 under fsdp 2 (FSDP's mixed-precision policy: bf16 gathers, fp32 reductions): the
+    run tracks DDP under bf16 autocast within bf16 rounding, and the saved (master) weights stay fp32."""
+    fsdp, ddp = tmp_path / "fsdp-bf16", tmp_path / "ddp-bf16"
+    torchrun(corpus, layout_overrides(corpus, fsdp, train__parallel__fsdp=2, train__precision="bf16"), nproc=2)
+    torchrun(corpus, layout_overrides(corpus, ddp, train__precision="bf16"), nproc=2)
+    ours, ref = loss_rows(fsdp), loss_rows(ddp)
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, ref)) < 0.02  # bf16 rounding, not equality
+    assert ours[-1]["loss"] < ours[0]["loss"] - 0.3
+    assert all(v.dtype == torch.float32 for v in weights(fsdp / "final").values())
+
+
 def test_fsdp_times_tp_equals_fsdp(corpus, fsdp2, tmp_path):
     """fsdp 2 x tp 2 on 4 processes (HSDP replicas too: dp 2 x tp 2) train what fsdp 2 on 2 processes does:
     same data-parallel ranks, same batches."""

@@ -22,18 +22,22 @@ from llmkit.train.pipeline import PipelineRunner
 
 
 class ParallelTraining:
-    def __init__(self, model: nn.Module, cfg: mesh_parallel.ParallelConfig, info: DistInfo):
+    def __init__(self, model: nn.Module, cfg: mesh_parallel.ParallelConfig, info: DistInfo,
+                 compute_dtype: torch.dtype = torch.float32):
         """Lay `model` (a Decoder, same initial weights on every rank, loaded weights already in it) out on
         the mesh of `cfg` for this world. The model is changed in place; build the optimizer over `params`
-        afterwards."""
+        afterwards. `compute_dtype` (the training precision): a 16-bit one becomes FSDP's mixed-precision
+        policy, weights all-gathered and computed in it (half the bytes of fp32), gradients reduced in fp32,
+        the sharded master weights and AdamW state kept in fp32."""
+        param_dtype = compute_dtype if compute_dtype != torch.float32 else None
         self.layout = mesh_parallel.make_layout(cfg, info)
         self.config = self.layout.config
         self.pipeline: PipelineRunner | None = None
         if self.config.pp > 1:
-            self.pipeline = PipelineRunner(model, self.layout)
+            self.pipeline = PipelineRunner(model, self.layout, param_dtype)
             self.model, self.params = self.pipeline, self.pipeline.parts
         else:
-            self.model = self.params = mesh_parallel.parallelize(model, self.layout)
+            self.model = self.params = mesh_parallel.parallelize(model, self.layout, param_dtype)
         self.data_rank, self.data_world = self.layout.data_rank, self.layout.data_world
 
     def job_hooks(self, optimizer: torch.optim.Optimizer) -> dict:

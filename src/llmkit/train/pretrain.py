@@ -250,7 +250,7 @@ def _pretrain(cfg: PretrainConfig, resume: bool, info: DistInfo, tracker: Tracke
         if t_cfg.parallel.pp > 1 and dtype == torch.float16:
             raise ValueError("train.parallel.pp: fp16 needs loss scaling, which the pipeline schedules do not do; "
                              "use train.precision bf16")
-        layout = ParallelTraining(raw_model, t_cfg.parallel, info)
+        layout = ParallelTraining(raw_model, t_cfg.parallel, info, dtype)
         model, params = layout.model, layout.params
         data_rank, data_world = layout.data_rank, layout.data_world
     else:
