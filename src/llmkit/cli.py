@@ -82,6 +82,14 @@ def _finetune(args) -> None:
     print(json.dumps(summary))
 
 
+def _meta_lora(args) -> None:
+    from llmkit.config import load_config
+    from llmkit.finetune.meta_lora import MetaLoRAConfig, meta_train_lora
+
+    print(json.dumps(meta_train_lora(load_config(MetaLoRAConfig, args.config, args.overrides), resume=args.resume),
+                     ensure_ascii=False))
+
+
 def _distill(args) -> None:
     from llmkit.config import load_config
     from llmkit.distill.recipe import DistillConfig, distill
@@ -363,6 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     ft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ft.set_defaults(func=_finetune)
+
+    ml = sub.add_parser("meta-lora", help="meta-learn a LoRA initialisation over many small instruction tasks "
+                        "(Reptile / first-order MAML); lora.init_from in `llmkit finetune` starts from it")
+    ml.add_argument("--config", required=True)
+    ml.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
+    ml.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    ml.set_defaults(func=_meta_lora)
 
     ds = sub.add_parser("distill", help="knowledge distillation: a smaller student trained on a teacher's "
                         "distributions (forward / reverse KL, JSD), the teacher's outputs cached by content")

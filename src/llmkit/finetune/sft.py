@@ -15,6 +15,7 @@ SIGTERM / Ctrl-C write a checkpoint at the current step and end the run cleanly 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -35,8 +36,17 @@ from llmkit.infer.generate import SamplingParams
 from llmkit.infer.reply import chat_reply
 from llmkit.models.adapters import save_adapter
 from llmkit.models.io import load_generation_config, load_model, save_model
-from llmkit.models.lora import LoRAConfig, apply_lora, lora_parameters
+from llmkit.models.lora import (
+    ADAPTER_CONFIG,
+    LoRAConfig,
+    apply_lora,
+    lora_expert_modules,
+    lora_modules,
+    lora_parameters,
+    merge_lora,
+)
 from llmkit.models.prefix import PrefixConfig, apply_prefix, prefix_parameters
+from llmkit.models.trainable_tokens import trainable_tokens
 from llmkit.registry import resolve_model
 from llmkit.tokenizer import Tokenizer
 from llmkit.track import TrackConfig, Tracker
@@ -95,6 +105,8 @@ class SFTConfig:
     def validate(self) -> None:
         if not self.base_model:
             raise ValueError("base_model: required (a pretrained llmkit model directory)")
+        if self.lora.init_from and self.method != "lora":
+            raise ValueError(f"lora.init_from: a LoRA initialisation needs method: lora, not {self.method}")
 
 
 # -- model ------------------------------------------------------------------------------------------
@@ -113,12 +125,75 @@ def prepare_model(cfg: SFTConfig, device: torch.device) -> tuple[torch.nn.Module
         tokenizer = None
         if cfg.lora.trainable_tokens:
             tokenizer = Tokenizer.load(cfg.base_model)
-        apply_lora(model, cfg.lora, tokenizer)
+        if cfg.lora.init_from:
+            init_lora_from(model, cfg.lora, tokenizer)
+        else:
+            apply_lora(model, cfg.lora, tokenizer)
         adapters = lora_parameters(model)
     else:
         apply_prefix(model, cfg.prefix)
         adapters = prefix_parameters(model)
     return model.to(device), [], adapters
+
+
+def lora_init_dir(path: str | Path) -> Path:
+    """The adapter directory `lora.init_from` names: the directory itself, or its `final/` (a run directory of
+    `llmkit meta-lora` / `llmkit finetune`); FileNotFoundError when neither holds an adapter_config.json."""
+    for d in (Path(path), Path(path) / "final"):
+        if (d / ADAPTER_CONFIG).is_file():
+            return d
+    raise FileNotFoundError(f"lora.init_from: {path} holds no LoRA adapter ({ADAPTER_CONFIG} in it or in its final/)")
+
+
+def _lora_layout(model) -> dict[str, tuple[int, float]]:
+    """{adapter path (module.slice, or the experts' weight): (rank, scaling)} of a model carrying LoRA."""
+    out = {f"{path}.{n}": (m.lora_A[n].shape[0], m.scaling[n]) for path, m in lora_modules(model) for n in m.ranges}
+    out |= {f"{path}.experts.{n}": (m.lora_A[n].shape[1], m.scaling[n])
+            for path, m in lora_expert_modules(model) for n in m.scaling}
+    return out
+
+
+def init_lora_from(model, cfg: LoRAConfig, tokenizer=None) -> list[torch.nn.Parameter]:
+    """Attach the saved adapter `cfg.init_from` to the base `model` as the starting point of LoRA training.
+
+    The adapter must be the one `apply_lora(model, cfg)` would make, with other values: the same adapted
+    modules and slices (cfg.targets), rank (cfg.r), scale (alpha, rslora) and trainable tokens; a ValueError
+    names the first mismatch. Its A and B are loaded exactly; dropout and lr_ratio come from `cfg`.
+    Returns the LoRA parameters (as `lora_parameters`)."""
+    from llmkit.models.lora_peft import load_lora
+
+    adapter_dir = lora_init_dir(cfg.init_from)
+    fresh = dataclasses.replace(cfg, init_from=None)
+    apply_lora(model, fresh, tokenizer)  # the layout this config asks for (and its validation)
+    want, want_tokens = _lora_layout(model), trainable_tokens(model)
+    want_ids = want_tokens.ids.tolist() if want_tokens is not None else []
+    merge_lora(model)  # a fresh adapter adds exactly zero (B = 0, token rows = their own values): the base again
+    try:
+        load_lora(model, adapter_dir)
+    except ValueError as e:
+        raise ValueError(f"lora.init_from: {e}") from None
+    got, got_tokens = _lora_layout(model), trainable_tokens(model)
+    got_ids = got_tokens.ids.tolist() if got_tokens is not None else []
+    where = f"lora.init_from: {adapter_dir}"
+    if set(got) != set(want):
+        extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
+        raise ValueError(f"{where} adapts other modules than lora.targets {cfg.targets} select: "
+                         + "; ".join(s for s in (f"only in the adapter: {extra[:4]}" if extra else "",
+                                                 f"missing from it: {missing[:4]}" if missing else "") if s))
+    for key, (rank, scale) in want.items():
+        g_rank, g_scale = got[key]
+        if g_rank != rank:
+            raise ValueError(f"{where} has rank {g_rank} on {key}; lora.r is {rank}")
+        if not math.isclose(g_scale, scale, rel_tol=1e-6):
+            raise ValueError(f"{where} scales {key} by {g_scale:g}; lora.alpha {cfg.alpha:g} "
+                             f"(rslora {cfg.rslora}) with r {cfg.r} gives {scale:g}")
+    if sorted(got_ids) != sorted(want_ids):
+        raise ValueError(f"{where} trains token rows {sorted(got_ids)}; lora.trainable_tokens give {sorted(want_ids)}")
+    for _, m in [*lora_modules(model), *lora_expert_modules(model)]:
+        m.lora_dropout = torch.nn.Dropout(cfg.dropout) if cfg.dropout > 0 else torch.nn.Identity()
+        m.lora_dropout.train(m.training)
+    model.lora_config = dataclasses.replace(fresh, modules_to_save=model.lora_config.modules_to_save)
+    return lora_parameters(model)
 
 
 def seq2seq_batch(x: torch.Tensor, y: torch.Tensor, pad_id: int) -> dict[str, torch.Tensor]:

@@ -114,6 +114,12 @@ class LoRAConfig:
     """Tokens (e.g. the chat template's `<|assistant|>`, `<|end|>`) whose embedding rows train beside the
     adapters: PEFT's trainable_token_indices (`llmkit.models.trainable_tokens`). Decoders only; needs the
     tokenizer to turn them into ids."""
+    init_from: str | None = None
+    """Start from a saved LoRA adapter instead of fresh factors (A Kaiming, B = 0): an adapter directory
+    (PEFT layout, e.g. what `llmkit meta-lora` or a LoRA fine-tune writes) or a run directory with one in
+    `final/`. Its A and B are loaded as they are; its rank, scale (alpha), targets and trainable tokens must
+    equal this config's (a ValueError names the mismatch). Loaded by the SFT recipe
+    (`llmkit.finetune.sft.init_lora_from`); `apply_lora` itself refuses it."""
 
     def validate(self) -> None:
         if self.r < 1:
@@ -501,6 +507,9 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, tokenizer=None) -> list[str]:
     looked up in `tokenizer` (ValueError when a token is not in its vocabulary or no tokenizer is given).
     """
     cfg.validate()
+    if cfg.init_from:
+        raise ValueError(f"init_from: {cfg.init_from!r}: apply_lora makes fresh adapters; a saved adapter is "
+                         "loaded by llmkit.finetune.sft.init_lora_from (the SFT recipe), not by this recipe")
     if has_lora(model):
         raise ValueError("model already carries LoRA adapters (merge_lora them, or start from the base "
                          "model)")
