@@ -139,13 +139,37 @@ def _model_info(args) -> None:
     from llmkit.models.info import model_info
     from llmkit.train.pretrain import PretrainConfig
 
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    if cfg.model.vocab_size is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
-        from llmkit.tokenizer import Tokenizer
+    source = args.model or args.config
+    if source is None:
+        raise ValueError("model info: give --config FILE (a training recipe) or --model (a recipe or a model dir)")
+    precision = "fp32"
+    if Path(source).is_dir():  # a model directory: its config.json
+        from llmkit.models.io import load_model_config
 
-        cfg.model.vocab_size = Tokenizer.load(cfg.data.tokenizer).vocab_size
-    info = model_info(cfg.model, batch_size=args.batch_size or cfg.train.batch_size, seq_len=args.seq_len,
-                      activation_bytes=2 if cfg.train.precision in ("bf16", "fp16") else 4)
+        if args.overrides:
+            raise ValueError(f"{source} is a model directory: key=value overrides apply to a training recipe")
+        model_cfg, batch_size = load_model_config(source)[0], 1
+    else:
+        cfg = load_config(PretrainConfig, source, args.overrides)
+        if cfg.model.vocab_size is None and cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
+            from llmkit.tokenizer import Tokenizer
+
+            cfg.model.vocab_size = Tokenizer.load(cfg.data.tokenizer).vocab_size
+        model_cfg, batch_size, precision = cfg.model, cfg.train.batch_size, cfg.train.precision
+    if args.plan:
+        from llmkit.train.plan import format_plan, parse_bytes, plan_layouts
+
+        if args.gpus is None or args.gpu_mem is None:
+            raise ValueError("model info --plan: needs --gpus N and --gpu-mem SIZE (e.g. 80GB)")
+        plan = plan_layouts(model_cfg, args.gpus, parse_bytes(args.gpu_mem), seq_len=args.seq_len,
+                            micro_batch=args.micro_batch or 1,
+                            precision=args.precision or ("bf16" if precision in ("auto", "fp32") else precision),
+                            activation_checkpointing=args.activation_checkpointing, microbatches=args.microbatches,
+                            schedule=args.schedule, gpus_per_node=args.gpus_per_node)
+        print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
+        return
+    info = model_info(model_cfg, batch_size=args.batch_size or batch_size, seq_len=args.seq_len,
+                      activation_bytes=2 if precision in ("bf16", "fp16") else 4)
     print(json.dumps(info, indent=2))
 
 
@@ -419,9 +443,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("model", help="inspect model configurations").add_subparsers(dest="action", required=True)
     mi = m.add_parser("info", help="parameters by part, FLOPs per token, training memory")
-    mi.add_argument("--config", required=True, help="a pretraining recipe (its model section is used)")
+    mi.add_argument("--config", default=None, help="a pretraining recipe (its model section is used)")
+    mi.add_argument("--model", default=None, help="a pretraining recipe, or a model directory (config.json)")
     mi.add_argument("--batch-size", type=int, default=None, help="default: the recipe's train.batch_size")
     mi.add_argument("--seq-len", type=int, default=None, help="default: model.block_size")
+    mi.add_argument("--plan", action="store_true", help="rank the parallel layouts (dp, fsdp, tp, pp) that fit "
+                    "--gpus GPUs of --gpu-mem each, by predicted peak memory per rank (llmkit.train.plan)")
+    mi.add_argument("--gpus", type=int, default=None, help="--plan: number of GPUs")
+    mi.add_argument("--gpu-mem", default=None, metavar="SIZE", help="--plan: memory of one GPU, e.g. 80GB, 80GiB")
+    mi.add_argument("--micro-batch", type=int, default=None, help="--plan: sequences per micro-batch (default 1)")
+    mi.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                    help="--plan: default the recipe's train.precision, bf16 where that is auto")
+    mi.add_argument("--activation-checkpointing", action="store_true", help="--plan: recompute blocks in backward")
+    mi.add_argument("--microbatches", type=int, default=None, help="--plan: micro-batches per step under pp "
+                    "(default pp)")
+    mi.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b", help="--plan: pipeline schedule")
+    mi.add_argument("--gpus-per-node", type=int, default=8, help="--plan: tp beyond this ranks last (default 8)")
+    mi.add_argument("--json", action="store_true", help="--plan: the whole plan as JSON")
     mi.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model.vocab_size=32000")
     mi.set_defaults(func=_model_info)
 

@@ -35,6 +35,14 @@ def _component(name: str) -> str:
     return "norms"
 
 
+def parameter_shapes(config) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of `config`'s model, built on the `meta` device (nothing allocated);
+    a tied weight is listed once, under its first name (`tok_emb.weight`). Used by `llmkit.train.plan`."""
+    with torch.device("meta"):
+        model = build_model(config)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
 def model_info(config, batch_size: int = 1, seq_len: int | None = None,
                activation_bytes: int = 2, fused_attention: bool = True) -> dict:
     """Parameter count by component, training FLOPs per token and memory estimates (bytes and GiB).
