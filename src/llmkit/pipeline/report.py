@@ -196,7 +196,8 @@ def _stage_names(stages: dict) -> list[str]:
 
 def data_section(manifest: dict | None) -> Section:
     """The data funnel: documents kept and dropped (by reason) at each step, documents and tokens per domain,
-    requested vs achieved domain share, and the perplexity distribution (char-level) per domain."""
+    requested vs achieved domain share, the selection step's report (`select:`), and the perplexity
+    distribution (char-level) per domain."""
     sec = Section("data", "Data funnel")
     if manifest is None:
         sec.body = _not_run("no data/manifest.json (the data stage is disabled or has not finished)")
@@ -219,6 +220,8 @@ def data_section(manifest: dict | None) -> Section:
                             [[d["domain"], d["sources"], d["docs_in"], d["docs_read"], _fmt(d["available"], ".0f"),
                               _fmt(d["taken"], ".0f"), _fmt(d["requested"], ".3f"), _fmt(d["achieved"], ".3f")]
                              for d in domains]))
+    if manifest.get("select"):
+        parts.append(_select_html(manifest["select"]))
     ppl = (manifest.get("perplexity") or {}).get("by_domain") or {}
     if any(all(_num((d or {}).get(k)) is not None for k in ("p10", "p25", "p50", "p75", "p90")) for d in ppl.values()):
         sec.plots["data_perplexity.png"] = _perplexity_plot(ppl, (manifest.get("perplexity") or {}).get("unit"))
@@ -226,6 +229,32 @@ def data_section(manifest: dict | None) -> Section:
                                                              "perplexity distribution per domain"))
     sec.body = "".join(parts) or _not_run("the manifest holds no funnel")
     return sec
+
+
+def _select_html(sel: dict) -> str:
+    """The selection step's report (manifest `select`): method, what it kept, its diagnostics, per source."""
+    tokens, chars = sel.get("tokens") or {}, sel.get("chars") or {}
+    facts = [f"{sel.get('selected', '-')} of {sel.get('candidates', '-')} candidates selected "
+             f"(dropped as {sel.get('reason', 'select.' + str(sel.get('method')))}); tokens "
+             f"{tokens.get('selected', '-')} of {tokens.get('candidates', '-')}, characters "
+             f"{chars.get('selected', '-')} of {chars.get('candidates', '-')}"
+             + (f" ({sel['token_counter']})" if sel.get("token_counter") else "") + "."]
+    if "held_out_auc" in sel:
+        facts.append(f"Classifier held-out AUC {_fmt(sel['held_out_auc'], '.3f')} (train AUC "
+                     f"{_fmt(sel.get('train_auc'), '.3f')}).")
+    if "kl_target_raw" in sel:
+        facts.append(f"DSIR: KL(target || raw) {_fmt(sel['kl_target_raw'], '.3f')} nats.")
+    if sel.get("bands"):
+        facts.append("Perplexity band per language: " + ", ".join(
+            f"{k} [{_fmt(b[0], '.2f')}, {_fmt(b[1], '.2f')}]" for k, b in sel["bands"].items()) + ".")
+    dp = sel.get("dp")
+    if dp:
+        facts.append(f"Differentially private: ({dp.get('epsilon')}, {dp.get('delta')})-DP, Gumbel scale "
+                     f"{_fmt(dp.get('noise_scale'))}, {dp.get('composition')}; overlap with the non-private top-k "
+                     f"{_fmt(dp.get('overlap_share'), '.3f')} (random: {_fmt(dp.get('random_overlap_share'), '.3f')}).")
+    rows = [[src, v.get("candidates", "-"), v.get("selected", "-")] for src, v in (sel.get("by_source") or {}).items()]
+    return (f"<h3>Selection ({_esc(sel.get('method', '?'))})</h3>" + "".join(f"<p>{_esc(f)}</p>" for f in facts)
+            + (_table(["source", "candidates", "selected"], rows) if rows else ""))
 
 
 def _funnel_plot(funnel: list[dict]) -> bytes:
