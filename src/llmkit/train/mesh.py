@@ -21,8 +21,8 @@ and pp outermost (stages exchange only activations, the least traffic, so they m
 * dp - replicas of the fsdp-sharded model (HSDP, "hybrid sharding"): gradients are all-reduced across the dp
   groups. With fsdp 1 this is plain data parallelism.
 
-The data-parallel ranks are dp x fsdp; each sees its own batches, and the tp ranks of one group see the same
-batch. Gradients are averaged over the data-parallel ranks, so a run equals one process that sees all their
+The data-parallel ranks are dp x fsdp; each sees its own batches, and the tp ranks and pipeline stages of one
+data-parallel rank see the same batch. Gradients are averaged over the data-parallel ranks, so a run equals one process that sees all their
 batches, up to float rounding (tests/test_mesh_parallel.py).
 
 Module names: under `parallel` the fused q/k/v projection of each block is held as three linears
@@ -30,7 +30,6 @@ Module names: under `parallel` the fused q/k/v projection of each block is held 
 tp 1 included, uses the same names, which is what lets a distributed checkpoint written under one layout be
 loaded under another (`sharded_state` / `load_sharded_state`). `full_state` gathers and fuses them back into
 the `Decoder`'s own layout for the final model directory.
-
 """
 
 from __future__ import annotations
