@@ -308,3 +308,24 @@ def test_distill_verdicts(teacher, kd, hard, ratio, expected):
     from llmkit.lab.experiments import distill
 
     assert distill.verdict(teacher, kd, hard, ratio)[0] == expected
+
+
+# -- parallel3d (§5: 3D parallel training splits the model state and trains the same model) --------------------
+@pytest.mark.parametrize("gaps, shares, expected", [
+    ({"tp 2": [1e-7, 0.0], "pp 2 x tp 2": [2e-7]}, {"tp 2": 0.501, "pp 2 x tp 2": 0.26}, "holds"),
+    ({"tp 2": [1e-7], "pp 2 x tp 2": [2e-7]}, {"tp 2": 0.501, "pp 2 x tp 2": 0.40}, "partly holds"),  # uneven
+    ({"tp 2": [1e-7], "pp 2 x tp 2": [0.02]}, {"tp 2": 0.5, "pp 2 x tp 2": 0.25}, "does not hold"),  # diverged
+    ({}, {}, "not measured"),
+])
+def test_parallel3d_verdicts(gaps, shares, expected):
+    from llmkit.lab.experiments import parallel3d
+
+    ways = {"tp 2": 2, "pp 2 x tp 2": 4}
+    assert parallel3d.verdict(gaps, shares, ways)[0] == expected
+
+
+def test_parallel3d_split_ways_ignores_replicas():
+    from llmkit.lab.experiments import parallel3d
+
+    assert parallel3d.split_ways({"dp": 4, "fsdp": 2, "tp": 2}) == 4
+    assert parallel3d.split_ways({"pp": 2, "fsdp": 2, "tp": 2}) == 8

@@ -8,10 +8,11 @@ import pkgutil
 from llmkit.lab.claim import Claim
 
 ORDER = ["dedup", "augment", "encdec-params", "activation", "heads", "int8", "kv-cache", "trainable-params",
-         "lora-lr", "mixing", "sampling", "checkpointing", "hardware", "codesign", "distill", "moe"]
-"""The 16 claims in the order of the guide (and of docs/claims.md); ids not listed here come after. "codesign",
-"distill" and "moe" are the guide's last section (§5), after §4's "checkpointing"; they follow "hardware"
-(§2.2, listed last already) so that the rows before them keep their numbers."""
+         "lora-lr", "mixing", "sampling", "checkpointing", "hardware", "codesign", "distill", "moe",
+         "parallel3d", "select", "meta-lora"]
+"""The 19 claims in the order of the guide (and of docs/claims.md); ids not listed here come after. "codesign",
+"distill", "moe", "parallel3d", "select" and "meta-lora" are the guide's last section (§5), after §4's "checkpointing"; they follow
+"hardware" (§2.2, listed last already) so that the rows before them keep their numbers."""
 
 
 def all_claims() -> list[Claim]:

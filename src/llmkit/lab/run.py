@@ -57,6 +57,10 @@ WHAT_CHANGED = [
     "online policy at most cache budgets.",
     "activation, augment, lora-lr, mixing: criteria unchanged; their decisions moved into `verdict(...)` "
     "functions with the same thresholds, unit-tested like the others.",
+    "New claims for the guide's §5 (after hardware): codesign, distill, moe (lightweight inference, "
+    "distillation, dynamic routing), parallel3d (3D parallel training splits the model state and trains the "
+    "same model), select (data selection, differentially private included, at equal tokens) and meta-lora "
+    "(meta-learned LoRA initialisation for k-step adaptation).",
 ]
 
 
