@@ -170,8 +170,6 @@ def test_parallel_config_and_model_checks():
         mesh.ParallelConfig(dp=3, fsdp=2, tp=2).resolve(8)
     with pytest.raises(ValueError, match="stages_per_rank: 2 needs schedule interleaved-1f1b"):
         mesh.ParallelConfig(pp=2, stages_per_rank=2).resolve(2)
-    with pytest.raises(ValueError, match="tie_embeddings=false"):
-        mesh.check_model(tiny(), mesh.ParallelConfig(pp=2))
     with pytest.raises(ValueError, match="4 pipeline stages need at least as many blocks, the model has 2"):
         mesh.check_model(tiny(tie_embeddings=False), mesh.ParallelConfig(pp=4))
     with pytest.raises(ValueError, match="tp=8 does not divide model.n_head"):
@@ -193,7 +191,23 @@ def test_replay_source_maps_data_ranks_across_layouts():
 
 
 
-# -- pipeline parallel: untied embeddings (the first and last stages cannot share one), 4 blocks -----------
+def test_pipeline_with_tied_embeddings_equals_one_process_and_reshards(corpus, one_process, tmp_path):
+    """pp 2 x tp 2 on a tied model: the first stage's embedding and the last stage's head are two copies whose
+    gradients are summed once per step (the embedding's, a pending sum over the vocabulary shards under tp,
+    laid out as the head's first); equal to one process (tied), and its step-10 checkpoint (AdamW state
+    stored under tok_emb.weight) resumes in one process to the same end."""
+    out = tmp_path / "pp2-tied"
+    torchrun(corpus, layout_overrides(corpus, out, train__parallel__pp=2, train__parallel__tp=2), nproc=4)
+    assert max_diff(weights(out / "final"), weights(one_process / "final")) < TOL
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(loss_rows(out), loss_rows(one_process))) < TOL
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(out / "checkpoints" / "step-000010", resumed / "checkpoints" / "step-000010")
+    run_here(corpus, resumed, resume=True, train__parallel__tp=1)
+    assert max_diff(weights(resumed / "final"), weights(one_process / "final")) < TOL
+
+
+# -- pipeline parallel, 4 blocks, untied embeddings ------------------------------------------------------
 def pipeline_overrides(corpus, out: Path, **extra) -> list[str]:
     return layout_overrides(corpus, out, model__n_layer=4, model__tie_embeddings=False, **extra)
 

@@ -105,24 +105,30 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opt
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, across=None) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float, across=None,
+                   counted: list[torch.nn.Parameter] | None = None) -> torch.Tensor:
     """`torch.nn.utils.clip_grad_norm_` over parameters some of which may be sharded DTensors (FSDP, tensor or
     expert parallelism) and the rest plain tensors: the total norm covers every shard, so every process scales
     its gradients by the same factor. `across`: a process group whose ranks hold *other* parameters (pipeline
-    stages); their squared norms are summed in. Returns the total norm before clipping."""
+    stages); their squared norms are summed in. `counted`: the parameters whose gradients the norm counts (a
+    copy of a weight held twice counts once); all of `params` are clipped. Returns the total norm before
+    clipping."""
     from torch.distributed.tensor import DTensor
 
     with_grad = [p for p in params if p.grad is not None]
     sharded = [p for p in with_grad if isinstance(p.grad, DTensor)]
-    if not sharded and across is None:
+    if not sharded and across is None and counted is None:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     plain = [p for p in with_grad if not isinstance(p.grad, DTensor)]
     device = with_grad[0].grad.device if with_grad else torch.device("cpu")
+    counted_ids = {id(p) for p in (counted if counted is not None else with_grad)}
     squared = torch.zeros((), device=device)
-    if sharded:
-        squared = squared + torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor() ** 2
-    if plain:
-        squared = squared + torch.nn.utils.get_total_norm([p.grad for p in plain]) ** 2
+    sharded_counted = [p.grad for p in sharded if id(p) in counted_ids]
+    plain_counted = [p.grad for p in plain if id(p) in counted_ids]
+    if sharded_counted:
+        squared = squared + torch.nn.utils.get_total_norm(sharded_counted).full_tensor() ** 2
+    if plain_counted:
+        squared = squared + torch.nn.utils.get_total_norm(plain_counted) ** 2
     if across is not None:
         dist.all_reduce(squared, group=across)
     total = torch.sqrt(squared)

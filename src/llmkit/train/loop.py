@@ -142,6 +142,11 @@ class Job:
     and returns the unscaled loss: a pipeline schedule (`llmkit.train.pipeline`). None: loss() + backward()."""
     grad_norm_across: Any = None
     """A process group whose ranks hold other parameters (pipeline stages): clipping sums their norms in."""
+    grad_norm_params: list[torch.nn.Parameter] | None = None
+    """The parameters the clipping norm counts (None: every trainable one); all trainable ones are clipped."""
+    sync_grads: Callable[[], None] | None = None
+    """Called once per step after the micro-batches, before clipping: e.g. pipeline stages summing the
+    gradients of a tied weight each holds a copy of."""
     layout: dict[str, int] | None = None
     """The process layout (e.g. {"dp": 2, "fsdp": 1, "tp": 2}); a checkpoint of another layout resumes with
     restart_data, as one of another world size does."""
@@ -480,9 +485,11 @@ def train_loop(cfg: LoopConfig, job: Job, out: Path, tracker: Tracker, checkpoin
                         loss = job.loss(batch)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 step_loss += loss.detach().float() / cfg.grad_accum
+            if job.sync_grads is not None:
+                job.sync_grads()
             if cfg.grad_clip > 0:
                 scaler.unscale_(optimizer)
-                clip_grad_norm(trainable, cfg.grad_clip, across=job.grad_norm_across)
+                clip_grad_norm(trainable, cfg.grad_clip, across=job.grad_norm_across, counted=job.grad_norm_params)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

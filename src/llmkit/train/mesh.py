@@ -211,9 +211,6 @@ def check_model(model: nn.Module, cfg: ParallelConfig) -> None:
         if c.n_layer < stages:
             raise ValueError(f"train.parallel: {stages} pipeline stages need at least as many blocks, the model "
                              f"has {c.n_layer}")
-        if c.tie_embeddings:
-            raise ValueError("train.parallel.pp: the first and last stages would share the tied token embedding "
-                             "and LM head; set model.tie_embeddings=false to pipeline this model")
         if getattr(model, "rope_original_len", None) is not None:
             raise ValueError("train.parallel.pp: sequence-length-dependent RoPE scaling (dynamic, longrope) is "
                              "not supported in pipeline stages")
@@ -315,31 +312,45 @@ def _checkpoint_blocks(model: nn.Module) -> None:
 
 
 # -- state: sharded (distributed checkpoints) and full (the final model) ---------------------------------
-def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+def sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, optimizer_names: dict[str, str] | None = None
+                  ) -> dict:
     """{"model": ..., "optimizer": ...} of this rank's shards, keyed by parameter names that are the same in
     every layout; `torch.distributed.checkpoint.save` writes it and `load_sharded_state` reads it into any
-    other layout (resharding)."""
+    other layout (resharding). `optimizer_names` renames optimizer-state entries: a pipeline's last stage
+    stores its copy of a tied embedding's AdamW state under "tok_emb.weight", the name an unpipelined tied
+    model gives the one matrix."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
-    return {"model": model_state, "optimizer": optim_state}
+    return {"model": model_state, "optimizer": _rename_params(optim_state, optimizer_names or {})}
 
 
-def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
+def _rename_params(optim_state: dict, names: dict[str, str]) -> dict:
+    if not names:
+        return optim_state
+    groups = [{**g, "params": [names.get(p, p) for p in g["params"]]} for g in optim_state["param_groups"]]
+    return {"state": {names.get(k, k): v for k, v in optim_state["state"].items()}, "param_groups": groups}
+
+
+def save_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, path,
+                       optimizer_names: dict[str, str] | None = None) -> None:
     """Every rank writes its own shards to the directory `path` (collective)."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save(sharded_state(model, optimizer), checkpoint_id=str(path))
+    dcp.save(sharded_state(model, optimizer, optimizer_names), checkpoint_id=str(path))
 
 
-def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, path) -> None:
+def load_sharded_state(model: nn.Module, optimizer: torch.optim.Optimizer, path,
+                       optimizer_names: dict[str, str] | None = None) -> None:
     """Read shards written by `save_sharded_state` under any layout into this one (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    state = sharded_state(model, optimizer)
+    state = sharded_state(model, optimizer, optimizer_names)
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    back = {new: old for old, new in (optimizer_names or {}).items()}
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=_rename_params(state["optimizer"], back))
 
 
 def full_state(model: nn.Module, every_rank: bool = False) -> dict[str, torch.Tensor]:

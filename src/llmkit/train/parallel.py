@@ -41,11 +41,15 @@ class ParallelTraining:
         self.data_rank, self.data_world = self.layout.data_rank, self.layout.data_world
 
     def job_hooks(self, optimizer: torch.optim.Optimizer) -> dict:
-        hooks = dict(save_shards=lambda path: mesh_parallel.save_sharded_state(self.params, optimizer, path),
-                     load_shards=lambda path: mesh_parallel.load_sharded_state(self.params, optimizer, path),
+        names = {}
+        if self.pipeline is not None and self.pipeline.tied and self.pipeline.is_last and not self.pipeline.is_first:
+            names = {"lm_head.weight": "tok_emb.weight"}  # the last stage's copy of the one tied matrix
+        hooks = dict(save_shards=lambda path: mesh_parallel.save_sharded_state(self.params, optimizer, path, names),
+                     load_shards=lambda path: mesh_parallel.load_sharded_state(self.params, optimizer, path, names),
                      layout=self.config.as_dict())
         if self.pipeline is not None:
-            hooks.update(forward_backward=self.pipeline.train_step, grad_norm_across=self.pipeline.group)
+            hooks.update(forward_backward=self.pipeline.train_step, grad_norm_across=self.pipeline.group,
+                         sync_grads=self.pipeline.sync_tied_grads, grad_norm_params=self.pipeline.norm_params())
         return hooks
 
     def full_state(self) -> dict[str, torch.Tensor] | None:

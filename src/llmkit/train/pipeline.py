@@ -11,7 +11,10 @@ bubble by v for v times the messages.
 
 A stage (`DecoderStage`) holds blocks [a, b) under their own names (`blocks.5.attn...`, a ModuleDict keyed by
 the block index), the first stage also the embeddings, the last the final norm and LM head, so checkpoints
-use the same parameter names as an unpipelined model and reshard between layouts. Within a stage tensor
+use the same parameter names as an unpipelined model and reshard between layouts. Tied embeddings (one
+matrix for the token embedding and the LM head) become two copies, on the first and the last stage, as in
+Megatron-LM: they start equal, their gradients are summed between the two stages once per step
+(`sync_tied_grads`), so the same AdamW update keeps them equal; the clipping norm counts the matrix once. Within a stage tensor
 parallelism and FSDP apply as without pipelining (`mesh.shard`). Between stages travel the hidden states,
 (micro-batch, T / tp, d_model) per tensor-parallel rank.
 
@@ -107,6 +110,9 @@ class PipelineRunner:
         mesh_parallel.check_model(model, cfg)
         mesh_parallel.split_qkv(model)
         device = next(model.parameters()).device
+        self.tied = model.lm_head.weight is model.tok_emb.weight
+        if self.tied:  # the last stage's own copy of the matrix (equal at the start on every rank)
+            model.lm_head.weight = nn.Parameter(model.tok_emb.weight.detach().clone())
         n_stages = cfg.pp * cfg.stages_per_rank
         ranges = stage_layers(model.config.n_layer, n_stages)
         mine = [layout.pp_rank + v * cfg.pp for v in range(cfg.stages_per_rank)]  # looped placement
@@ -128,6 +134,7 @@ class PipelineRunner:
                 self.parts.blocks[key] = stage.blocks[key]
         self.group = layout.mesh["pp"].get_group()
         self.is_first, self.is_last = mine[0] == 0, mine[-1] == n_stages - 1
+        self.tied_group = _first_last_group(layout.mesh) if self.tied else None
         self.scale = 1.0
         stages = [PipelineStage(m, s, n_stages, device, group=self.group) for m, s in zip(self.stages_modules, mine)]
         if cfg.schedule == "interleaved-1f1b":
@@ -139,6 +146,31 @@ class PipelineRunner:
             kind = {"1f1b": Schedule1F1B, "gpipe": ScheduleGPipe}[cfg.schedule]
             self.schedule = kind(stages[0], cfg.microbatches, loss_fn=self._loss)
         self.training = True
+
+    def tied_copy(self) -> nn.Parameter | None:
+        """This process's copy of a tied embedding matrix (first stage: the embedding, last: the head)."""
+        if not self.tied:
+            return None
+        return self.parts.tok_emb.weight if self.is_first else self.parts.lm_head.weight if self.is_last else None
+
+    def sync_tied_grads(self) -> None:
+        """Sum the tied matrix's gradients of the first and last stages (call once per optimizer step, after the
+        micro-batches): each copy then holds the gradient of the one shared weight."""
+        copy = self.tied_copy()
+        if copy is None or copy.grad is None:
+            return
+        grad = copy.grad
+        if hasattr(grad, "placements") and grad.placements != copy.placements:
+            # under tp the embedding's gradient comes back as a pending sum (Partial) over the vocabulary
+            # shards, the head's already split by rows: lay both out as their weights before adding them
+            grad = copy.grad = grad.redistribute(copy.device_mesh, copy.placements)
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        dist.all_reduce(local, group=self.tied_group)  # the same shard of the same matrix on both sides
+
+    def norm_params(self) -> list[nn.Parameter]:
+        """The parameters whose gradients the clipping norm counts: all but the last stage's tied copy."""
+        skip = self.parts.lm_head.weight if self.tied and self.is_last else None
+        return [p for p in self.parts.parameters() if p is not skip]
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -173,3 +205,16 @@ class PipelineRunner:
 
     def eval(self) -> PipelineRunner:
         return self.train(False)
+
+
+def _first_last_group(mesh):
+    """The process group of this rank's first and last pipeline stage (same dp / fsdp / tp coordinates). Every
+    rank creates every such group, in the same order, as `new_group` requires."""
+    ranks = mesh.mesh.reshape(mesh.mesh.shape[0], -1)  # (pp, the other coordinates)
+    mine = None
+    for column in range(ranks.shape[1]):
+        pair = [int(ranks[0, column]), int(ranks[-1, column])]
+        group = dist.new_group(pair)
+        if dist.get_rank() in pair:
+            mine = group
+    return mine

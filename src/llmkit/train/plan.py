@@ -20,9 +20,9 @@ The layout (the meaning of the `parallel:` section of a training config):
   biases replicated. Needs tp | n_head, tp |
   n_kv_head and tp | d_ff (and the experts' d_ff).
 * pp: pipeline stages; layers split contiguously, the first `n_layer % pp` stages one layer more. The
-  first stage holds the embeddings, the last the final norm and the LM head. `llmkit.train.pipeline` refuses
-  tied embeddings under pp, so `plan_layouts` excludes pp > 1 for them; `rank_memory` gives the last stage
-  its own copy of the tied matrix, as Megatron does.
+  first stage holds the embeddings, the last the final norm and the LM head. With tied embeddings the last
+  stage holds its own copy of the tied matrix (`llmkit.train.pipeline`, as Megatron does), which
+  `rank_memory` counts.
 
 Model state per rank, for `N` = the rank's parameter elements (its stage, tp-split, then fsdp-sharded):
 
@@ -431,9 +431,6 @@ def layout_problem(config, layout: Layout) -> str | None:
         return f"tp={tp} does not divide the experts' d_ff={c.moe.expert_d_ff or c.d_ff}"
     if layout.pp > c.n_layer:
         return f"pp={layout.pp} is more stages than n_layer={c.n_layer}"
-    if layout.pp > 1 and c.tie_embeddings:
-        return (f"pp={layout.pp}: llmkit's pipeline stages cannot share the tied embedding and LM head "
-                "(model.tie_embeddings=false)")
     return None
 
 
