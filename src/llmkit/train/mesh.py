@@ -280,6 +280,9 @@ def _tensor_parallel(model: nn.Module, tp_mesh) -> None:
         parallelize_module(model, tp_mesh, root)
     if tied:  # one parameter again: both sides shard its vocabulary rows, Shard(0)
         model.lm_head.weight = model.tok_emb.weight
+    for name in ("tok_emb", "pos_emb"):
+        if has(name):
+            getattr(model, name).weight.register_post_accumulate_grad_hook(_grad_like_weight)
     for block in blocks_of(model):
         plan = {
             "norm1": SequenceParallel(),
@@ -301,6 +304,14 @@ def _tensor_parallel(model: nn.Module, tp_mesh) -> None:
         parallelize_module(block, tp_mesh, plan)
         block.attn.n_head //= tp  # this rank's heads: the attention reshapes by them
         block.attn.n_kv_head //= tp
+
+
+def _grad_like_weight(param) -> None:
+    """A vocabulary- or position-split embedding's gradient comes back from DTensor's embedding backward
+    replicated (the whole table on every tp rank); keep only this rank's rows, as its weight and AdamW state
+    are laid out (a local slice, no communication)."""
+    if param.grad is not None and param.grad.placements != param.placements:
+        param.grad = param.grad.redistribute(param.device_mesh, param.placements)
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:
