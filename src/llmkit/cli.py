@@ -245,6 +245,20 @@ def _pipeline_status(args) -> None:
     print(json.dumps(state, indent=1, ensure_ascii=False) if args.json else _stage_table(state))
 
 
+def _eval(args) -> None:
+    from llmkit.eval.harness import EvalConfig, run_eval
+
+    results = run_eval(EvalConfig(model=args.model, tasks=args.tasks, shots=args.shots, limit=args.limit,
+                                  batch_size=args.batch_size, chat_template=args.chat_template,
+                                  max_new_tokens=args.max_new_tokens, out=args.out, cache_dir=args.cache_dir,
+                                  device=args.device, track=args.track,
+                                  tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
+    summary = {name: {"n": t["n"], **{k: (v["value"] if isinstance(v, dict) else v) for k, v in t["metrics"].items()},
+                      "malformed": t["malformed_count"], "cached": t["cached"]}
+               for name, t in results["tasks"].items()}
+    print(json.dumps(summary, ensure_ascii=False))
+
+
 def _report(args) -> None:
     from llmkit.pipeline.report import open_in_browser, render_report
     from llmkit.pipeline.run import STATE_FILE
@@ -505,6 +519,21 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--open", action="store_true", help="open it in the default browser")
     rp.add_argument("--no-mlflow", action="store_true", help="do not log the report to the pipeline's MLflow run")
     rp.set_defaults(func=_report)
+    ev = sub.add_parser("eval", help="benchmarks: multiple choice by log-likelihood (MMLU / C-Eval / CMMLU / ARC / "
+                        "HellaSwag layouts), GSM8K generation, perplexity; cached per example (docs/eval.md)")
+    ev.add_argument("--model", required=True, help="a model directory (or models:/NAME@ALIAS)")
+    ev.add_argument("--tasks", required=True, help="comma-separated: sample_mmlu, sample_ceval, sample_arc, "
+                    "sample_gsm8k, sample_ppl_en, or LAYOUT:PATH (mmlu, ceval, cmmlu, arc, hellaswag, gsm8k, ppl)")
+    ev.add_argument("--shots", type=int, default=0, help="few-shot examples from the dev/train split (default 0)")
+    ev.add_argument("--limit", type=int, default=None, help="the first N examples of each task")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--chat-template", action="store_true", help="each prompt as a user turn of the model's template")
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="generative tasks (default 256)")
+    ev.add_argument("--out", default=None, help="results JSON file")
+    ev.add_argument("--cache-dir", default="runs/eval_cache", help="per-example results (resume, instant rerun)")
+    ev.add_argument("--device", default="auto", help="auto (a GPU when visible), cpu or cuda[:i]")
+    ev.add_argument("--track", action="store_true", help="log params and metrics to MLflow (--tracking-uri)")
+    ev.set_defaults(func=_eval)
     rg = sub.add_parser("registry", help="the MLflow model registry").add_subparsers(dest="action", required=True)
     rga = rg.add_parser("alias", help="point an alias (e.g. production) at a registered version")
     rga.add_argument("name")
