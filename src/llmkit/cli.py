@@ -73,11 +73,13 @@ def _pretrain(args) -> None:
 def _finetune(args) -> None:
     from llmkit.config import load_config_union
     from llmkit.finetune.classify import ClassifyConfig, finetune_classifier
+    from llmkit.finetune.preference import PreferenceConfig, finetune_preference
     from llmkit.finetune.sft import SFTConfig, finetune_sft
 
     # `task:` picks the recipe; without it, the class declaring every key (a `base_model` is SFT's)
-    cfg = load_config_union([ClassifyConfig, SFTConfig], args.config, args.overrides, key="task")
-    summary = (finetune_sft if isinstance(cfg, SFTConfig) else finetune_classifier)(cfg, resume=args.resume)
+    cfg = load_config_union([ClassifyConfig, SFTConfig, PreferenceConfig], args.config, args.overrides, key="task")
+    recipe = {SFTConfig: finetune_sft, PreferenceConfig: finetune_preference}.get(type(cfg), finetune_classifier)
+    summary = recipe(cfg, resume=args.resume)
     summary.pop("history", None)
     print(json.dumps(summary))
 
@@ -404,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(func=_pretrain)
 
     ft = sub.add_parser("finetune", help="fine-tune: instructions on a decoder (full / lora / prefix; task: sft) "
-                        "or a classification head on an encoder (task: classify)")
+                        "or a classification head on an encoder (task: classify), or preference tuning "
+                        "(DPO / IPO / ORPO / SimPO / KTO; task: preference)")
     ft.add_argument("--config", required=True)
     ft.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint")
     ft.add_argument("overrides", nargs="*", help="key.sub=value overrides")
