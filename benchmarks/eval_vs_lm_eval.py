@@ -99,6 +99,23 @@ def write_task_yamls(out: Path, samples: Path) -> dict[str, list[str]]:
         "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]}).replace(
             '"!function llmkit_utils.process_arc"', "!function llmkit_utils.process_arc"))
     names["sample_arc"].append("llmkit_arc")
+    gsm = samples / "gsm8k"
+    (out / "llmkit_gsm8k.yaml").write_text(_yaml({  # lm-eval's own gsm8k.yaml, on the local files
+        "task": "llmkit_gsm8k", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(gsm / "test.jsonl"), "train": str(gsm / "train.jsonl")}},
+        "test_split": "test", "fewshot_split": "train", "fewshot_config": {"sampler": "first_n"},
+        "output_type": "generate_until", "doc_to_text": "Question: {{question}}\nAnswer:",
+        "doc_to_target": "{{answer}}", "target_delimiter": " ", "fewshot_delimiter": "\n\n",
+        "generation_kwargs": {"until": ["Question:", "</s>", "<|im_end|>"], "do_sample": False, "temperature": 0.0},
+        "filter_list": [
+            {"name": "strict-match", "filter": [{"function": "regex", "regex_pattern": "#### (\\-?[0-9\\.\\,]+)"},
+                                                {"function": "take_first"}]},
+            {"name": "flexible-extract", "filter": [{"function": "regex", "group_select": -1,
+                                                     "regex_pattern": "(-?[$0-9.,]{2,})|(-?[0-9]+)"},
+                                                    {"function": "take_first"}]}],
+        "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                         "ignore_case": True, "ignore_punctuation": False,
+                         "regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"]}]}))
     return names
 
 
@@ -131,9 +148,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", default=None, help="scratch dir (default: a new temp dir)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--gsm8k-limit", type=int, default=0,
+                    help="also compare greedy GSM8K generation on the first N problems (0: skip)")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation length, both harnesses")
+    ap.add_argument("--multiple-choice", action=argparse.BooleanOptionalAction, default=True,
+                    help="compare the multiple-choice sample tasks (--no-multiple-choice: GSM8K only)")
     args = ap.parse_args()
 
-    from llmkit.eval.harness import EvalConfig, run_eval
     from llmkit.eval.tasks import SAMPLES_DIR, load_task
     from llmkit.models.hf import export_hf
 
@@ -147,6 +168,23 @@ def main() -> None:
     write_tokenizer_config(model, hf_dir)
     load_task("sample_mmlu")  # writes data/eval_samples when missing
     names = write_task_yamls(work / "tasks", SAMPLES_DIR)
+
+    report = {"model": str(model), "hf_export": str(hf_dir), "shots": args.shots, "tasks": {}}
+    if args.multiple_choice:
+        report.update(compare_multiple_choice(model, hf_dir, work, names, args))
+    if args.gsm8k_limit:
+        report["tasks"]["sample_gsm8k"] = compare_gsm8k(model, hf_dir, work, args)
+    text = json.dumps(report, indent=1, ensure_ascii=False)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+
+
+def compare_multiple_choice(model: Path, hf_dir: Path, work: Path, names: dict[str, list[str]], args) -> dict:
+    """acc / acc_norm of both harnesses on the multiple-choice sample tasks, and the largest per-choice
+    log-likelihood difference."""
+    from llmkit.eval.harness import EvalConfig, run_eval
+    from llmkit.eval.tasks import load_task
 
     t0 = time.perf_counter()
     ours = run_eval(EvalConfig(model=str(model), tasks="sample_mmlu,sample_ceval,sample_arc", shots=args.shots,
@@ -169,8 +207,7 @@ def main() -> None:
     res_file = sorted(out_dir.rglob("results_*.json"))[-1]
     theirs = json.loads(res_file.read_text())["results"]
 
-    report = {"model": str(model), "hf_export": str(hf_dir), "shots": args.shots,
-              "seconds": {"llmkit": round(t_ours, 1), "lm_eval": round(t_theirs, 1)}, "tasks": {}}
+    report = {"seconds": {"llmkit": round(t_ours, 1), "lm_eval": round(t_theirs, 1)}, "tasks": {}}
     for task, lm_names in names.items():
         n_total, acc, acc_norm, max_diff, n_cmp = 0, 0.0, 0.0, 0.0, 0
         ours_rows = {}
@@ -198,10 +235,46 @@ def main() -> None:
             "acc": {"llmkit": m["acc"]["value"], "lm_eval": acc / n_total},
             "acc_norm": {"llmkit": m["acc_norm"]["value"], "lm_eval": acc_norm / n_total},
             "max_abs_loglikelihood_diff": max_diff, "examples_compared": n_cmp}
-    text = json.dumps(report, indent=1, ensure_ascii=False)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    return report
+
+
+def compare_gsm8k(model: Path, hf_dir: Path, work: Path, args) -> dict:
+    """Greedy GSM8K on the first `--gsm8k-limit` problems in both harnesses: exact match (strict, flexible) and
+    how many generations are the same text after stripping surrounding whitespace."""
+    from llmkit.eval.harness import EvalConfig, run_eval
+    from llmkit.eval.tasks import load_task
+
+    t0 = time.perf_counter()
+    ours = run_eval(EvalConfig(model=str(model), tasks="sample_gsm8k", shots=args.shots, limit=args.gsm8k_limit,
+                               batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                               cache_dir=str(work / "llmkit_cache")))["tasks"]["sample_gsm8k"]
+    t_ours = time.perf_counter() - t0
+    out_dir = work / "lm_eval_gsm8k"
+    cmd = [args.lm_eval_python, "-m", "lm_eval", "--model", "hf",
+           "--model_args", f"pretrained={hf_dir},dtype=float32,max_length=2048", "--device", "cpu",
+           "--tasks", "llmkit_gsm8k", "--include_path", str(work / "tasks"), "--num_fewshot", str(args.shots),
+           "--batch_size", "1", "--limit", str(args.gsm8k_limit), "--output_path", str(out_dir), "--log_samples",
+           "--gen_kwargs", f"max_gen_toks={args.max_new_tokens}"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+                                                                      "TOKENIZERS_PARALLELISM": "false",
+                                                                      "PATH": "/usr/bin:/bin"})
+    t_theirs = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"lm_eval (gsm8k) failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    theirs = json.loads(sorted(out_dir.rglob("results_*.json"))[-1].read_text())["results"]["llmkit_gsm8k"]
+    by_doc = {s["doc_id"]: s for s in lm_eval_samples(out_dir, "llmkit_gsm8k")}  # one row per filter: keep one
+    samples = [by_doc[d] for d in sorted(by_doc)]
+    rows = {json.loads(line)["id"]: json.loads(line) for line in Path(ours["cache_file"]).read_text().splitlines()}
+    order = [e.id for e in load_task("sample_gsm8k").examples][:args.gsm8k_limit]
+    same = sum(rows[i]["output"].strip() == s["resps"][0][0].strip() for i, s in zip(order, samples))
+    m = ours["metrics"]
+    return {"n": {"llmkit": ours["n"], "lm_eval": len(samples)},
+            "exact_match_strict": {"llmkit": m["exact_match_strict"]["value"],
+                                   "lm_eval": theirs["exact_match,strict-match"]},
+            "exact_match_flexible": {"llmkit": m["exact_match_flexible"]["value"],
+                                     "lm_eval": theirs["exact_match,flexible-extract"]},
+            "identical_generations": same, "seconds": {"llmkit": round(t_ours, 1), "lm_eval": round(t_theirs, 1)}}
 
 
 if __name__ == "__main__":
