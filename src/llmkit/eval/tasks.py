@@ -231,8 +231,11 @@ def read_arc_file(path: Path, root: Path, bad: list[Malformed]) -> list[Example]
             bad.append(Malformed(src, f"missing field {e} (need question.stem, question.choices text/label, answerKey)"))
             continue
         labels = [str(label).strip() for label in labels]
-        if key not in labels or len(texts) < 2 or not str(stem).strip():
-            bad.append(Malformed(src, f"answerKey {key!r} not among the labels {labels}"))
+        problem = ("an empty question stem" if not str(stem).strip() else
+                   f"{len(texts)} choice(s), need 2 or more" if len(texts) < 2 else
+                   f"answerKey {key!r} not among the labels {labels}" if key not in labels else None)
+        if problem:
+            bad.append(Malformed(src, problem))
             continue
         out.append(Example(id=f"{_rel(path, root)}:{n}", source=src, question=str(stem), choices=[str(t) for t in texts],
                            gold=labels.index(key)))
