@@ -43,6 +43,17 @@ train: {{batch_size: 4, max_steps: 12, warmup_steps: 2, eval_interval: 6, checkp
         progress: false}}
 eval: {{answers: 4, samples: 1, max_new_tokens: 8}}
 """, encoding="utf-8")
+    (root / "preference.yaml").write_text(f"""
+task: preference
+method: lora
+lora: {{r: 4, alpha: 8, targets: [q_proj, v_proj]}}
+loss: dpo
+beta: 0.1
+reference_cache: {root / 'reference_cache'}
+data: {{construct_from: [{corpus / 'en.json'}, {corpus / 'zh.json'}], max_len: 64, eval_fraction: 0.1, eval_max: 16}}
+train: {{batch_size: 4, max_steps: 6, warmup_steps: 1, eval_interval: 6, checkpoint_interval: 3, log_interval: 2,
+        progress: false}}
+""", encoding="utf-8")
     lines = {
         "name": name, "out_dir": str(root / "runs" / name),
         "samples.enabled": "false",

@@ -174,6 +174,48 @@ def test_pipeline_killed_during_a_stage_resumes_to_the_same_result(uninterrupted
     assert resumed["stages"]["sft"]["metrics"]["eval_loss"] == uninterrupted["stages"]["sft"]["metrics"]["eval_loss"]
 
 
+def test_preference_after_sft_feeds_quantize_and_benchmarks_reach_the_report(finished, tmp_path):
+    """sft -> merge -> preference (DPO, LoRA, merged back) -> quantize -> eval with `llmkit eval` tasks."""
+    import re
+
+    from llmkit.pipeline.report import NOT_RUN, render_report
+
+    recipe, state = finished
+    base = state["stages"]["pretrain"]["artifact"]
+    other = write_tiny_recipe(tmp_path, name="aligned")
+    pref = other.parent / "preference.yaml"
+    overrides = ["pretrain.enabled=false", f"sft.overrides=[base_model={base}]", "preference.enabled=true",
+                 f"preference.config={pref}", "eval.tasks=[sample_arc,sample_mmlu]", "eval.limit=4"]
+    done = _run(other, *overrides)
+    stages = done["stages"]
+    assert list(stages) == ["data", "tokenizer", "tokens", "sft", "merge", "preference", "quantize", "eval", "register"]
+    model = Path(stages["preference"]["artifact"])
+    assert (model / "model.safetensors").is_file() and not (model / "adapter_config.json").exists()
+    assert stages["preference"]["metrics"]["before_eval_reward_accuracy"] == 0.0  # equal to the reference at start
+    assert 0.0 <= stages["preference"]["metrics"]["after_eval_reward_accuracy"] <= 1.0
+    lineage = json.loads((Path(done["out_dir"]) / "lineage.json").read_text())
+    assert lineage["stages"]["quantize"]["reads"]["preference"] == stages["preference"]["digest"]
+    assert lineage["stages"]["preference"]["reads"]["merge"] == stages["merge"]["digest"]
+
+    ev = json.loads(Path(stages["eval"]["artifact"]).read_text(encoding="utf-8"))
+    final, flt = ev["benchmarks"]["final"]["tasks"], ev["benchmarks"]["float"]["tasks"]
+    assert ev["benchmarks"]["final"]["model"] == str(Path(stages["quantize"]["artifact"]).resolve()) or \
+        Path(ev["benchmarks"]["final"]["model"]) == Path(stages["quantize"]["artifact"])
+    assert Path(ev["benchmarks"]["float"]["model"]) == model
+    assert final["sample_arc"]["n"] == 4 and final["sample_mmlu"]["n"] == 4
+    assert stages["eval"]["metrics"]["bench.sample_arc.acc"] == final["sample_arc"]["metrics"]["acc"]["value"]
+    assert set(flt) == {"sample_arc", "sample_mmlu"}
+
+    text = render_report(Path(done["out_dir"]), out_dir=tmp_path / "report", log_to_mlflow=False).read_text("utf-8")
+    for sid in ("preference", "benchmarks"):
+        section = re.search(rf'<section id="{sid}">(.*?)</section>', text, re.S)
+        assert section and NOT_RUN not in section.group(1), sid
+    assert "reward accuracy" in text and "sample_arc" in text
+
+    again = _run(other, *overrides)  # nothing changed: every stage skipped, the benchmarks too
+    assert all(r["skipped_last"] for r in again["stages"].values())
+
+
 def test_without_pretraining_sft_starts_from_the_recipes_own_base_model(finished, tmp_path):
     recipe, state = finished
     base = state["stages"]["pretrain"]["artifact"]  # stands for a model brought in with `llmkit import hf`

@@ -27,11 +27,11 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-HEADINGS = ["Summary", "Data funnel", "Training curves", "Fine-tune accuracy", "Quantization: perplexity and size",
-            "Latency", "Compute time and cost", "Instruction samples (English / Chinese)"]
+HEADINGS = ["Summary", "Data funnel", "Training curves", "Fine-tune accuracy", "Preference tuning", "Benchmarks",
+            "Quantization: perplexity and size", "Latency", "Compute time and cost", "Instruction samples (English / Chinese)"]
 PRICES = {"on_demand_usd_per_hour": 0.096, "spot_usd_per_hour": 0.034}
 SECONDS = {"samples": 1.25, "data": 41.5, "tokenizer": 12.0, "tokens": 7.75, "pretrain": 1834.2, "sft": 422.9,
-           "merge": 3.1, "quantize": 9.4, "eval": 120.6, "register": 0.8}
+           "merge": 3.1, "preference": 95.0, "quantize": 9.4, "eval": 120.6, "register": 0.8}
 EVIL = "<script>alert('x')</script> & <b>bold</b>"
 ZH_ANSWER = "北京是中华人民共和国的首都，历史悠久。"
 
@@ -114,8 +114,38 @@ def _eval_json(rng: np.random.Generator) -> dict:
             "finetune": {"exact_match": 0.1, "rouge_l": 0.31, "int8_rouge_l": 0.29, "n": 20},
             "latency": {"requests": 32, "concurrency": 4, "ttft_s": ttft.tolist(), "tpot_s": tpot.tolist(),
                         "e2e_s": (ttft + 64 * tpot).tolist(), "tokens_per_s": 123.0},
+            "benchmarks": {"final": BENCH_FINAL, "float": BENCH_FLOAT},
             "instructions": [{"lang": "en", "prompt": "Repeat: " + EVIL, "answer": EVIL},
                              {"lang": "zh", "prompt": "请介绍一下北京。", "answer": ZH_ANSWER}]}
+
+
+def _bench(acc: float, geo: float) -> dict:
+    """`run_eval`'s results for two tasks, as the eval stage stores them under eval.json's `benchmarks`."""
+    return {"model": "m", "shots": 0, "limit": None, "chat_template": False, "tasks": {
+        "sample_mmlu": {"n": 50, "malformed_count": 1, "metrics": {"acc": {"value": acc, "stderr": 0.06},
+                                                                   "acc_norm": {"value": acc + 0.02, "stderr": 0.06}},
+                        "subjects": {"world_geography": {"n": 25, "acc": {"value": geo, "stderr": 0.09}},
+                                     "中国历史": {"n": 25, "acc": {"value": 2 * acc - geo, "stderr": 0.09}}}},
+        "sample_gsm8k": {"n": 16, "malformed_count": 0,
+                         "metrics": {"exact_match_strict": {"value": 0.0625, "stderr": 0.06},
+                                     "exact_match_flexible": {"value": 0.125, "stderr": 0.08}}}}}
+
+
+BENCH_FINAL, BENCH_FLOAT = _bench(0.42, 0.48), _bench(0.44, 0.52)
+PREFERENCE = {"method": "lora", "loss": "dpo", "beta": 0.1, "step": 60,
+              "data": {"train": 88, "eval": 30, "malformed": 2, "too_long": 3},
+              "before": {"eval_reward_accuracy": 0.0, "eval_reward_margin": 0.0, "eval_loss": 0.6931, "eval_kl": 0.0},
+              "after": {"eval_reward_accuracy": 0.9333, "eval_reward_margin": 1.75, "eval_loss": 0.254, "eval_kl": -3.1}}
+
+
+def _preference(out: Path) -> None:
+    """preference/results.json and metrics.jsonl as the preference recipe writes them."""
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps(PREFERENCE))
+    rows = [{"step": s, "loss": 0.7 - s / 200} for s in range(5, 65, 5)]
+    rows += [{"step": s, "rewards/accuracy": min(1.0, s / 40), "rewards/margin": s / 30, "kl": -s / 20}
+             for s in range(5, 65, 5)]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _pipeline_json(run: Path, tracking_uri: str | None = None, parent: str | None = None) -> dict:
@@ -136,6 +166,7 @@ def run_dir(tmp_path_factory, shakespeare_small) -> Path:
     _data_manifest(root)
     _pretrain(run / "pretrain", shakespeare_small)
     _sft(root, run / "sft")
+    _preference(run / "preference")
     (run / "eval").mkdir()
     (run / "eval" / "eval.json").write_text(json.dumps(_eval_json(np.random.default_rng(0)), ensure_ascii=False),
                                             encoding="utf-8")
@@ -185,7 +216,8 @@ def test_page_has_every_section_and_embedded_pngs(run_dir, report):
     for heading in HEADINGS:
         assert f"<h2>{heading}</h2>" in text.replace("&amp;", "&"), heading
     images = _images(text)
-    assert len(images) == 8  # funnel, domains, perplexity, training, finetune, quantization, latency, cost
+    assert len(images) == 10  # funnel, domains, perplexity, training, finetune, preference, benchmarks, quantization,
+    # latency, cost
     for png in images:
         assert png[:8] == PNG_MAGIC and len(png) > 1024
     beside = sorted(p.read_bytes() for p in path.parent.glob("*.png"))
@@ -249,9 +281,26 @@ def test_latency_percentiles_match_numpy(run_dir, report):
                                    f"{p95:.2f}", f"{p99:.2f}"], label
 
 
+def test_preference_and_benchmark_tables_hold_the_stage_figures(report):
+    _, text = report
+    pref = {r[0]: r[1:] for r in _rows(_section(text, "preference"))[1:]}
+    acc = pref["reward accuracy (chosen beats rejected)"]
+    assert [float(x) for x in acc] == pytest.approx([0.0, 0.9333, 0.9333])
+    assert float(pref["loss"][2]) == pytest.approx(0.254 - 0.6931, abs=1e-4)
+    assert "88 train, 30 held out, 2 malformed" in _section(text, "preference")
+    bench = _rows(_section(text, "benchmarks"))
+    rows = {(r[0], r[1]): r for r in bench if len(r) == 5 and r[0] != "task"}
+    assert rows[("sample_mmlu", "acc")][2:] == ["50", "0.42 ± 0.06", "0.44"]
+    assert rows[("sample_gsm8k", "exact_match_flexible")][3:] == ["0.125 ± 0.08", "0.125"]
+    subjects = {r[1]: r for r in bench if len(r) == 4 and r[0] != "task"}
+    assert subjects["中国历史"][3] == "0.36" and subjects["world_geography"][3] == "0.48"
+    assert "1 malformed rows" in _section(text, "benchmarks")
+
+
 def test_missing_inputs_say_not_run(tmp_path):
     empty = render_report(tmp_path / "nothing", log_to_mlflow=True).read_text()  # no pipeline.json at all
-    for sid in ["summary", "data", "training", "finetune", "quantization", "latency", "cost", "instructions"]:
+    for sid in ["summary", "data", "training", "finetune", "preference", "benchmarks", "quantization", "latency",
+                "cost", "instructions"]:
         assert NOT_RUN in _section(empty, sid), sid
     assert "<img" not in empty
     # a run that stopped after pretraining: only pipeline.json and the pretrain metrics
@@ -320,7 +369,7 @@ def test_page_renders_in_headless_chromium(report):
             zh = page.inner_text('#instructions .card[lang="zh"]')
         finally:
             browser.close()
-    assert len(widths) == 8 and all(w > 0 for w in widths), widths
+    assert len(widths) == 10 and all(w > 0 for w in widths), widths
     assert headings == HEADINGS
     assert ZH_ANSWER in zh
     assert not errors, errors

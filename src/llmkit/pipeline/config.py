@@ -34,6 +34,15 @@ class StageRecipe:
 
 
 @dataclass
+class PreferenceRecipe(StageRecipe):
+    """`llmkit finetune` with `task: preference` (docs/preference.md) after SFT: it starts from the merged SFT
+    model (else the pretrained one, else the config's own base_model), and a LoRA result is merged back so
+    quantization, eval and the registry get a plain model. Off unless asked for."""
+
+    enabled: bool = False
+
+
+@dataclass
 class SamplesStage:
     enabled: bool = True
     out: str = "data/samples"
@@ -104,6 +113,17 @@ class EvalStage:
         {"lang": "zh", "prompt": "请介绍一下中国的首都。"},
     ])
     """Prompts answered greedily by the final model, kept in eval.json and the report."""
+    tasks: list[str] = field(default_factory=list)
+    """Benchmarks run with `llmkit eval` on the final model (and on the float model when it was quantized):
+    named sample tasks (sample_mmlu, sample_ceval, sample_arc, sample_gsm8k, ...) or LAYOUT:PATH. Empty = none."""
+    shots: int = 0
+    """Few-shot examples per benchmark question (from each task's dev split)."""
+    limit: int | None = None
+    """First N examples of each benchmark task; None = all."""
+    chat_template: bool = False
+    """Ask benchmark questions inside the model's chat template."""
+    task_max_new_tokens: int = 256
+    """Generation budget of generative benchmark tasks (GSM8K)."""
 
     def validate(self) -> None:
         for i, item in enumerate(self.instructions):
@@ -111,6 +131,8 @@ class EvalStage:
                 raise ValueError(f"instructions[{i}]: expected {{lang, prompt}} with a string prompt, got {item!r}")
         if self.load_requests < 1 or self.load_concurrency < 1:
             raise ValueError("load_requests / load_concurrency: must be >= 1")
+        if self.shots < 0 or (self.limit is not None and self.limit < 1):
+            raise ValueError("shots must be >= 0 and limit >= 1 (or null)")
 
 
 @dataclass
@@ -141,6 +163,7 @@ class PipelineConfig:
     pretrain: StageRecipe = field(default_factory=StageRecipe)
     sft: StageRecipe = field(default_factory=StageRecipe)
     merge: StageRecipe = field(default_factory=StageRecipe)
+    preference: PreferenceRecipe = field(default_factory=PreferenceRecipe)
     quantize: QuantizeStage = field(default_factory=QuantizeStage)
     eval: EvalStage = field(default_factory=EvalStage)
     register: RegisterStage = field(default_factory=RegisterStage)

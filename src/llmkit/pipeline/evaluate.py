@@ -6,6 +6,8 @@
   floating-point and the INT8 model;
 * inference latency: a short load run through the `Engine` with `load_concurrency` requests in flight,
   per request: time to first token, mean time per further output token, end-to-end seconds;
+* benchmarks (`tasks`): `llmkit eval` on the final model, and on the floating-point model when the final one
+  is quantized, so the report shows what quantization cost on MMLU-style questions too;
 * and the final model's answers to a few English and Chinese instructions, for a human to read.
 """
 
@@ -114,10 +116,29 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
+def run_benchmarks(float_dir: str | Path, final_dir: str | Path, quantized: bool, cfg: EvalStage,
+                   cache_dir: str | Path) -> dict:
+    """`llmkit eval` results ({"final": ..., "float": ...}, each as `run_eval` returns it) of `cfg.tasks` on the
+    final model and, when it is quantized, on the floating-point one. Per-example results are cached in
+    `cache_dir`, so a resumed or repeated eval stage only scores what is new."""
+    from llmkit.eval.harness import EvalConfig, run_eval
+
+    def one(model_dir) -> dict:
+        return run_eval(EvalConfig(model=str(model_dir), tasks=",".join(cfg.tasks), shots=cfg.shots, limit=cfg.limit,
+                                   chat_template=cfg.chat_template, max_new_tokens=cfg.task_max_new_tokens,
+                                   cache_dir=str(cache_dir), device="cpu"))
+
+    out = {"final": one(final_dir)}
+    if quantized:
+        out["float"] = one(float_dir)
+    return out
+
+
 def evaluate_models(float_dir: str | Path, final_dir: str | Path, tokens_dir: str | Path | None,
-                    sft_results: str | Path | None, cfg: EvalStage) -> dict:
+                    sft_results: str | Path | None, cfg: EvalStage, benchmark_cache: str | Path | None = None) -> dict:
     """The eval.json of the pipeline (format in `llmkit.pipeline.report`): `float_dir` is the model before
-    quantization, `final_dir` the one that is registered (the same dir when quantization is off)."""
+    quantization, `final_dir` the one that is registered (the same dir when quantization is off).
+    benchmark_cache: where `cfg.tasks`' per-example results are kept (default: <final_dir>/../eval_cache)."""
     from llmkit.finetune.answer_metrics import exact_match, rouge_l
     from llmkit.infer.load import load_for_inference
     from llmkit.infer.quantize import is_quantized_dir, linear_weight_bytes
@@ -152,6 +173,10 @@ def evaluate_models(float_dir: str | Path, final_dir: str | Path, tokens_dir: st
                 ft["int8_exact_match"] = float(np.mean([exact_match(p, r) for p, r in zip(q8, refs)]))
                 ft["int8_rouge_l"] = float(np.mean([rouge_l(p, r) for p, r in zip(q8, refs)]))
             report["finetune"] = ft
+
+    if cfg.tasks:
+        cache = Path(benchmark_cache) if benchmark_cache is not None else Path(final_dir).parent / "eval_cache"
+        report["benchmarks"] = run_benchmarks(float_dir, final_dir, quantized, cfg, cache)
 
     prompts = [i["prompt"] for i in cfg.instructions]
     if prompts:

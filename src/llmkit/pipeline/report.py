@@ -7,7 +7,10 @@
     pretrain/metrics.jsonl    train loss per step, val loss / bpb at each evaluation
     sft/metrics.jsonl         SFT loss per step, eval loss / perplexity at each evaluation
     sft/results.json          SFT exact match, ROUGE-L and graded answers
-    eval/eval.json            perplexity fp32 vs int8, sizes, fine-tune accuracy, serving latency, samples
+    preference/results.json   preference tuning's held-out reward accuracy / margin before and after
+    preference/metrics.jsonl  its per-step rewards and KL to the reference
+    eval/eval.json            perplexity fp32 vs int8, sizes, fine-tune accuracy, benchmarks (`llmkit eval`),
+                              serving latency, samples
 
 and writes `<run>/report/index.html` with every plot embedded as a base64 PNG (the PNGs are also written
 beside it), so the page can be mailed or opened anywhere without the run directory. A file that is missing
@@ -37,7 +40,8 @@ from typing import Any
 import numpy as np
 
 REPORT_DIR = "report"
-STAGES = ["samples", "data", "tokenizer", "tokens", "pretrain", "sft", "merge", "quantize", "eval", "register"]
+STAGES = ["samples", "data", "tokenizer", "tokens", "pretrain", "sft", "merge", "preference", "quantize", "eval",
+          "register"]
 PERCENTILES = (50, 95, 99)
 NOT_RUN = "not run"
 COLORS = ["#4C72B0", "#DD8452", "#55A868", "#C44E52", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C",
@@ -480,6 +484,103 @@ def _answer_card(a: dict, before: str | None = None) -> str:
             f'<div class="score">{score}</div></div>')
 
 
+PREFERENCE_ROWS = [("eval_reward_accuracy", "reward accuracy (chosen beats rejected)"),
+                   ("eval_reward_margin", "reward margin (nats x beta)"), ("eval_loss", "loss"),
+                   ("eval_kl", "KL to the reference (nats / sequence)"),
+                   ("eval_logps_accuracy", "policy log-prob accuracy")]
+
+
+def preference_section(results: dict | None, metrics: list[dict]) -> Section:
+    """Preference tuning on held-out pairs: reward accuracy, margin, loss and KL before vs after training, and
+    the per-step training rewards (preference/results.json, preference/metrics.jsonl)."""
+    sec = Section("preference", "Preference tuning")
+    if results is None:
+        sec.body = _not_run("no preference/results.json (the preference stage is disabled or has not finished)")
+        return sec
+    before, after = results.get("before") or {}, results.get("after") or {}
+    rows = []
+    for key, label in PREFERENCE_ROWS:
+        b, a = _num(before.get(key)), _num(after.get(key))
+        if b is None and a is None:
+            continue
+        rows.append([label, _fmt(b), _fmt(a), f"{a - b:+.4g}" if a is not None and b is not None else "-"])
+        if a is not None:
+            sec.metrics[f"report.preference_{key}"] = a
+    body = _table(["held-out pairs", "before", "after", "change"], rows)
+    series = {k: _series(metrics, k) for k in ("rewards/accuracy", "rewards/margin", "kl")}
+    if any(series.values()):
+        fig = _figure(10, 3.2)
+        for i, (key, pts) in enumerate(series.items()):
+            ax = fig.add_subplot(1, 3, i + 1)
+            if pts:
+                ax.plot(*zip(*pts), color=COLORS[i])
+            ax.set_title(f"train {key}")
+            ax.set_xlabel("step")
+        sec.plots["preference.png"] = _png(fig)
+        body = _img("preference.png", sec.plots["preference.png"], "training rewards per step") + body
+    data = results.get("data") or {}
+    facts = [f"{results.get('loss', '?')} loss, beta {results.get('beta', '?')}, method {results.get('method', '?')}, "
+             f"{results.get('step', '?')} steps",
+             f"pairs: {data.get('train', '?')} train, {data.get('eval', '?')} held out, "
+             f"{data.get('malformed', 0)} malformed, {data.get('too_long', 0)} too long"]
+    sec.body = body + "".join(f"<p>{_esc(f)}</p>" for f in facts)
+    return sec
+
+
+def _bench_value(task: dict | None, metric: str) -> tuple[float | None, float | None]:
+    v = ((task or {}).get("metrics") or {}).get(metric)
+    if isinstance(v, dict):
+        return _num(v.get("value")), _num(v.get("stderr"))
+    return _num(v), None
+
+
+def benchmarks_section(ev: dict | None) -> Section:
+    """`llmkit eval` results of the final model (and the float model when the final one is quantized): one row
+    per task and metric with its standard error, a bar plot of the accuracies, and the per-subject table."""
+    sec = Section("benchmarks", "Benchmarks")
+    bench = (ev or {}).get("benchmarks") or {}
+    final, flt = (bench.get("final") or {}).get("tasks") or {}, (bench.get("float") or {}).get("tasks") or {}
+    if not final:
+        sec.body = _not_run("no benchmarks in eval/eval.json (eval.tasks is empty)")
+        return sec
+    rows, bars = [], []
+    for name, task in final.items():
+        for metric in (task.get("metrics") or {}):
+            v, se = _bench_value(task, metric)
+            fv, _ = _bench_value(flt.get(name), metric)
+            rows.append([name, metric, task.get("n", "-"), _fmt(v) + (f" ± {_fmt(se, '.2g')}" if se is not None else ""),
+                         _fmt(fv) if name in flt else "-"])
+            if v is not None:
+                sec.metrics[f"report.bench.{name}.{metric}"] = v
+            if metric in ("acc", "exact_match_flexible") and v is not None:
+                bars.append((f"{name} {metric}", v, fv))
+    body = _table(["task", "metric", "n", "final model", "float model" if flt else "float model (not quantized)"], rows)
+    if bars:
+        fig = _figure(max(5.0, 1.2 * len(bars) + 2), 3.2)
+        ax = fig.add_subplot()
+        x = np.arange(len(bars))
+        ax.bar(x - 0.2 * bool(flt), [b[1] for b in bars], 0.4, label="final", color=COLORS[0])
+        if flt:
+            ax.bar(x + 0.2, [b[2] or 0 for b in bars], 0.4, label="float", color=COLORS[1])
+        ax.set_xticks(x, [_ascii(b[0]) for b in bars], rotation=15, fontsize=8)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy (0..1)")
+        ax.legend(fontsize=8)
+        sec.plots["benchmarks.png"] = _png(fig)
+        body = _img("benchmarks.png", sec.plots["benchmarks.png"], "benchmark accuracy") + body
+    subject_rows = [[name, subj, st.get("n", "-"), _fmt(_bench_value({"metrics": st}, "acc")[0])]
+                    for name, task in final.items() for subj, st in (task.get("subjects") or {}).items()
+                    if "acc" in st]
+    if subject_rows:
+        body += "<h3>Per subject (final model)</h3>" + _table(["task", "subject", "n", "acc"], subject_rows)
+    bad = sum(int(t.get("malformed_count") or 0) for t in final.values())
+    settings = bench["final"]
+    sec.body = body + (f"<p>{_esc(settings.get('shots', 0))}-shot, chat template "
+                       f"{'on' if settings.get('chat_template') else 'off'}, limit {_esc(settings.get('limit'))}; "
+                       f"{bad} malformed rows reported by the task readers</p>")
+    return sec
+
+
 def quantization_section(ev: dict | None) -> Section:
     """Held-out perplexity (per token) before/after int8 quantization and the relative change, with the
     bytes of the linear weights and of the whole model directory in each precision."""
@@ -678,7 +779,10 @@ def build_sections(run_dir: Path) -> list[Section]:
     ev = _read_json(run_dir / "eval" / "eval.json")
     results = _read_json(run_dir / "sft" / "results.json")
     return [summary_section(pipe, run_dir), data_section(_read_json(run_dir / "data" / "manifest.json")),
-            training_section(run_dir), finetune_section(results, ev), quantization_section(ev),
+            training_section(run_dir), finetune_section(results, ev),
+            preference_section(_read_json(run_dir / "preference" / "results.json"),
+                               _read_jsonl(run_dir / "preference" / "metrics.jsonl")),
+            benchmarks_section(ev), quantization_section(ev),
             latency_section(ev), cost_section(pipe), instructions_section(ev, results)]
 
 

@@ -41,8 +41,8 @@ FORMAT_VERSION = 1
 # which upstream artifacts each stage reads (for lineage; fingerprints come from Stage.inputs)
 READS = {"data": ["samples"], "tokenizer": ["data"], "tokens": ["data", "tokenizer"],
          "pretrain": ["tokenizer", "tokens"], "sft": ["pretrain", "tokens"], "merge": ["pretrain", "sft"],
-         "quantize": ["merge", "pretrain"], "eval": ["quantize", "merge", "tokens", "sft"],
-         "register": ["quantize", "merge", "eval"]}
+         "preference": ["merge", "sft", "pretrain"], "quantize": ["preference", "merge", "pretrain"],
+         "eval": ["quantize", "preference", "merge", "tokens", "sft"], "register": ["quantize", "preference", "merge", "eval"]}
 
 
 def _now() -> str:

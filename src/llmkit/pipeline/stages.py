@@ -287,6 +287,63 @@ def _merge_run(ctx: StageContext) -> StageOutput:
     return StageOutput(out, {"method": method})
 
 
+# -- preference -----------------------------------------------------------------------------------
+def _preference_base(ctx: StageContext) -> Path:
+    """What preference tuning starts from: the merged SFT model, a fully fine-tuned SFT model, the pretrained
+    model, or (none of those in this pipeline) the preference config's own `base_model`."""
+    if ctx.records.get("merge", {}).get("status") == "done":
+        return ctx.artifact("merge")
+    if ctx.records.get("sft", {}).get("status") == "done":
+        if _sft_method(ctx) != "full":
+            raise ValueError(f"preference: the sft stage wrote a {_sft_method(ctx)} adapter and merge is disabled; "
+                             "preference tuning needs a plain model (enable merge, or use sft method full)")
+        return ctx.artifact("sft")
+    if _pretrained(ctx):
+        return ctx.artifact("pretrain")
+    from llmkit.finetune.preference import PreferenceConfig
+
+    base = _recipe(ctx, ctx.cfg.preference, PreferenceConfig, [f"out_dir={ctx.dir('preference')}"]).base_model
+    if not base:
+        raise ValueError("preference: no sft / pretrain stage ran, so the preference config must name its base_model")
+    return resolve_model(base)
+
+
+def _preference_config(ctx: StageContext):
+    from llmkit.finetune.preference import PreferenceConfig
+
+    return _recipe(ctx, ctx.cfg.preference, PreferenceConfig, [
+        f"out_dir={ctx.dir('preference')}", f"base_model={_preference_base(ctx)}", *ctx.track_overrides("preference")])
+
+
+def _preference_inputs(ctx: StageContext) -> dict:
+    cfg = to_dict(_preference_config(ctx))
+    cfg["train"].pop("progress", None)
+    cfg.pop("reference_cache", None)  # where the reference log-probs are cached does not change the result
+    files = [*cfg["data"]["paths"], *cfg["data"]["construct_from"]]
+    return {"config": cfg, "base": path_digest(_preference_base(ctx)), "data": {f: file_sha256(f) for f in files}}
+
+
+def _preference_run(ctx: StageContext) -> StageOutput:
+    from llmkit.finetune.merge import merge_adapter
+    from llmkit.finetune.preference import finetune_preference
+
+    cfg = _preference_config(ctx)
+    if cfg.method == "prefix":
+        raise ValueError("preference method prefix: a prefix adapter cannot be folded into the weights, so the "
+                         "pipeline cannot quantize or register a plain model; use method lora or full")
+    summary = finetune_preference(cfg, resume=True)
+    metrics = {"method": cfg.method, "loss": cfg.loss, "step": summary["step"]}
+    for when in ("before", "after"):
+        for k, v in (summary.get(when) or {}).items():
+            if isinstance(v, (int, float)):
+                metrics[f"{when}_{k}"] = v
+    stopped = bool(summary.get("stopped_by_signal"))
+    artifact = ctx.dir("preference") / "final"
+    if cfg.method == "lora" and not stopped:  # quantize / eval / register read a plain model
+        artifact = merge_adapter(cfg.base_model, artifact, ctx.dir("preference") / "merged")
+    return StageOutput(artifact, metrics, run_id=summary.get("tracking_run_id"), stopped=stopped)
+
+
 # -- quantize -------------------------------------------------------------------------------------
 def _quantize_inputs(ctx: StageContext) -> dict:
     q = asdict(ctx.cfg.quantize)
@@ -297,8 +354,11 @@ def _quantize_inputs(ctx: StageContext) -> dict:
 
 
 def _final_float(ctx: StageContext) -> str:
-    """The newest floating-point model stage that ran: merge, else pretrain."""
-    return "merge" if ctx.records.get("merge", {}).get("status") == "done" else "pretrain"
+    """The newest floating-point model stage that ran: preference, else merge, else pretrain."""
+    for stage in ("preference", "merge"):
+        if ctx.records.get(stage, {}).get("status") == "done":
+            return stage
+    return "pretrain"
 
 
 def _quantize_run(ctx: StageContext) -> StageOutput:
@@ -328,7 +388,10 @@ def _final_model_stage(ctx: StageContext) -> str:
 
 
 def _eval_inputs(ctx: StageContext) -> dict:
+    from llmkit.eval.tasks import load_task
+
     return {"config": asdict(ctx.cfg.eval), "final": ctx.digest(_final_model_stage(ctx)),
+            "benchmarks": {spec: load_task(spec).digest() for spec in ctx.cfg.eval.tasks},
             "float": ctx.digest(_final_float(ctx)), "tokens": ctx.records.get("tokens", {}).get("digest"),
             "sft": ctx.records.get("sft", {}).get("digest")}
 
@@ -341,7 +404,7 @@ def _eval_run(ctx: StageContext) -> StageOutput:
     tokens = ctx.artifact("tokens") if ctx.records.get("tokens", {}).get("status") == "done" else None
     results = ctx.dir("sft") / "results.json"
     report = evaluate_models(ctx.artifact(_final_float(ctx)), ctx.artifact(_final_model_stage(ctx)), tokens,
-                             results if results.is_file() else None, ctx.cfg.eval)
+                             results if results.is_file() else None, ctx.cfg.eval, benchmark_cache=out / "cache")
     path = out / "eval.json"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -366,6 +429,11 @@ def _eval_metrics(report: dict) -> dict:
     for k in ("exact_match", "rouge_l", "int8_rouge_l"):
         if ft.get(k) is not None:
             m[f"finetune_{k}"] = ft[k]
+    bench = report.get("benchmarks") or {}
+    if bench.get("final"):
+        from llmkit.eval.harness import flat_metrics
+
+        m.update({f"bench.{k}": v for k, v in flat_metrics(bench["final"]).items() if k.count(".") == 1})
     return m
 
 
@@ -383,7 +451,7 @@ def _register_run(ctx: StageContext) -> StageOutput:
     tags = {f"metric.{k}": str(v) for k, v in ctx.records.get("eval", {}).get("metrics", {}).items()}
     tags.update({"llmkit.pipeline": ctx.cfg.name, "llmkit.stage": stage,
                  "llmkit.model_digest": ctx.digest(stage)})
-    for up in ("data", "tokens", "pretrain", "sft"):
+    for up in ("data", "tokens", "pretrain", "sft", "preference"):
         if ctx.records.get(up, {}).get("digest"):
             tags[f"lineage.{up}"] = ctx.records[up]["digest"]
     version = register_model(ctx.tracking_uri, ctx.experiment, name, ctx.artifact(stage), r.aliases, tags,
@@ -406,6 +474,7 @@ STAGES: list[Stage] = [
     Stage("pretrain", lambda c: c.pretrain.enabled, _pretrain_inputs, _pretrain_run, tracks_itself=True),
     Stage("sft", lambda c: c.sft.enabled, _sft_inputs, _sft_run, tracks_itself=True),
     Stage("merge", lambda c: c.merge.enabled and c.sft.enabled, _merge_inputs, _merge_run),
+    Stage("preference", lambda c: c.preference.enabled, _preference_inputs, _preference_run, tracks_itself=True),
     Stage("quantize", lambda c: c.quantize.enabled, _quantize_inputs, _quantize_run),
     Stage("eval", lambda c: c.eval.enabled, _eval_inputs, _eval_run),
     Stage("register", lambda c: c.register.enabled, _register_inputs, _register_run, tracks_itself=True),
