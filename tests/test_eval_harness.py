@@ -348,3 +348,29 @@ def test_parquet_in_the_hf_layout(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test.parquet")
     t = load_task(f"arc:{tmp_path / 'test.parquet'}")
     assert [(e.choices, e.gold) for e in t.examples] == [(["ice", "steam"], 1), (["ice", "steam"], 0)]
+
+
+def test_ceval_subject_mapping_names_the_subject_and_groups_categories(tmp_path, tiny_model_dir):
+    """C-Eval's subject_mapping.json: the prompt header takes the Chinese name, results group by category, and
+    the mapping is part of the task's digest (a changed name is a new cache key)."""
+    root = tmp_path / "ceval"
+    shutil.copytree(tasks.SAMPLES_DIR / "ceval", root)
+    subjects = sorted({p.stem.rsplit("_", 1)[0] for p in (root / "val").glob("*_val.csv")})
+    plain = load_task(f"ceval:{root}")
+    assert build_prompt("ceval", plain.examples[0], []).startswith(f"以下是中国关于{plain.examples[0].subject}考试")
+    mapping = {s: [s.upper(), f"科目{i}", "STEM" if i % 2 else "Humanities"] for i, s in enumerate(subjects)}
+    (root / "subject_mapping.json").write_text(json.dumps(mapping, ensure_ascii=False), encoding="utf-8")
+    mapped = load_task(f"ceval:{root}")
+    ex = mapped.examples[0]
+    assert build_prompt("ceval", ex, []).startswith(f"以下是中国关于{mapping[ex.subject][1]}考试的单项选择题")
+    assert mapped.digest() != plain.digest()
+    res = run_eval(EvalConfig(model=str(tiny_model_dir), tasks=f"ceval:{root}", cache_dir=str(tmp_path / "c"),
+                              device="cpu"))["tasks"]["ceval:ceval"]
+    cats = res["categories"]
+    assert set(cats) == {"STEM", "Humanities"}
+    stem = [s for i, s in enumerate(subjects) if i % 2]
+    assert cats["STEM"]["subjects"] == len(stem)
+    assert cats["STEM"]["acc"] == pytest.approx(sum(res["subjects"][s]["acc"]["value"] for s in stem) / len(stem))
+    (root / "subject_mapping.json").write_text('{"x": 3}', encoding="utf-8")
+    with pytest.raises(TaskError, match="subject 'x'"):
+        load_task(f"ceval:{root}")

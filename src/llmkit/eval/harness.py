@@ -249,6 +249,13 @@ def _aggregate(task: Task, records: list[dict]) -> dict:
             per[s] = {"n": len(rows), **{k: v for k, v in stats(rows).items()}}
         out["subjects"] = per
         out["metrics_macro"] = {k: float(np.mean([per[s][k]["value"] for s in subjects])) for k in keys}
+        if task.categories:  # C-Eval reports STEM / Social Science / Humanities / Other as means over subjects
+            cats: dict[str, list[str]] = {}
+            for s in subjects:
+                cats.setdefault(task.categories.get(s, "Other"), []).append(s)
+            out["categories"] = {c: {"subjects": len(ss), "n": sum(per[s]["n"] for s in ss),
+                                     **{k: float(np.mean([per[s][k]["value"] for s in ss])) for k in keys}}
+                                 for c, ss in sorted(cats.items())}
     return out
 
 

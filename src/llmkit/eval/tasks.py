@@ -66,6 +66,8 @@ class Example:
     """Index of the right choice (multiple choice) or the reference number as a string (gsm8k)."""
     text: str = ""
     """ppl: the document; gsm8k: the worked answer (few-shot targets)."""
+    subject_name: str = ""
+    """How the prompt header names the subject (from subject_mapping.json); "" = the file name's words."""
 
 
 @dataclass
@@ -78,12 +80,15 @@ class Task:
     """Few-shot pool per subject ("" for sets without subjects)."""
     malformed: list[Malformed]
     files: list[Path]
+    categories: dict[str, str] = field(default_factory=dict)
+    """Subject -> category (C-Eval's STEM / Social Science / Humanities / Other), from subject_mapping.json."""
 
     def digest(self) -> str:
         """sha256 over the task's files (relative names and bytes)."""
         h = hashlib.sha256()
         for f in sorted(self.files):
-            h.update(str(f.relative_to(self.path) if f != self.path else f.name).encode() + b"\0")
+            h.update(str(f.relative_to(self.path) if f.is_relative_to(self.path) and f != self.path
+                         else f.name).encode() + b"\0")
             h.update(hashlib.sha256(f.read_bytes()).digest())
         return h.hexdigest()
 
@@ -345,27 +350,63 @@ def _subject(path: Path, kind: str) -> str:
     return re.sub(r"_(test|dev|val|validation|train)$", "", path.stem)
 
 
+SUBJECT_MAPPING = "subject_mapping.json"
+
+
+def read_subject_mapping(path: Path, kind: str) -> tuple[dict[str, str], dict[str, str]]:
+    """(subject -> name for the prompt, subject -> category) from C-Eval's subject_mapping.json
+    (`{"computer_network": ["Computer Network", "计算机网络", "STEM"], ...}`; a plain string value is the name).
+    C-Eval and CMMLU prompts take the Chinese name, MMLU the English one."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise TaskError(f"{path}: not a readable JSON object ({e})") from e
+    if not isinstance(raw, dict):
+        raise TaskError(f"{path}: expected an object subject -> [english, chinese, category]")
+    names, categories = {}, {}
+    for subject, value in raw.items():
+        if isinstance(value, str):
+            names[subject] = value
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            names[subject] = value[0] if kind == "mmlu" or len(value) < 2 else value[1]
+            if len(value) >= 3:
+                categories[subject] = value[2]
+        else:
+            raise TaskError(f"{path}: subject {subject!r}: expected a name or [english, chinese, category], "
+                            f"got {value!r}")
+    return names, categories
+
+
 def load_task(spec: str) -> Task:
     name, kind, root = parse_task_spec(spec)
     if not root.exists():
         raise TaskError(f"task {name}: {root} does not exist")
     evals, shots = _split_files(root, kind)
     bad: list[Malformed] = []
+    mapping = (root if root.is_dir() else root.parent) / SUBJECT_MAPPING
+    names, categories = ({}, {})
+    if kind in ("mmlu", "ceval", "cmmlu") and mapping.is_file():
+        names, categories = read_subject_mapping(mapping, kind)
 
     def read(p: Path, subject: str) -> list[Example]:
         if kind == "mmlu":
-            return read_mmlu_file(p, root, subject, bad)
-        if kind in ("ceval", "cmmlu"):
-            return read_ceval_file(p, root, subject, bad)
-        return {"arc": read_arc_file, "hellaswag": read_hellaswag_file, "gsm8k": read_gsm8k_file,
-                "ppl": read_ppl_file}[kind](p, root, bad)
+            rows = read_mmlu_file(p, root, subject, bad)
+        elif kind in ("ceval", "cmmlu"):
+            rows = read_ceval_file(p, root, subject, bad)
+        else:
+            return {"arc": read_arc_file, "hellaswag": read_hellaswag_file, "gsm8k": read_gsm8k_file,
+                    "ppl": read_ppl_file}[kind](p, root, bad)
+        for ex in rows:
+            ex.subject_name = names.get(subject, "")
+        return rows
 
     examples = [e for p, s in evals for e in read(p, s)]
     pool: dict[str, list[Example]] = {}
     for p, s in shots:
         pool.setdefault(s, []).extend(read(p, s))
-    return Task(name=name, kind=kind, path=root, examples=examples, fewshot=pool, malformed=bad,
-                files=[p for p, _ in evals + shots])
+    files = [p for p, _ in evals + shots] + ([mapping] if names else [])
+    return Task(name=name, kind=kind, path=root, examples=examples, fewshot=pool, malformed=bad, files=files,
+                categories=categories)
 
 
 # -- prompt formats ------------------------------------------------------------------------------------
@@ -439,7 +480,7 @@ def pretty_subject(subject: str) -> str:
 def build_prompt(kind: str, ex: Example, shots: list[Example]) -> str:
     """Header + k solved examples + the question, exactly in the benchmark's published layout."""
     fmt = FORMATS[kind]
-    head = fmt.description.format(subject=pretty_subject(ex.subject)) if fmt.description else ""
+    head = fmt.description.format(subject=ex.subject_name or pretty_subject(ex.subject)) if fmt.description else ""
     solved = "".join(f"{question_text(kind, s)}{fmt.delimiter}{target_text(kind, s)}{fmt.fewshot_sep}" for s in shots)
     return head + solved + question_text(kind, ex)
 
