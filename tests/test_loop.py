@@ -164,3 +164,16 @@ def test_starting_over_a_run_needs_resume(tmp_path):
 def test_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         LoopConfig(**{"lr": 1.0, field: value}).validate()
+
+
+def test_truncate_metrics_keeps_one_history_past_a_half_written_row(tmp_path, caplog):
+    """A kill mid-write leaves a torn last line; resuming drops it (and later steps) instead of failing."""
+    from llmkit.train.loop import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": s, "loss": 1.0 / s} for s in range(1, 7)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 7, "lo')
+    with caplog.at_level("WARNING"):
+        truncate_metrics(path, 4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    assert "1 half-written row" in caplog.text

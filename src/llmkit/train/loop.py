@@ -311,7 +311,17 @@ def truncate_metrics(path: Path, step: int) -> None:
     resumed run replays, and the file should tell one history, not two."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep, torn = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line) if line else None
+        except ValueError:  # the kill landed mid-write: the row never finished, and its step is replayed
+            torn += 1
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
+    if torn:
+        log.warning("%s: dropped %d half-written row(s) left by the interrupted run", path, torn)
     tmp = path.with_suffix(".jsonl.tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)
