@@ -357,3 +357,20 @@ def test_the_construction_command_writes_pairs_the_recipe_reads(base, tmp_path, 
 
     data = build_preference_data(PreferenceDataConfig(paths=[str(out)]), Tokenizer.load(base / "model"), None, 64)
     assert data.paired and len(data.train) + len(data.eval) + data.too_long == written
+
+
+def test_ipo_averages_log_ratios_per_response_token_by_default():
+    """TRL's IPO (and llmkit's default): the squared target applies to per-token mean log-ratios; the summed
+    form stays available with ipo_per_token=false."""
+    logps = torch.tensor([[-12.0, -30.0], [-40.0, -9.0]], dtype=torch.float64)
+    ref = torch.tensor([[-14.0, -27.0], [-41.0, -10.0]], dtype=torch.float64)
+    lens = torch.tensor([[4, 10], [16, 3]], dtype=torch.float64)
+    beta = 0.2
+    per_token = ((logps[:, 0] - ref[:, 0]) / lens[:, 0] - (logps[:, 1] - ref[:, 1]) / lens[:, 1] - 1 / (2 * beta)) ** 2
+    summed = ((logps[:, 0] - ref[:, 0]) - (logps[:, 1] - ref[:, 1]) - 1 / (2 * beta)) ** 2
+    cfg = PreferenceConfig(base_model="x", loss="ipo", beta=beta)
+    got, _ = preference_loss(cfg, logps, lens, ref, None)
+    assert got.item() == pytest.approx(per_token.mean().item(), rel=1e-12)
+    cfg.ipo_per_token = False
+    got, _ = preference_loss(cfg, logps, lens, ref, None)
+    assert got.item() == pytest.approx(summed.mean().item(), rel=1e-12)

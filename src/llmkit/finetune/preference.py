@@ -81,6 +81,9 @@ class PreferenceConfig:
     """DPO / cDPO / KTO temperature, IPO's tau, SimPO's reward scale (the paper: 2.0-2.5)."""
     label_smoothing: float = 0.1
     """cDPO's eps (the share of labels assumed flipped)."""
+    ipo_per_token: bool = True
+    """IPO on log-ratios averaged per response token (TRL's form, which the IPO authors confirmed for their
+    results: beta sets a target margin of 1/(2 beta) per token); false = summed over the response."""
     orpo_lambda: float = 0.1
     simpo_gamma: float = 0.5
     kto_lambda_desirable: float = 1.0
@@ -223,6 +226,9 @@ def preference_loss(cfg: PreferenceConfig, logps: torch.Tensor, lens: torch.Tens
         losses = L.dpo_loss(pc, pr, rc, rr, b)
     elif cfg.loss == "cdpo":
         losses = L.dpo_loss(pc, pr, rc, rr, b, cfg.label_smoothing)
+    elif cfg.loss == "ipo" and cfg.ipo_per_token:
+        lc, lr = lens[:, 0], lens[:, 1]
+        losses = L.ipo_loss(pc / lc, pr / lr, rc / lc, rr / lr, b)
     elif cfg.loss == "ipo":
         losses = L.ipo_loss(pc, pr, rc, rr, b)
     elif cfg.loss == "orpo":
