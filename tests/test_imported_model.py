@@ -265,8 +265,8 @@ def instructions(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("arch,method", [(a, "lora") for a in ARCHS] + [("qwen2", "full"), ("llama3", "prefix")])
 def test_finetune_with_the_models_own_template(imported, instructions, tmp_path, arch, method):
-    from llmkit.finetune.sft_data import build_sft_data
     from llmkit.finetune.sft import finetune_sft
+    from llmkit.finetune.sft_data import build_sft_data
 
     _, model_dir, _ = imported[arch]
     cfg = sft_config(model_dir, tmp_path / "sft", method, instructions)
@@ -281,7 +281,7 @@ def test_finetune_with_the_models_own_template(imported, instructions, tmp_path,
     assert final.is_dir()
     rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
-    assert losses and all(l == l and l < 50 for l in losses)
+    assert losses and all(x == x and x < 50 for x in losses)
     if method == "lora":
         model = load_lora(load_model(model_dir), final)
         assert any("lora_B" in n and p.abs().sum() > 0 for n, p in model.named_parameters())

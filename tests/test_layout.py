@@ -57,8 +57,8 @@ def test_engine_relays_weights_on_cpu_without_the_kernels_and_not_when_told():
 
 
 def test_inference_device_and_dtype_are_decided_in_one_place(tmp_path):
-    from llmkit.runtime import resolve_device, resolve_dtype
     from llmkit.infer.load import load_for_inference
+    from llmkit.runtime import resolve_device, resolve_dtype
     from llmkit.tokenizer import train_char
 
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32

@@ -245,7 +245,7 @@ def test_chat_page_in_chromium(live, sync_playwright, tmp_path):
             page.get_by_label("Max tokens").fill("4000")
             prompt.fill(MSG1)
             prompt.press("Enter")
-            _wait_until(page, 
+            _wait_until(page,
                 "(document.querySelector('[data-testid=assistant-text]') || {}).textContent?.length > 5")
             stop_btn.click()
             page.locator('[data-testid="msg-assistant"][data-stopped="true"]').wait_for()
