@@ -25,6 +25,7 @@ included), so the directory still loads in transformers.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -643,3 +644,17 @@ def _record_texts(record: Any, text_field: str, loc: str) -> Iterator[str]:
             f"{loc}: record has no {text_field!r} field and is not an alpaca (instruction/output) or "
             f"chinese-poetry (paragraphs/content) record; keys: {sorted(record)}"
         )
+
+
+@functools.lru_cache(maxsize=1)
+def byte_level_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: the printable symbols of a byte-level BPE vocabulary -> the byte each
+    stands for (what a token adds to the output, byte for byte, even when it holds part of a character)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}

@@ -25,8 +25,9 @@ before its parents), and gives back blocks only it references when the pool runs
 Per request (`RequestParams`): max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p, repetition,
 presence and frequency penalties, seed (a per-request `torch.Generator`, so the same seed gives the same
 tokens whatever else is in the batch), logprobs, stop token ids and EOS (neither is emitted) and stop
-strings (need a tokenizer). Sampling is vectorised over the batch (`llmkit.sampling`); only the draw
-itself runs per row, on that row's generator. Tokens go to an optional per-request callback and to
+strings (need a tokenizer), and a grammar (`llmkit.infer.constrained`: JSON schema, regex, Lark; its token
+mask is applied before everything else, per row). Sampling is vectorised over the batch (`llmkit.sampling`);
+only the draw itself runs per row, on that row's generator. Tokens go to an optional per-request callback and to
 `Engine.stream`.
 
 Prefill is batched: the waiting requests that fit the batch, the free blocks and `max_prefill_tokens` padded tokens
@@ -41,6 +42,11 @@ embeddings), `Decoder.rope_at` (RoPE scaling, per row where it depends on the se
 sliding window narrows its keep-mask. A longrope model (Phi-3) recomputes a request's cache once it passes
 the original context, as HF's generate does; prompts beyond the original context of a longrope or dynamic-NTK
 model skip the prefix cache.
+
+Many LoRA adapters (`Engine(adapters=MultiLoRA(model))`, `llmkit.infer.multi_lora`): a request names its
+adapter in `RequestParams.adapter`; requests of different adapters and of the base share every forward (the
+adapted Linears add each row's low-rank delta), an adapter is pinned in memory while a request of it runs, and
+its prefix-cache chains start from the adapter's own root, so cached keys/values never cross adapters.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llmkit.infer import kernels as cpu_kernels
+from llmkit.infer.constrained import Grammar, Matcher, bitmask_to_bool
 from llmkit.infer.generate import SamplingParams, eos_set
 from llmkit.infer.kv_blocks import BlockPool, PrefixCache
 from llmkit.models.decoder import Decoder
@@ -97,6 +104,14 @@ class RequestParams(SamplingParams):
     """Record each emitted token's log-probability and this many top alternatives (0: only the chosen one)
     in `Request.logprobs`, from the distribution after penalties and temperature (before truncation; greedy
     rows use temperature 1). None = off."""
+    adapter: str | None = None
+    """Name of a LoRA adapter registered with the engine's `MultiLoRA` (`Engine(adapters=...)`) to generate
+    with, in the same batch as other adapters' and the base's requests; None = the base model."""
+    grammar: Grammar | None = None
+    """A compiled constraint (`llmkit.infer.constrained`: JSON schema, regex, Lark grammar): every token is
+    drawn from those the grammar allows next (masked before penalties, temperature and truncation, so
+    logprobs are of the constrained distribution), EOS / stop ids only where the grammar may end, and the
+    request stops ('stop') once the grammar allows no further token. None = unconstrained."""
 
 
 @dataclass
@@ -126,6 +141,9 @@ class Request:
     """With params.logprobs set: per emitted token, (its logprob, [(alternative id, logprob)] best first)."""
     text: str | None = None
     """With stop strings: the decoded output, cut before the stop string that ended it."""
+    matcher: Matcher | None = None
+    """With params.grammar: this request's position in the grammar (made at its first sampling step, kept
+    across preemption: the recompute replays tokens the matcher has already accepted)."""
 
 
 def padding_groups(reqs: list[Request], waste: float = 0.25) -> list[list[Request]]:
@@ -170,6 +188,10 @@ class Engine:
     is not used is in `fused_unavailable`); None -> on CPU when the kernels build here. Up to
     `kernels.FUSED_MAX_ROWS` running requests of a fusable model (`kernels.MAX_ROWS` of others) decode that way,
     more go through PyTorch as before.
+    adapters: a `llmkit.infer.multi_lora.MultiLoRA` over this model: requests then pick a LoRA adapter by
+    `RequestParams.adapter` and requests of different adapters and of the base share a batch (its Linears are
+    wrapped here, after the kernels are set up; a decode step with any adapter row goes through PyTorch). A
+    request is admitted only when its adapter fits the adapter memory budget beside those running requests pin.
 
     KV memory is 2 * n_layer * H_kv * head_dim elements in the model's dtype per position of the pool
     (`stats()` reports the blocks in use and their peak).
@@ -178,7 +200,7 @@ class Engine:
     def __init__(self, model: Decoder, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
                  prefix_cache_tokens: int = 2048, prefix_block: int = 16, eos_id: int | Sequence[int] | None = None,
                  max_prefill_tokens: int = 8192, column_major: bool | None = None, vocab_limit: int | None = None,
-                 kernels: bool | None = None, kv_cache_tokens: int | None = None):
+                 kernels: bool | None = None, kv_cache_tokens: int | None = None, adapters=None):
         if not isinstance(model, Decoder):
             raise TypeError(f"Engine serves llmkit decoder-only models (Decoder), not {type(model).__name__}; "
                             "encoders and encoder-decoders are not supported")
@@ -228,6 +250,11 @@ class Engine:
         self.decode_steps = 0
         self.preemptions = 0
         self._ids = itertools.count()
+        self.adapters = adapters
+        if adapters is not None:
+            if adapters.model is not model:
+                raise ValueError("adapters: a MultiLoRA over another model")
+            adapters.attach()
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
@@ -242,6 +269,10 @@ class Engine:
             raise ValueError("prompt is empty: give at least one token (e.g. the BOS token)")
         if getattr(params, "stop", None) and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: pass Engine(model, tokenizer=...)")
+        adapter = getattr(params, "adapter", None)
+        if adapter is not None and self.adapters is None:
+            raise ValueError(f"request names adapter {adapter!r}, but this engine serves none: pass "
+                             "Engine(adapters=MultiLoRA(model))")
         rid = str(request_id) if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.requests and not self.requests[rid].finished:
             raise ValueError(f"request id {rid!r} is already active")
@@ -258,6 +289,8 @@ class Engine:
         req = Request(rid, ids, params, budget, gen, on_token)
         if getattr(params, "logprobs", None) is not None:
             req.logprobs = []
+        if adapter is not None and budget > 0:  # UnknownAdapter (a KeyError) before anything is queued
+            self.adapters.track(adapter, req)
         self.requests[rid] = req
         if budget <= 0:
             req.finished, req.finish_reason = True, "length"
@@ -321,6 +354,11 @@ class Engine:
                 need = self._blocks_for(n_tokens + 1)  # + the first decoded token's position
                 if batch and (len(batch) + 1) * t > self.max_prefill_tokens or blocks + need > available:
                     break
+                if self.adapters is not None and not self.adapters.can_pin(
+                        [getattr(r.params, "adapter", None) for r in (*self.running, *batch, self.waiting[0])]):
+                    break  # its adapter has no room beside the running ones' yet: it waits for them
+                if not self._adapter_loads(self.waiting[0]):
+                    continue  # its adapter could not be read: that request failed alone
                 batch.append(self.waiting.popleft())
                 longest, blocks = t, blocks + need
             if not batch:  # the pool is full: the running requests free blocks as they finish
@@ -384,6 +422,7 @@ class Engine:
         sampled row draws with its own generator), emit it, and retire finished requests."""
         ps = [r.params for r in reqs]
         logits = mask_padded_vocab(logits, self.vocab_limit)
+        dead = self._constrain(reqs, logits)  # grammar masks first: penalties etc. see only allowed tokens
         want_lp = [getattr(p, "logprobs", None) for p in ps]
         sp = BatchSampling.from_params(ps, device=logits.device)
         penalties = sp.any_penalty
@@ -410,12 +449,16 @@ class Engine:
             p, t = req.params, tokens[i]
             if bad[i]:
                 req.finish_reason = "error"
-                req.error = "the logits became NaN or infinite under this request's sampling settings"
+                req.error = dead.get(i) or "the logits became NaN or infinite under this request's sampling settings"
                 done.append(req)
                 continue
             stops = getattr(p, "stop_token_ids", None) or ()
             if (p.stop_at_eos and t in self.eos_ids) or t in stops:
                 req.finish_reason = "stop"
+                done.append(req)
+                continue
+            if req.matcher is not None and not req.matcher.accept(t):  # the mask allowed it: only a bug gets here
+                req.finish_reason, req.error = "error", f"grammar rejected token {t}: {req.matcher.error}"
                 done.append(req)
                 continue
             req.output.append(t)
@@ -430,12 +473,43 @@ class Engine:
             emitted[req.request_id] = t
             if req.on_token is not None:
                 req.on_token(req.request_id, t)
+            if req.matcher is not None and req.matcher.is_finished():  # the grammar is complete
+                req.finish_reason = "stop"
+                done.append(req)
+                continue
             if len(req.output) >= req.budget:
                 req.finish_reason = "length"
                 done.append(req)
         for req in done:
             self._free(req)
             req.finished = True
+
+    def _constrain(self, reqs: list[Request], logits: torch.Tensor) -> dict[int, str]:
+        """Set to -inf, in place, the logits (n, vocab) of tokens the grammar of each constrained row does not
+        allow next (its EOS / stop ids allowed only where the grammar may end). Rows without a grammar are
+        untouched, so an unconstrained batch costs nothing. Returns {row: error} for rows whose grammar
+        allows no token at all (they fail alone; the rest of the batch goes on)."""
+        rows = [i for i, r in enumerate(reqs) if getattr(r.params, "grammar", None) is not None]
+        if not rows:
+            return {}
+        V = logits.size(-1)
+        words = torch.zeros(len(rows), -(-V // 32), dtype=torch.int32)  # one bit per token, filled per row
+        for j, i in enumerate(rows):
+            req = reqs[i]
+            if req.matcher is None:
+                req.matcher = req.params.grammar.matcher()
+            p = req.params
+            ends = [*(self.eos_ids if p.stop_at_eos else ()), *(getattr(p, "stop_token_ids", None) or ())]
+            req.matcher.fill_mask(words, j, ends)
+        allowed = bitmask_to_bool(words, V).to(logits.device)  # (len(rows), V)
+        forbid = ~allowed
+        if len(rows) < logits.size(0):  # widen to every row (bools: cheaper than gathering float rows)
+            forbid = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            forbid[torch.tensor(rows, device=logits.device)] = ~allowed
+        logits.masked_fill_(forbid, float("-inf"))  # in place: one pass over (n, vocab)
+        empty = (~allowed.any(-1)).tolist()
+        return {i: f"the grammar allows no token here ({reqs[i].matcher.error or 'dead end for this vocabulary'})"
+                for j, i in enumerate(rows) if empty[j]}
 
     def _hit_stop_string(self, req: Request) -> bool:
         """After req's newest token: if the decoded output contains a stop string, set `req.text` to the
@@ -462,6 +536,8 @@ class Engine:
         for b in req.blocks:
             self.pool.release(b)
         req.blocks = []
+        if self.adapters is not None and getattr(req.params, "adapter", None) is not None:
+            self.adapters.unpin(req.params.adapter)  # pinned when it joined the batch (_prefill_batch)
 
     def _blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.pool.block_size)
@@ -544,10 +620,13 @@ class Engine:
         bs = pc.block_size
         starts, news = [], []
         for req in reqs:
+            if self.adapters is not None and getattr(req.params, "adapter", None) is not None:
+                self.adapters.pin(req.params.adapter)  # resident (paged in) while it runs; _free unpins
             self.running.append(req)
             ids, start = req.prompt + req.output, 0
             if self._prefix_cacheable(ids):
-                chain = pc.chain(ids, (len(ids) - 1) // bs)  # keep >= 1 token to compute logits from
+                # keep >= 1 token to compute logits from
+                chain = pc.chain(ids, (len(ids) - 1) // bs, root=self._cache_root(req))
                 for b in pc.lookup(chain):
                     self.pool.retain(b)
                     req.blocks.append(b)
@@ -594,6 +673,7 @@ class Engine:
         pos_flat = pos[valid]
         blocks_flat, offsets_flat = table[rows_flat, pos_flat // bs], pos_flat % bs
         H, hd = cfg.n_head, cfg.head_dim
+        self._adapter_rows(reqs)
         for i, block in enumerate(m.blocks):
             attn = block.attn
             q, k, v = attn.project_qkv(block.norm1(x), rope)  # (n, H, T, hd), (n, H_kv, T, hd) x 2
@@ -607,6 +687,7 @@ class Engine:
                 y = attn.attend(q, self._gather(kc, table, L), self._gather(vc, table, L), mask=mask)
             x = block.attn_residual(x, attn.proj(y.transpose(1, 2).reshape(n, T, H * hd)))
             x = block.mlp_residual(x)
+        self._adapter_rows(None)
         for req in reqs:
             req.length = len(req.prompt) + len(req.output)
         self.prefill_tokens += sum(lens_l)
@@ -614,9 +695,38 @@ class Engine:
             for req in reqs:
                 ids = req.prompt + req.output
                 if self._prefix_cacheable(ids):  # its full blocks: never written again (decode writes later)
-                    pc.insert(pc.chain(ids, len(ids) // bs), lambda j, req=req: req.blocks[j])
+                    pc.insert(pc.chain(ids, len(ids) // bs, root=self._cache_root(req)),
+                              lambda j, req=req: req.blocks[j])
         last = x[torch.arange(n, device=dev), lens - 1]
         return m.head(last)
+
+    def _adapter_loads(self, req: Request) -> bool:
+        """At admission: read req's adapter from disk if it is paged out. If that fails (its dir was removed
+        or broken since it was loaded), the request leaves the queue finished with an error and False is
+        returned; the rest of the batch goes on."""
+        name = getattr(req.params, "adapter", None)
+        if name is None or self.adapters is None:
+            return True
+        try:
+            self.adapters.preload(name)
+        except (OSError, ValueError) as e:
+            self.waiting.remove(req)
+            req.finished, req.finish_reason = True, "error"
+            req.error = f"adapter {name!r} could not be read: {e}"
+            return False
+        return True
+
+    def _cache_root(self, req: Request):
+        """Where a request's prefix-cache chain starts: None for the base model, the adapter's registration
+        uid otherwise, so keys/values computed under one adapter are never reused for another or the base
+        (and a name re-registered with other weights starts afresh)."""
+        name = getattr(req.params, "adapter", None)
+        return None if name is None or self.adapters is None else ("lora", self.adapters.uid(name))
+
+    def _adapter_rows(self, reqs: list[Request] | None) -> None:
+        """Tell the adapter wrappers which adapter each row of the next forward uses (None: clear)."""
+        if self.adapters is not None:
+            self.adapters.set_rows(None if reqs is None else [getattr(r.params, "adapter", None) for r in reqs])
 
     def _prefix_cacheable(self, ids: Sequence[int]) -> bool:
         """Whether a prompt's keys/values may come from / go to the prefix cache: not for a prompt beyond the
@@ -635,7 +745,9 @@ class Engine:
 
         ids = req.prompt + req.output  # the cache holds all but the last token
         cache = KVCache(self.config, 1, len(ids), device=self.device, dtype=self.dtype, rolling=False)
+        self._adapter_rows([req])
         logits, _ = self.model(torch.tensor([ids], device=self.device), cache=cache)
+        self._adapter_rows(None)
         bs = self.pool.block_size
         for j in range(self._blocks_for(len(ids))):
             part = slice(j * bs, min(len(ids), (j + 1) * bs))
@@ -657,7 +769,9 @@ class Engine:
         pos = torch.tensor([r.length for r in self.running], device=dev)
         seq_lens = [r.length + 1 for r in self.running]
         table = self._block_table(self.running)  # (n, most blocks)
-        if self.fused is not None and n <= cpu_kernels.FUSED_MAX_ROWS:
+        # the fused C layers read the base weights only: a batch with adapter rows goes through PyTorch
+        adapted = self.adapters is not None and any(getattr(r.params, "adapter", None) for r in self.running)
+        if self.fused is not None and n <= cpu_kernels.FUSED_MAX_ROWS and not adapted:
             logits = m.head(self.fused.decode_hidden(m, tokens, pos, seq_lens, self.pool.k, self.pool.v, table))
         else:
             logits = self._decode_layers(tokens, pos, seq_lens, table)
@@ -696,6 +810,7 @@ class Engine:
             cos, sin = m.rope_at(pos, seq_lens)
             rope = (cos[:, None, None], sin[:, None, None])  # (n, 1, 1, hd/2)
         H, hd = cfg.n_head, cfg.head_dim
+        self._adapter_rows(self.running)  # rows are self.running's, in order (`_decode`)
         for i, block in enumerate(m.blocks):
             attn = block.attn
             q, k, v = attn.project_qkv(block.norm1(x), rope)  # (n, H, 1, hd), (n, H_kv, 1, hd) x 2
@@ -705,4 +820,5 @@ class Engine:
             y = attn.attend(q, self._gather(kc, table, L), self._gather(vc, table, L), mask=masks[attn.window])
             x = block.attn_residual(x, attn.proj(y.transpose(1, 2).reshape(n, 1, H * hd)))
             x = block.mlp_residual(x)
+        self._adapter_rows(None)
         return m.head(x[:, 0])

@@ -100,9 +100,11 @@ class PrefixCache:
         self.misses = 0
         self.evictions = 0
 
-    def chain(self, tokens: Sequence[int], n_blocks: int) -> list[tuple[int, int | None, tuple[int, ...]]]:
-        """(hash, parent hash, block tokens) for the first n_blocks full blocks of `tokens`."""
-        out, parent = [], None
+    def chain(self, tokens: Sequence[int], n_blocks: int, root=None) -> list[tuple[int, int | None, tuple[int, ...]]]:
+        """(hash, parent hash, block tokens) for the first n_blocks full blocks of `tokens`. `root`: the first
+        block's parent (default None), hashable; chains of different roots never share an entry (the engine
+        gives each LoRA adapter its own, as keys/values depend on the adapter)."""
+        out, parent = [], root
         bs = self.block_size
         for j in range(n_blocks):
             blk = tuple(tokens[j * bs:(j + 1) * bs])

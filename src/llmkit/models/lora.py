@@ -148,7 +148,30 @@ class LoRAConfig:
 # -- the layer --------------------------------------------------------------------------------------
 
 
-class LoRALinear(nn.Module):
+class LinearStandIn(nn.Module):
+    """A module wrapping a Linear as `self.base` that stands in for it: code reading .weight / .bias /
+    .in_features / .out_features keeps working (LoRALinear here, the serving engine's MultiLoRALinear)."""
+
+    base: nn.Module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+
+class LoRALinear(LinearStandIn):
     """A frozen `nn.Linear` plus low-rank updates on slices of its output rows.
 
     `slices` maps a name to (start, end, rank, scaling): output rows [start, end) get
@@ -187,23 +210,6 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.train(base.training)  # a wrapper put into an eval-mode model must not start dropping out
-
-    # The wrapper stands in for the Linear it replaced: code reading .weight / .in_features keeps working.
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base.bias
-
-    @property
-    def in_features(self) -> int:
-        return self.base.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.base.out_features
 
     def extra_repr(self) -> str:
         parts = [f"{n}[{s}:{e}] r={self.lora_A[n].shape[0]} s={self.scaling[n]:g}"
