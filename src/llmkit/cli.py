@@ -327,6 +327,22 @@ def _shorthand(p: argparse.ArgumentParser, *flags: str, key: str, **kw) -> None:
     p.add_argument(*flags, dest=_SET + key, default=argparse.SUPPRESS, **kw)
 
 
+class _ServeAdapter(argparse.Action):
+    """`llmkit serve --adapter`: NAME=DIR adds to config key `adapters` (a mapping, repeatable); a bare DIR sets
+    `adapter` (one adapter applied to the model)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        import re
+
+        name, sep, path = value.partition("=")
+        if sep and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name) and path:
+            adapters = dict(getattr(namespace, _SET + "adapters", {}))
+            adapters[name] = path
+            setattr(namespace, _SET + "adapters", adapters)
+        else:
+            setattr(namespace, _SET + "adapter", value)
+
+
 def _config_arguments(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--config", default=None, metavar="FILE",
                    help=f"YAML file of {what} settings (keys as in key=value); flags and overrides apply on top")
@@ -613,7 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
     _config_arguments(sv, "server (llmkit.serve.ServeConfig)")
     _shorthand(sv, "--model", key="model", help="a model directory (plain or quantized)")
-    _shorthand(sv, "--adapter", key="adapter", help="a LoRA or prefix adapter directory to apply")
+    sv.add_argument("--adapter", action=_ServeAdapter, dest=_SET + "adapter", default=argparse.SUPPRESS,
+                    metavar="[NAME=]DIR", help="NAME=DIR (repeatable): a LoRA adapter served beside the base as "
+                    "model '<served name>:NAME', all in one batch; DIR alone: one LoRA or prefix adapter applied "
+                    "to the model (then the only one)")
+    _shorthand(sv, "--adapter-budget-mb", key="adapter_budget_mb", type=float,
+               help="memory the loaded adapters' weights may take, MiB; idle ones are paged out (default 1024)")
     _shorthand(sv, "--served-model-name", key="served_model_name",
                help="the model id clients use (default: the dir name)")
     _shorthand(sv, "--host", key="host", help="bind address (default 127.0.0.1: loopback only)")

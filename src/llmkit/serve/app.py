@@ -2,7 +2,9 @@
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (OpenAI wire format, SSE
 streaming), GET|HEAD /health (200 while the engine thread runs, 503 while shutting down or after the
-engine died), GET /metrics (Prometheus text), GET|HEAD / (the web chat page in static/index.html).
+engine died), GET /metrics (Prometheus text), GET|HEAD / (the web chat page in static/index.html), and
+GET|POST /v1/adapters, DELETE /v1/adapters/{name} (LoRA adapters served beside the base, `model:
+"<name>:<adapter>"`: `llmkit.serve.adapters`).
 
 Handlers only validate, submit to the `EngineRunner` and format what comes back: the engine lives in
 the runner's thread, and parsing + tokenizing run in a worker thread so a large prompt list never stalls
@@ -27,7 +29,7 @@ import re
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -35,10 +37,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmkit.serve import adapters as adapters_api
 from llmkit.serve import protocol
 from llmkit.serve.metrics import ServerMetrics
 from llmkit.serve.protocol import APIError, Context, IncrementalDecoder, ParsedRequest
 from llmkit.serve.runner import Draining, EngineDown, EngineRunner, QueueFull
+from llmkit.serve.tools import ToolStream, reply_message
 
 log = logging.getLogger(__name__)
 STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
@@ -51,7 +55,13 @@ class ServeConfig:
     model: str
     """Model directory (plain or quantized)."""
     adapter: str | None = None
-    """Optional LoRA / prefix adapter directory."""
+    """Optional LoRA / prefix adapter directory, applied to the model (the only one served)."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """LoRA adapters served side by side on the base, name -> dir (`--adapter NAME=DIR`): a request picks one
+    with `model: "<served name>:<name>"`; more load at run time via POST /v1/adapters (`llmkit.serve.adapters`).
+    Not with `adapter`."""
+    adapter_budget_mb: float = 1024.0
+    """Memory the resident adapters' factors may take, MiB; least recently used idle ones are paged out."""
     served_model_name: str | None = None
     """Name in /v1/models and the `model` field; default: the model directory's name."""
     host: str = "127.0.0.1"
@@ -168,17 +178,19 @@ def create_app(config: ServeConfig, on_engine_failure=None) -> FastAPI:
 
     model, tok, template = load_for_inference(config.model, config.adapter, config.device, config.dtype)
     max_len = context_length(model, config)
+    name = config.served_model_name or _default_model_name(str(config.model))
+    created = int(time.time())
+    multi_lora, adapter_service = adapters_api.build(model, config, name, created)
     try:
         engine = Engine(model, tok, max_batch=config.max_batch, max_len=max_len,
-                        prefix_cache_tokens=config.prefix_cache_tokens)
+                        prefix_cache_tokens=config.prefix_cache_tokens, adapters=multi_lora)
     except TypeError as e:  # an encoder or encoder-decoder: a clean CLI error, not a traceback
         raise ValueError(f"{config.model}: {e}") from None
+    adapters_api.register_startup(adapter_service, config.adapters)
     runner = EngineRunner(engine, max_queue=config.max_queue, on_fatal=on_engine_failure)
     metrics = ServerMetrics()
-    name = config.served_model_name or _default_model_name(str(config.model))
     ctx = Context(name, tok, max_len, template)
     api_key = config.api_key
-    created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -241,7 +253,9 @@ def create_app(config: ServeConfig, on_engine_failure=None) -> FastAPI:
     def _parse(raw: bytes, chat: bool) -> ParsedRequest:
         """JSON -> validated, tokenized request (runs in a worker thread: a 1 MB prompt list takes a while)."""
         body = protocol.parse_json(raw)
-        return protocol.parse_chat(body, ctx) if chat else protocol.parse_completion(body, ctx)
+        adapter = adapter_service.resolve(body)  # model "<name>:<adapter>" (404 if not loaded)
+        parsed = protocol.parse_chat(body, ctx) if chat else protocol.parse_completion(body, ctx)
+        return adapter_service.apply(parsed, adapter)
 
     # -- endpoints --------------------------------------------------------------------------------------
     @app.api_route("/health", methods=["GET", "HEAD"])
@@ -268,7 +282,10 @@ def create_app(config: ServeConfig, on_engine_failure=None) -> FastAPI:
     async def models(request: Request):
         _auth(request)
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
-                                            "owned_by": "llmkit", "max_model_len": max_len}]}
+                                            "owned_by": "llmkit", "max_model_len": max_len},
+                                           *adapter_service.model_entries(max_len)]}
+
+    adapter_service.install(app, _auth, _body)  # GET/POST /v1/adapters, DELETE /v1/adapters/{name}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -308,14 +325,15 @@ def create_app(config: ServeConfig, on_engine_failure=None) -> FastAPI:
         metrics.prompt_tokens.inc(sum(len(parsed.prompts[c.prompt_index]) for c in parsed.choices))
         gen = _Generation(parsed, tok, metrics, start, ids, runner, queue)
         if parsed.stream:
-            return StreamingResponse(gen.sse(rid, name, chat), media_type="text/event-stream",
+            return StreamingResponse(gen.sse(rid, adapter_service.model_id(parsed), chat),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         watcher = asyncio.create_task(_on_disconnect(request, lambda: runner.cancel(gen.unfinished())))
         try:
             await gen.collect()
         finally:
             watcher.cancel()
-        return gen.response(rid, name, chat, shutting_down=runner.draining)
+        return gen.response(rid, adapter_service.model_id(parsed), chat, shutting_down=runner.draining)
 
     return app
 
@@ -350,6 +368,8 @@ class _Generation:
         self.ids, self.runner, self.queue = ids, runner, queue
         self.choices = [_ChoiceState(tok, parsed.stop) for _ in parsed.choices]
         self.pending = len(self.choices)
+        # chat with tools: each choice's text goes through its call parser (llmkit.serve.tools)
+        self.tool_streams = [ToolStream(parsed.tools) if parsed.tools is not None else None for _ in parsed.choices]
 
     def unfinished(self) -> list[str]:
         return [i for i, c in zip(self.ids, self.choices) if c.info is None and c.error is None]
@@ -416,8 +436,8 @@ class _Generation:
             text = info["text"] if info["text"] is not None else self.tok.decode(c.tokens, skip_special_tokens=True)
             lp = self._lp(chat, c.logprobs[:info["completion_tokens"]])
             if chat:
-                out.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                            "finish_reason": info["finish_reason"]})
+                message, finish = reply_message(text, self.p.tools, info["finish_reason"])
+                out.append({"index": i, "message": message, "logprobs": lp, "finish_reason": finish})
             else:
                 out.append({"index": i, "text": text, "logprobs": lp, "finish_reason": info["finish_reason"]})
         return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": self.p.created,
@@ -459,7 +479,13 @@ class _Generation:
                 if c.error is not None:
                     yield error_end(i, APIError(c.error, None, status=500, type="server_error"))
                     return  # the finally cancels this request's other choices
-                if text or (c.info is not None and c.unsent_lp):
+                ts = self.tool_streams[i]
+                if ts is not None:  # tool calls: text deltas become content and tool_calls deltas
+                    for delta in ts.deltas(text, final=c.info is not None):
+                        lp, c.unsent_lp = c.unsent_lp, []
+                        yield chunk([{"index": i, "delta": delta, "logprobs": self._lp(chat, lp) if lp else None,
+                                      "finish_reason": None}])
+                elif text or (c.info is not None and c.unsent_lp):
                     lp, c.unsent_lp = c.unsent_lp, []
                     yield chunk([choice(i, text, None, lp)])
                 if c.info is not None and c.info["finish_reason"] == "cancelled":  # by shutdown
@@ -467,7 +493,8 @@ class _Generation:
                                                 None, status=503, code="shutting_down", type="server_error"))
                     return
                 if c.info is not None:
-                    yield chunk([choice(i, None if chat else "", c.info["finish_reason"], None)])
+                    finish = ts.finish_reason(c.info["finish_reason"]) if ts is not None else c.info["finish_reason"]
+                    yield chunk([choice(i, None if chat else "", finish, None)])
             if self.p.include_usage:
                 last = {"id": rid, "object": obj, "created": self.p.created, "model": model, "choices": [],
                         "usage": self._usage()}

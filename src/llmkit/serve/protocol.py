@@ -30,25 +30,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.infer.engine import RequestParams
+from llmkit.serve.errors import APIError  # defined apart: the helpers called here raise it without a cycle
+from llmkit.tokenizer import byte_level_decoder
 
 MAX_N = 8
 MAX_STOP = 4
 MAX_PROMPTS = 64
 """Most prompts in one /v1/completions request (each is tokenized and becomes n engine requests)."""
 MIN_REPETITION_PENALTY = 0.01
-
-
-class APIError(Exception):
-    """An error answered as an OpenAI-style JSON body with HTTP `status`."""
-
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 code: str | None = None, type: str = "invalid_request_error", headers: dict | None = None):
-        super().__init__(message)
-        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 def parse_json(raw: bytes) -> dict:
@@ -186,6 +175,8 @@ class ParsedRequest:
     stop: tuple[str, ...] = ()
     echo: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    tools: Any = None
+    """Chat with tools: the `llmkit.serve.tools.ToolRequest` whose calls are parsed from the reply; None: none."""
 
 
 def _check_model(body: dict, ctx: Context) -> None:
@@ -236,6 +227,12 @@ def _common(body: dict, ctx: Context, prompts: list[list[int]], prompt_param: st
         include_usage = _bool(so, "include_usage", False)
     stop = _stop(body)
     del name
+    from llmkit.serve.structured import StructuredOutputError, response_grammar  # response_format / guided_*
+
+    try:  # one compiled grammar for the request; each choice gets its own matcher in the engine
+        grammar = response_grammar(body, ctx.tokenizer)
+    except StructuredOutputError as e:
+        raise APIError(e.message, e.param, code=e.code) from None
     choices = []
     for pi, p in enumerate(prompts):
         room = ctx.max_model_len - len(p)
@@ -245,7 +242,7 @@ def _common(body: dict, ctx: Context, prompts: list[list[int]], prompt_param: st
                 max_new_tokens=min(want, room), temperature=temperature, top_k=top_k if top_k > 0 else None,
                 top_p=top_p, seed=None if seed is None else seed + j, stop_at_eos=True,
                 stop_token_ids=tuple(stop_ids), stop=stop, min_p=min_p, repetition_penalty=repetition,
-                presence_penalty=presence, frequency_penalty=frequency, logprobs=logprobs)
+                presence_penalty=presence, frequency_penalty=frequency, logprobs=logprobs, grammar=grammar)
             choices.append(Choice(len(choices), pi, params))
     return ParsedRequest(prompts, choices, stream, include_usage, logprobs, stop)
 
@@ -261,7 +258,11 @@ def parse_chat(body: dict, ctx: Context) -> ParsedRequest:
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty list of {role, content} objects", "messages",
                        code="invalid_type")
-    for i, m in enumerate(messages):
+    from llmkit.serve import tools as tool_calling  # imported here: serve.tools imports this module
+
+    tool_req = tool_calling.parse_tools(body, ctx.template)
+    with_tools = tool_req is not None or tool_calling.has_tool_messages(messages)
+    for i, m in enumerate(() if with_tools else messages):  # with tools: checked by tool_calling.encode_prompt
         if not isinstance(m, dict):
             raise APIError(f"messages[{i}] must be an object", f"messages[{i}]", code="invalid_type")
         role, content = m.get("role"), m.get("content")
@@ -280,18 +281,25 @@ def parse_chat(body: dict, ctx: Context) -> ParsedRequest:
     if ctx.template is None:
         raise APIError(f"model '{ctx.model_name}' has no chat template (it is not instruction-tuned): use "
                        "/v1/completions with a text prompt", "messages", code="chat_template_missing")
-    msgs = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
-             else "".join(p["text"] for p in m["content"])} for m in messages]
-    try:
-        ids, _ = encode_chat(ctx.tokenizer, msgs, ctx.template, add_generation_prompt=True)
-    except ChatFormatError as e:
-        raise APIError(f"messages: {e}", "messages", code="invalid_value") from None
+    if with_tools:
+        ids = tool_calling.encode_prompt(ctx.tokenizer, ctx.template, messages, tool_req)
+    else:
+        msgs = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                 else "".join(p["text"] for p in m["content"])} for m in messages]
+        try:
+            ids, _ = encode_chat(ctx.tokenizer, msgs, ctx.template, add_generation_prompt=True)
+        except ChatFormatError as e:
+            raise APIError(f"messages: {e}", "messages", code="invalid_value") from None
     lp = _bool(body, "logprobs", False)
     top = _int(body, "top_logprobs", None, 0, 20)
     if top is not None and not lp:
         raise APIError("'top_logprobs' needs 'logprobs': true", "top_logprobs", code="invalid_value")
     stop_ids = ctx.template.stop_token_ids(ctx.tokenizer)
-    return _common(body, ctx, [ids], "messages", None, (top or 0) if lp else None, stop_ids)
+    parsed = _common(body, ctx, [ids], "messages", None, (top or 0) if lp else None, stop_ids)
+    if tool_req is not None:
+        tool_calling.constrain(parsed.choices, tool_req, ctx.tokenizer)
+        parsed.tools = tool_req
+    return parsed
 
 
 def _encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -354,30 +362,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-_BYTE_DECODER: dict[str, int] | None = None
-
-
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode map (byte-level BPE vocabulary symbols -> byte values)."""
-    global _BYTE_DECODER
-    if _BYTE_DECODER is None:
-        bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-            list(range(ord("®"), ord("ÿ") + 1))
-        cs, n = bs[:], 0
-        for b in range(256):
-            if b not in bs:
-                bs.append(b)
-                cs.append(256 + n)
-                n += 1
-        _BYTE_DECODER = {chr(c): b for b, c in zip(bs, cs)}
-    return _BYTE_DECODER
-
-
 def token_bytes(tokenizer, token_id: int) -> bytes:
     """The raw UTF-8 bytes of one token (a byte-level BPE token may hold part of a character)."""
     if getattr(tokenizer, "kind", None) == "bpe" and token_id not in tokenizer.special_tokens.values():
         piece = tokenizer.id_to_token(token_id) or ""
-        dec = _byte_decoder()
+        dec = byte_level_decoder()
         if all(c in dec for c in piece):
             return bytes(dec[c] for c in piece)
     return tokenizer.decode([token_id]).encode("utf-8")
