@@ -383,6 +383,13 @@ def test_server_lists_and_selects_adapters_in_one_batch(served, mserver, mclient
                                              max_tokens=5, temperature=0, stream=True)
     chunks = list(stream)
     assert chunks and all(c.model == "tiny:qv2" for c in chunks)
+    from test_serve import metric
+
+    base = mserver[0]
+    assert metric(base, "llmkit_lora_adapters_registered") == 2
+    assert 1 <= metric(base, "llmkit_lora_adapters_resident") <= 2
+    assert 0 < metric(base, "llmkit_lora_resident_bytes") <= metric(base, "llmkit_lora_budget_bytes")
+    assert metric(base, "llmkit_lora_adapter_loads") >= 2
 
 
 def test_server_unknown_adapter_is_404_naming_it(mclient):

@@ -5,6 +5,9 @@ Histograms (seconds): time_to_first_token_seconds (request received -> first tok
 seconds (mean gap between later tokens, one observation per request), e2e_request_latency_seconds.
 Gauges (set from `EngineRunner.stats()` at each scrape): num_requests_waiting, num_requests_running,
 kv_cache_usage_ratio (cache slots used / max_batch), prefix_cache_hit_rate (block hits / lookups).
+With LoRA adapters served (`--adapter NAME=DIR`): lora_adapters_registered, lora_adapters_resident,
+lora_resident_bytes, lora_budget_bytes, and since start lora_adapter_loads (reads from disk) and
+lora_adapter_evictions (paged out to make room).
 Counters: prompt_tokens_total, generation_tokens_total, request_success_total{finish_reason} (stop,
 length, cancelled, error), http_requests_total{status} (every response, unhandled 500s included).
 """
@@ -46,6 +49,13 @@ class ServerMetrics:
         self.requests = Counter("llmkit_request_success", "Finished engine requests by finish reason.",
                                 ["finish_reason"], registry=r)
         self.http = Counter("llmkit_http_requests", "HTTP responses by status code.", ["status"], registry=r)
+        self.lora = {key: Gauge(f"llmkit_lora_{name}", doc, registry=r) for key, name, doc in [
+            ("adapters", "adapters_registered", "LoRA adapters registered (loaded or paged out)."),
+            ("resident", "adapters_resident", "LoRA adapters whose factors are in memory."),
+            ("resident_bytes", "resident_bytes", "Bytes of the resident adapters' factors."),
+            ("budget_bytes", "budget_bytes", "Memory budget of the adapters' factors, bytes."),
+            ("loads", "adapter_loads", "Adapter reads from disk since start."),
+            ("evictions", "adapter_evictions", "Adapters paged out to make room, since start.")]}
 
     def observe_request(self, start: float, first: float | None, end: float, n_tokens: int) -> None:
         """One finished choice: received at `start`, first token at `first`, done at `end` (monotonic s)."""
@@ -61,4 +71,7 @@ class ServerMetrics:
         self.kv_usage.set(stats["kv_slots_used"] / max(1, stats["kv_slots_total"]))
         looked = stats["prefix_hits"] + stats["prefix_misses"]
         self.prefix_hit.set(stats["prefix_hits"] / looked if looked else 0.0)
+        for key, value in (stats.get("adapters") or {}).items():
+            if key in self.lora:
+                self.lora[key].set(value)
         return generate_latest(self.registry)

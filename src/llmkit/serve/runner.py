@@ -184,13 +184,16 @@ class EngineRunner:
 
     def stats(self) -> dict:
         """running, waiting (incl. not yet admitted to the engine), kv_slots_used / kv_slots_total (cache
-        slots = max_batch), prefix_hits / prefix_misses (blocks), active (unfinished requests)."""
+        slots = max_batch), prefix_hits / prefix_misses (blocks), active (unfinished requests), and with
+        served LoRA adapters `adapters` (`MultiLoRA.stats()`)."""
         with self._cond:
             s = dict(self._stats)
             s["waiting"] = self._queued
             s["active"] = len(self._active)
         s["kv_slots_used"] = s["running"]
         s["kv_slots_total"] = self.engine.max_batch
+        if getattr(self.engine, "adapters", None) is not None:
+            s["adapters"] = self.engine.adapters.stats()
         return s
 
     # -- the engine thread ---------------------------------------------------------------------------
