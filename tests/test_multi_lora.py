@@ -574,3 +574,38 @@ def test_preempted_adapter_requests_resume_with_their_adapter(setup):
         want = Engine(merged(base, dirs[name] if name else None), max_batch=8, prefix_cache_tokens=0).generate(
             [ps[i] for i in idx], greedy(n=12))
         assert [outs[i] for i in idx] == want, name
+
+
+def test_runner_names_an_adapter_unloaded_before_its_request_started(setup):
+    """The race the server cannot close at validation time: the request ends with an error naming the
+    adapter, not the generic internal error, and the engine keeps serving."""
+    import asyncio
+
+    from llmkit.serve.runner import STEP_FAILED, EngineRunner
+
+    _, base, dirs = setup
+    model = copy.deepcopy(base)
+    ml = MultiLoRA(model)
+    engine = Engine(model, max_batch=2, kernels=False, adapters=ml)
+    ml.register("qv2", dirs["qv2"])
+    ml.unregister("qv2")  # gone after the (server's) check, before the engine thread adds the request
+    runner = EngineRunner(engine, max_queue=4)
+    runner.start()
+
+    async def run() -> list[tuple]:
+        queue: asyncio.Queue = asyncio.Queue()
+        runner.submit([("r-gone", 0, prompts(1)[0], greedy("qv2")), ("r-base", 1, prompts(1)[0], greedy())], queue)
+        events = []
+        while sum(e[0] in ("done", "error") for e in events) < 2:
+            events.append(await asyncio.wait_for(queue.get(), 60))
+        return events
+
+    try:
+        events = asyncio.run(run())
+    finally:
+        runner.stop()
+    errors = [e for e in events if e[0] == "error"]
+    assert len(errors) == 1 and errors[0][1] == 0
+    assert "qv2" in errors[0][2] and "unloaded before this request started" in errors[0][2]
+    assert errors[0][2] != STEP_FAILED
+    assert any(e[0] == "done" and e[1] == 1 for e in events)  # the base request in the same submit finished

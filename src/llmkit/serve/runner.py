@@ -34,6 +34,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from llmkit.infer.multi_lora import UnknownAdapter
+
 log = logging.getLogger(__name__)
 
 
@@ -280,6 +282,11 @@ class EngineRunner:
     def _add(self, sub: _Sub) -> None:
         try:
             self.engine.add_request(sub.prompt, sub.params, sub.request_id, on_token=self._on_token)
+        except UnknownAdapter as e:  # unloaded between the request's validation and its turn here
+            self._emit(sub, ("error", sub.index, f"{e}: it was unloaded before this request started"))
+            with self._cond:
+                self._active.discard(sub.request_id)
+            return
         except Exception:  # noqa: BLE001 - the request is refused, the engine is untouched
             log.exception("engine refused request %s", sub.request_id)
             self._emit(sub, ("error", sub.index, STEP_FAILED))
