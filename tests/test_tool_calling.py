@@ -18,18 +18,8 @@ import torch
 from chat_template_fixtures import LLAMA31_TOOLS, QWEN25_TOOLS, SMOLLM2
 from llmkit.chat import ChatTemplate, JinjaChatTemplate
 from llmkit.serve.protocol import APIError, Context, parse_chat
-from llmkit.serve.tools import (
-    JsonPrefix,
-    ToolCallParser,
-    ToolRequest,
-    ToolStream,
-    assemble,
-    detect_style,
-    encode_prompt,
-    grammar_available,
-    native_support,
-    reply_message,
-)
+from llmkit.serve.tool_calls import JsonPrefix, ToolCallParser, ToolStream, assemble, reply_message
+from llmkit.serve.tools import ToolRequest, detect_style, encode_prompt, grammar_available, native_support
 from llmkit.tokenizer import train_char
 
 WEATHER = {"type": "function", "function": {

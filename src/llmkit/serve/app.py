@@ -42,7 +42,7 @@ from llmkit.serve import protocol
 from llmkit.serve.metrics import ServerMetrics
 from llmkit.serve.protocol import APIError, Context, IncrementalDecoder, ParsedRequest
 from llmkit.serve.runner import Draining, EngineDown, EngineRunner, QueueFull
-from llmkit.serve.tools import ToolStream, reply_message
+from llmkit.serve.tool_calls import ToolStream, reply_message
 
 log = logging.getLogger(__name__)
 STATIC_INDEX = Path(__file__).parent / "static" / "index.html"
