@@ -290,8 +290,11 @@ def test_chat_page_in_chromium(live, sync_playwright, tmp_path):
             page.get_by_label("Temperature").fill("0")
             page.get_by_label("Bearer key").fill("wrong-key")
             prompt.press("Enter")
-            _wait_until(page, "document.querySelector('[data-testid=error]').textContent.includes('401')")
-            assert send_btn.is_enabled()
+            # the key's change event also reloads /v1/models, whose 401 can show while the chat request is still
+            # in flight: wait for the request itself to end (the form idle, the unsent text given back)
+            _wait_until(page, "document.querySelector('[data-testid=error]').textContent.includes('401')"
+                              " && document.querySelector('#composer').getAttribute('aria-busy') === 'false'")
+            assert send_btn.is_enabled() and prompt.input_value() == "bad temperature"
 
             # 8. A busy server (429 + Retry-After, OpenAI error body) is shown with the retry hint.
             page.route("**/v1/chat/completions", lambda route: route.fulfill(
