@@ -19,7 +19,7 @@ from chat_template_fixtures import LLAMA31_TOOLS, QWEN25_TOOLS, SMOLLM2
 from llmkit.chat import ChatTemplate, JinjaChatTemplate
 from llmkit.serve.protocol import APIError, Context, parse_chat
 from llmkit.serve.tool_calls import JsonPrefix, ToolCallParser, ToolStream, assemble, reply_message
-from llmkit.serve.tools import ToolRequest, detect_style, encode_prompt, grammar_available, native_support
+from llmkit.serve.tools import ToolRequest, detect_style, encode_prompt, native_support
 from llmkit.tokenizer import train_char
 
 WEATHER = {"type": "function", "function": {
@@ -33,9 +33,6 @@ ADD = {"type": "function", "function": {
                    "required": ["a", "b"], "additionalProperties": False}}}
 TOOLS = [WEATHER, ADD]
 FNS = {t["function"]["name"]: t["function"] for t in TOOLS}
-
-needs_grammar = pytest.mark.skipif(not grammar_available(), reason="llmkit.infer.constrained.compile_tagged_json "
-                                   "is not there yet")
 
 
 def req(style="hermes", **kw) -> ToolRequest:
@@ -375,7 +372,6 @@ CALLS = {"hermes": '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\
          "llama3": '{"name": "add", "parameters": {"a": 1, "b": 2}}'}
 
 
-@needs_grammar
 @pytest.mark.parametrize("style", ["hermes", "smollm2", "llama3"])
 def test_forced_choice_grammar_allows_exactly_calls(tok, style):
     from llmkit.infer.engine import RequestParams
@@ -391,7 +387,6 @@ def test_forced_choice_grammar_allows_exactly_calls(tok, style):
     assert not grammar_accepts(g, tok, CALLS[style].replace("add", "get_weather"))
 
 
-@needs_grammar
 @pytest.mark.parametrize("style", ["hermes", "smollm2", "llama3"])
 def test_auto_with_a_strict_tool_allows_text_or_checked_calls(tok, style):
     from llmkit.infer.engine import RequestParams
@@ -409,7 +404,6 @@ def test_auto_with_a_strict_tool_allows_text_or_checked_calls(tok, style):
     assert choices[0].params.grammar is None
 
 
-@needs_grammar
 def test_forced_choice_conflicts_and_unsupported_schemas_are_400s(ctx):
     e = bad(ctx, tools=TOOLS, tool_choice="required", response_format={"type": "json_object"})
     assert e.param == "tool_choice"
@@ -455,7 +449,6 @@ def check_call(call, name=None):
     jsonschema.validate(json.loads(call.function.arguments), fn["parameters"])
 
 
-@needs_grammar
 def test_required_tool_choice_end_to_end(qwen_client):
     r = qwen_client.chat.completions.create(model="tiny", messages=ASK, tools=TOOLS, tool_choice="required",
                                             parallel_tool_calls=False, max_tokens=300, seed=1)
@@ -465,7 +458,6 @@ def test_required_tool_choice_end_to_end(qwen_client):
     assert ch.message.content is None
 
 
-@needs_grammar
 def test_named_tool_choice_streams_like_openai(qwen_client):
     kw = dict(model="tiny", messages=ASK, tools=TOOLS, max_tokens=300, seed=2, parallel_tool_calls=False,
               tool_choice={"type": "function", "function": {"name": "add"}})
@@ -487,7 +479,6 @@ def test_named_tool_choice_streams_like_openai(qwen_client):
     check_call(whole, "add")
 
 
-@needs_grammar
 def test_agent_loop(qwen_client):
     """The model calls a tool, the client runs it and sends the result back, the model answers."""
     def get_weather(city):
@@ -508,7 +499,6 @@ def test_agent_loop(qwen_client):
     assert final.usage.prompt_tokens > r.usage.prompt_tokens  # the call and its result are in the prompt
 
 
-@needs_grammar
 def test_llama_style_parallel_calls_streamed_and_whole(tmp_path, tok):
     """Llama 3.1's template: calls are the reply itself, several joined by "; "; n=2 choices, each streamed
     exactly as the whole reply; a history with two calls in one message is the template's own 400."""
@@ -577,7 +567,6 @@ def smol_dir(tmp_path_factory) -> Path:
     return out
 
 
-@needs_grammar
 def test_real_smollm2_agent_loop(smol_dir):
     from test_serve import running_server
 

@@ -447,15 +447,6 @@ def call_schema(fn: dict, style: str) -> dict:
             "required": ["name", key], "additionalProperties": False}
 
 
-def grammar_available() -> bool:
-    """Whether `llmkit.infer.constrained.compile_tagged_json` exists in this install."""
-    try:
-        from llmkit.infer import constrained
-    except ImportError:
-        return False
-    return hasattr(constrained, "compile_tagged_json")
-
-
 def _lark_literal(text: str) -> str:
     return json.dumps(text)  # a Lark string literal is a JSON string
 
@@ -501,10 +492,6 @@ def constrain(choices: list, req: ToolRequest, tokenizer) -> None:
     strict_auto = req.choice == "auto" and any(f.get("strict") for f in req.functions.values())
     if not req.forced and not strict_auto:
         return
-    if not grammar_available():
-        what = f"tool_choice '{req.named or req.choice}'" if req.forced else "a strict tool"
-        raise APIError(f"{what} needs constrained decoding (llmkit.infer.constrained), which this install lacks",
-                       "tool_choice" if req.forced else "tools", code="unsupported_parameter")
     from llmkit.infer.constrained import ConstraintError, compile_grammar, compile_tagged_json
 
     fns = req.functions
