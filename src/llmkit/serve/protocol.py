@@ -31,6 +31,7 @@ from typing import Any
 
 from llmkit.infer.engine import RequestParams
 from llmkit.serve.errors import APIError  # defined apart: the helpers called here raise it without a cycle
+from llmkit.serve.structured import response_grammar
 from llmkit.tokenizer import byte_level_decoder
 
 MAX_N = 8
@@ -227,12 +228,7 @@ def _common(body: dict, ctx: Context, prompts: list[list[int]], prompt_param: st
         include_usage = _bool(so, "include_usage", False)
     stop = _stop(body)
     del name
-    from llmkit.serve.structured import StructuredOutputError, response_grammar  # response_format / guided_*
-
-    try:  # one compiled grammar for the request; each choice gets its own matcher in the engine
-        grammar = response_grammar(body, ctx.tokenizer)
-    except StructuredOutputError as e:
-        raise APIError(e.message, e.param, code=e.code) from None
+    grammar = response_grammar(body, ctx.tokenizer)  # one compiled grammar; each choice gets its own matcher
     choices = []
     for pi, p in enumerate(prompts):
         room = ctx.max_model_len - len(p)

@@ -11,7 +11,7 @@ shares one compiled grammar and gets its own matcher in the engine):
   ``guided_choice`` (a list of strings: the output is exactly one of them).
 
 At most one of these may be given. A malformed field, or a schema / pattern / grammar that is unsupported or
-unsatisfiable, is an OpenAI 400 error whose ``param`` is the field (``response_format``, ``guided_json``,
+unsatisfiable, is an OpenAI 400 error (`APIError`) whose ``param`` is the field (``response_format``, ``guided_json``,
 ...) and whose message names the construct (`llmkit.infer.constrained.ConstraintError`).
 
 ``strict`` is accepted either way: the output always follows the schema (OpenAI's non-strict mode only
@@ -31,22 +31,14 @@ from llmkit.infer.constrained import (
     compile_json_schema,
     compile_regex,
 )
+from llmkit.serve.errors import APIError
 
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_grammar", "guided_choice")
 MAX_CHOICES = 256
 
 
-class StructuredOutputError(ValueError):
-    """A bad structured-output field: the server answers it as an OpenAI 400 error with `param` and `code`.
-    (Not `protocol.APIError` itself: protocol imports this module, and the import graph stays acyclic.)"""
-
-    def __init__(self, message: str, param: str, code: str = "invalid_value"):
-        super().__init__(message)
-        self.message, self.param, self.code = message, param, code
-
-
-def _bad(message: str, param: str, code: str = "invalid_value") -> StructuredOutputError:
-    return StructuredOutputError(message, param, code)
+def _bad(message: str, param: str, code: str = "invalid_value") -> APIError:
+    return APIError(message, param, code=code)
 
 
 def _compile(param: str, fn, *args) -> Grammar:
@@ -107,7 +99,7 @@ def _choice_grammar(choices: Any, tokenizer) -> Grammar:
 
 def response_grammar(body: dict, tokenizer) -> Grammar | None:
     """The grammar a request body asks for (see the module doc), compiled for `tokenizer` (cached), or None
-    for unconstrained output. Raises `StructuredOutputError` (param = the field) for a bad field or construct."""
+    for unconstrained output. Raises APIError (400, param = the field) for a bad field or construct."""
     given = [f for f in ("response_format", *GUIDED_FIELDS) if body.get(f) is not None]
     if not given:
         return None
