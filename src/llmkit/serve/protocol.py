@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmkit.infer.engine import RequestParams
+from llmkit.serve import tools as tool_calling
 from llmkit.serve.errors import APIError  # defined apart: the helpers called here raise it without a cycle
 from llmkit.serve.structured import response_grammar
 from llmkit.tokenizer import byte_level_decoder
@@ -254,8 +255,6 @@ def parse_chat(body: dict, ctx: Context) -> ParsedRequest:
     if not isinstance(messages, list) or not messages:
         raise APIError("'messages' must be a non-empty list of {role, content} objects", "messages",
                        code="invalid_type")
-    from llmkit.serve import tools as tool_calling  # imported here: serve.tools imports this module
-
     tool_req = tool_calling.parse_tools(body, ctx.template)
     with_tools = tool_req is not None or tool_calling.has_tool_messages(messages)
     for i, m in enumerate(() if with_tools else messages):  # with tools: checked by tool_calling.encode_prompt
